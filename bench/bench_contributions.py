@@ -1,0 +1,97 @@
+"""Contribution analysis on the zoo: how much of each probe is overhead, and the speed-up over reload-per-probe.
+
+(a) A full contribution analysis of two zoo sources, in place (model loaded once, layers edited and restored).
+    The evaluator's forward hooks time the model's forward passes; everything else in a probe (edit, restore,
+    LightEval request building, generation loop bookkeeping, metric) is overhead. Printed as a share of probe time.
+(b) The paper's scripts' way, on a subset of layers in the same run: every probe's weights are saved to disk, then
+    scored from a fresh load: (b1) in this process, with a fresh LightEval evaluator; (b2) in a new Python process
+    per probe, as the paper's scripts ran a LightEval job per saved model. Printed per evaluation, with the ratios.
+
+Targets (issue #6): overhead < 15 % of probe time; in-place >= 5x faster than reload-per-probe.
+Run: python bench/bench_contributions.py [--reload-layers 2] [--threads 2]
+"""
+import argparse, subprocess, sys, tempfile, time
+from pathlib import Path
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reload-layers", type=int, default=2, help="layers probed the reload-per-probe way")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    import torch
+    torch.set_num_threads(args.threads)
+    from himerge.zoo import load_zoo
+    from himerge.sources import resolve_sources
+    from himerge.deltas import compute_deltas
+    from himerge.prune import ProcessedDeltas
+    from himerge.evaluate import Evaluator
+    from himerge.contributions import ContributionAnalysis, EvalCache, states_for
+    from himerge.merge import load_model, demo_config
+    from transformers import AutoTokenizer
+
+    cfg = demo_config()
+    zoo = load_zoo()
+    tasks = {s["task"]: zoo.tasks[s["task"]] for s in cfg["sources"]}
+    names, src_tasks = [s["name"] for s in cfg["sources"]], [s["task"] for s in cfg["sources"]]
+    sset = resolve_sources([s["path"] for s in cfg["sources"]], base=cfg["base"])
+    deltas = compute_deltas(sset)
+    processed = ProcessedDeltas(deltas, density=[1.0] * len(names), scale=[1.0] * len(names))
+
+    # (a) in place, with a timing wrapper around the evaluator
+    model = load_model(sset.base.path)
+    evaluator = Evaluator(model, sset.base.path, tasks)
+    forward, total = [0.0], [0.0]
+    score = evaluator.score
+    def timed_score(task):
+        s = score(task)
+        forward[0] += s.model_seconds
+        return s
+    evaluator.score = timed_score
+    with tempfile.TemporaryDirectory() as d:
+        analysis = ContributionAnalysis(processed, model, evaluator, names, src_tasks, cache=EvalCache(d),
+                                        weights_key="bench", progress=False)
+        t0 = time.perf_counter()
+        result = analysis.run()
+        total[0] = time.perf_counter() - t0
+    n_eval = result.evaluations["done"]
+    in_place = total[0] / n_eval
+    overhead = 1 - forward[0] / total[0]
+    print(f"(a) in place: {n_eval} evaluations in {total[0]:.1f} s, {in_place * 1000:.0f} ms per evaluation; "
+          f"forward passes {forward[0]:.1f} s; overhead {overhead:.1%} of probe time (target < 15%)")
+
+    # (b) reload per probe: addition probes of source 0 on a few layers. Each probe's weights are written to
+    # disk and scored from a fresh load: (b1) in this process with a fresh evaluator, (b2) in a new process
+    # per probe, as the paper's scripts ran a LightEval job per saved model.
+    state = states_for(processed, names, src_tasks)[0]
+    layers = [l for l in processed.layers if isinstance(l, int)][: args.reload_layers]
+    score_code = ("import sys, torch; torch.set_num_threads(%d)\n"
+                  "from himerge.zoo import load_zoo\nfrom himerge.merge import load_model\nfrom himerge.evaluate import Evaluator\n"
+                  "z = load_zoo(); t = sys.argv[2]\n"
+                  "print(Evaluator(load_model(sys.argv[1]), sys.argv[1], {t: z.tasks[t]}).score(t).score)") % args.threads
+    timings = {"b1": [], "b2": []}
+    with tempfile.TemporaryDirectory() as d:
+        for l in layers:
+            fresh = load_model(sset.base.path)
+            sd = fresh.state_dict()
+            with torch.no_grad():
+                for name, v in state.layer_delta(l).items(): sd[name].add_(v)
+            fresh.save_pretrained(d); AutoTokenizer.from_pretrained(sset.base.path).save_pretrained(d)
+            del fresh
+            for t in state.tasks:
+                t0 = time.perf_counter()
+                ev = Evaluator(load_model(d), d, {t: tasks[t]}); ev.score(t); ev.close()
+                timings["b1"].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, "-c", score_code, d, t], check=True, capture_output=True)
+                timings["b2"].append(time.perf_counter() - t0)
+    b1, b2 = (sum(v) / len(v) for v in (timings["b1"], timings["b2"]))
+    print(f"(b1) reload from disk per probe, same process: {len(timings['b1'])} evaluations, {b1 * 1000:.0f} ms per evaluation")
+    print(f"(b2) new process per probe (the paper's scripts): {len(timings['b2'])} evaluations, {b2 * 1000:.0f} ms per evaluation")
+    print(f"speed-up of in-place probing: {b1 / in_place:.1f}x over (b1), {b2 / in_place:.1f}x over (b2) (target >= 5x)")
+    print(f"ratios: overhead_share={overhead:.3f} speedup_b1={b1 / in_place:.2f} speedup_b2={b2 / in_place:.2f}")
+
+
+if __name__ == "__main__":
+    main()
