@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['COMBINES', 'LayerEditor', 'combine_deltas', 'State', 'states_for', 'fingerprint', 'EvalCache', 'Prober', 'paired',
-           'NoGainError', 'Contributions', 'ContributionAnalysis', 'plot_gamma', 'GridResult', 'choose_density_scale']
+__all__ = ['COMBINES', 'LayerEditor', 'combine_deltas', 'State', 'states_for', 'fingerprint', 'EvalCache', 'Prober', 'LayerMemo',
+           'MemoDeltas', 'paired', 'NoGainError', 'Contributions', 'ContributionAnalysis', 'plot_gamma', 'GridResult',
+           'choose_density_scale']
 
 # %% ../nbs/07_contributions.ipynb #f8da4c6a
 class LayerEditor:
@@ -150,6 +151,39 @@ class Prober:
         if self.progress is not None: self.progress.update(len(tasks))
         return out
 
+# %% ../nbs/07_contributions.ipynb #806a2a85
+class LayerMemo:
+    "Least-recently-used memo of layer dicts (name -> tensor) within a byte budget."
+    def __init__(self, max_bytes: int = 2**30):
+        from collections import OrderedDict
+        self.max_bytes, self.bytes, self.hits, self.misses = int(max_bytes), 0, 0, 0
+        self._items = OrderedDict()
+
+    def get(self, key, compute):
+        "The memoised value of `key`, or `compute()` (kept if it fits in the budget)."
+        if key in self._items:
+            self.hits += 1
+            self._items.move_to_end(key)
+            return self._items[key][0]
+        self.misses += 1
+        value = compute()
+        size = sum(t.numel() * t.element_size() for t in value.values())
+        if size <= self.max_bytes:
+            self._items[key] = (value, size); self.bytes += size
+            while self.bytes > self.max_bytes: self.bytes -= self._items.popitem(last=False)[1][1]
+        return value
+
+class MemoDeltas:
+    "A deltas object (`layers`, `base_layer`, `source_layer`) whose layer reads go through a `LayerMemo`."
+    def __init__(self, deltas, memo: LayerMemo):
+        self.deltas, self.memo = deltas, memo
+
+    def base_layer(self, layer): return self.memo.get(("base", layer), lambda: self.deltas.base_layer(layer))
+    def source_layer(self, i: int, layer): return self.memo.get((id(self.deltas), i, layer), lambda: self.deltas.source_layer(i, layer))
+    def __getattr__(self, attr):  # layers, source_names, ... are the wrapped deltas'
+        if attr.startswith("_") or attr in ("deltas", "memo"): raise AttributeError(attr)
+        return getattr(self.deltas, attr)
+
 # %% ../nbs/07_contributions.ipynb #02b8e1f4
 def paired(diff: np.ndarray) -> tuple:
     "Mean and standard error of a vector of per-sample differences."
@@ -194,13 +228,13 @@ class ContributionAnalysis:
     "Per-layer contribution analysis of N processed sources and their pre-merge, on one loaded model."
     def __init__(self, deltas, model, evaluator, source_names: list, source_tasks: list, *, layers=None,
                  combine="sum", normalize="gain", cache: EvalCache | None = None, weights_key="",
-                 task_keys: dict | None = None, progress=True):
+                 task_keys: dict | None = None, progress=True, memo_bytes: int = 2**30):
         if normalize not in ("gain", "none"): raise ValueError(f"normalize: {normalize!r} is not 'gain' or 'none'")
         if combine not in COMBINES: raise ValueError(f"combine: {combine!r} is not one of {COMBINES}")
         self.deltas, self.names, self.tasks = deltas, list(source_names), list(source_tasks)
         self.layers = list(deltas.layers if layers is None else layers)
         self.all_tasks = list(dict.fromkeys(self.tasks))
-        self.combine, self.normalize, self.progress = combine, normalize, progress
+        self.combine, self.normalize, self.progress, self.memo_bytes = combine, normalize, progress, memo_bytes
         self.cache = cache if cache is not None else EvalCache()
         self.prober = Prober(model, evaluator, self.cache, weights_key, task_keys or {t: t for t in self.all_tasks})
 
@@ -210,9 +244,9 @@ class ContributionAnalysis:
         return n_states * (2 * len(self.layers) + 1) + len(self.all_tasks)
 
     @contextmanager
-    def full(self, state):
+    def full(self, state, deltas=None):
         "Within the block the model holds θ_F + D, written layer by layer, so no second copy of the model is kept."
-        d, editor, touched = self.deltas, self.prober.editor, []
+        d, editor, touched = deltas or self.deltas, self.prober.editor, []
         try:
             for l in d.layers:
                 delta = state.layer_delta(l)
@@ -231,9 +265,9 @@ class ContributionAnalysis:
         "A context for a one-layer probe: `values()` gives the tensors to hold."
         return lambda: self.prober.editor.edited(values())
 
-    def score_state(self, state) -> dict:
-        "Per-sample scores of the state's full weights θ_F + D on its tasks."
-        return self.prober.scores({"state": state.name, "probe": "full", **state.key}, state.tasks, lambda: self.full(state))
+    def score_state(self, state, deltas=None) -> dict:
+        "Per-sample scores of the state's full weights θ_F + D on its tasks (`deltas` reads the base's layers)."
+        return self.prober.scores({"state": state.name, "probe": "full", **state.key}, state.tasks, lambda: self.full(state, deltas))
 
     def score_merged(self, merged=None, edits_key=None) -> dict:
         "Mean scores of the (possibly edited) pre-merge on every task."
@@ -244,31 +278,34 @@ class ContributionAnalysis:
         "Measure α, β, c per layer for each source alone and for the pre-merge, and γ per source and layer."
         import pandas as pd
         from tqdm.auto import tqdm
-        d, cache, prober = self.deltas, self.cache, self.prober
-        states = states_for(d, self.names, self.tasks, self.combine, merged, edits_key)
+        memo = LayerMemo(self.memo_bytes)  # one per run: a rerun may bring an edited pre-merge
+        d, cache, prober = MemoDeltas(self.deltas, memo), self.cache, self.prober
+        states = states_for(d, self.names, self.tasks, self.combine, None if merged is None else MemoDeltas(merged, memo), edits_key)
         names_of = {}  # (state, layer) -> names its delta changes: deletion probes need only these, not the delta again
         t0, done0, reused0, model0 = time.perf_counter(), cache.done, cache.reused, prober.model_seconds
+        from himerge.evaluate import quiet_lighteval
         bar = tqdm(total=self.n_evaluations(), desc="contribution probes", unit="eval", disable=not self.progress)
         prober.progress = bar
-        try:
-            ref_base = prober.scores({"state": "base"}, self.all_tasks)
-            per = {}
-            for s in states:
-                per[(s.name, None)] = self.score_state(s)
-                for l in self.layers:
-                    base_plus = lambda s=s, l=l: _plus(d.base_layer(l), s.layer_delta(l), names_of, (s.name, l))
-                    per[(s.name, l, "add")] = prober.scores({"state": s.name, "probe": "add", "layer": l, **s.key}, s.tasks,
-                                                            self.layer_edit(base_plus))
-                # Deletion probes run with the full delta applied; apply it only if some score is missing.
-                dkey = lambda l, s=s: {"state": s.name, "probe": "delete", "layer": l, **s.key}
-                need = any(cache.get(prober.key(dkey(l), t)) is None for l in self.layers for t in s.tasks)
-                with (self.full(s) if need else nullcontext()):
+        with quiet_lighteval():  # once for the run, rather than once per evaluation (the evaluator's own is then free)
+            try:
+                ref_base = prober.scores({"state": "base"}, self.all_tasks)
+                per = {}
+                for s in states:
+                    per[(s.name, None)] = self.score_state(s, d)
                     for l in self.layers:
-                        back_to_base = lambda s=s, l=l: {n: v for n, v in d.base_layer(l).items() if n in _names(s, l, names_of)}
-                        per[(s.name, l, "del")] = prober.scores(dkey(l), s.tasks, self.layer_edit(back_to_base))
-                bar.set_postfix_str(f"reused {cache.reused - reused0}")
-        finally:
-            bar.close(); prober.progress = None
+                        base_plus = lambda s=s, l=l: _plus(d.base_layer(l), s.layer_delta(l), names_of, (s.name, l))
+                        per[(s.name, l, "add")] = prober.scores({"state": s.name, "probe": "add", "layer": l, **s.key}, s.tasks,
+                                                                self.layer_edit(base_plus))
+                    # Deletion probes run with the full delta applied; apply it only if some score is missing.
+                    dkey = lambda l, s=s: {"state": s.name, "probe": "delete", "layer": l, **s.key}
+                    need = any(cache.get(prober.key(dkey(l), t)) is None for l in self.layers for t in s.tasks)
+                    with (self.full(s, d) if need else nullcontext()):
+                        for l in self.layers:
+                            back_to_base = lambda s=s, l=l: {n: v for n, v in d.base_layer(l).items() if n in _names(s, l, names_of)}
+                            per[(s.name, l, "del")] = prober.scores(dkey(l), s.tasks, self.layer_edit(back_to_base))
+                    bar.set_postfix_str(f"reused {cache.reused - reused0}")
+            finally:
+                bar.close(); prober.progress = None
 
         reference = {"base": {t: float(v.mean()) for t, v in ref_base.items()}}
         for s in states: reference[s.name] = {t: float(v.mean()) for t, v in per[(s.name, None)].items()}

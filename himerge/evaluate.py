@@ -6,7 +6,7 @@ Docs: https://himerge.github.io/himerge/evaluate.html.md"""
 
 # %% ../nbs/06_evaluate.ipynb #ba58b848
 from __future__ import annotations
-import logging, os, tempfile, time
+import functools, logging, os, tempfile, time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +42,7 @@ def _lighteval_classes():
         def get_model_sha(self): return ""
 
     class ReusableTransformersModel(TransformersModel):
-        "LightEval's wrapper, scoring the same documents many times: tokenisations memoised, no progress bars."
+        "LightEval's wrapper, scoring the same documents many times: weight-independent work done once, no progress bars."
         @property
         def disable_tqdm(self): return True  # one evaluation is one step of a longer progress
 
@@ -53,17 +53,173 @@ def _lighteval_classes():
             if key not in memo: memo[key] = super().tok_encode_pair(context, continuations, pairwise)
             return memo[key]
 
+        # Same batches and responses as LightEval's, with the per-call work that does not depend on the weights done
+        # once (defined below).
+        def _loglikelihood_tokens(self, docs, rolling=False): return _loglikelihood_tokens(self, docs, rolling)
+        def _padded_greedy_until(self, docs): return _padded_greedy_until(self, docs)
+
     return InMemoryModelConfig, ReusableTransformersModel
 
 @contextmanager
 def quiet_lighteval(level=logging.ERROR):
     "Silence LightEval's per-call log lines (batch sizes, split inference) and transformers' generation-flag notices within the block."
-    logs = [logging.getLogger(n) for n in ("lighteval", "transformers")]
+    # Only loggers whose level changes are touched: every `setLevel` clears the cache of every logger in the process
+    # (about 0.5 ms with transformers loaded), and a long analysis enters this block once and each evaluation again.
+    logs = [log for log in map(logging.getLogger, ("lighteval", "transformers")) if log.level != level]
     old = [log.level for log in logs]
     for log in logs: log.setLevel(level)
     try: yield
     finally:
         for log, lv in zip(logs, old): log.setLevel(lv)
+
+# %% ../nbs/06_evaluate.ipynb #bf259c1b
+def _loglikelihood_batch(wrapper, batch: list):
+    "The weight-independent parts of a log-likelihood batch, once per batch: input ids, the positions and tokens to read, per-doc tensors."
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
+    memo = wrapper.__dict__.setdefault("_ll_memo", {})
+    key = tuple(id(d) for d in batch)
+    if key in memo: return memo[key][1]
+    contexts, continuations = [], []
+    for doc in batch:
+        c, k = wrapper.tok_encode_pair(wrapper.prompt_manager.prepare_prompt(doc), doc.choices, pairwise=True)
+        contexts.append(c); continuations.append(k)
+    prepared = wrapper.prepare_batch_logprob(tokenized_contexts=contexts, tokenized_continuations=continuations, max_context=None)
+    positions, tokens = [], []
+    for row, cont in enumerate(k for doc_conts in continuations for k in doc_conts):
+        start = prepared.input_lengths[row] - len(cont) - 1
+        if start < 0 or prepared.truncated[row]:  # cut inputs: LightEval's own path
+            memo[key] = (batch, None); return None
+        positions.append(list(range(start, start + len(cont)))); tokens.append(list(cont))
+    width = max(len(t) for t in tokens)
+    pad = lambda rows: torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[True] * len(t) + [False] * (width - len(t)) for t in tokens])
+    per_doc = [(torch.tensor(c[0], dtype=torch.long),
+                pad_sequence([torch.tensor(x, dtype=torch.long) for x in k], batch_first=True, padding_value=-1), len(k))
+               for c, k in zip(contexts, continuations)]
+    memo[key] = (batch, (prepared.input_ids, pad(positions), pad(tokens), mask, per_doc, [len(t) for t in tokens]))  # the docs kept: their ids stay unique
+    return memo[key][1]
+
+def _loglikelihood_tokens(wrapper, docs: list, rolling=False) -> list:
+    "LightEval's `_loglikelihood_tokens` with the same batches and responses: prepared batches reused, one gather per batch."
+    import torch, torch.nn.functional as F
+    from lighteval.data import LoglikelihoodDataset
+    from lighteval.models.model_output import ModelResponse
+    from lighteval.models.transformers.transformers_model import STARTING_BATCH_SIZE, TransformersModel
+    if rolling or wrapper.accelerator is not None: return TransformersModel._loglikelihood_tokens(wrapper, docs, rolling)
+    dataset = LoglikelihoodDataset(requests=docs, num_dataset_splits=1)
+    starting, responses = STARTING_BATCH_SIZE, []
+    for split in dataset.splits_iterator():
+        # The batch size exactly as LightEval computes it, so the model sees the same batches.
+        c0, k0 = wrapper.tok_encode_pair(wrapper.prompt_manager.prepare_prompt(split[0]), split[0].choices,
+                                         pairwise=wrapper.pairwise_tokenization)
+        longest = max(min(wrapper.max_length, len(c0[0] + k0[0]) - 1), 1)
+        size = wrapper._get_batch_size(override_bs=wrapper.config.batch_size, max_input_length=longest, starting_batch_size=starting)
+        starting = size * 2
+        size = max(1, round(size // max(len(d.choices) for d in split) / 8) * 8)
+        for i in range(0, len(split), size):
+            batch = [split[j] for j in range(i, min(i + size, len(split)))]
+            prepared = _loglikelihood_batch(wrapper, batch)
+            if prepared is None:
+                responses.extend(TransformersModel._loglikelihood_tokens(wrapper, batch)); continue
+            input_ids, positions, tokens, mask, per_doc, lengths = (x.to(wrapper.device) if torch.is_tensor(x) else x for x in prepared)
+            logprobs = F.log_softmax(wrapper.model(input_ids).logits, dim=-1)
+            read = logprobs[torch.arange(len(positions), device=logprobs.device)[:, None], positions]  # [choices, width, vocab]
+            picked = read.gather(2, tokens.unsqueeze(-1)).squeeze(-1)
+            # Each choice's sum over its own tokens, in LightEval's order, so the float32 results are identical.
+            sums = picked[:, 0].tolist() if max(lengths) == 1 else [picked[r, :k].sum().item() for r, k in enumerate(lengths)]
+            greedy = ((read.argmax(-1) == tokens) | ~mask).all(-1).tolist()
+            row = 0
+            for context, continuation, n in per_doc:
+                responses.append(ModelResponse(argmax_logits_eq_gold=greedy[row:row + n], logprobs=sums[row:row + n],
+                                               input_tokens=context, output_tokens=continuation))
+                row += n
+    return dataset.get_original_order(responses)
+
+# %% ../nbs/06_evaluate.ipynb #41c199ba
+@functools.cache
+def _decoded_once_criteria():
+    "LightEval's multi-token stop criterion, decoding each distinct tail of tokens once (texts kept in a shared dict)."
+    from lighteval.models.transformers.transformers_model import MultiTokenEOSCriteria
+
+    class DecodedOnceEOSCriteria(MultiTokenEOSCriteria):
+        def __init__(self, sequence, tokenizer, batch, texts: dict):
+            super().__init__(sequence, tokenizer, batch)
+            self.texts = texts
+
+        def __call__(self, input_ids, scores, **kwargs) -> bool:
+            tails = input_ids[:, self.initial_decoder_input_length:][:, -self.sequence_id_len:].tolist()
+            if len(self.texts) > 100_000: self.texts.clear()
+            for i, done in enumerate(self.done_tracker):
+                if not done:
+                    tail = tuple(tails[i])
+                    if tail not in self.texts: self.texts[tail] = self.tokenizer.decode(list(tail))
+                    self.done_tracker[i] = self.sequence in self.texts[tail]
+            return False not in self.done_tracker
+    return DecodedOnceEOSCriteria
+
+def _generation_batch(wrapper, batch: list, max_allowed: int) -> dict:
+    "The weight-independent parts of a generation batch, once per batch: prompts' tokens and mask, stop sequences, counts."
+    memo = wrapper.__dict__.setdefault("_gen_memo", {})
+    key = (tuple(id(d) for d in batch), max_allowed)
+    if key in memo: return memo[key][1]
+    contexts = [wrapper.prompt_manager.prepare_prompt(doc) for doc in batch]
+    stop = [wrapper.tokenizer.eos_token] + ([] if wrapper.use_chat_template else list(batch[0].stop_sequences))
+    tokenized = wrapper.tokenizer(contexts, truncation="longest_first", padding="longest", return_tensors="pt",
+                                  max_length=max_allowed, add_special_tokens=wrapper.add_special_tokens)
+    size, new = tokenized["input_ids"].shape[1], batch[0].generation_size
+    if size > wrapper.max_length: new = 1  # LightEval's rule: a context that fills the model leaves one token
+    elif new is None: new = wrapper.max_length - size
+    else: new = max(1, min(wrapper.max_length - size, new))
+    memo[key] = (batch, dict(input_ids=tokenized["input_ids"], mask=tokenized["attention_mask"], stop=stop, max_new_tokens=new,
+                             input_tokens=tokenized["input_ids"].tolist(), truncated=[max(len(c) - size, 0) for c in contexts],
+                             padded=(tokenized["attention_mask"] == 0).sum(1).tolist()))  # the docs kept: their ids stay unique
+    return memo[key][1]
+
+def _generate_batch(wrapper, b: dict) -> list:
+    "Generate for one prepared batch with LightEval's generation settings; its `ModelResponse`s."
+    from lighteval.models.model_output import ModelResponse
+    from lighteval.models.transformers.transformers_model import Batch
+    input_ids, mask = b["input_ids"].to(wrapper.device), b["mask"].to(wrapper.device)
+    shape = Batch(input_ids=input_ids, input_mask=mask, input_lengths=[], truncated=[], padded=[])
+    texts = wrapper.__dict__.setdefault("_tail_texts", {})
+    criteria = [_decoded_once_criteria()(s, wrapper.tokenizer, shape, texts) for s in b["stop"]]
+    config = wrapper.generation_config_dict.copy()
+    tk = wrapper.tokenizer
+    config.update(max_new_tokens=b["max_new_tokens"], pad_token_id=tk.pad_token_id if tk.pad_token_id else tk.eos_token_id,
+                  eos_token_id=tk.eos_token_id, num_return_sequences=1, output_logits=False, renormalize_logits=True)
+    if config["temperature"] == 0: config["do_sample"] = False
+    generated = wrapper.model.generate(input_ids=input_ids, attention_mask=mask, stopping_criteria=criteria, **config)
+    generated = generated.sequences[:, input_ids.size(1):]
+    responses = []
+    for i, text in enumerate(wrapper.tok_decode(generated)):
+        for term in b["stop"]: text = text.split(term)[0]
+        responses.append(ModelResponse(text=[text], output_tokens=[generated[i]], logits=None, input_tokens=b["input_tokens"][i],
+                                       truncated_tokens_count=b["truncated"][i], padded_tokens_count=b["padded"][i]))
+    return responses
+
+def _padded_greedy_until(wrapper, docs: list) -> list:
+    "LightEval's `_padded_greedy_until` with the same batches and responses: prepared batches reused, stop checks decoded once."
+    from lighteval.data import GenerativeTaskDataset
+    from lighteval.models.transformers.transformers_model import STARTING_BATCH_SIZE, TransformersModel
+    if wrapper.accelerator is not None or any(d.num_samples != 1 for d in docs):
+        return TransformersModel._padded_greedy_until(wrapper, docs)
+    dataset = GenerativeTaskDataset(requests=docs, num_dataset_splits=wrapper.DATASET_SPLITS)
+    starting, responses = STARTING_BATCH_SIZE, []
+    for split in dataset.splits_iterator():
+        # The context budget and batch size exactly as LightEval computes them.
+        if wrapper.generation_config_dict.get("max_new_tokens", None) is not None:
+            max_allowed = wrapper.generation_config_dict["max_new_tokens"]
+        elif split[0].generation_size is None: max_allowed = wrapper.max_length
+        else:
+            first = len(wrapper.tokenizer(wrapper.prompt_manager.prepare_prompt(split[0]))["input_ids"])
+            max_allowed = min(first + split[0].generation_size, wrapper.max_length)
+        size = wrapper._get_batch_size(override_bs=wrapper.config.batch_size, max_input_length=max_allowed, starting_batch_size=starting)
+        starting = size * 2
+        for i in range(0, len(split), size):
+            batch = [split[j] for j in range(i, min(i + size, len(split)))]
+            responses.extend(_generate_batch(wrapper, _generation_batch(wrapper, batch, max_allowed)))
+    return dataset.get_original_order(responses)
 
 # %% ../nbs/06_evaluate.ipynb #cda96402
 def build_docs(spec: TaskSpec) -> list:
@@ -84,7 +240,8 @@ def build_docs(spec: TaskSpec) -> list:
 # %% ../nbs/06_evaluate.ipynb #f4c2c999
 class Evaluator:
     "Score an in-memory transformers model on tasks through LightEval: documents built once, model run per call."
-    def __init__(self, model, tokenizer_path, tasks, device="cpu", batch_size=32, max_length=None, chat_template=False):
+    def __init__(self, model, tokenizer_path, tasks, device="cpu", batch_size=32, max_length=None, chat_template=False,
+                 fast_paths=True):
         import torch
         grad = torch.is_grad_enabled()
         try:
@@ -111,6 +268,10 @@ class Evaluator:
             torch.set_grad_enabled(grad)
             model.train(was_training)
         self.wrapper._cache = None  # LightEval's sample cache is keyed on the config, not the weights: stale after edits
+        if not fast_paths:  # LightEval's own methods, unchanged (a peer for benchmarks, and a way out if LightEval changes)
+            from lighteval.models.transformers.transformers_model import TransformersModel
+            for name in ("_loglikelihood_tokens", "_padded_greedy_until"):
+                setattr(self.wrapper, name, getattr(TransformersModel, name).__get__(self.wrapper))
         with quiet_lighteval():  # building docs warns that few-shot examples come from the evaluation split: we use none
             self.docs = {name: build_docs(spec) for name, spec in self.tasks.items()}
             self.metrics = {name: to_lighteval(spec).metrics[0] for name, spec in self.tasks.items()}
