@@ -178,6 +178,7 @@ class MemoDeltas:
     def __init__(self, deltas, memo: LayerMemo):
         self.deltas, self.memo = deltas, memo
 
+    # One base per analysis (the loaded model), so wrappers of the pre-merge and of the sources share its layers.
     def base_layer(self, layer): return self.memo.get(("base", layer), lambda: self.deltas.base_layer(layer))
     def source_layer(self, i: int, layer): return self.memo.get((id(self.deltas), i, layer), lambda: self.deltas.source_layer(i, layer))
     def __getattr__(self, attr):  # layers, source_names, ... are the wrapped deltas'
