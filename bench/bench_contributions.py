@@ -31,8 +31,10 @@ def main():
     from himerge.deltas import compute_deltas
     from himerge.prune import ProcessedDeltas
     from himerge.evaluate import Evaluator
-    from himerge.contributions import ContributionAnalysis, EvalCache, states_for
-    from himerge.merge import load_model, demo_config
+    from himerge.cache import EvalCache
+    from himerge.contributions import ContributionAnalysis, LayerMemo, MemoDeltas, states_for
+    from himerge.merge import demo_config
+    from himerge.scoring import Scorer, load_model
     from transformers import AutoTokenizer
 
     cfg = demo_config()
@@ -56,8 +58,9 @@ def main():
             return s
         evaluator.score = timed_score
         with tempfile.TemporaryDirectory() as d:
-            analysis = ContributionAnalysis(processed, model, evaluator, names, src_tasks, cache=EvalCache(d),
-                                            weights_key="bench", progress=False, memo_bytes=2**30 if fast else 0)
+            memo = 2**30 if fast else 0
+            scorer = Scorer(model, MemoDeltas(deltas, LayerMemo(memo)), lambda split: evaluator, cache=EvalCache(d))
+            analysis = ContributionAnalysis(scorer, processed, names, src_tasks, memo_bytes=memo)
             t0 = time.perf_counter()
             result = analysis.run()
             total = time.perf_counter() - t0
@@ -84,22 +87,23 @@ def main():
     # (b) reload per probe: addition probes of source 0 on a few layers. Each probe's weights are written to
     # disk and scored from a fresh load: (b1) in this process with a fresh evaluator, (b2) in a new process
     # per probe, as the paper's scripts ran a LightEval job per saved model.
-    state = states_for(processed, names, src_tasks)[0]
-    layers = [l for l in processed.layers if isinstance(l, int)][: args.reload_layers]
+    state = states_for(processed, names)[0]
+    state_tasks = [src_tasks[0]]
+    layers = [layer for layer in processed.layers if isinstance(layer, int)][: args.reload_layers]
     score_code = ("import sys, torch; torch.set_num_threads(%d)\n"
-                  "from himerge.zoo import load_zoo\nfrom himerge.merge import load_model\nfrom himerge.evaluate import Evaluator\n"
+                  "from himerge.zoo import load_zoo\nfrom himerge.scoring import load_model\nfrom himerge.evaluate import Evaluator\n"
                   "z = load_zoo(); t = sys.argv[2]\n"
                   "print(Evaluator(load_model(sys.argv[1]), sys.argv[1], {t: z.tasks[t]}).score(t).score)") % args.threads
     timings = {"b1": [], "b2": []}
     with tempfile.TemporaryDirectory() as d:
-        for l in layers:
+        for layer in layers:
             fresh = load_model(sset.base.path)
             sd = fresh.state_dict()
             with torch.no_grad():
-                for name, v in state.layer_delta(l).items(): sd[name].add_(v)
+                for name, v in state.layer_delta(layer).items(): sd[name].add_(v)
             fresh.save_pretrained(d); AutoTokenizer.from_pretrained(sset.base.path).save_pretrained(d)
             del fresh
-            for t in state.tasks:
+            for t in state_tasks:
                 t0 = time.perf_counter()
                 ev = Evaluator(load_model(d), d, {t: tasks[t]}); ev.score(t); ev.close()
                 timings["b1"].append(time.perf_counter() - t0)

@@ -11,8 +11,8 @@ import torch
 from .prune import prune_scale, kept_count, check_fraction, PruneError
 
 # %% auto #0
-__all__ = ['RESCALES', 'METHODS', 'MERGEKIT_ARGS', 'BaselineError', 'task_arithmetic', 'linear', 'ties', 'dare_linear',
-           'dare_ties', 'breadcrumbs', 'della_keep_probabilities', 'della']
+__all__ = ['RESCALES', 'MERGEKIT_ARGS', 'COMBINES', 'BaselineError', 'task_arithmetic', 'linear', 'ties', 'dare_linear',
+           'dare_ties', 'breadcrumbs', 'della_keep_probabilities', 'della', 'combine_deltas']
 
 # %% ../nbs/04_baselines.ipynb #abf73f5f
 class BaselineError(ValueError):
@@ -190,16 +190,6 @@ def della(deltas, weights, *, densities=None, generator=None, epsilon=0.15, resc
     return _disjoint(weighted, _elected(dropped, weighted, sign_on, majority), ws, divide) * lamb
 
 # %% ../nbs/04_baselines.ipynb #5a0d588e
-METHODS = {
-    "task_arithmetic": task_arithmetic,
-    "ties": ties,
-    "dare_linear": dare_linear,
-    "dare_ties": dare_ties,
-    "breadcrumbs": breadcrumbs,
-    "della": della,
-    "linear": linear,
-}
-
 MERGEKIT_ARGS = {
     "task_arithmetic": dict(rounding="floor_at_least_one"),
     "ties": dict(rounding="floor_at_least_one", sign_on="weighted", divide="weight"),
@@ -209,3 +199,18 @@ MERGEKIT_ARGS = {
     "della": dict(rescale="l1", sign_on="weighted", divide="weight"),
     "linear": dict(),
 }
+
+# %% ../nbs/04_baselines.ipynb #ebd9f531
+COMBINES = ("sum", "ties")
+
+def combine_deltas(per_source: list[dict], how: str = "sum") -> dict:
+    "Combine the layer deltas of several sources (each name -> float32 tensor) into one delta per tensor name."
+    if how not in COMBINES: raise BaselineError(f"combine: {how!r} is not one of {COMBINES}")
+    names = list(dict.fromkeys(n for d in per_source for n in d))
+    out = {}
+    for n in names:
+        present = [d[n] for d in per_source if n in d]
+        if len(present) == 1: out[n] = present[0].clone()
+        elif how == "sum": out[n] = sum(present[1:], present[0].clone())
+        else: out[n] = ties(present, [1.0] * len(present))
+    return out

@@ -66,11 +66,10 @@ def eval_results(report) -> list:
 def card_data(report, model_name: str):
     "The card's metadata (`ModelCardData`) for a merge report."
     from huggingface_hub import ModelCardData
-    hi = report["method"] == "hi-merging"
     return ModelCardData(model_name=model_name, base_model=_hub_models(report) or None,
                          base_model_relation="merge", library_name="transformers",
                          license=report["base"].get("license") or None,
-                         tags=["merge", "himerge"] + (["hi-merging"] if hi else [report["method"]]),
+                         tags=["merge", "himerge", report["method"]],
                          eval_results=eval_results(report) or None)
 
 # %% ../nbs/10_card.ipynb #60750e45
@@ -166,10 +165,8 @@ def contributions_section(report) -> str:
 
 # %% ../nbs/10_card.ipynb #027155a4
 def default_model_name(output_dir) -> str:
-    "The output folder's name; for the staging folder a merge writes into first (`.NAME.tmp-PID`), NAME."
-    name = Path(output_dir).resolve().name
-    m = re.fullmatch(r"\.(.+)\.tmp-\d+", name)
-    return m[1] if m else name
+    "The output folder's name (a merge passes the name of its destination, since it writes into a staging folder)."
+    return Path(output_dir).resolve().name
 
 def build_card(output_dir, model_name: str | None = None):
     "The `ModelCard` of the merge output in `output_dir`."
@@ -178,16 +175,16 @@ def build_card(output_dir, model_name: str | None = None):
     output_dir = Path(output_dir)
     report = read_report(output_dir)
     name = model_name or default_model_name(output_dir)
-    hi = report["method"] == "hi-merging" and bool(report.get("gamma"))
+    analysed = bool(report.get("gamma"))   # the method measured per-layer contributions
     n = len(report["sources"])
     intro = (f"# {name}\n\nThis model is a merge of {n} fine-tuned model{'s' * (n != 1)} of "
              f"{_link(report['base'])} made with [himerge](https://github.com/himerge/himerge) "
              f"({report['method']}). " + ("Each source's delta was pruned and scaled, then the layers where the "
              "sources conflict were found by measuring every layer's contribution to each task and resolved one by "
-             "one; the tables below say what was done in each layer." if hi else
+             "one; the tables below say what was done in each layer." if analysed else
              "It was merged with a baseline method, without the per-layer conflict analysis."))
     parts = [intro, sources_section(report), method_section(report), scores_section(report)]
-    if hi:
+    if analysed:
         parts += [gamma_section(report)]
         if (output_dir / HEATMAP).exists(): parts.append(f"![γ per layer and source]({HEATMAP})")
         if report.get("contributions"): parts.append(contributions_section(report))

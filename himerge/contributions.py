@@ -6,150 +6,31 @@ Docs: https://himerge.github.io/himerge/contributions.html.md"""
 
 # %% ../nbs/07_contributions.ipynb #dd0698b9
 from __future__ import annotations
-import hashlib, json, math, os, time
-from contextlib import contextmanager, nullcontext
+import math, time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
+from .baselines import COMBINES, combine_deltas
+from .errors import InputError
+from .scoring import Probe, State, Scorer, base_state, means
+
 # %% auto #0
-__all__ = ['COMBINES', 'LayerEditor', 'combine_deltas', 'State', 'states_for', 'fingerprint', 'EvalCache', 'Prober', 'LayerMemo',
-           'MemoDeltas', 'paired', 'NoGainError', 'Contributions', 'ContributionAnalysis', 'plot_gamma', 'GridResult',
-           'choose_density_scale']
+__all__ = ['states_for', 'LayerMemo', 'MemoDeltas', 'paired', 'NoGainError', 'Contributions', 'records', 'ContributionAnalysis',
+           'plot_gamma', 'GridResult', 'choose_density_scale']
 
 # %% ../nbs/07_contributions.ipynb #f8da4c6a
-class LayerEditor:
-    "Write tensors into a loaded model's parameters by name, and undo the writes exactly."
-    def __init__(self, model):
-        import torch
-        self.model = model
-        self.params = model.state_dict(keep_vars=True)  # names -> live parameters/buffers (tied ones share storage)
-        self._torch = torch
-
-    def apply(self, values: dict) -> dict:
-        "Copy `values` (name -> tensor) into the model; return the undo record (name -> original values)."
-        undo = {}
-        with self._torch.no_grad():
-            for name, value in values.items():
-                if name not in self.params: raise KeyError(f"tensor {name!r} is not a parameter of the loaded model")
-                target = self.params[name]
-                if target.shape != value.shape:
-                    raise ValueError(f"tensor {name!r}: model has shape {tuple(target.shape)}, edit has {tuple(value.shape)}")
-                undo[name] = target.detach().clone()
-                target.data.copy_(value.to(target.dtype))
-        return undo
-
-    def undo(self, undo: dict):
-        "Restore the values saved by `apply`."
-        with self._torch.no_grad():
-            for name, original in undo.items(): self.params[name].data.copy_(original)
-
-    @contextmanager
-    def edited(self, values: dict):
-        "Within the block, the model holds `values`; afterwards, exactly its previous weights."
-        undo = self.apply(values)
-        try: yield
-        finally: self.undo(undo)
-
-# %% ../nbs/07_contributions.ipynb #7c5c7bbe
-COMBINES = ("sum", "ties")
-
-def combine_deltas(per_source: list[dict], how: str = "sum") -> dict:
-    "Combine the layer deltas of several sources (each name -> float32 tensor) into one delta per tensor name."
-    if how not in COMBINES: raise ValueError(f"combine: {how!r} is not one of {COMBINES}")
-    names = list(dict.fromkeys(n for d in per_source for n in d))
-    out = {}
-    for n in names:
-        present = [d[n] for d in per_source if n in d]
-        if how == "sum" or len(present) == 1:
-            out[n] = present[0].clone() if len(present) == 1 else sum(present[1:], present[0].clone())
-        else:
-            import torch
-            from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge
-            stacked = torch.stack(present)
-            out[n] = disjoint_merge(stacked, calculate_majority_sign_mask(stacked, method="total"))
-    return out
-
-# %% ../nbs/07_contributions.ipynb #68f6922a
-@dataclass
-class State:
-    "A weight state θ_F + D: its record name, the tasks it is scored on, D layer by layer, and a key for its edits."
-    name: str
-    tasks: list
-    layer_delta: object  # callable: layer -> {tensor name: float32 delta}
-    key: dict = field(default_factory=dict)
-
-def states_for(deltas, source_names: list, source_tasks: list, combine: str = "sum", merged=None, edits_key=None) -> list:
-    "One state per source (scored on its own task) and the pre-merge `G` (scored on every source's task)."
+def states_for(deltas, source_names: list, *, combine: str = "sum", merged=None, edits_key=None,
+               base_key: str = "", source_keys: list | None = None) -> list:
+    "One `State` per source alone and the pre-merge `G` (last)."
     merged = deltas if merged is None else merged
-    states = [State(f"source:{n}", [t], (lambda l, i=i: deltas.source_layer(i, l)))
-              for i, (n, t) in enumerate(zip(source_names, source_tasks))]
-    combined = lambda l: combine_deltas([merged.source_layer(i, l) for i in range(len(source_names))], combine)
-    states.append(State("pre_merge", list(dict.fromkeys(source_tasks)), combined, {"edits": edits_key} if edits_key else {}))
+    keys = list(source_keys) if source_keys is not None else list(source_names)
+    states = [State(f"source:{n}", (lambda layer, i=i: deltas.source_layer(i, layer)), {"base": base_key, "source": keys[i]})
+              for i, n in enumerate(source_names)]
+    combined = lambda layer: combine_deltas([merged.source_layer(i, layer) for i in range(len(source_names))], combine)
+    states.append(State("pre_merge", combined, {"base": base_key, "sources": keys, "combine": combine,
+                                                **({"edits": edits_key} if edits_key else {})}))
     return states
-
-# %% ../nbs/07_contributions.ipynb #e4df7df4
-def fingerprint(obj) -> str:
-    "A stable hex digest of a JSON-serialisable object."
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-class EvalCache:
-    "Task scores (mean and per-sample) stored as small JSON files under `root`, keyed by fingerprint."
-    def __init__(self, root=None):
-        self.root = Path(root) if root is not None else None
-        self.memory = {}
-        self.done = self.reused = 0
-        if self.root is not None: self.root.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, key): return self.root / key[:2] / f"{key}.json"
-
-    def get(self, key):
-        if key in self.memory: return self.memory[key]
-        if self.root is not None and self._path(key).exists():
-            rec = json.loads(self._path(key).read_text())
-            self.memory[key] = rec
-            return rec
-        return None
-
-    def put(self, key, record: dict):
-        self.memory[key] = record
-        if self.root is None: return
-        p = self._path(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, p)
-
-# %% ../nbs/07_contributions.ipynb #e771e27a
-class Prober:
-    "Score weight states probe by probe: cached scores are reused, the model is edited only when needed."
-    def __init__(self, model, evaluator, cache: EvalCache, weights_key: str, task_keys: dict, progress=None):
-        self.editor, self.evaluator, self.cache = LayerEditor(model), evaluator, cache
-        self.weights_key, self.task_keys, self.progress = weights_key, task_keys, progress
-        self.model_seconds = 0.0
-
-    def key(self, probe: dict, task: str) -> str:
-        return fingerprint({"weights": self.weights_key, "probe": probe, "task": self.task_keys[task]})
-
-    def scores(self, probe: dict, tasks: list, edit=None) -> dict:
-        "Per-sample scores (numpy arrays) of `probe` on `tasks`; `edit()` is a context holding the probe's weights."
-        out, missing = {}, []
-        for t in tasks:
-            rec = self.cache.get(self.key(probe, t))
-            if rec is None: missing.append(t)
-            else: out[t] = np.asarray(rec["per_sample"], dtype=float); self.cache.reused += 1
-        if missing:
-            with (edit() if edit is not None else nullcontext()):
-                for t in missing:
-                    t0 = time.perf_counter()
-                    s = self.evaluator.score(t)
-                    self.model_seconds += time.perf_counter() - t0
-                    out[t] = np.asarray(s.per_sample, dtype=float)
-                    self.cache.put(self.key(probe, t), {"score": float(np.mean(out[t])), "per_sample": out[t].tolist(), "probe": probe, "task": t})
-                    self.cache.done += 1
-        if self.progress is not None: self.progress.update(len(tasks))
-        return out
 
 # %% ../nbs/07_contributions.ipynb #806a2a85
 class LayerMemo:
@@ -193,7 +74,7 @@ def paired(diff: np.ndarray) -> tuple:
     return float(diff.mean()), se
 
 # %% ../nbs/07_contributions.ipynb #388fa84a
-class NoGainError(ValueError):
+class NoGainError(InputError):
     "A source does not improve its own task over the base: its contributions cannot be normalised."
 
 @dataclass
@@ -215,126 +96,117 @@ class Contributions:
         t = self.table
         return float(t[(t.state == state) & (t.layer == layer) & (t.task == task)].c.iloc[0])
 
+    def to_report(self) -> dict:
+        "The tables as JSON-ready records, for a merge's report."
+        return {"contributions": records(self.table), "gamma": records(self.gamma)}
+
+def records(df) -> list:
+    "A DataFrame as a list of dicts, NaN as None (JSON has no NaN)."
+    rows = df.to_dict(orient="records")
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
+
 # %% ../nbs/07_contributions.ipynb #9cea8c64
-def _plus(base: dict, delta: dict, names_of: dict, key) -> dict:
-    names_of[key] = set(delta)
-    return {n: base[n] + v for n, v in delta.items()}
-
-def _names(state, layer, names_of: dict) -> set:
-    key = (state.name, layer)
-    if key not in names_of: names_of[key] = set(state.layer_delta(layer))
-    return names_of[key]
-
 class ContributionAnalysis:
-    "Per-layer contribution analysis of N processed sources and their pre-merge, on one loaded model."
-    def __init__(self, deltas, model, evaluator, source_names: list, source_tasks: list, *, layers=None,
-                 combine="sum", normalize="gain", cache: EvalCache | None = None, weights_key="",
-                 task_keys: dict | None = None, progress=True, memo_bytes: int = 2**30):
+    "Per-layer contribution analysis of N processed sources and their pre-merge."
+    def __init__(self, scorer: Scorer, deltas, source_names: list, source_tasks: list, *, layers=None,
+                 combine="sum", normalize="gain", base_key: str = "", source_keys: list | None = None,
+                 memo_bytes: int = 2**30, progress=False):
         if normalize not in ("gain", "none"): raise ValueError(f"normalize: {normalize!r} is not 'gain' or 'none'")
         if combine not in COMBINES: raise ValueError(f"combine: {combine!r} is not one of {COMBINES}")
-        self.deltas, self.names, self.tasks = deltas, list(source_names), list(source_tasks)
+        self.scorer, self.deltas, self.names, self.tasks = scorer, deltas, list(source_names), list(source_tasks)
         self.layers = list(deltas.layers if layers is None else layers)
         self.all_tasks = list(dict.fromkeys(self.tasks))
-        self.combine, self.normalize, self.progress, self.memo_bytes = combine, normalize, progress, memo_bytes
-        self.cache = cache if cache is not None else EvalCache()
-        self.prober = Prober(model, evaluator, self.cache, weights_key, task_keys or {t: t for t in self.all_tasks})
+        self.combine, self.normalize, self.memo_bytes, self.progress = combine, normalize, memo_bytes, progress
+        self.base_key, self.source_keys = base_key, source_keys
+
+    def states(self, merged=None, edits_key=None, memo=None) -> list:
+        "The sources alone and the pre-merge (of `merged`, the resolved deltas, if given)."
+        wrap = (lambda d: d) if memo is None else (lambda d: MemoDeltas(d, memo))
+        return states_for(wrap(self.deltas), self.names, combine=self.combine, merged=None if merged is None else wrap(merged),
+                          edits_key=edits_key, base_key=self.base_key, source_keys=self.source_keys)
+
+    def state_tasks(self, state) -> list:
+        "A source alone is scored on its own task, the pre-merge on every task."
+        return self.all_tasks if state.name == "pre_merge" else [self.tasks[self.names.index(state.name[len("source:"):])]]
 
     def n_evaluations(self) -> int:
-        "Task evaluations of one full run: 4·N·L + O(N)."
-        n_states = len(self.tasks) + len(self.all_tasks)  # (state, task) pairs: each source on its task, G on all
-        return n_states * (2 * len(self.layers) + 1) + len(self.all_tasks)
+        "Task evaluations of one full run: (N + T)·(2L + 1) + T, about 4·N·L."
+        n_pairs = len(self.tasks) + len(self.all_tasks)  # (state, task) pairs: each source on its task, G on all
+        return n_pairs * (2 * len(self.layers) + 1) + len(self.all_tasks)
 
-    @contextmanager
-    def full(self, state, deltas=None):
-        "Within the block the model holds θ_F + D, written layer by layer, so no second copy of the model is kept."
-        d, editor, touched = deltas or self.deltas, self.prober.editor, []
-        try:
-            for l in d.layers:
-                delta = state.layer_delta(l)
-                if not delta: continue
-                base = d.base_layer(l)
-                touched.append((l, list(delta)))
-                editor.apply({n: base[n] + v for n, v in delta.items()})
-            yield
-        finally:
-            # The loaded weights came from the same file, so writing the stored base back is bit-exact.
-            for l, names in touched:
-                base = d.base_layer(l)
-                editor.apply({n: base[n] for n in names})
+# %% ../nbs/07_contributions.ipynb #5e3c728b
+def _references(self, states) -> list:
+    return [(Probe(base_state(self.base_key)), self.all_tasks, "validation")] + \
+           [(Probe(s), self.state_tasks(s), "validation") for s in states]
 
-    def layer_edit(self, values):
-        "A context for a one-layer probe: `values()` gives the tensors to hold."
-        return lambda: self.prober.editor.edited(values())
+def _probes(self, states) -> list:
+    return [(Probe(s, kind, layer), self.state_tasks(s), "validation")
+            for s in states for kind in ("add", "delete") for layer in self.layers]
 
-    def score_state(self, state, deltas=None) -> dict:
-        "Per-sample scores of the state's full weights θ_F + D on its tasks (`deltas` reads the base's layers)."
-        return self.prober.scores({"state": state.name, "probe": "full", **state.key}, state.tasks, lambda: self.full(state, deltas))
+def _gains(self, reference: dict) -> dict:
+    "Each task's fine-tuning gain P(m) − P(F) (1.0 without normalisation); a `NoGainError` if one is not positive."
+    gains = {}
+    for n, t in zip(self.names, self.tasks):
+        own, base = reference[f"source:{n}"][t], reference["base"][t]
+        if self.normalize == "gain" and own <= base:
+            raise NoGainError(f"source {n!r} scores {own:.4f} on its task {t!r}, not above the base's {base:.4f}: "
+                              f"nothing to protect for this task (check its density and scale, or set normalize: none)")
+        gains[t] = own - base if self.normalize == "gain" else 1.0
+    return gains
 
-    def score_merged(self, merged=None, edits_key=None) -> dict:
-        "Mean scores of the (possibly edited) pre-merge on every task."
-        state = states_for(self.deltas, self.names, self.tasks, self.combine, merged, edits_key)[-1]
-        return {t: float(v.mean()) for t, v in self.score_state(state).items()}
+ContributionAnalysis.references, ContributionAnalysis.probes, ContributionAnalysis.gains = _references, _probes, _gains
 
-    def run(self, merged=None, edits_key=None) -> Contributions:
-        "Measure α, β, c per layer for each source alone and for the pre-merge, and γ per source and layer."
-        import pandas as pd
+# %% ../nbs/07_contributions.ipynb #7bcc1c63
+def _tables(self, states, ref_scores: dict, probe_scores: dict, gains: dict) -> tuple:
+    "(the α/β/c table, the γ table) from per-sample scores."
+    import pandas as pd
+    base = ref_scores["base"]
+    rows, contrib = [], {}
+    for s in states:
+        for layer in self.layers:
+            for t in self.state_tasks(s):
+                a_i = (ref_scores[s.name][t] - probe_scores[(s.name, "delete", layer)][t]) / gains[t]
+                b_i = (probe_scores[(s.name, "add", layer)][t] - base[t]) / gains[t]
+                contrib[(s.name, layer, t)] = a_i + b_i
+                (a, a_se), (b, b_se), (c, c_se) = paired(a_i), paired(b_i), paired(a_i + b_i)
+                rows.append(dict(layer=layer, state=s.name, task=t, alpha=a, beta=b, c=c, alpha_se=a_se, beta_se=b_se, c_se=c_se))
+    grows = []
+    for n, t in zip(self.names, self.tasks):
+        for layer in self.layers:
+            g, g_se = paired(contrib[(f"source:{n}", layer, t)] - contrib[("pre_merge", layer, t)])
+            grows.append(dict(layer=layer, source=n, gamma=g, gamma_se=g_se, significant=bool(abs(g) > 2 * g_se)))
+    return pd.DataFrame(rows), pd.DataFrame(grows)
+
+def _run(self, merged=None, edits_key=None) -> Contributions:
+    "Measure α, β, c per layer for each source alone and for the pre-merge, and γ per source and layer."
+    scorer, cache = self.scorer, self.scorer.cache
+    t0, done0, reused0, model0 = time.perf_counter(), cache.done, cache.reused, scorer.model_seconds
+    states = self.states(merged, edits_key, memo=LayerMemo(self.memo_bytes))   # one memo per run: a rerun may bring edits
+    bar, own_bar = scorer.progress, None
+    if bar is None and self.progress:
         from tqdm.auto import tqdm
-        memo = LayerMemo(self.memo_bytes)  # one per run: a rerun may bring an edited pre-merge
-        d, cache, prober = MemoDeltas(self.deltas, memo), self.cache, self.prober
-        states = states_for(d, self.names, self.tasks, self.combine, None if merged is None else MemoDeltas(merged, memo), edits_key)
-        names_of = {}  # (state, layer) -> names its delta changes: deletion probes need only these, not the delta again
-        t0, done0, reused0, model0 = time.perf_counter(), cache.done, cache.reused, prober.model_seconds
-        from himerge.evaluate import quiet_lighteval
-        bar = tqdm(total=self.n_evaluations(), desc="contribution probes", unit="eval", disable=not self.progress)
-        prober.progress = bar
-        with quiet_lighteval():  # once for the run, rather than once per evaluation (the evaluator's own is then free)
-            try:
-                ref_base = prober.scores({"state": "base"}, self.all_tasks)
-                per = {}
-                for s in states:
-                    per[(s.name, None)] = self.score_state(s, d)
-                    for l in self.layers:
-                        base_plus = lambda s=s, l=l: _plus(d.base_layer(l), s.layer_delta(l), names_of, (s.name, l))
-                        per[(s.name, l, "add")] = prober.scores({"state": s.name, "probe": "add", "layer": l, **s.key}, s.tasks,
-                                                                self.layer_edit(base_plus))
-                    # Deletion probes run with the full delta applied; apply it only if some score is missing.
-                    dkey = lambda l, s=s: {"state": s.name, "probe": "delete", "layer": l, **s.key}
-                    need = any(cache.get(prober.key(dkey(l), t)) is None for l in self.layers for t in s.tasks)
-                    with (self.full(s, d) if need else nullcontext()):
-                        for l in self.layers:
-                            back_to_base = lambda s=s, l=l: {n: v for n, v in d.base_layer(l).items() if n in _names(s, l, names_of)}
-                            per[(s.name, l, "del")] = prober.scores(dkey(l), s.tasks, self.layer_edit(back_to_base))
-                    bar.set_postfix_str(f"reused {cache.reused - reused0}")
-            finally:
-                bar.close(); prober.progress = None
+        bar = own_bar = scorer.progress = tqdm(total=self.n_evaluations(), desc="contribution probes", unit="eval")
+    from himerge.evaluate import quiet_lighteval
+    try:
+        with quiet_lighteval():   # once for the run, rather than once per evaluation
+            references = self.references(states)
+            ref_scores = dict(zip(["base"] + [s.name for s in states], scorer.run(references)))
+            reference = {name: means(v) for name, v in ref_scores.items()}
+            gains = self.gains(reference)
+            probes = self.probes(states)
+            probe_scores = {(p.state.name, p.kind, p.layer): v for (p, _, _), v in zip(probes, scorer.run(probes))}
+    finally:
+        if own_bar is not None: own_bar.close(); scorer.progress = None
+    table, gamma = self.tables(states, ref_scores, probe_scores, gains)
+    evaluations = dict(done=cache.done - done0, reused=cache.reused - reused0,
+                       model_seconds=scorer.model_seconds - model0, seconds=time.perf_counter() - t0)
+    return Contributions(reference, table, gamma, gains, evaluations, self.layers)
 
-        reference = {"base": {t: float(v.mean()) for t, v in ref_base.items()}}
-        for s in states: reference[s.name] = {t: float(v.mean()) for t, v in per[(s.name, None)].items()}
-        gains = {}
-        for n, t in zip(self.names, self.tasks):
-            own, base = reference[f"source:{n}"][t], reference["base"][t]
-            if self.normalize == "gain" and own <= base:
-                raise NoGainError(f"source {n!r} scores {own:.4f} on its task {t!r}, not above the base's {base:.4f}: "
-                                  f"nothing to protect for this task (check its density and scale, or set normalize: none)")
-            gains[t] = own - base if self.normalize == "gain" else 1.0
+def _score_merged(self, merged=None, edits_key=None) -> dict:
+    "Mean scores of the (possibly edited) pre-merge on every task."
+    return means(self.scorer.score(self.states(merged, edits_key)[-1], self.all_tasks))
 
-        rows, contrib = [], {}
-        for s in states:
-            for l in self.layers:
-                for t in s.tasks:
-                    a_i = (per[(s.name, None)][t] - per[(s.name, l, "del")][t]) / gains[t]
-                    b_i = (per[(s.name, l, "add")][t] - ref_base[t]) / gains[t]
-                    contrib[(s.name, l, t)] = a_i + b_i
-                    (a, a_se), (b, b_se), (c, c_se) = paired(a_i), paired(b_i), paired(a_i + b_i)
-                    rows.append(dict(layer=l, state=s.name, task=t, alpha=a, beta=b, c=c, alpha_se=a_se, beta_se=b_se, c_se=c_se))
-        grows = []
-        for n, t in zip(self.names, self.tasks):
-            for l in self.layers:
-                g, g_se = paired(contrib[(f"source:{n}", l, t)] - contrib[("pre_merge", l, t)])
-                grows.append(dict(layer=l, source=n, gamma=g, gamma_se=g_se, significant=bool(abs(g) > 2 * g_se)))
-        evaluations = dict(done=cache.done - done0, reused=cache.reused - reused0,
-                           model_seconds=prober.model_seconds - model0, seconds=time.perf_counter() - t0)
-        return Contributions(reference, pd.DataFrame(rows), pd.DataFrame(grows), gains, evaluations, self.layers)
+ContributionAnalysis.tables, ContributionAnalysis.run, ContributionAnalysis.score_merged = _tables, _run, _score_merged
 
 # %% ../nbs/07_contributions.ipynb #a042cb3e
 def plot_gamma(contributions: Contributions, ax=None, title="γ: conflict per layer and source"):
@@ -351,6 +223,8 @@ def plot_gamma(contributions: Contributions, ax=None, title="γ: conflict per la
             ax.text(j, i, f"{g.values[i, j]:+.2f}", ha="center", va="center", fontsize=7)
     ax.figure.colorbar(im, ax=ax, fraction=0.05)
     return ax.figure
+
+Contributions.figures = lambda self: {"gamma_heatmap.png": plot_gamma(self)}
 
 # %% ../nbs/07_contributions.ipynb #140aaa53
 @dataclass
@@ -375,24 +249,33 @@ class GridResult:
         ax.figure.colorbar(im, ax=ax, fraction=0.05)
         return ax.figure
 
-def choose_density_scale(deltas, i: int, model, evaluator, task: str, densities=(0.2, 0.4, 0.6, 0.8, 1.0),
-                         scales=(0.2, 0.4, 0.6, 0.8, 1.0), *, scope="tensor", cache: EvalCache | None = None,
-                         weights_key="", task_keys: dict | None = None, source_name=None) -> GridResult:
-    "Score source `i` of `deltas` on `task` at every (density, scale) of the grid; the best pair and the table."
+def choose_density_scale(scorer: Scorer, deltas, i: int, task: str, densities=(0.2, 0.4, 0.6, 0.8, 1.0),
+                         scales=(0.2, 0.4, 0.6, 0.8, 1.0), *, scope="tensor", base_key: str = "", source_key: str = "",
+                         source_name: str | None = None) -> GridResult:
+    """Score source `i` of the raw `deltas` on `task` at every (density, scale) of the grid; the best pair and the table.
+
+    Args:
+        scorer: scores weight states (the base model and the task's evaluator).
+        deltas: the raw deltas of every source (`source_layer(i, layer)`).
+        i: which source.
+        task: the source's own task.
+        densities, scales: the grid's values of p and λ.
+        scope: the pruning scope (tensor, layer or model).
+        base_key, source_key: cache keys of the base and of source `i`'s files.
+        source_name: the name shown in the result (default: the deltas' name of source `i`)."""
     import pandas as pd
     from himerge.prune import ProcessedDeltas
-    cache = cache if cache is not None else EvalCache()
     n = getattr(deltas, "n_sources", None) or len(deltas.source_names)
     name = source_name or (getattr(deltas, "source_names", None) or [str(k) for k in range(n)])[i]
-    done0, reused0 = cache.done, cache.reused
+    done0, reused0 = scorer.cache.done, scorer.cache.reused
+    points = [(p, lam) for p in densities for lam in scales]
+    requests = []
+    for p, lam in points:
+        proc = ProcessedDeltas(deltas, density=[p if k == i else 1.0 for k in range(n)],
+                               scale=[lam if k == i else 1.0 for k in range(n)], scope=scope)
+        key = {"base": base_key, "source": {"delta": source_key or name, "density": p, "scale": lam, "scope": scope}}
+        requests.append((Probe(State(f"grid:{name}", lambda layer, proc=proc: proc.source_layer(i, layer), key)), [task], "validation"))
     grid = pd.DataFrame(index=list(densities), columns=list(scales), dtype=float)
-    for p in densities:
-        for lam in scales:
-            proc = ProcessedDeltas(deltas, density=[p if k == i else 1.0 for k in range(n)],
-                                   scale=[lam if k == i else 1.0 for k in range(n)], scope=scope)
-            probe = ContributionAnalysis(proc, model, evaluator, [name], [task], cache=cache, weights_key=weights_key,
-                                         task_keys=task_keys, progress=False)
-            state = State(f"grid:{name}", [task], lambda l, proc=proc: proc.source_layer(i, l), {"p": p, "scale": lam, "scope": scope})
-            grid.loc[p, lam] = float(probe.score_state(state)[task].mean())
-    best = max(((p, lam) for p in densities for lam in scales), key=lambda pl: (grid.loc[pl], pl[0], pl[1]))
-    return GridResult(name, task, grid, best, dict(done=cache.done - done0, reused=cache.reused - reused0))
+    for (p, lam), scores in zip(points, scorer.run(requests)): grid.loc[p, lam] = float(scores[task].mean())
+    best = max(points, key=lambda pl: (grid.loc[pl], pl[0], pl[1]))
+    return GridResult(name, task, grid, best, dict(done=scorer.cache.done - done0, reused=scorer.cache.reused - reused0))

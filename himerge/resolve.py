@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, asdict
 
 # %% auto #0
 __all__ = ['SEVERE', 'PARTIAL', 'MUTUAL', 'impaired', 'total_conflict', 'classify', 'LayerEdit', 'ResolvedDeltas', 'Decision',
-           'Resolution', 'resolve']
+           'Resolution', 'resolve', 'hi_merging']
 
 # %% ../nbs/08_resolve.ipynb #2dbd49c0
 SEVERE, PARTIAL, MUTUAL = "severe", "partial", "mutual"
@@ -94,6 +94,14 @@ class Resolution:
     stopped: str           # why the loop ended
     evaluations: int = 0
     contributions: object = None  # the last Contributions measured (the input one if never re-measured)
+    remeasured: bool = False
+
+    def to_report(self) -> dict:
+        "Classes, decisions and how the loop ended, for a merge's report (and γ after re-measurement, if any)."
+        out = {"classes": {str(k): v for k, v in self.classes.items()}, "decisions": [d.record() for d in self.decisions],
+               "resolution": {"stopped": self.stopped, "evaluations": self.evaluations}}
+        if self.contributions is not None and self.remeasured: out["gamma_final"] = self.contributions.to_report()["gamma"]
+        return out
 
 def _layer_gammas(contributions, layer) -> dict:
     g = contributions.gamma
@@ -103,7 +111,7 @@ def _layer_gammas(contributions, layer) -> dict:
 def resolve(contributions, processed, source_names: list, source_tasks: list, density: list, scale: list, *,
             density_factor=0.5, scale_factor=0.5, remeasure="never", budget=None, score=None, measure=None,
             scope="tensor", evals_per_score=None, evals_per_measure=None) -> Resolution:
-    "Resolve conflicts layer by layer, most conflicted first (method.md, Stage 4)."
+    "Resolve conflicts layer by layer, most conflicted first (Hi-Merging's Stage 4)."
     if remeasure not in ("never", "after_each"): raise ValueError(f"remeasure: {remeasure!r} is not 'never' or 'after_each'")
     if remeasure == "after_each" and measure is None: raise ValueError("remeasure: 'after_each' needs a `measure` function")
     for name, f in (("density_factor", density_factor), ("scale_factor", scale_factor)):
@@ -114,13 +122,13 @@ def resolve(contributions, processed, source_names: list, source_tasks: list, de
     evals_per_score = evals_per_score if evals_per_score is not None else len(set(source_tasks))
     evals_per_measure = evals_per_measure or 0
     current = contributions
-    classes = {l: classify(_layer_gammas(current, l)) for l in layers}
+    classes = {layer: classify(_layer_gammas(current, layer)) for layer in layers}
     before = score(resolved) if score is not None else {}
     spent += evals_per_score if score is not None else 0
     stopped = "no conflict left"
     while True:
-        pending = [(total_conflict(_layer_gammas(current, l)), l) for l in layers if l not in visited]
-        pending = [(g, l) for g, l in pending if g > 0]
+        pending = [(total_conflict(_layer_gammas(current, layer)), layer) for layer in layers if layer not in visited]
+        pending = [(g, layer) for g, layer in pending if g > 0]
         if not pending:
             stopped = "no conflict left" if len(visited) < len(layers) else "every layer visited"
             break
@@ -155,6 +163,30 @@ def resolve(contributions, processed, source_names: list, source_tasks: list, de
         before = after
         if remeasure == "after_each":
             current = measure(resolved); spent += evals_per_measure
-    for l in layers:  # layers never visited keep their class from the last γ seen
-        if l not in visited: classes[l] = classify(_layer_gammas(current, l))
-    return Resolution(resolved, decisions, classes, stopped, spent, current)
+    for layer in layers:  # layers never visited keep their class from the last γ seen
+        if layer not in visited: classes[layer] = classify(_layer_gammas(current, layer))
+    return Resolution(resolved, decisions, classes, stopped, spent, current, current is not contributions)
+
+# %% ../nbs/08_resolve.ipynb #27a3c00a
+def hi_merging(context):
+    "The merger of `method: hi-merging`: Stage 1, the contribution analysis and conflict resolution; a `Merged`."
+    from himerge.contributions import ContributionAnalysis
+    from himerge.methods import Merged, processed_key
+    from himerge.prune import ProcessedDeltas
+    opts = context.options
+    processed = ProcessedDeltas(context.deltas, density=context.densities, scale=context.scales, scope=opts.prune_scope)
+    analysis = ContributionAnalysis(context.scorer, processed, context.names, context.tasks, layers=context.layers,
+                                    combine=opts.combine, normalize=opts.normalize, base_key=context.base_key,
+                                    source_keys=processed_key(context, opts.prune_scope))
+    contributions = analysis.run()
+    n_tasks = len(analysis.all_tasks)
+    resolution = resolve(
+        contributions, processed, context.names, context.tasks, context.densities, context.scales,
+        density_factor=opts.density_factor, scale_factor=opts.scale_factor, remeasure=opts.remeasure, budget=opts.budget,
+        scope=opts.prune_scope, score=(lambda r: analysis.score_merged(r, r.key())) if opts.score_decisions else None,
+        measure=lambda r: analysis.run(merged=r, edits_key=r.key()),
+        evals_per_score=n_tasks, evals_per_measure=n_tasks * (2 * len(contributions.layers) + 1))
+    final = resolution.deltas
+    state = analysis.states(final, final.key())[-1]
+    return Merged(state, records=dict(contributions=contributions, resolution=resolution),
+                  scores={"pre_merge": contributions.reference["pre_merge"]})

@@ -9,7 +9,9 @@ import torch
 from dataclasses import dataclass
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from himerge.contributions import ContributionAnalysis, EvalCache, NoGainError
+from himerge.cache import EvalCache
+from himerge.contributions import ContributionAnalysis, NoGainError
+from himerge.scoring import Scorer
 
 torch.set_grad_enabled(False)
 N_LAYERS = 3
@@ -23,11 +25,11 @@ class InMemoryDeltas:
     def __init__(self, model, per_source):
         sd = {k: v.detach().clone().float() for k, v in model.state_dict().items() if k != "lm_head.weight"}
         self.layers = list(range(N_LAYERS))
-        self.base = {l: {k: v for k, v in sd.items() if layer_of(k) == l} for l in self.layers}
+        self.base = {layer: {k: v for k, v in sd.items() if layer_of(k) == layer} for layer in self.layers}
         self.per_source = per_source
 
-    def base_layer(self, l): return self.base[l]
-    def source_layer(self, i, l): return self.per_source[i].get(l, {})
+    def base_layer(self, layer): return self.base[layer]
+    def source_layer(self, i, layer): return self.per_source[i].get(layer, {})
 
 
 @dataclass
@@ -66,6 +68,12 @@ def setup():
     return model, InMemoryDeltas(model, per_source), weights
 
 
+def analysis(model, deltas, evaluator, cache=None):
+    "The analysis of sources a and b (tasks ta, tb) on `model`, scored by `evaluator`."
+    scorer = Scorer(model, deltas, lambda split: evaluator, cache=cache)
+    return ContributionAnalysis(scorer, deltas, ["a", "b"], ["ta", "tb"])
+
+
 def shifts(source):
     return np.array([0.1 * (l + 1) for l in range(N_LAYERS)]) if source == 0 else np.array([-0.05 + 0.02 * l for l in range(N_LAYERS)])
 
@@ -74,8 +82,8 @@ def test_alpha_beta_gamma_match_closed_form(setup, tmp_path):
     model, deltas, w = setup
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ev = LinearEvaluator(model, w)
-    analysis = ContributionAnalysis(deltas, model, ev, ["a", "b"], ["ta", "tb"], cache=EvalCache(tmp_path), progress=False)
-    res = analysis.run()
+    engine = analysis(model, deltas, ev, EvalCache(tmp_path))
+    res = engine.run()
     # The model is bit-identical after hundreds of in-place edits.
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     gain = {"ta": (w["ta"] @ shifts(0)).mean(), "tb": (w["tb"] @ shifts(1)).mean()}
@@ -92,7 +100,7 @@ def test_alpha_beta_gamma_match_closed_form(setup, tmp_path):
             g = res.gamma[(res.gamma.source == src) & (res.gamma.layer == l)].iloc[0].gamma
             # γ_m = c(m) − c(G) = −(the other source's layer effect on m's task), doubled (α + β).
             assert g == pytest.approx(-2 * (w[task][:, l] * shifts(other)[l]).mean() / gain[task], rel=1e-4, abs=1e-7)
-    assert res.evaluations["done"] == analysis.n_evaluations() == 4 * 2 * N_LAYERS + 3 * 2
+    assert res.evaluations["done"] == engine.n_evaluations() == 4 * 2 * N_LAYERS + 3 * 2
 
 
 def test_interrupted_analysis_resumes_from_cache(setup, tmp_path):
@@ -100,15 +108,14 @@ def test_interrupted_analysis_resumes_from_cache(setup, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     killed = LinearEvaluator(model, w, fail_after=11)
     with pytest.raises(KeyboardInterrupt):
-        ContributionAnalysis(deltas, model, killed, ["a", "b"], ["ta", "tb"], cache=EvalCache(tmp_path), progress=False).run()
+        analysis(model, deltas, killed, EvalCache(tmp_path)).run()
     # The interrupted probe's edit was undone: the model is the base again.
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     fresh = LinearEvaluator(model, w)
-    res = ContributionAnalysis(deltas, model, fresh, ["a", "b"], ["ta", "tb"], cache=EvalCache(tmp_path), progress=False).run()
+    res = analysis(model, deltas, fresh, EvalCache(tmp_path)).run()
     assert res.evaluations["reused"] == 11
     assert res.evaluations["done"] == 4 * 2 * N_LAYERS + 6 - 11 == fresh.calls
-    again = ContributionAnalysis(deltas, model, LinearEvaluator(model, w), ["a", "b"], ["ta", "tb"],
-                                 cache=EvalCache(tmp_path), progress=False).run()
+    again = analysis(model, deltas, LinearEvaluator(model, w), EvalCache(tmp_path)).run()
     assert again.evaluations["done"] == 0
     assert again.gamma.gamma.tolist() == res.gamma.gamma.tolist()
 
@@ -117,4 +124,4 @@ def test_source_without_gain_is_an_error(setup):
     model, deltas, w = setup
     w = {**w, "tb": -w["tb"]}   # source b now lowers its own task's score
     with pytest.raises(NoGainError, match="source 'b'.*'tb'"):
-        ContributionAnalysis(deltas, model, LinearEvaluator(model, w), ["a", "b"], ["ta", "tb"], progress=False).run()
+        analysis(model, deltas, LinearEvaluator(model, w)).run()

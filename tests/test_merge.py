@@ -6,7 +6,9 @@ import pytest
 import torch
 import yaml
 
-from himerge.merge import merge, OutputExistsError, Plan, ConfigError
+from himerge.config import ConfigError
+from himerge.merge import merge, Plan
+from himerge.output import OutputExistsError
 
 HIMERGE = str(Path(sys.executable).parent / "himerge")   # the console script of this environment
 
@@ -43,20 +45,32 @@ def test_single_lora_task_arithmetic_equals_merge_and_unload(tmp_path):
     assert worst < 1e-6, f"saved model differs from merge_and_unload by {worst}"
     assert any((saved[k] != load_file(tmp_path / "base" / "model.safetensors")[k]).any() for k in saved)
     report = json.loads((result.output / "himerge_report.json").read_text())
-    assert report["method"] == "task_arithmetic" and report["decisions"] == []
+    assert report["method"] == "task_arithmetic" and "decisions" not in report and "gamma" not in report
 
 
 def test_existing_output_is_kept_without_force(tmp_path):
     tiny_lora(tmp_path)
     cfg = dict(base=str(tmp_path / "base"), sources=[str(tmp_path / "adapter")], method="task_arithmetic")
     out = tmp_path / "merged"
-    out.mkdir(); (out / "keep.txt").write_text("mine")
+    merge(cfg, out=out, progress=False)
+    (out / "keep.txt").write_text("mine")
     with pytest.raises(OutputExistsError, match="--force"):
         merge(cfg, out=out, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
-    merge(cfg, out=out, force=True, progress=False)
+    merge(cfg, out=out, force=True, progress=False)   # a himerge output: --force replaces it
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []   # no staging folder left behind
+
+
+def test_force_never_replaces_a_folder_himerge_did_not_write(tmp_path):
+    from himerge.output import OutputError
+    tiny_lora(tmp_path)
+    cfg = dict(base=str(tmp_path / "base"), sources=[str(tmp_path / "adapter")], method="task_arithmetic")
+    out = tmp_path / "mine"
+    out.mkdir(); (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not a himerge output"):
+        merge(cfg, out=out, force=True, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
 
 
 def test_dry_run_loads_nothing_and_counts_evaluations(tmp_path):
