@@ -6,17 +6,19 @@ Docs: https://himerge.github.io/himerge/deltas.html.md"""
 
 # %% ../nbs/02_deltas.ipynb #d98a29d7
 from __future__ import annotations
-import json, math, re, warnings
+import math, re, warnings
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
-from .sources import SourceError, SourceSet, adapter_module, adapter_weights, target_tensor, weight_files
+from .sources import (SourceError, SourceSet, TensorHeader, adapter_module, adapter_weights, check_lora, file_headers,
+                             lora_rank, peft_default, target_tensor, weight_files)
 
 # %% auto #0
-__all__ = ['LAYER_GROUPS_FIRST', 'LAYER_GROUPS_LAST', 'n_blocks', 'layer_of', 'lora_scaling', 'lora_delta', 'TensorStore',
-           'Deltas', 'compute_deltas', 'reconstruct']
+__all__ = ['LAYER_GROUPS_FIRST', 'LAYER_GROUPS_LAST', 'n_blocks', 'layer_of', 'lora_scaling', 'lora_delta', 'nonfinite',
+           'check_finite', 'load_pickle_weights', 'TensorStore', 'group_layers', 'full_reader', 'lora_modules',
+           'lora_reader', 'source_reader', 'Deltas', 'compute_deltas', 'reconstruct']
 
 # %% ../nbs/02_deltas.ipynb #49bab315
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer|decoder_layers)\.(\d+)\.")
@@ -29,7 +31,7 @@ def n_blocks(config: dict) -> int:
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if isinstance(config.get(key), int): return config[key]
     text = config.get("text_config") or {}
-    return n_blocks(text) if text else 0
+    return n_blocks(text) if isinstance(text, dict) and text else 0
 
 def layer_of(name: str, config: dict):
     "The block index of tensor `name`, or 'embed' / 'norm' / 'lm_head', or None if no rule fits."
@@ -43,11 +45,12 @@ def layer_of(name: str, config: dict):
 # %% ../nbs/02_deltas.ipynb #922ee076
 def lora_scaling(config: dict, module: str) -> float:
     "PEFT's scaling s of `module` (its name in the base model) under adapter `config`."
-    from peft.utils.other import get_pattern_key
-    r_key = get_pattern_key((config.get("rank_pattern") or {}).keys(), module)
-    a_key = get_pattern_key((config.get("alpha_pattern") or {}).keys(), module)
-    r = (config.get("rank_pattern") or {}).get(r_key, config["r"])
-    alpha = (config.get("alpha_pattern") or {}).get(a_key, config["lora_alpha"])
+    r, _ = lora_rank(config, module)
+    alpha = config["lora_alpha"] if "lora_alpha" in config else peft_default("lora_alpha")
+    alphas = config.get("alpha_pattern") or {}
+    if alphas:
+        from peft.utils.other import get_pattern_key
+        alpha = alphas.get(get_pattern_key(alphas.keys(), module), alpha)
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 def lora_delta(parts: dict, config: dict, module: str) -> dict:
@@ -63,31 +66,140 @@ def lora_delta(parts: dict, config: dict, module: str) -> dict:
     return out
 
 # %% ../nbs/02_deltas.ipynb #3698fc62
+def nonfinite(tensor: torch.Tensor):
+    "None if `tensor` holds no NaN or infinity, else (NaN count, infinity count, index of the first bad value)."
+    if not tensor.is_floating_point() or torch.isfinite(tensor.sum()): return None
+    bad = ~torch.isfinite(tensor)
+    if not bad.any(): return None  # finite values whose sum overflowed
+    n_nan = int(torch.isnan(tensor).sum())
+    return n_nan, int(bad.sum()) - n_nan, tuple(int(i) for i in bad.nonzero()[0])
+
+def check_finite(tensor: torch.Tensor, who: str, name: str, file) -> torch.Tensor:
+    "`tensor`, after checking it holds no NaN or infinity; the error names `who`, the tensor and the file."
+    found = nonfinite(tensor)
+    if found is None: return tensor
+    n_nan, n_inf, first = found
+    raise SourceError(f"{who}: tensor {name!r} in {file} holds {n_nan} NaN and {n_inf} infinite value(s) "
+                      f"(the first at index {list(first)}); the file is corrupt or the training diverged, so it cannot be merged")
+
+# %% ../nbs/02_deltas.ipynb #e1317bf1
+def load_pickle_weights(file, who: str) -> dict:
+    "name -> tensor of a pickle weights file the user allowed: weights_only refuses code, mmap keeps it lazy."
+    try: state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e: raise SourceError(f"{who}: cannot load {file} as a PyTorch weights file ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in state.items()):
+        raise SourceError(f"{who}: {file} does not hold a flat mapping of tensor names to tensors")
+    return state
+
+# %% ../nbs/02_deltas.ipynb #aca0fc9e
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
 class TensorStore:
-    "Named tensors of weight files, read one at a time; a safetensors file is mapped only while one tensor is read."
-    def __init__(self, files):
-        from safetensors import safe_open
-        self.where = {}
+    "Named tensors of weight files, read one at a time and checked for NaN/inf; a safetensors file is mapped only while one tensor is read."
+    def __init__(self, files, who: str = "source"):
+        self.who, self.where, self._headers = who, {}, {}
         for f in files:
             if Path(f).suffix == ".safetensors":
-                with safe_open(str(f), "pt") as h:
-                    for k in h.keys(): self.where[k] = str(f)
-            else:  # a pickle file the user allowed: weights_only refuses code, mmap keeps it lazy
-                state = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
-                for k in state: self.where[k] = state
+                for k, h in file_headers(f, who).items(): self.where[k], self._headers[k] = str(f), h
+            else:
+                state = load_pickle_weights(f, who)
+                for k, t in state.items():
+                    self.where[k] = state
+                    self._headers[k] = TensorHeader(tuple(t.shape), _DTYPES.get(t.dtype, str(t.dtype)), Path(f))
 
     def __contains__(self, name): return name in self.where
     def keys(self): return list(self.where)
+    def headers(self) -> dict:
+        "name -> TensorHeader (shape, dtype, file) of every tensor, as read from the files' headers."
+        return dict(self._headers)
+
     def get(self, name) -> torch.Tensor:
+        "The float32 tensor `name`, checked for NaN and infinity."
         from safetensors import safe_open
         f = self.where[name]
-        if isinstance(f, dict): return f[name].float()
-        # Opening per read keeps only one tensor's pages mapped: holding every file open made a pass hold them all.
-        with safe_open(f, "pt") as h: return h.get_tensor(name).float()
+        if isinstance(f, dict): t, file = f[name], self._headers[name].file
+        else:
+            file = f
+            # Opening per read keeps only one tensor's pages mapped: holding every file open made a pass hold them all.
+            try:
+                with safe_open(f, "pt") as h: t = h.get_tensor(name)
+            except Exception as e:
+                raise SourceError(f"{self.who}: cannot read tensor {name!r} from {f} ({type(e).__name__}: {e}); "
+                                  "the file may be truncated or corrupt") from None
+        floating = t.is_floating_point()
+        t = t.float()
+        return check_finite(t, self.who, name, file) if floating else t
 
-# %% ../nbs/02_deltas.ipynb #10e30c8e
+# %% ../nbs/02_deltas.ipynb #3bbfd481
 LAYER_GROUPS_FIRST, LAYER_GROUPS_LAST = ("embed",), ("norm", "lm_head")
 
+def group_layers(names, config: dict) -> tuple:
+    "(layer -> tensor names, layers in model order, names in no layer, stored copies of a tied head) of base tensor `names`."
+    by_layer, unassigned, tied = OrderedDict(), [], []
+    tie = bool(config.get("tie_word_embeddings"))
+    for name in names:
+        layer = layer_of(name, config)
+        if tie and layer == "lm_head": tied.append(name)  # a stored copy of the tied embedding: one delta, via the embedding
+        elif layer is None: unassigned.append(name)
+        else: by_layer.setdefault(layer, []).append(name)
+    blocks = sorted(l for l in by_layer if isinstance(l, int))
+    layers = [l for l in LAYER_GROUPS_FIRST if l in by_layer] + blocks + [l for l in LAYER_GROUPS_LAST if l in by_layer]
+    return by_layer, layers, unassigned, tied
+
+# %% ../nbs/02_deltas.ipynb #c711a3cc
+def full_reader(src, store: TensorStore, base_store: TensorStore, by_layer: dict, tied: bool):
+    "A function layer -> {tensor: source − base} for full checkpoint `src` read through `store`."
+    extra = [k for k in store.keys() if k not in base_store and not (tied and k == "lm_head.weight")]
+    if extra: raise SourceError(f"{src.who}: tensor {extra[0]!r} is not in the base")
+    def read(layer):
+        out = {}
+        for n in by_layer.get(layer, []):
+            if n not in store: raise SourceError(f"{src.who}: tensor {n!r} of the base is missing")
+            out[n] = store.get(n) - base_store.get(n)
+        return out
+    return read
+
+# %% ../nbs/02_deltas.ipynb #d0e9d9d7
+def lora_modules(src, keys, config: dict) -> tuple:
+    "(layer -> module -> role -> key, layer -> base tensor -> key of a saved module) of adapter `src`'s tensor `keys`."
+    modules, saved = OrderedDict(), {}
+    for key in keys:
+        module, role = adapter_module(key)
+        target = target_tensor(module, role)
+        layer = layer_of(target, config)
+        if layer is None: raise SourceError(f"{src.who}: adapter tensor {key!r} targets {target!r}, which is in no layer")
+        if role == "saved": saved.setdefault(layer, {})[target] = key
+        else: modules.setdefault(layer, OrderedDict()).setdefault(module, {})[role] = key
+    return modules, saved
+
+# %% ../nbs/02_deltas.ipynb #bc05c0f6
+def lora_reader(src, store: TensorStore, base_store: TensorStore, by_layer: dict, config: dict) -> tuple:
+    "(function layer -> {tensor: delta}, layers it changes) for adapter `src` read through `store`."
+    if any(Path(h.file).suffix != ".safetensors" for h in store.headers().values()):  # pickle: checked now its shapes are known
+        check_lora(src, {k: h.shape for k, h in base_store.headers().items()}, headers=store.headers())
+    modules, saved = lora_modules(src, store.keys(), config)
+    def read(layer):
+        out = {}
+        for module, keys in modules.get(layer, {}).items():
+            for name, d in lora_delta({role: store.get(k) for role, k in keys.items()}, src.config, module).items():
+                if nonfinite(d): raise SourceError(f"{src.who}: the LoRA delta of {name!r} (lora_B @ lora_A × scaling) overflows "
+                                                   "float32: the adapter's values are too large to be real weights")
+                out[name] = d
+        for target, key in saved.get(layer, {}).items():
+            out[target] = out.get(target, 0) + store.get(key) - base_store.get(target)
+        return {n: out[n] for n in by_layer.get(layer, []) if n in out}
+    return read, set(modules) | set(saved)
+
+# %% ../nbs/02_deltas.ipynb #6e4c0805
+def source_reader(src, base_store: TensorStore, by_layer: dict, layers: list, config: dict, allow_pickle=False) -> tuple:
+    "(function layer -> {tensor: delta}, layers it changes) for source `src`, a LoRA adapter or a full checkpoint."
+    if src.kind == "lora":
+        store = TensorStore([adapter_weights(src.path, allow_pickle)], who=src.who)
+        return lora_reader(src, store, base_store, by_layer, config)
+    store = TensorStore(weight_files(src.path, allow_pickle, src.who), who=src.who)
+    return full_reader(src, store, base_store, by_layer, bool(config.get("tie_word_embeddings"))), set(layers)
+
+# %% ../nbs/02_deltas.ipynb #10e30c8e
 class Deltas:
     "Per-layer float32 deltas of N sources against their base, computed on demand."
     def __init__(self, source_set: SourceSet):
@@ -96,21 +208,13 @@ class Deltas:
         self.source_names = [s.name for s in self.sources]
         self.config = self.base.config
         self.allow_pickle = getattr(source_set, "allow_pickle", False)
-        self.base_store = TensorStore(weight_files(self.base.path, self.allow_pickle, who="base"))
-        self._by_layer, self.unassigned, self.tied = OrderedDict(), [], []
-        tied = bool(self.config.get("tie_word_embeddings"))
-        for name in self.base_store.keys():
-            layer = layer_of(name, self.config)
-            if tied and layer == "lm_head": self.tied.append(name)  # a stored copy of the tied embedding: one delta, via the embedding
-            elif layer is None: self.unassigned.append(name)
-            else: self._by_layer.setdefault(layer, []).append(name)
-        blocks = sorted(l for l in self._by_layer if isinstance(l, int))
-        self.layers = [l for l in LAYER_GROUPS_FIRST if l in self._by_layer] + blocks + [l for l in LAYER_GROUPS_LAST if l in self._by_layer]
+        self.base_store = TensorStore(weight_files(self.base.path, self.allow_pickle, self.base.who), who=self.base.who)
+        self._by_layer, self.layers, self.unassigned, self.tied = group_layers(self.base_store.keys(), self.config)
         if self.unassigned:
             warnings.warn(f"{len(self.unassigned)} base tensor(s) fit no layer rule and are kept unchanged, never merged: "
                           f"{', '.join(self.unassigned[:5])}{' ...' if len(self.unassigned) > 5 else ''}")
-        self._touched = [None] * len(self.sources)
-        self._readers = [self._reader(i, s) for i, s in enumerate(self.sources)]
+        readers = [source_reader(s, self.base_store, self._by_layer, self.layers, self.config, self.allow_pickle) for s in self.sources]
+        self._readers, self._touched = [r for r, _ in readers], [t for _, t in readers]
         self._cache = {}
 
     @property
@@ -140,42 +244,6 @@ class Deltas:
     def unassigned_tensors(self) -> dict:
         "Base tensors outside every layer (written unchanged to the merged model)."
         return {n: self.base_store.get(n) for n in self.unassigned}
-
-    def _reader(self, i, src):
-        if src.kind == "lora": return self._lora_reader(i, src)
-        self._touched[i] = set(self.layers)
-        store = TensorStore(weight_files(src.path, self.allow_pickle, who=f"source {src.name!r}:"))
-        tied = bool(self.config.get("tie_word_embeddings"))
-        extra = [k for k in store.keys() if k not in self.base_store and not (tied and k == "lm_head.weight")]
-        if extra: raise SourceError(f"source {src.name!r}: tensor {extra[0]!r} is not in the base")
-        def read(layer):
-            out = {}
-            for n in self._by_layer.get(layer, []):
-                if n not in store: raise SourceError(f"source {src.name!r}: tensor {n!r} of the base is missing")
-                out[n] = store.get(n) - self.base_store.get(n)
-            return out
-        return read
-
-    def _lora_reader(self, i, src):
-        store = TensorStore([adapter_weights(src.path, self.allow_pickle)])
-        modules, saved = OrderedDict(), {}
-        for key in store.keys():
-            module, role = adapter_module(key)
-            target = target_tensor(module, role)
-            layer = layer_of(target, self.config)
-            if layer is None: raise SourceError(f"source {src.name!r}: adapter tensor {key!r} targets {target!r}, which is in no layer")
-            if role == "saved": saved.setdefault(layer, {})[target] = key
-            else: modules.setdefault(layer, OrderedDict()).setdefault(module, {})[role] = key
-        cfg = src.config
-        self._touched[i] = set(modules) | set(saved)
-        def read(layer):
-            out = {}
-            for module, keys in modules.get(layer, {}).items():
-                out.update(lora_delta({role: store.get(k) for role, k in keys.items()}, cfg, module))
-            for target, key in saved.get(layer, {}).items():
-                out[target] = out.get(target, 0) + store.get(key) - self.base_store.get(target)
-            return {n: out[n] for n in self._by_layer.get(layer, []) if n in out}
-        return read
 
     def close(self):
         "Drop the file handles."

@@ -6,91 +6,276 @@ Docs: https://himerge.github.io/himerge/sources.html.md"""
 
 # %% ../nbs/01_sources.ipynb #71760666
 from __future__ import annotations
-import json, os, re
+import json, math, os, re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import InputError
+
 # %% auto #0
-__all__ = ['HUB_PATTERNS', 'ADAPTER_FILES', 'SourceError', 'parse_spec', 'hub_snapshot', 'weight_files', 'detect_kind', 'Source',
-           'resolve_source', 'tensor_shapes', 'adapter_module', 'target_tensor', 'readable_shapes', 'adapter_weights',
-           'check_full', 'check_lora', 'SourceSet', 'resolve_sources']
+__all__ = ['HUB_PATTERNS', 'RULES', 'FIELDS', 'REQUIRED', 'JSON_OBJECTS', 'ADAPTER_FILES', 'INDEX', 'SourceError', 'parse_spec',
+           'hub_snapshot', 'read_json', 'check_fields', 'check_json_files', 'weight_files', 'TensorHeader',
+           'file_headers', 'checkpoint_headers', 'tensor_shapes', 'readable_shapes', 'peft_default',
+           'with_peft_defaults', 'detect_kind', 'Source', 'resolve_source', 'choose_base', 'check_distinct',
+           'adapter_module', 'target_tensor', 'adapter_weights', 'check_full', 'check_adapter_tensor', 'lora_rank',
+           'check_lora_modules', 'check_lora', 'SourceSet', 'resolve_sources']
 
 # %% ../nbs/01_sources.ipynb #da16a7b6
-class SourceError(ValueError):
-    "A source that cannot be used; the message names the source and what is wrong."
+class SourceError(InputError):
+    "A base or source that cannot be used; the message names it, the file, tensor or field at fault, and what is wrong."
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-def parse_spec(spec: str) -> tuple:
-    "(local Path, None, None) for an existing folder, else (None, repo_id, revision) for a Hub id."
-    if not isinstance(spec, str) or not spec.strip(): raise SourceError(f"source {spec!r}: expected a path or a Hub id")
-    p = Path(spec).expanduser()
-    if p.exists():
-        if not p.is_dir(): raise SourceError(f"source {spec!r}: {p} is a file; give the folder that holds the model or adapter")
+def parse_spec(spec: str, who: str | None = None) -> tuple:
+    "(local Path, None, None) for an existing folder, else (None, repo_id, revision) for a Hub id; errors start with `who`."
+    who = who or f"source {spec!r}"
+    if not isinstance(spec, str) or not spec.strip(): raise SourceError(f"{who}: expected a path or a Hub id")
+    try:
+        p = Path(spec).expanduser()
+        exists, is_dir = p.exists(), p.is_dir()
+    except RuntimeError: raise SourceError(f"{who}: cannot expand '~' in {spec!r} (no such user)") from None
+    except OSError as e: raise SourceError(f"{who}: cannot access {spec!r} ({e.strerror})") from None
+    if exists:
+        if not is_dir: raise SourceError(f"{who}: {p} is a file; give the folder that holds the model or adapter")
         return p.resolve(), None, None
     repo, _, rev = spec.rpartition("@") if "@" in spec else (spec, "", None)
     if not _HUB_ID.match(repo):
-        raise SourceError(f"source {spec!r}: no such folder, and not a Hub id of the form org/name[@revision]")
+        raise SourceError(f"{who}: no such folder, and not a Hub id of the form org/name[@revision]")
     return None, repo, rev or None
 
 # %% ../nbs/01_sources.ipynb #a79aaa8d
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.txt", "*.model", "*.jinja", "*.tiktoken", "README.md"]
 
-def hub_snapshot(repo_id: str, revision: str | None, allow_pickle: bool = False) -> tuple:
+def hub_snapshot(repo_id: str, revision: str | None, allow_pickle: bool = False, who: str | None = None) -> tuple:
     "(local snapshot folder, commit SHA) of a Hub model repo at `revision`."
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+    who = who or f"source {repo_id}{'@' + revision if revision else ''}"
     patterns = HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
     try: folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except RevisionNotFoundError: raise SourceError(f"source {repo_id}@{revision}: revision not found on the Hub") from None
-    except RepositoryNotFoundError: raise SourceError(f"source {repo_id}: repository not found (or private: log in with `hf auth login`)") from None
-    except LocalEntryNotFoundError: raise SourceError(f"source {repo_id}{'@' + revision if revision else ''}: not in the local cache and the Hub is offline") from None
-    except HfHubHTTPError as e: raise SourceError(f"source {repo_id}: Hub error {e}") from None
+    except RevisionNotFoundError: raise SourceError(f"{who}: revision {revision!r} not found on the Hub") from None
+    except RepositoryNotFoundError: raise SourceError(f"{who}: repository {repo_id} not found (or private: log in with `hf auth login`)") from None
+    except LocalEntryNotFoundError: raise SourceError(f"{who}: not in the local cache and the Hub is offline") from None
+    except HFValidationError as e: raise SourceError(f"{who}: not a valid Hub id or revision ({e})") from None
+    except HfHubHTTPError as e: raise SourceError(f"{who}: Hub error {e}") from None
     return folder, folder.name
 
 # %% ../nbs/01_sources.ipynb #af810c0d
+def _kind_of(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+def read_json(path: Path, who: str, expect_object: bool = True):
+    "The parsed JSON of `path`; a file that cannot be read or parsed (or is not an object) names `who` and the file."
+    path = Path(path)
+    try: text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e: raise SourceError(f"{who}: {path} is not UTF-8 text (bad byte at offset {e.start})") from None
+    except OSError as e: raise SourceError(f"{who}: cannot read {path} ({e.strerror or e})") from None
+    try: value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SourceError(f"{who}: {path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except RecursionError: raise SourceError(f"{who}: {path} is nested too deeply to be a config") from None
+    if expect_object and not isinstance(value, dict):
+        raise SourceError(f"{who}: {path} must hold a JSON object ({{...}}), but holds {_kind_of(value)}")
+    return value
+
+# %% ../nbs/01_sources.ipynb #37674fd2
+def _int(v): return isinstance(v, int) and not isinstance(v, bool)
+def _number(v): return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def _strs(v): return isinstance(v, list) and all(isinstance(x, str) for x in v)
+def _regex(k):
+    try: re.compile(k); return True
+    except re.error: return False
+
+RULES = {  # rule name -> (test, what the field must hold)
+    "positive int": (lambda v: _int(v) and v > 0, "a positive integer"),
+    "positive int?": (lambda v: v is None or (_int(v) and v > 0), "a positive integer or null"),
+    "number": (_number, "a finite number"),
+    "bool?": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "str?": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "strs?": (lambda v: v is None or _strs(v), "a list of strings or null"),
+    "str or strs?": (lambda v: v is None or isinstance(v, str) or _strs(v), "a string, a list of strings or null"),
+    "object?": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+    "token ids?": (lambda v: v is None or _int(v) or (isinstance(v, list) and all(_int(x) for x in v)),
+                   "a token id, a list of token ids or null"),
+    "layers?": (lambda v: v is None or _int(v) or (isinstance(v, list) and all(_int(x) for x in v)),
+                "a layer index, a list of them or null"),
+    "rank pattern": (lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) and _regex(k) and _int(x) and x > 0 for k, x in v.items())),
+                     "an object of module pattern (a valid regular expression) -> positive integer rank"),
+    "alpha pattern": (lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) and _regex(k) and _number(x) for k, x in v.items())),
+                      "an object of module pattern (a valid regular expression) -> number"),
+    "weight map": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) and x for k, x in v.items()),
+                   "an object of tensor name -> shard file name"),
+}
+
+# %% ../nbs/01_sources.ipynb #17de004f
+_SIZES = {k: "positive int?" for k in ("vocab_size", "hidden_size", "n_embd", "intermediate_size", "num_attention_heads",
+                                       "num_key_value_heads", "max_position_embeddings", "head_dim", "num_layers")}
+FIELDS = {  # file name -> {field: rule}
+    "config.json": {**_SIZES, "num_hidden_layers": "positive int", "n_layer": "positive int", "model_type": "str",
+                    "architectures": "strs?", "tie_word_embeddings": "bool?", "dtype": "str?", "torch_dtype": "str?",
+                    "text_config": "object?", "eos_token_id": "token ids?", "bos_token_id": "token ids?",
+                    "pad_token_id": "token ids?"},
+    "generation_config.json": {"eos_token_id": "token ids?", "bos_token_id": "token ids?", "pad_token_id": "token ids?",
+                               "decoder_start_token_id": "token ids?", "max_length": "positive int?",
+                               "max_new_tokens": "positive int?"},
+    "adapter_config.json": {"peft_type": "str", "r": "positive int", "lora_alpha": "number", "rank_pattern": "rank pattern",
+                            "alpha_pattern": "alpha pattern", "use_rslora": "bool?", "fan_in_fan_out": "bool?",
+                            "use_dora": "bool?", "lora_bias": "bool?", "base_model_name_or_path": "str?",
+                            "revision": "str?", "target_modules": "str or strs?", "exclude_modules": "str or strs?",
+                            "modules_to_save": "strs?", "layers_to_transform": "layers?", "layers_pattern": "str or strs?"},
+    "model.safetensors.index.json": {"weight_map": "weight map", "metadata": "object?"},
+    "pytorch_model.bin.index.json": {"weight_map": "weight map", "metadata": "object?"},
+}
+REQUIRED = {"adapter_config.json": ("peft_type",), "model.safetensors.index.json": ("weight_map",),
+            "pytorch_model.bin.index.json": ("weight_map",)}
+
+def check_fields(value: dict, path: Path, who: str, rules: dict | None = None, required=None):
+    "Check the fields of a parsed JSON object against `rules` (default: the rules of its file name)."
+    name = Path(path).name
+    rules = FIELDS.get(name, {}) if rules is None else rules
+    for key in (REQUIRED.get(name, ()) if required is None else required):
+        if key not in value: raise SourceError(f"{who}: {path} has no {key!r} field")
+    for key, rule in rules.items():
+        if key in value:
+            test, what = RULES[rule]
+            if not test(value[key]):
+                raise SourceError(f"{who}: {path}, field {key!r} must be {what}, got {value[key]!r}")
+    return value
+
+# %% ../nbs/01_sources.ipynb #cfea9f3a
+JSON_OBJECTS = ("config.json", "generation_config.json", "adapter_config.json", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
+                "added_tokens.json", "vocab.json", "preprocessor_config.json", "processor_config.json", "chat_template.json")
+
+def check_json_files(folder: Path, who: str) -> dict:
+    "file name -> parsed JSON of every *.json file in `folder`, each checked (errors name `who` and the file)."
+    out = {}
+    for path in sorted(Path(folder).glob("*.json")):
+        if not path.is_file(): raise SourceError(f"{who}: {path} is not a file")
+        value = read_json(path, who, expect_object=path.name in JSON_OBJECTS)
+        if isinstance(value, dict): check_fields(value, path, who)
+        out[path.name] = value
+    return out
+
+# %% ../nbs/01_sources.ipynb #ba5cc3b6
 ADAPTER_FILES = ("adapter_model.safetensors",)
+INDEX = "model.safetensors.index.json"
+
+def _shard_path(folder: Path, shard: str, who: str, index: Path) -> Path:
+    if Path(shard).is_absolute() or ".." in Path(shard).parts:
+        raise SourceError(f"{who}: {index} names shard {shard!r}, which is outside the folder")
+    return folder / shard
 
 def weight_files(folder: Path, allow_pickle=False, who="source") -> list:
-    "The safetensors weight files of a checkpoint folder (shards in index order), or an error."
+    "The safetensors weight files of a checkpoint folder (shards in index order), or an error starting with `who`."
     folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
+    index = folder / INDEX
     if index.exists():
-        files = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
-        missing = [f for f in files if not (folder / f).exists()]
-        if missing: raise SourceError(f"{who} {folder}: shard {missing[0]} named in model.safetensors.index.json is missing")
-        return [folder / f for f in files]
+        weight_map = check_fields(read_json(index, who), index, who)["weight_map"]
+        files = [_shard_path(folder, f, who, index) for f in dict.fromkeys(weight_map.values())]
+        if not files: raise SourceError(f"{who}: {index} has an empty weight_map")
+        missing = [f for f in files if not f.is_file()]
+        if missing: raise SourceError(f"{who}: {folder}: shard {missing[0].name} named in {INDEX} is missing")
+        return files
     if (folder / "model.safetensors").exists(): return [folder / "model.safetensors"]
     bins = sorted(folder.glob("*.bin"))
     if bins and not allow_pickle:
-        raise SourceError(f"{who} {folder}: only pickle weights ({bins[0].name}); pickle can run arbitrary code when loaded. "
+        raise SourceError(f"{who}: {folder}: only pickle weights ({bins[0].name}); pickle can run arbitrary code when loaded. "
                           "Convert to safetensors, or set allow_pickle: true if you trust the file")
     if bins: return bins
-    raise SourceError(f"{who} {folder}: no model.safetensors (or index) found")
+    raise SourceError(f"{who}: {folder}: no model.safetensors (or index) found")
 
-def detect_kind(folder: Path, who: str, allow_pickle=False) -> tuple:
+# %% ../nbs/01_sources.ipynb #f81783fc
+@dataclass(frozen=True)
+class TensorHeader:
+    "What a safetensors header says about one tensor."
+    shape: tuple
+    dtype: str      # safetensors' name: F32, BF16, I64, BOOL, ...
+    file: Path
+
+    @property
+    def floating(self) -> bool: return self.dtype.startswith(("F", "BF"))
+
+def file_headers(file: Path, who: str) -> dict:
+    "name -> TensorHeader of every tensor in one safetensors file; a corrupt file names `who` and the file."
+    from safetensors import safe_open
+    file = Path(file)
+    try:
+        with safe_open(str(file), "pt") as h:
+            return {k: TensorHeader(tuple(h.get_slice(k).get_shape()), h.get_slice(k).get_dtype(), file) for k in h.keys()}
+    except OSError as e: raise SourceError(f"{who}: cannot read {file} ({e.strerror or e})") from None
+    except Exception as e:  # safetensors' own error type (SafetensorError) is not importable by a stable name
+        if type(e).__name__ != "SafetensorError": raise
+        raise SourceError(f"{who}: {file} is not a valid safetensors file ({e}); it may be truncated or corrupt") from None
+
+# %% ../nbs/01_sources.ipynb #9452172f
+def checkpoint_headers(folder: Path, allow_pickle=False, who="source"):
+    "name -> TensorHeader of a checkpoint's weights, the shard index checked against the shards; None for pickle weights."
+    folder = Path(folder)
+    files = weight_files(folder, allow_pickle, who)
+    if any(f.suffix != ".safetensors" for f in files): return None  # pickle: its shapes cannot be read without unpickling
+    headers = {}
+    for f in files:
+        for name, h in file_headers(f, who).items():
+            if name in headers: raise SourceError(f"{who}: tensor {name!r} is stored twice, in {headers[name].file.name} and {f.name}")
+            headers[name] = h
+    index = folder / INDEX
+    if index.exists():
+        weight_map = read_json(index, who)["weight_map"]
+        for name, h in headers.items():
+            if name not in weight_map: raise SourceError(f"{who}: {index} does not list tensor {name!r}, which is in {h.file.name}")
+            if os.path.normpath(folder / weight_map[name]) != os.path.normpath(h.file):
+                raise SourceError(f"{who}: {index} puts tensor {name!r} in {weight_map[name]}, but it is in {h.file.name}")
+        absent = [n for n in weight_map if n not in headers]
+        if absent: raise SourceError(f"{who}: {index} lists tensor {absent[0]!r} in {weight_map[absent[0]]}, but no shard holds it")
+    return headers
+
+def tensor_shapes(files, who: str = "source") -> dict:
+    "name -> shape of every tensor in safetensors `files`, read from the headers."
+    return {k: h.shape for f in files for k, h in file_headers(f, who).items()}
+
+def readable_shapes(files, who: str = "source"):
+    "Header shapes of safetensors `files`; None if some are pickle (their shapes cannot be read without unpickling)."
+    return tensor_shapes(files, who) if all(Path(f).suffix == ".safetensors" for f in files) else None
+
+# %% ../nbs/01_sources.ipynb #7cf80071
+def peft_default(name: str):
+    "The default of field `name` of PEFT's `LoraConfig`."
+    import dataclasses
+    from peft import LoraConfig
+    return next(f.default for f in dataclasses.fields(LoraConfig) if f.name == name)
+
+def with_peft_defaults(cfg: dict) -> dict:
+    "An adapter config with PEFT's defaults for a missing `r` or `lora_alpha`, as `LoraConfig(**cfg)` would have them."
+    return {**{k: peft_default(k) for k in ("r", "lora_alpha") if k not in cfg}, **cfg}
+
+def detect_kind(folder: Path, who: str, allow_pickle=False, json_files: dict | None = None) -> tuple:
     "('lora' | 'full', config dict) for a source folder."
     folder = Path(folder)
-    if (folder / "adapter_config.json").exists():
-        cfg = json.loads((folder / "adapter_config.json").read_text())
+    files = check_json_files(folder, who) if json_files is None else json_files
+    if "adapter_config.json" in files:
+        cfg = files["adapter_config.json"]
         ptype = str(cfg.get("peft_type", "")).upper()
         if ptype != "LORA":
-            raise SourceError(f"source {who}: adapter type {ptype or '?'} is not supported: only LoRA adapters are additive deltas")
-        if cfg.get("use_dora"): raise SourceError(f"source {who}: DoRA adapters are not supported: their merge rescales the base weight, so it is not an additive delta")
+            raise SourceError(f"{who}: adapter type {ptype or '?'} is not supported: only LoRA adapters are additive deltas")
+        if cfg.get("use_dora"): raise SourceError(f"{who}: DoRA adapters are not supported: their merge rescales the base weight, so it is not an additive delta")
         for key in ("trainable_token_indices", "target_parameters", "layers_pattern_to_tie"):
-            if cfg.get(key): raise SourceError(f"source {who}: adapter_config.json field {key!r} is not supported")
+            if cfg.get(key): raise SourceError(f"{who}: adapter_config.json field {key!r} is not supported")
         if not (folder / "adapter_model.safetensors").exists():
             if (folder / "adapter_model.bin").exists() and not allow_pickle:
-                raise SourceError(f"source {who}: {folder}/adapter_model.bin is a pickle file; pickle can run code when loaded. "
+                raise SourceError(f"{who}: {folder}/adapter_model.bin is a pickle file; pickle can run code when loaded. "
                                   "Convert it to safetensors, or set allow_pickle: true if you trust it")
-            if not (folder / "adapter_model.bin").exists(): raise SourceError(f"source {who}: {folder} has no adapter_model.safetensors")
-        return "lora", cfg
-    if (folder / "config.json").exists():
-        weight_files(folder, allow_pickle, f"source {who}:")
-        return "full", json.loads((folder / "config.json").read_text())
-    raise SourceError(f"source {who}: {folder} has neither adapter_config.json (a PEFT adapter) nor config.json (a checkpoint)")
+            if not (folder / "adapter_model.bin").exists(): raise SourceError(f"{who}: {folder} has no adapter_model.safetensors")
+        return "lora", with_peft_defaults(cfg)
+    if "config.json" in files:
+        weight_files(folder, allow_pickle, who)
+        return "full", files["config.json"]
+    raise SourceError(f"{who}: {folder} has neither adapter_config.json (a PEFT adapter) nor config.json (a checkpoint)")
 
-# %% ../nbs/01_sources.ipynb #37674fd2
+# %% ../nbs/01_sources.ipynb #7dd5ae4c
 @dataclass
 class Source:
     "One model or adapter, located on disk."
@@ -104,18 +289,27 @@ class Source:
     declared_base: str | None = None
     config: dict = field(default_factory=dict, repr=False)
 
-def resolve_source(spec: str, *, allow_pickle: bool = False, base: bool = False) -> Source:
-    "Locate `spec` (downloading a Hub id's needed files) and read its kind and config."
-    local, repo_id, revision = parse_spec(spec)
+    @property
+    def who(self) -> str:
+        "How errors name this source: `source 'name' (spec)`, or `base 'name' (spec)`."
+        role = "base" if self.kind == "base" else "source"
+        return f"{role} {self.name!r}" + ("" if self.spec == self.name else f" ({self.spec})")
+
+def resolve_source(spec: str, *, allow_pickle: bool = False, base: bool = False, who: str | None = None) -> Source:
+    "Locate `spec` (downloading a Hub id's needed files), check its JSON files, and read its kind and config."
+    who = who or f"{'base' if base else 'source'} {spec!r}"
+    local, repo_id, revision = parse_spec(spec, who)
     sha = None
-    if local is None: local, sha = hub_snapshot(repo_id, revision, allow_pickle)
-    who = repr(spec)
+    if local is None: local, sha = hub_snapshot(repo_id, revision, allow_pickle, who)
+    files = check_json_files(local, who)
     if base:
-        if not (local / "config.json").exists(): raise SourceError(f"base {who}: {local} has no config.json (is it an adapter?)")
-        weight_files(local, allow_pickle, f"base {who}:")
-        kind, cfg = "base", json.loads((local / "config.json").read_text())
+        if "config.json" not in files: raise SourceError(f"{who}: {local} has no config.json (is it an adapter?)")
+        if "model_type" not in files["config.json"]:
+            raise SourceError(f"{who}: {local / 'config.json'} has no 'model_type' field; transformers needs it to build the model")
+        weight_files(local, allow_pickle, who)
+        kind, cfg = "base", files["config.json"]
     else:
-        kind, cfg = detect_kind(local, who, allow_pickle)
+        kind, cfg = detect_kind(local, who, allow_pickle, files)
     name = (repo_id.split("/")[-1] if repo_id else local.name) + (f"@{revision}" if revision and not base else "")
     return Source(name=name, spec=spec, path=local, kind=kind, repo_id=repo_id, revision=revision, commit_sha=sha,
                   declared_base=cfg.get("base_model_name_or_path") if kind == "lora" else None, config=cfg)
@@ -125,8 +319,11 @@ def _declared_base_path(src: Source):
     "The local folder the adapter's declared base names, if it is a folder."
     d = src.declared_base
     if not d: return None
-    for cand in (Path(d).expanduser(), src.path / d):
-        if cand.is_dir(): return cand.resolve()
+    for cand in (Path(d), src.path / d):
+        try:
+            cand = cand.expanduser()
+            if cand.is_dir(): return cand.resolve()
+        except (RuntimeError, OSError): continue  # '~user' with no such user, or a folder we may not read: not a local base
     return None
 
 def _same_base(src: Source, base: Source) -> bool:
@@ -137,16 +334,36 @@ def _same_base(src: Source, base: Source) -> bool:
     repo = d.split("@")[0]
     return repo in (base.repo_id, base.spec, base.spec.split("@")[0])
 
-# %% ../nbs/01_sources.ipynb #f859dd82
-def tensor_shapes(files) -> dict:
-    "name -> shape of every tensor in safetensors `files`, read from the headers."
-    from safetensors import safe_open
-    out = {}
-    for f in files:
-        with safe_open(str(f), "pt") as h:
-            for k in h.keys(): out[k] = tuple(h.get_slice(k).get_shape())
-    return out
+def choose_base(srcs: list, base: str | None) -> tuple:
+    "(base spec, who) : the base given, or the one the adapters declare."
+    if base is not None: return base, f"base {base!r}"
+    declaring = [s for s in srcs if s.kind == "lora" and s.declared_base]
+    if not declaring: raise SourceError("base: not given, and no adapter declares one (base_model_name_or_path); name the base")
+    if len({str(_declared_base_path(s) or s.declared_base) for s in declaring}) > 1:
+        raise SourceError(f"base: the adapters declare different bases ({', '.join(sorted({s.declared_base for s in declaring}))}); name the base to use")
+    first = declaring[0]
+    local = _declared_base_path(first)
+    return (str(local) if local is not None else first.declared_base,
+            f"base {first.declared_base!r} (declared by {first.who} in adapter_config.json)")
 
+# %% ../nbs/01_sources.ipynb #f859dd82
+def check_distinct(srcs: list, base: Source | None = None):
+    "Refuse two entries of `srcs` that are the same model, and a source that is `base`."
+    def what(s):
+        if s.repo_id: return f"the Hub repo {s.repo_id} at commit {s.commit_sha}"
+        return f"the folder {Path(s.path).resolve()}"
+    seen = {}
+    for i, s in enumerate(srcs):
+        key = Path(s.path).resolve()
+        if base is not None and key == Path(base.path).resolve():
+            raise SourceError(f"sources[{i}] {s.spec!r} is the base itself ({what(s)}): its delta is zero; leave it out")
+        if key in seen:
+            j = seen[key]
+            raise SourceError(f"sources[{j}] {srcs[j].spec!r} and sources[{i}] {s.spec!r} are the same source ({what(s)}); "
+                              "give each source once")
+        seen[key] = i
+
+# %% ../nbs/01_sources.ipynb #b608ea3e
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<role>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
                        r"(?:\.weight|\.(?P<bias>bias))?$")
 
@@ -161,53 +378,122 @@ def target_tensor(module: str, role: str) -> str:
     "The base tensor an adapter tensor changes."
     return module if role == "saved" else module + (".bias" if role == "lora_B.bias" else ".weight")
 
-def readable_shapes(files):
-    "Header shapes of safetensors `files`; None if some are pickle (their shapes cannot be read without unpickling)."
-    return tensor_shapes(files) if all(Path(f).suffix == ".safetensors" for f in files) else None
-
 def adapter_weights(folder: Path, allow_pickle=False) -> Path:
     "The adapter's weight file: adapter_model.safetensors, or adapter_model.bin when pickle is allowed."
     st = Path(folder) / "adapter_model.safetensors"
     return st if st.exists() or not allow_pickle else Path(folder) / "adapter_model.bin"
 
-def check_full(src: Source, base: Source, base_shapes: dict, allow_pickle=False):
-    arch = lambda c: (c.get("model_type"), tuple(c.get("architectures") or ()))
-    if arch(src.config)[0] != arch(base.config)[0]:
-        raise SourceError(f"source {src.name!r}: model_type {arch(src.config)[0]!r} differs from the base's {arch(base.config)[0]!r}")
-    shapes = readable_shapes(weight_files(src.path, allow_pickle, f"source {src.name!r}:"))
-    if shapes is None or base_shapes is None: return  # pickle: checked when loaded
+def check_full(src: Source, base: Source, base_headers: dict | None, allow_pickle=False):
+    "A full checkpoint has the base's model_type and exactly its tensors, shapes, and floating-point dtypes."
+    who = src.who
+    if src.config.get("model_type") != base.config.get("model_type"):
+        raise SourceError(f"{who}: model_type {src.config.get('model_type')!r} differs from the base's {base.config.get('model_type')!r}")
+    headers = checkpoint_headers(src.path, allow_pickle, who)
+    if headers is None or base_headers is None: return  # pickle: checked when loaded
     tied = {"lm_head.weight"} if base.config.get("tie_word_embeddings") or src.config.get("tie_word_embeddings") else set()
-    for k, s in shapes.items():
-        if k not in base_shapes:
+    for k, h in headers.items():
+        if k not in base_headers:
             if k in tied: continue
-            raise SourceError(f"source {src.name!r}: tensor {k!r} {list(s)} does not exist in the base")
-        if base_shapes[k] != s:
-            raise SourceError(f"source {src.name!r}: tensor {k!r} has shape {list(s)}, the base's has {list(base_shapes[k])}")
-    missing = sorted(set(base_shapes) - set(shapes) - tied)
-    if missing: raise SourceError(f"source {src.name!r}: tensor {missing[0]!r} of the base is missing from the checkpoint ({len(missing)} missing)")
+            raise SourceError(f"{who}: tensor {k!r} {list(h.shape)} does not exist in the base")
+        b = base_headers[k]
+        if b.shape != h.shape:
+            raise SourceError(f"{who}: tensor {k!r} has shape {list(h.shape)}, the base's has {list(b.shape)}")
+        if b.floating and not h.floating:
+            raise SourceError(f"{who}: tensor {k!r} in {h.file.name} holds {h.dtype} data, the base's is {b.dtype}; "
+                              "a quantized or corrupt checkpoint cannot be merged")
+    missing = sorted(set(base_headers) - set(headers) - tied)
+    if missing: raise SourceError(f"{who}: tensor {missing[0]!r} of the base is missing from the checkpoint ({len(missing)} missing)")
 
-def check_lora(src: Source, base_shapes: dict):
-    shapes = readable_shapes([adapter_weights(src.path, allow_pickle=True)])
-    if shapes is None or base_shapes is None: return  # pickle: checked when loaded
-    fifo = bool(src.config.get("fan_in_fan_out"))
-    for key, s in shapes.items():
+# %% ../nbs/01_sources.ipynb #6c10bf35
+def check_adapter_tensor(who: str, key: str, h: TensorHeader, base_shapes: dict, fifo: bool):
+    "One saved adapter tensor against the base tensor it changes."
+    module, role = adapter_module(key)
+    if role == "lora_magnitude_vector": raise SourceError(f"{who}: {key} is a DoRA magnitude vector; DoRA is not additive")
+    if not h.floating: raise SourceError(f"{who}: adapter tensor {key!r} in {h.file.name} holds {h.dtype} data, not floating point")
+    target = target_tensor(module, role)
+    if target not in base_shapes:
+        raise SourceError(f"{who}: adapter tensor {key!r} targets {target!r}, which is not in the base")
+    s, w = h.shape, base_shapes[target]
+    misfit = SourceError(f"{who}: {key!r} has shape {list(s)}, which does not fit {target!r} of shape {list(w)}")
+    if role in ("saved", "lora_B.bias"):
+        if s != w: raise misfit
+        return
+    if len(s) != 2: raise SourceError(f"{who}: {key!r} has shape {list(s)}; a LoRA matrix has two dimensions")
+    if len(w) != 2: raise SourceError(f"{who}: {key!r} targets {target!r} of shape {list(w)}: only LoRA on linear and embedding layers is supported")
+    if role.startswith("lora_embedding"):
+        if (role == "lora_embedding_A" and s[1] != w[0]) or (role == "lora_embedding_B" and s[0] != w[1]): raise misfit
+    else:
+        out_f, in_f = (w[1], w[0]) if fifo else (w[0], w[1])
+        if (role == "lora_A" and s[1] != in_f) or (role == "lora_B" and s[0] != out_f): raise misfit
+
+# %% ../nbs/01_sources.ipynb #3443d1b5
+def lora_rank(config: dict, module: str) -> tuple:
+    "(rank, field it comes from) that PEFT gives `module` (its name in the base model) under adapter `config`."
+    pattern = config.get("rank_pattern") or {}
+    if pattern:
+        from peft.utils.other import get_pattern_key
+        key = get_pattern_key(pattern.keys(), module)
+        if key in pattern: return pattern[key], f"rank_pattern[{key!r}]"
+    return (config["r"] if "r" in config else peft_default("r")), "r"
+
+def _targeted(config: dict, module: str) -> bool:
+    "Would PEFT put a LoRA layer on `module` under `config`?"
+    tm = config.get("target_modules")
+    if tm is None or tm == "all-linear": return True  # chosen from the model's layers at training time: nothing to contradict
+    simple = not any(config.get(k) for k in ("exclude_modules", "modules_to_save", "layers_to_transform"))
+    if simple and isinstance(tm, list) and (module in tm or any(module.endswith("." + t) for t in tm)): return True
+    from types import SimpleNamespace
+    from peft.tuners.tuners_utils import check_target_module_exists
+    fields = ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern", "target_parameters")
+    found = check_target_module_exists(SimpleNamespace(**{k: config.get(k) for k in fields}), module)
+    return bool(found) and type(found).__name__ != "_ExcludedModule"
+
+# %% ../nbs/01_sources.ipynb #e850ada4
+def check_lora_modules(who: str, headers: dict, config: dict, file: str = "adapter_model.safetensors"):
+    "Pairs, ranks, biases and targets of an adapter's modules against its config."
+    modules = {}
+    for key, h in headers.items():
         module, role = adapter_module(key)
-        if role == "lora_magnitude_vector": raise SourceError(f"source {src.name!r}: {key} is a DoRA magnitude vector; DoRA is not additive")
-        target = target_tensor(module, role)
-        if target not in base_shapes:
-            raise SourceError(f"source {src.name!r}: adapter tensor {key!r} targets {target!r}, which is not in the base")
-        w = base_shapes[target]
-        misfit = SourceError(f"source {src.name!r}: {key!r} has shape {list(s)}, which does not fit {target!r} of shape {list(w)}")
-        if role in ("saved", "lora_B.bias"):
-            if s != w: raise misfit
-        elif role.startswith("lora_embedding"):
-            if len(w) != 2 or (role == "lora_embedding_A" and s[1] != w[0]) or (role == "lora_embedding_B" and s[0] != w[1]): raise misfit
-        else:
-            if len(w) != 2: raise SourceError(f"source {src.name!r}: {key!r} targets {target!r} of shape {list(w)}: only LoRA on linear and embedding layers is supported")
-            out_f, in_f = (w[1], w[0]) if fifo else (w[0], w[1])
-            if (role == "lora_A" and s[1] != in_f) or (role == "lora_B" and s[0] != out_f): raise misfit
+        if role != "saved": modules.setdefault(module, {})[role] = (key, h.shape)
+    for module, parts in modules.items():
+        for a, b in (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B")):
+            if (a in parts) != (b in parts):
+                have, lack = (a, b) if a in parts else (b, a)
+                raise SourceError(f"{who}: {file} has {parts[have][0]!r} but no {lack} for module {module!r}")
+        if "lora_B.bias" in parts and "lora_B" not in parts:
+            raise SourceError(f"{who}: {file} has {parts['lora_B.bias'][0]!r} but no lora_B for module {module!r}")
+        a, b = ("lora_A", "lora_B") if "lora_A" in parts else ("lora_embedding_A", "lora_embedding_B")
+        if a not in parts: continue
+        (ka, sa), (kb, sb) = parts[a], parts[b]
+        if sa[0] != sb[1]:
+            raise SourceError(f"{who}: {ka!r} has rank {sa[0]} (shape {list(sa)}) but {kb!r} has rank {sb[1]} (shape {list(sb)}); "
+                              "lora_A and lora_B of a module share one rank")
+        r, origin = lora_rank(config, module)
+        if sa[0] != r:
+            raise SourceError(f"{who}: adapter_config.json gives module {module!r} rank {r} ({origin}), "
+                              f"but its tensors have rank {sa[0]} ({ka!r} has shape {list(sa)})")
+        if "lora_B.bias" in parts and not config.get("lora_bias"):
+            raise SourceError(f"{who}: {file} has {parts['lora_B.bias'][0]!r}, but adapter_config.json does not set lora_bias: true, "
+                              "so PEFT would ignore it")
+        if not _targeted(config, module):
+            raise SourceError(f"{who}: {file} has LoRA tensors for module {module!r}, which adapter_config.json's "
+                              f"target_modules ({config.get('target_modules')!r}) does not select, so PEFT would ignore them")
 
-# %% ../nbs/01_sources.ipynb #b608ea3e
+# %% ../nbs/01_sources.ipynb #e3a3beb8
+def check_lora(src: Source, base_shapes: dict | None, headers: dict | None = None):
+    "An adapter's tensors fit the base and its own config (from the safetensors header, or `headers` given)."
+    who = src.who
+    if headers is None:
+        file = adapter_weights(src.path, allow_pickle=True)
+        if file.suffix != ".safetensors": return  # pickle: checked when loaded (Deltas)
+        headers = file_headers(file, who)
+    if not headers: raise SourceError(f"{who}: {adapter_weights(src.path, allow_pickle=True)} holds no tensors")
+    if base_shapes is None: return
+    fifo = bool(src.config.get("fan_in_fan_out"))
+    for key, h in headers.items(): check_adapter_tensor(who, key, h, base_shapes, fifo)
+    check_lora_modules(who, headers, src.config, adapter_weights(src.path, allow_pickle=True).name)
+
+# %% ../nbs/01_sources.ipynb #850c2e30
 @dataclass
 class SourceSet:
     "A checked base and its sources."
@@ -217,28 +503,24 @@ class SourceSet:
 
 def resolve_sources(sources: list, base: str | None = None, *, override_base: bool = False,
                     allow_pickle: bool = False) -> SourceSet:
-    "Resolve and check a base and its sources; errors name the source and the field or tensor at fault."
-    if not sources: raise SourceError("sources: at least one source is needed")
+    "Resolve and check a base and its sources; errors name the source and the file, field or tensor at fault."
+    if not isinstance(sources, (list, tuple)) or not sources: raise SourceError("sources: at least one source is needed")
     srcs = [resolve_source(s, allow_pickle=allow_pickle) for s in sources]
-    if base is None:
-        declared = {s.declared_base for s in srcs if s.kind == "lora" and s.declared_base}
-        if not declared: raise SourceError("base: not given, and no adapter declares one (base_model_name_or_path); name the base")
-        lora = next(s for s in srcs if s.kind == "lora" and s.declared_base)
-        local = _declared_base_path(lora)
-        if len({str(_declared_base_path(s) or s.declared_base) for s in srcs if s.kind == "lora" and s.declared_base}) > 1:
-            raise SourceError(f"base: the adapters declare different bases ({', '.join(sorted(declared))}); name the base to use")
-        base = str(local) if local is not None else lora.declared_base
-    b = resolve_source(base, allow_pickle=allow_pickle, base=True)
+    check_distinct(srcs)
+    base_spec, who = choose_base(srcs, base)
+    b = resolve_source(base_spec, allow_pickle=allow_pickle, base=True, who=who)
     b.name = b.repo_id.split("/")[-1] if b.repo_id else Path(b.path).name
-    base_shapes = readable_shapes(weight_files(b.path, allow_pickle, f"base {base!r}:"))
+    check_distinct(srcs, b)
+    base_headers = checkpoint_headers(b.path, allow_pickle, b.who)
+    base_shapes = None if base_headers is None else {k: h.shape for k, h in base_headers.items()}
     for s in srcs:
         if s.kind == "lora":
             if not override_base and not _same_base(s, b):
-                raise SourceError(f"source {s.name!r}: its adapter_config.json declares base {s.declared_base!r}, but the base is "
+                raise SourceError(f"{s.who}: its adapter_config.json declares base {s.declared_base!r}, but the base is "
                                   f"{b.spec!r}; set override_base: true if you are sure it fits")
             check_lora(s, base_shapes)
         else:
-            check_full(s, b, base_shapes, allow_pickle)
+            check_full(s, b, base_headers, allow_pickle)
     names = [s.name for s in srcs]
     for i, s in enumerate(srcs):
         if names.count(s.name) > 1: s.name = f"{s.name}-{i}"

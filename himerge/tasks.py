@@ -6,13 +6,16 @@ Docs: https://himerge.github.io/himerge/tasks.html.md"""
 
 # %% ../nbs/05_tasks.ipynb #4aab8ae8
 from __future__ import annotations
-import dataclasses, json, re, string
+import dataclasses, json, re, string, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import InputError
+
 # %% auto #0
-__all__ = ['TASK_TYPES', 'METRICS', 'DEFAULT_METRIC', 'SPEC_KEYS', 'DATA_SUFFIXES', 'TaskError', 'split_files', 'resolve_data',
-           'read_rows', 'TaskSpec', 'load_tasks', 'PromptFunction', 'sentence_bleu', 'lighteval_metric', 'to_lighteval']
+__all__ = ['TASK_TYPES', 'METRICS', 'DEFAULT_METRIC', 'SPEC_KEYS', 'DATA_SUFFIXES', 'TaskError', 'TaskWarning', 'split_files',
+           'resolve_data', 'row_place', 'iter_rows', 'read_rows', 'TaskSpec', 'check_row', 'load_tasks',
+           'PromptFunction', 'sentence_bleu', 'lighteval_metric', 'to_lighteval']
 
 # %% ../nbs/05_tasks.ipynb #9c3e0508
 TASK_TYPES = ("multiple_choice", "generative")
@@ -23,8 +26,11 @@ SPEC_KEYS = ("data", "type", "prompt", "choices_field", "gold_field", "metric", 
              "generation_size", "stop_sequences", "revision")
 DATA_SUFFIXES = (".jsonl", ".parquet")
 
-class TaskError(ValueError):
-    "A task specification that cannot be used; the message names the task and the field."
+class TaskError(InputError):
+    "A task specification or task data that cannot be used; the message names the task, the field, and the file and line."
+
+class TaskWarning(UserWarning):
+    "Something about a task that is allowed but probably not what the user meant."
 
 def _fail(task, field_name, msg):
     raise TaskError(f"task {task!r}, field {field_name!r}: {msg}")
@@ -36,10 +42,11 @@ def split_files(data_dir: Path, split: str) -> list[Path]:
     for sub in (data_dir, data_dir / "data"):
         for suffix in DATA_SUFFIXES:
             if (sub / f"{split}{suffix}").is_file(): return [sub / f"{split}{suffix}"]
-            shards = sorted(sub.glob(f"{split}-*{suffix}"))
+            shards = sorted(p for p in sub.glob(f"{split}-*{suffix}") if p.is_file())
             if shards: return shards
     return []
 
+# %% ../nbs/05_tasks.ipynb #1db0992c
 def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
     "Local snapshot of dataset `repo_id` at `revision` (from the cache when offline)."
     from huggingface_hub import snapshot_download
@@ -47,20 +54,31 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
+def _local_dir(task: str, candidates: list):
+    "The first of `candidates` that is a directory (resolved), or None; a path that cannot be examined names the task."
+    for c in candidates:
+        try:
+            c = c.expanduser()
+            if c.is_dir(): return c.resolve()
+        except RuntimeError: _fail(task, "data", f"cannot expand '~' in {str(c)!r} (no such user)")
+        except OSError as e: _fail(task, "data", f"cannot access {str(c)!r} ({e.strerror})")
+    return None
+
 def resolve_data(task: str, data: str, revision: str | None = None, root=None) -> tuple[Path, str | None, str | None]:
     "Resolve `data` to (local directory, revision, commit sha or None); errors name `task` and `data`."
-    if not isinstance(data, (str, Path)) or not str(data).strip(): _fail(task, "data", f"expected a directory or a Hub dataset id, got {data!r}")
+    if not isinstance(data, (str, Path)) or not str(data).strip() or "\0" in str(data):
+        _fail(task, "data", f"expected a directory or a Hub dataset id, got {data!r}")
     data = str(data)
-    if "@" in data and not Path(data).exists():
+    if "@" in data and _local_dir(task, [Path(data)] + ([Path(root) / data] if root is not None else [])) is None:
         data, at_rev = data.rsplit("@", 1)
         if revision is not None and revision != at_rev: _fail(task, "revision", f"{revision!r} contradicts {data}@{at_rev}")
         revision = at_rev
-    local = Path(data).expanduser()
+    local = Path(data)
     candidates = [local] if local.is_absolute() else ([Path(root) / local] if root is not None else []) + [local]
-    for c in candidates:
-        if c.is_dir(): return c.resolve(), revision, None
+    found = _local_dir(task, candidates)
+    if found is not None: return found, revision, None
     if not _HUB_ID.match(data) or data.startswith("."):
-        _fail(task, "data", f"directory {data!r} not found (looked in {', '.join(str(c.resolve()) for c in candidates)})")
+        _fail(task, "data", f"directory {data!r} not found (looked in {', '.join(str(c.absolute()) for c in candidates)})")
     try: snap = _hub_snapshot(data, revision)
     except Exception as e:
         _fail(task, "data", f"{data!r} is not a local directory, and the Hub dataset {data!r} (revision "
@@ -68,32 +86,50 @@ def resolve_data(task: str, data: str, revision: str | None = None, root=None) -
     return snap, revision, snap.name
 
 # %% ../nbs/05_tasks.ipynb #ac802643
-def _read_file(path: Path, limit: int | None = None) -> list[dict]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-        pf = pq.ParquetFile(path)
-        if limit is None: return pf.read().to_pylist()
-        rows = []
-        for batch in pf.iter_batches(batch_size=max(1, min(limit, 1024))):
-            rows += batch.to_pylist()
-            if len(rows) >= limit: break
-        return rows[:limit]
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+def _iter_jsonl(path: Path):
+    try: f = open(path, "rb")
+    except OSError as e: raise TaskError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
+        for i, raw in enumerate(f, 1):
+            try: line = raw.decode("utf-8")
+            except UnicodeDecodeError: raise TaskError(f"{path}, line {i}: not UTF-8 text") from None
             if not line.strip(): continue
-            try: rows.append(json.loads(line))
+            try: row = json.loads(line)
             except json.JSONDecodeError as e: raise TaskError(f"{path}, line {i}: not valid JSON ({e})") from None
-            if limit is not None and len(rows) >= limit: break
-    return rows
+            if not isinstance(row, dict):
+                raise TaskError(f"{path}, line {i}: expected a JSON object of fields, got {type(row).__name__} {line.strip()[:60]!r}")
+            yield i, row
+
+def _iter_parquet(path: Path, batch_size: int):
+    import pyarrow, pyarrow.parquet as pq
+    index = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+            for row in batch.to_pylist():
+                yield index, row
+                index += 1
+    except (pyarrow.ArrowException, OSError) as e:
+        raise TaskError(f"{path}: not a readable parquet file (after {index} rows: {e})") from None
+
+# %% ../nbs/05_tasks.ipynb #871c0259
+def row_place(path: Path, position: int) -> str:
+    "How an error names a row: `file, line N` for jsonl, `file, row N` (index from 0) for parquet."
+    return f"{path}, {'row' if Path(path).suffix == '.parquet' else 'line'} {position}"
+
+def iter_rows(files: list[Path], limit: int | None = None):
+    "(file, position, row) of the first `limit` rows (all if None) of a split's files, in file order."
+    n = 0
+    for p in files:
+        if limit is not None and n >= limit: return
+        batch = 1024 if limit is None else max(1, min(limit - n, 1024))
+        for pos, row in (_iter_parquet(p, batch) if Path(p).suffix == ".parquet" else _iter_jsonl(p)):
+            yield p, pos, row
+            n += 1
+            if limit is not None and n >= limit: return
 
 def read_rows(files: list[Path], limit: int | None = None) -> list[dict]:
     "The first `limit` rows (all if None) of a split given as one or more files, in file order."
-    rows = []
-    for p in files:
-        rows += _read_file(p, None if limit is None else limit - len(rows))
-        if limit is not None and len(rows) >= limit: break
-    return rows
+    return [row for _, _, row in iter_rows(files, limit)]
 
 # %% ../nbs/05_tasks.ipynb #4bc665e6
 @dataclass(frozen=True)
@@ -136,6 +172,10 @@ class TaskSpec:
         "The rows this task scores: the first `limit` rows of its split."
         return read_rows(split_files(self.data_dir, self.split), self.limit)
 
+    def check_rows(self, split: str | None = None) -> int | None:
+        "Check every row this task scores on `split` (default: its own split): the first `limit` rows; the number checked."
+        return _check_rows(self, split or self.split)
+
     def to_dict(self) -> dict:
         "The spec as a YAML-ready dict (inverse of `from_dict`)."
         d = {k: getattr(self, k) for k in SPEC_KEYS}
@@ -153,29 +193,33 @@ def _placeholders(template: str) -> list[str]:
             out.append(base)
     return out
 
-def _check_row(name: str, spec: dict, row: dict, where: str):
+def check_row(name: str, spec: dict, row: dict, where: str):
+    "Check one data `row` (found at `where`) against task `name`'s `spec` fields; a TaskError names the field and `where`."
     try: fields = _placeholders(spec["prompt"])
     except ValueError as e: _fail(name, "prompt", str(e))
     missing = [f for f in fields if f not in row]
-    if missing: _fail(name, "prompt", f"placeholder(s) {missing} not among the fields of {where}: {sorted(row)}")
+    if missing: _fail(name, "prompt", f"{where}: placeholder(s) {missing} not among the row's fields {sorted(map(str, row))}")
+    empty = [f for f in fields if row[f] is None]
+    if empty: _fail(name, "prompt", f"{where}: placeholder field(s) {empty} are null")
     try: spec["prompt"].format(**row)
-    except Exception as e: _fail(name, "prompt", f"cannot format the first row of {where}: {type(e).__name__}: {e}")
+    except Exception as e: _fail(name, "prompt", f"{where}: the prompt cannot be formatted with this row: {type(e).__name__}: {e}")
     gold = spec["gold_field"]
-    if gold not in row: _fail(name, "gold_field", f"{gold!r} is not a field of {where}: {sorted(row)}")
+    if gold not in row: _fail(name, "gold_field", f"{where}: {gold!r} is not among the row's fields {sorted(map(str, row))}")
+    g = row[gold]
     if spec["type"] == "multiple_choice":
         ch = spec["choices_field"]
-        if ch not in row: _fail(name, "choices_field", f"{ch!r} is not a field of {where}: {sorted(row)}")
+        if ch not in row: _fail(name, "choices_field", f"{where}: {ch!r} is not among the row's fields {sorted(map(str, row))}")
         choices = row[ch]
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-            _fail(name, "choices_field", f"{ch!r} must hold a list of at least two strings in {where}, got {choices!r}")
-        g = row[gold]
+            _fail(name, "choices_field", f"{where}: {ch!r} must hold a list of at least two strings, got {choices!r}")
         if isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < len(choices):
-            _fail(name, "gold_field", f"{gold!r} must be an index into the {len(choices)} choices in {where}, got {g!r}")
-    else:
-        g = row[gold]
-        if not (isinstance(g, str) or (isinstance(g, list) and g and all(isinstance(x, str) for x in g))):
-            _fail(name, "gold_field", f"{gold!r} must be a reference string or a list of them in {where}, got {g!r}")
+            _fail(name, "gold_field", f"{where}: {gold!r} must be an integer index into the {len(choices)} choices, got {g!r}")
+    elif not (isinstance(g, str) or (isinstance(g, list) and g and all(isinstance(x, str) for x in g))):
+        _fail(name, "gold_field", f"{where}: {gold!r} must be a reference string or a non-empty list of them, got {g!r}")
 
+
+
+# %% ../nbs/05_tasks.ipynb #5cecae43
 def _positive_int(name, key, v, allow_none=False):
     if v is None and allow_none: return None
     if isinstance(v, bool) or not isinstance(v, int) or v < 1: _fail(name, key, f"expected a positive integer{' or null' if allow_none else ''}, got {v!r}")
@@ -184,7 +228,7 @@ def _positive_int(name, key, v, allow_none=False):
 def _spec_from_dict(cls, name, d, root):
     if not isinstance(name, str) or not name or "|" in name: raise TaskError(f"task name {name!r}: expected a non-empty string without '|'")
     if not isinstance(d, dict): raise TaskError(f"task {name!r}: expected a mapping of fields, got {type(d).__name__}")
-    unknown = sorted(set(d) - set(SPEC_KEYS))
+    unknown = sorted(str(k) for k in set(d) - set(SPEC_KEYS))
     if unknown: _fail(name, unknown[0], f"unknown field(s) {unknown}; allowed: {list(SPEC_KEYS)}")
     for key in ("data", "type", "prompt", "gold_field"):
         if d.get(key) in (None, ""): _fail(name, key, "required")
@@ -212,13 +256,28 @@ def _spec_from_dict(cls, name, d, root):
     data_dir, revision, sha = resolve_data(name, d["data"], revision, root)
     files = split_files(data_dir, split)
     if not files: _fail(name, "split", f"no {split}.jsonl or {split}.parquet in {data_dir}")
-    first = read_rows(files, 1)
-    if not first: _fail(name, "split", f"{files[0]} has no rows")
-    spec = dict(d, type=ttype, metric=metric)
-    _check_row(name, spec, first[0], f"the first row of {files[0]}")
+    first = next(iter_rows(files, 1), None)
+    if first is None: _fail(name, "split", f"split {split!r} has no rows ({', '.join(map(str, files))})")
+    check_row(name, dict(d, type=ttype, metric=metric), first[2], row_place(first[0], first[1]))
     return cls(name=name, data=str(d["data"]), type=ttype, prompt=d["prompt"], gold_field=d["gold_field"], metric=metric,
                choices_field=d.get("choices_field"), split=split, limit=limit, generation_size=gen,
                stop_sequences=tuple(stops), revision=revision, data_dir=data_dir, data_sha=sha)
+
+# %% ../nbs/05_tasks.ipynb #8e61613f
+def _check_rows(spec, split: str):
+    if spec.lighteval_config is not None: return None  # a LightEval task's rows go through its own prompt function
+    files = split_files(spec.data_dir, split)
+    if not files: _fail(spec.name, "split", f"no {split}.jsonl or {split}.parquet in {spec.data_dir}")
+    fields = dict(prompt=spec.prompt, gold_field=spec.gold_field, choices_field=spec.choices_field, type=spec.type)
+    n = 0
+    for path, pos, row in iter_rows(files, spec.limit):
+        check_row(spec.name, fields, row, row_place(path, pos))
+        n += 1
+    if n == 0: _fail(spec.name, "split", f"split {split!r} has no rows ({', '.join(map(str, files))})")
+    if spec.limit is not None and n < spec.limit:
+        warnings.warn(TaskWarning(f"task {spec.name!r}: split {split!r} has {n} rows, fewer than limit {spec.limit}; "
+                                  f"all {n} are scored ({', '.join(map(str, files))})"), stacklevel=3)
+    return n
 
 # %% ../nbs/05_tasks.ipynb #70a94e7d
 def _fake_hub_cache(cache: Path, repo_id: str, files: dict, sha: str = "0123456789abcdef0123456789abcdef01234567") -> str:
@@ -256,8 +315,11 @@ def load_tasks(path_or_dict, root=None) -> dict:
     if isinstance(src, (str, Path)):
         import yaml
         p = Path(src)
-        if not p.is_file(): raise TaskError(f"task file {str(p)!r} not found")
-        try: src = yaml.safe_load(p.read_text())
+        try: text = p.read_bytes().decode("utf-8")
+        except FileNotFoundError: raise TaskError(f"task file {str(p)!r} not found") from None
+        except UnicodeDecodeError as e: raise TaskError(f"task file {str(p)!r}: not UTF-8 text (bad byte at offset {e.start})") from None
+        except OSError as e: raise TaskError(f"task file {str(p)!r}: cannot read ({e.strerror or e})") from None
+        try: src = yaml.safe_load(text)
         except yaml.YAMLError as e: raise TaskError(f"task file {str(p)!r}: invalid YAML ({e})") from None
         root = p.parent if root is None else root
         if isinstance(src, dict) and "tasks" in src and isinstance(src["tasks"], dict): src = src["tasks"]

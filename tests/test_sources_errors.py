@@ -12,7 +12,9 @@ torch.set_num_threads(1)
 from safetensors.torch import load_file, save_file
 
 from himerge.deltas import compute_deltas
+from himerge.errors import InputError
 from himerge.sources import SourceError, resolve_sources
+from himerge.tasks import TaskError
 
 
 def tiny_llama(seed=0, **over):
@@ -179,6 +181,18 @@ def test_bad_spec_named():
         resolve_sources(["no/such/folder/here"], base="also-missing")
 
 
+def test_errors_about_the_base_say_base(zoo):
+    with pytest.raises(SourceError, match=r"^base 'also/missing/here': no such folder"):
+        resolve_sources([str(zoo / "lora")], base="also/missing/here")
+    with pytest.raises(SourceError, match=r"^base '[^']*lora': .*no config\.json"):
+        resolve_sources([str(zoo / "full")], base=str(zoo / "lora"))
+
+
+def test_every_error_here_is_an_input_error():
+    "The CLI prints InputErrors as one line; these are the user's to fix."
+    assert issubclass(SourceError, InputError) and issubclass(TaskError, InputError) and issubclass(InputError, ValueError)
+
+
 # --- found while writing these tests: allow_pickle=True must not switch the safetensors checks off ---
 
 def test_allow_pickle_keeps_shape_checks_for_safetensors_sources(zoo, tmp_path):
@@ -222,3 +236,14 @@ def test_allow_pickle_with_a_sharded_safetensors_base_still_checks_against_it(zo
     set_declared(ad, str(tmp_path / "sharded-base"))
     sset = resolve_sources([str(ad)], allow_pickle=True)
     assert sset.sources[0].kind == "lora"
+
+
+def test_allowed_pickle_adapter_is_checked_against_its_config_when_loaded(zoo, tmp_path):
+    "A pickle adapter's shapes are unknown until it is loaded; then the same checks as for safetensors apply."
+    ad = copy(zoo, "lora", tmp_path)
+    torch.save(load_file(ad / "adapter_model.safetensors"), ad / "adapter_model.bin")
+    (ad / "adapter_model.safetensors").unlink()
+    set_declared(ad, str(zoo / "base"), r=6)
+    sset = resolve_sources([str(ad)], allow_pickle=True)   # nothing readable yet
+    with pytest.raises(SourceError, match=r"adapter_config\.json gives module '[^']+' rank 6 \(r\), but its tensors have rank 4"):
+        compute_deltas(sset)
