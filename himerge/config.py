@@ -141,6 +141,10 @@ def _from_dict(cls, d: dict, root=None) -> MergeConfig:
     if not isinstance(name, str): raise ConfigError(f"method: expected a method name, got {name!r}")
     try: method = get_method(name)
     except OptionError as e: raise ConfigError(str(e)) from None
+    try: return _checked(cls, d, root, method, name)
+    except OptionError as e: raise ConfigError(str(e)) from None
+
+def _checked(cls, d: dict, root, method: MergeMethod, name: str) -> MergeConfig:
     raw_sources = d.get("sources")
     if not isinstance(raw_sources, list) or not raw_sources: raise ConfigError("sources: expected a non-empty list of sources")
     tasks = d.get("tasks") or {}
@@ -152,6 +156,7 @@ def _from_dict(cls, d: dict, root=None) -> MergeConfig:
             raise ConfigError(f"sources[{i}].name: {s.name!r} is used twice")
     run, own = _options(d.get("options") or {}, method)
     _check_counts(method, sources, own)
+    if method.validate is not None: method.validate(sources, own)   # what only this method can tell (raises OptionError)
     dtype = d.get("dtype", "auto")
     if dtype not in DTYPES: raise ConfigError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     base, output = d.get("base"), d.get("output", "./merged")
@@ -163,6 +168,22 @@ def _from_dict(cls, d: dict, root=None) -> MergeConfig:
 MergeConfig.from_dict = classmethod(_from_dict)
 
 # %% ../nbs/08b_config.ipynb #d9b780b7
+def _unique_key_loader():
+    "A YAML SafeLoader that refuses a key given twice in one mapping (plain YAML silently keeps the last one)."
+    import yaml
+    class UniqueKeyLoader(yaml.SafeLoader): pass
+    def mapping(loader, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice (first on line "
+                                                        f"{seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return loader.construct_mapping(node, deep)
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return UniqueKeyLoader
+
 def load_config(config) -> MergeConfig:
     "A `MergeConfig` from a config object, a dict, or a YAML file path (relative paths resolve against its folder)."
     import yaml
@@ -170,7 +191,7 @@ def load_config(config) -> MergeConfig:
     if isinstance(config, dict): return MergeConfig.from_dict(config)
     path = Path(config)
     if not path.is_file(): raise ConfigError(f"{path}: no such config file")
-    try: data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try: data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())
     except UnicodeDecodeError: raise ConfigError(f"{path}: not a text file (a YAML config is UTF-8 text)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)

@@ -136,12 +136,14 @@ class ContributionAnalysis:
 
 # %% ../nbs/07_contributions.ipynb #5e3c728b
 def _references(self, states) -> list:
+    "The base on every task and each source alone on its own: enough to check the gains."
     return [(Probe(base_state(self.base_key)), self.all_tasks, "validation")] + \
-           [(Probe(s), self.state_tasks(s), "validation") for s in states]
+           [(Probe(s), self.state_tasks(s), "validation") for s in states if s.name != "pre_merge"]
 
 def _probes(self, states) -> list:
-    return [(Probe(s, kind, layer), self.state_tasks(s), "validation")
-            for s in states for kind in ("add", "delete") for layer in self.layers]
+    "The pre-merge's full score, then every addition and deletion probe."
+    return [(Probe(states[-1]), self.all_tasks, "validation")] + \
+           [(Probe(s, kind, layer), self.state_tasks(s), "validation") for s in states for kind in ("add", "delete") for layer in self.layers]
 
 def _gains(self, reference: dict) -> dict:
     "Each task's fine-tuning gain P(m) − P(F) (1.0 without normalisation); a `NoGainError` if one is not positive."
@@ -190,11 +192,13 @@ def _run(self, merged=None, edits_key=None) -> Contributions:
     try:
         with quiet_lighteval():   # once for the run, rather than once per evaluation
             references = self.references(states)
-            ref_scores = dict(zip(["base"] + [s.name for s in states], scorer.run(references)))
-            reference = {name: means(v) for name, v in ref_scores.items()}
-            gains = self.gains(reference)
+            ref_scores = dict(zip(["base"] + [s.name for s in states[:-1]], scorer.run(references)))
+            gains = self.gains({name: means(v) for name, v in ref_scores.items()})   # before any probe is spent
             probes = self.probes(states)
-            probe_scores = {(p.state.name, p.kind, p.layer): v for (p, _, _), v in zip(probes, scorer.run(probes))}
+            measured = scorer.run(probes)
+            ref_scores["pre_merge"] = measured[0]
+            probe_scores = {(p.state.name, p.kind, p.layer): v for (p, _, _), v in zip(probes[1:], measured[1:])}
+            reference = {name: means(v) for name, v in ref_scores.items()}
     finally:
         if own_bar is not None: own_bar.close(); scorer.progress = None
     table, gamma = self.tables(states, ref_scores, probe_scores, gains)

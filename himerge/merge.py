@@ -15,11 +15,12 @@ from . import __version__
 from .config import ConfigError, MergeConfig, load_config, resolved_paths
 from .methods import Counts, MergeContext, MergeMethod, non_default
 from .output import check_output, is_himerge_output, REPORT_FILE
+from .scoring import check_device, resolve_tokenizer
 
 # %% auto #0
-__all__ = ['Plan', 'count_evaluations', 'protected_inputs', 'plan', 'Run', 'open_run', 'run_method', 'reference_states',
-           'score_models', 'source_record', 'portable_config', 'task_data', 'build_report', 'write_output',
-           'MergeResult', 'merge', 'demo_config', 'conflict_table', 'demo']
+__all__ = ['Plan', 'count_evaluations', 'protected_inputs', 'check_task_rows', 'plan', 'Run', 'open_run', 'run_method',
+           'reference_states', 'score_models', 'source_record', 'portable_config', 'task_data', 'build_report',
+           'write_output', 'MergeResult', 'Interrupted', 'merge', 'demo_config', 'conflict_table', 'demo']
 
 # %% ../nbs/09_merge.ipynb #39c52680
 @dataclass
@@ -34,6 +35,9 @@ class Plan:
     evaluations: dict          # stage -> number of task evaluations (upper bounds are labelled "at most")
     inputs: dict = field(default_factory=dict)   # what the output may not touch: name -> path
     cache_dir: Path | None = None
+    device: str = "cpu"
+    tokenizer: str | None = None                 # a local folder holding the tokenizer the tasks use
+    rows: dict = field(default_factory=dict)     # (task, split) -> rows scored
 
     @property
     def n_layers(self) -> int: return len(self.layers)
@@ -77,11 +81,16 @@ def protected_inputs(cfg: MergeConfig, sources, tasks: dict, cache_dir) -> dict:
     return inputs
 
 # %% ../nbs/09_merge.ipynb #56cc0438
-def _check_test_splits(tasks: dict):
-    for name, spec in tasks.items(): spec.with_split("test")   # names the task and the folder if the split is missing
+def check_task_rows(tasks: dict, test_scores: bool) -> dict:
+    "Every row that will be scored, checked (validation, and test when test scores are on); (task, split) -> rows."
+    rows = {}
+    for name, spec in tasks.items():
+        rows[(name, spec.split)] = spec.check_rows()
+        if test_scores: rows[(name, "test")] = spec.with_split("test").check_rows()   # names the task if the split is missing
+    return rows
 
-def plan(config, out=None) -> Plan:
-    "Resolve and check sources, tasks, output and cache, and count evaluations, without loading any weight."
+def plan(config, out=None, device=None) -> Plan:
+    "Resolve and check sources, tasks, output, cache, device and tokenizer, and count evaluations, without loading any weight."
     from himerge.cache import check_cache_dir, default_cache_dir
     from himerge.deltas import compute_deltas
     from himerge.sources import resolve_sources
@@ -89,7 +98,8 @@ def plan(config, out=None) -> Plan:
     cfg = resolved_paths(load_config(config))
     used = {t: cfg.tasks[t] for t in dict.fromkeys(s.task for s in cfg.sources if s.task)}
     tasks = load_tasks(used, root=cfg.root) if used else {}
-    if tasks and cfg.run.test_scores: _check_test_splits(tasks)
+    rows = check_task_rows(tasks, cfg.run.test_scores)
+    device = check_device(device) if tasks else "cpu"
     sources = resolve_sources([s.path for s in cfg.sources], base=cfg.base, override_base=cfg.run.override_base,
                               allow_pickle=cfg.run.allow_pickle)
     for i, (src, sc) in enumerate(zip(sources.sources, cfg.sources)):
@@ -101,9 +111,14 @@ def plan(config, out=None) -> Plan:
     with compute_deltas(sources) as d: layers = d.changed_layers()   # headers only
     cache_dir = check_cache_dir(cfg.run.cache_dir or default_cache_dir()) if tasks else None
     output = Path(out or cfg.output).expanduser().resolve()
+    tokenizer = None
+    if tasks:
+        who = "options.tokenizer" if cfg.run.tokenizer else f"the base ({sources.base.spec}) has no tokenizer:"
+        tokenizer = resolve_tokenizer(cfg.run.tokenizer or sources.base.path, who, cfg.run.trust_remote_code)
     inputs = protected_inputs(cfg, sources, tasks, cache_dir)
     check_output(output, force=True, inputs=inputs)   # inputs, files and writability; an existing output is for `merge`
-    return Plan(cfg, cfg.merge_method, sources, tasks, output, layers, count_evaluations(cfg, len(layers)), inputs, cache_dir)
+    return Plan(cfg, cfg.merge_method, sources, tasks, output, layers, count_evaluations(cfg, len(layers)), inputs,
+                cache_dir, device, tokenizer, rows)
 
 # %% ../nbs/09_merge.ipynb #9eda9d26
 def _plan_text(self) -> str:
@@ -116,7 +131,8 @@ def _plan_text(self) -> str:
         rev = f"  (commit {src.commit_sha[:12]})" if src.commit_sha else ""
         lines.append(f"  source   {src.name:<16} {src.kind:<5} task={sc.task or '-':<10} p={sc.density:g} λ={sc.scale:g}  {src.spec}{rev}")
     for name, t in self.tasks.items():
-        lines.append(f"  task     {name:<16} {t.type:<16} metric={t.metric} split={t.split} limit={t.limit}")
+        counts = ", ".join(f"{split} {n}" for (task, split), n in self.rows.items() if task == name and n is not None)
+        lines.append(f"  task     {name:<16} {t.type:<16} metric={t.metric} rows: {counts or t.split}")
     options = {**non_default(c.run), **dataclasses.asdict(c.method_options)}
     lines.append("  options  " + (", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"))
     lines.append(f"  layers   {self.n_layers} changed by the sources: {', '.join(map(str, self.layers))}")
@@ -147,7 +163,7 @@ def _timed(run: Run, name: str):
     finally: run.timings[name] = run.timings.get(name, 0.0) + time.perf_counter() - t0
 
 @contextmanager
-def open_run(p: Plan, device=None, progress=True):
+def open_run(p: Plan, progress=True):
     "The deltas, keys, model and scorer of plan `p`, closed when the block ends."
     from himerge.cache import EvalCache, source_key
     from himerge.deltas import compute_deltas
@@ -159,12 +175,12 @@ def open_run(p: Plan, device=None, progress=True):
     run = Run(deltas, source_key(p.sources.base), [source_key(s) for s in p.sources.sources], progress=bar)
     try:
         if p.tasks:
-            from himerge.scoring import lighteval_scorer, load_model
+            from himerge.scoring import check_loaded, lighteval_scorer, load_model
             with _timed(run, "load_s"):
-                model = load_model(p.sources.base.path, device or "cpu", p.config.run.trust_remote_code)
+                model = load_model(p.sources.base.path, p.device, p.config.run.trust_remote_code)
+                check_loaded(model)
                 run.cache = EvalCache(p.cache_dir)
-                run.scorer = lighteval_scorer(model, MemoDeltas(deltas, LayerMemo()), p.tasks,
-                                              p.config.run.tokenizer or p.sources.base.path, device=device or "cpu",
+                run.scorer = lighteval_scorer(model, MemoDeltas(deltas, LayerMemo()), p.tasks, p.tokenizer, device=p.device,
                                               batch_size=p.config.run.batch_size, cache=run.cache, progress=bar)
         yield run
     finally:
@@ -332,15 +348,25 @@ class MergeResult:
             if s.get(k): rows[k] = s[k]
         return pd.DataFrame(rows).T
 
+class Interrupted(KeyboardInterrupt):
+    "A merge stopped by the user (Ctrl-C); `resume_hint` says what was saved and how to resume."
+    def __init__(self, resume_hint: str): super().__init__(resume_hint); self.resume_hint = resume_hint
+
 def merge(config, *, out=None, force=False, dry_run=False, device=None, progress=True):
     "Merge the sources of `config` (a dict, a YAML path or a `MergeConfig`); return a `MergeResult` (a `Plan` if `dry_run`)."
     t0 = time.perf_counter()
-    p = plan(config, out)
+    p = plan(config, out, device)
     if dry_run: return p
     check_output(p.output, force, p.inputs)
-    with open_run(p, device, progress) as run:
-        merged = run_method(p, run)
-        scores = score_models(p, run, merged)
+    with open_run(p, progress) as run:
+        try:
+            merged = run_method(p, run)
+            scores = score_models(p, run, merged)
+        except KeyboardInterrupt:
+            saved = run.cache.done if run.cache else 0
+            where = f" in {p.cache_dir}" if p.cache_dir else ""
+            raise Interrupted(f"{saved} evaluations of this run are saved{where}; run the same command again to "
+                              "resume from them.") from None
         run.timings["total_s"] = time.perf_counter() - t0
         report = write_output(p, run, merged, scores, force)
     return MergeResult(p.output, report, p, merged.records)

@@ -17,7 +17,7 @@ __all__ = ['METHODS', 'PER_TENSOR', 'PER_TENSOR_BASE', 'SCOPES', 'ROUNDING', 'LA
            'parse_options', 'options_table', 'non_default', 'Counts', 'no_evaluations', 'MergeMethod', 'MergeContext',
            'Merged', 'register', 'get_method', 'per_tensor', 'TaskArithmeticOptions', 'processed_key',
            'task_arithmetic_merger', 'TiesOptions', 'DareLinearOptions', 'DareTiesOptions', 'BreadcrumbsOptions',
-           'DellaOptions', 'LinearOptions', 'HiMergingOptions', 'hi_merging_evaluations']
+           'DellaOptions', 'LinearOptions', 'check_della', 'HiMergingOptions', 'hi_merging_evaluations']
 
 # %% ../nbs/08a_methods.ipynb #6b63a656
 class OptionError(InputError):
@@ -41,9 +41,11 @@ def _describe(m: dict) -> str:
     if m.get("choices"): return "one of " + ", ".join(map(repr, m["choices"]))
     lo, hi = m.get("low"), m.get("high")
     if lo is None and hi is None: return ""
+    if hi is None: return f"{'>' if m.get('low_open') else '≥'} {lo:g}"
+    if lo is None: return f"{'<' if m.get('high_open') else '≤'} {hi:g}"
     left = "(" if m.get("low_open") else "["
     right = ")" if m.get("high_open") else "]"
-    return f"in {left}{'-inf' if lo is None else f'{lo:g}'}, {'inf' if hi is None else f'{hi:g}'}{right}"
+    return f"in {left}{lo:g}, {hi:g}{right}"
 
 def _check_number(value, m: dict, where: str):
     if not math.isfinite(value): raise OptionError(f"{where}: {value!r} is not a finite number")
@@ -127,6 +129,7 @@ class MergeMethod:
     default_density: float = 1.0     # a source's density when the config gives none
     evaluations: Callable = no_evaluations   # (Counts, options) -> {stage: task evaluations}
     reference: str = ""              # where the method comes from
+    validate: Callable | None = None # (sources, options) -> None: checks only this method can make, OptionError if not
 
     def build(self, context):
         "Run the merger on `context`; return its `Merged`."
@@ -301,6 +304,14 @@ class LinearOptions:
     "Options of the weighted average (model soup)."
     rounding: str = _rounding()
 
+def check_della(sources: list, options) -> None:
+    "DELLA's keep probabilities p ± ε must stay in (0, 1] for every source that is pruned."
+    epsilons = options.epsilon if isinstance(options.epsilon, list) else [options.epsilon] * len(sources)
+    for i, (s, eps) in enumerate(zip(sources, epsilons)):
+        if s.density < 1 and not (s.density - eps > 0 and s.density + eps <= 1):
+            raise OptionError(f"options.epsilon: {eps:g} puts the keep probability of sources[{i}] (density {s.density:g}) "
+                              f"outside (0, 1]; choose epsilon below {min(s.density, 1 - s.density):g}")
+
 for _name, _summary, _options, _density, _reference in [
         ("ties", "TIES: trim each delta to density p, elect a sign per entry, average the agreeing deltas", TiesOptions, 0.5,
          "Yadav et al. 2023, TIES-Merging"),
@@ -315,7 +326,7 @@ for _name, _summary, _options, _density, _reference in [
          "Wortsman et al. 2022, Model soups")]:
     PER_TENSOR[_name] = f"himerge.baselines:{_name}"
     register(MergeMethod(_name, _summary, _options, _per_tensor_merger(_name), default_density=_density,
-                         reference=_reference))
+                         reference=_reference, validate=check_della if _name == "della" else None))
 
 # %% ../nbs/08a_methods.ipynb #e4b343c3
 @dataclass

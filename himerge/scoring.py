@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .cache import EvalCache, fingerprint
+from .errors import InputError
 
 # %% auto #0
-__all__ = ['PROBE_KINDS', 'LayerEditor', 'State', 'base_state', 'Probe', 'Scorer', 'run', 'score', 'means', 'load_model',
+__all__ = ['PROBE_KINDS', 'TOKENIZER_PATTERNS', 'LayerEditor', 'State', 'base_state', 'Probe', 'Scorer', 'run', 'score', 'means',
+           'load_model', 'DeviceError', 'check_device', 'TokenizerError', 'resolve_tokenizer', 'check_loaded',
            'lighteval_scorer']
 
 # %% ../nbs/06c_scoring.ipynb #b5d163c2
@@ -215,6 +217,63 @@ def load_model(path, device="cpu", trust_remote_code=False):
         if bar: hf_logging.enable_progress_bar()
     model.generation_config.temperature = None   # greedy decoding: an unused sampling flag only produces a warning
     return model.to(device).eval()
+
+# %% ../nbs/06c_scoring.ipynb #e39271b2
+class DeviceError(InputError):
+    "A device that does not exist or is not available on this machine."
+
+def check_device(device) -> str:
+    "`device` as a torch device string ('cpu' when None), if it exists here; else a `DeviceError` saying what there is."
+    import torch
+    if device is None: return "cpu"
+    try: dev = torch.device(device)
+    except (RuntimeError, TypeError): raise DeviceError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:N, mps)") from None
+    if dev.type == "cpu": return "cpu"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available(): raise DeviceError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise DeviceError(f"--device {device}: no such GPU; this machine has {n} (cuda:0 to cuda:{n - 1})")
+        return str(dev)
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available(): raise DeviceError(f"--device {device}: MPS is not available on this machine")
+        return "mps"
+    raise DeviceError(f"--device {device}: himerge runs on cpu, cuda or mps, not {dev.type}")
+
+class TokenizerError(InputError):
+    "The tokenizer the tasks need cannot be loaded."
+
+TOKENIZER_PATTERNS = ["tokenizer*", "*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+
+def resolve_tokenizer(spec, who: str = "options.tokenizer", trust_remote_code: bool = False) -> str:
+    "A local folder holding a tokenizer that loads, from a folder or a Hub id (tokenizer files only); else a `TokenizerError`."
+    from pathlib import Path
+    folder = Path(str(spec)).expanduser()
+    if not folder.exists():
+        try:
+            from huggingface_hub import snapshot_download
+            repo, _, revision = str(spec).partition("@")
+            folder = Path(snapshot_download(repo, revision=revision or None, allow_patterns=TOKENIZER_PATTERNS))
+        except Exception as e:
+            raise TokenizerError(f"{who} {spec!r}: no such folder, and not a Hub model that can be fetched "
+                                 f"({type(e).__name__})") from None
+    try:
+        from transformers import AutoTokenizer
+        AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TokenizerError(f"{who} {spec}: no tokenizer loads from {folder} ({first}); give one with options.tokenizer") from None
+    return str(folder)
+
+def check_loaded(model, who: str = "base"):
+    "Refuse a loaded model with a NaN or an infinity in any weight, naming the tensor."
+    from himerge.deltas import nonfinite
+    from himerge.sources import SourceError
+    for name, tensor in model.state_dict().items():
+        found = nonfinite(tensor)
+        if found is not None:
+            raise SourceError(f"{who}: tensor {name!r} holds {found[0]} NaN and {found[1]} infinite value(s) after loading; "
+                              "its scores would be meaningless")
 
 # %% ../nbs/06c_scoring.ipynb #31efb2bd
 def lighteval_scorer(model, base, tasks: dict, tokenizer, *, device="cpu", batch_size=32, cache=None, progress=None,
