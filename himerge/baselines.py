@@ -12,7 +12,7 @@ from .prune import prune_scale, kept_count, check_fraction, PruneError
 
 # %% auto #0
 __all__ = ['RESCALES', 'MERGEKIT_ARGS', 'COMBINES', 'BaselineError', 'task_arithmetic', 'linear', 'ties', 'dare_linear',
-           'dare_ties', 'breadcrumbs', 'della_keep_probabilities', 'della', 'combine_deltas']
+           'dare_ties', 'breadcrumbs', 'della_keep_probabilities', 'della', 'slerp', 'combine_deltas']
 
 # %% ../nbs/04_baselines.ipynb #abf73f5f
 class BaselineError(ValueError):
@@ -188,6 +188,23 @@ def della(deltas, weights, *, densities=None, generator=None, epsilon=0.15, resc
     dropped = torch.stack(out)
     weighted = _weighted(dropped, ws)
     return _disjoint(weighted, _elected(dropped, weighted, sign_on, majority), ws, divide) * lamb
+
+# %% ../nbs/04_baselines.ipynb #0ced459f
+def slerp(deltas, weights, *, densities=None, generator=None, base=None, t=0.5, dot_threshold=0.9995, eps=1e-8):
+    "SLERP of the two models θ_F + w_m δ_m at fraction `t` (0: the first, 1: the second); returns θ − θ_F."
+    ds, ws, ps = _inputs(deltas, weights, densities)
+    if len(ds) != 2: raise BaselineError(f"slerp interpolates exactly two models, got {len(ds)} source deltas")
+    if base is None: raise BaselineError("slerp interpolates whole weights: give the base tensor as base=")
+    if any(p < 1 for p in ps): raise BaselineError(f"densities: slerp does not prune, got {ps}")
+    if not 0 <= t <= 1: raise BaselineError(f"t: {t!r} is not in [0, 1]")
+    base = base.detach().float()
+    v0, v1 = base + ws[0] * ds[0], base + ws[1] * ds[1]
+    unit = lambda v: v / v.norm() if v.norm() > eps else v
+    dot = (unit(v0) * unit(v1)).sum()
+    if dot.abs() > dot_threshold: return (1 - t) * v0 + t * v1 - base
+    omega = torch.arccos(dot)
+    s0, s1 = torch.sin(omega - omega * t) / torch.sin(omega), torch.sin(omega * t) / torch.sin(omega)
+    return s0 * v0 + s1 * v1 - base
 
 # %% ../nbs/04_baselines.ipynb #5a0d588e
 MERGEKIT_ARGS = {

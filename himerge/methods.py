@@ -17,7 +17,7 @@ __all__ = ['METHODS', 'PER_TENSOR', 'PER_TENSOR_BASE', 'SCOPES', 'ROUNDING', 'LA
            'parse_options', 'options_table', 'non_default', 'Counts', 'no_evaluations', 'MergeMethod', 'MergeContext',
            'Merged', 'register', 'get_method', 'per_tensor', 'TaskArithmeticOptions', 'processed_key',
            'task_arithmetic_merger', 'TiesOptions', 'DareLinearOptions', 'DareTiesOptions', 'BreadcrumbsOptions',
-           'DellaOptions', 'LinearOptions', 'check_della', 'HiMergingOptions', 'hi_merging_evaluations']
+           'DellaOptions', 'LinearOptions', 'check_della', 'SlerpOptions', 'HiMergingOptions', 'hi_merging_evaluations']
 
 # %% ../nbs/08a_methods.ipynb #6b63a656
 class OptionError(InputError):
@@ -327,6 +327,18 @@ for _name, _summary, _options, _density, _reference in [
     PER_TENSOR[_name] = f"himerge.baselines:{_name}"
     register(MergeMethod(_name, _summary, _options, _per_tensor_merger(_name), default_density=_density,
                          reference=_reference, validate=check_della if _name == "della" else None))
+
+# %% ../nbs/08a_methods.ipynb #0ea690a3
+@dataclass
+class SlerpOptions:
+    "Options of SLERP."
+    t: float = option(0.5, "interpolation factor: 0 gives the first source's model, 1 the second's", low=0, high=1)
+
+PER_TENSOR["slerp"] = "himerge.baselines:slerp"
+PER_TENSOR_BASE.add("slerp")
+register(MergeMethod("slerp", "SLERP: spherical interpolation between two models at fraction t", SlerpOptions,
+                     _per_tensor_merger("slerp"), min_sources=2, max_sources=2,
+                     reference="Shoemake 1985; mergekit's slerp"))
 
 # %% ../nbs/08a_methods.ipynb #e4b343c3
 @dataclass
