@@ -16,8 +16,9 @@ from .errors import InputError
 __all__ = ['METHODS', 'PER_TENSOR', 'PER_TENSOR_BASE', 'SCOPES', 'ROUNDING', 'LAMB', 'OptionError', 'option', 'check_value',
            'parse_options', 'options_table', 'non_default', 'Counts', 'no_evaluations', 'MergeMethod', 'MergeContext',
            'Merged', 'register', 'get_method', 'per_tensor', 'TaskArithmeticOptions', 'processed_key',
-           'task_arithmetic_merger', 'TiesOptions', 'DareLinearOptions', 'DareTiesOptions', 'BreadcrumbsOptions',
-           'DellaOptions', 'LinearOptions', 'check_della', 'SlerpOptions', 'HiMergingOptions', 'hi_merging_evaluations']
+           'task_arithmetic_merger', 'SignElectionOptions', 'TiesOptions', 'DareLinearOptions', 'DareTiesOptions',
+           'BreadcrumbsOptions', 'DellaOptions', 'LinearOptions', 'check_della', 'SlerpOptions', 'HiMergingOptions',
+           'hi_merging_evaluations']
 
 # %% ../nbs/08a_methods.ipynb #6b63a656
 class OptionError(InputError):
@@ -255,13 +256,17 @@ _rescale = lambda: option(True, "after a random drop, rescale by 1/p (true), to 
                           choices=(True, False, "l1"))
 
 @dataclass
-class TiesOptions:
-    "Options of TIES-merging."
+class SignElectionOptions:
+    "Options of the methods that elect a sign per entry and merge the agreeing deltas (TIES and its kin)."
     majority: str = _majority()
     sign_on: str = _sign_on("raw")
     divide: str = _divide("count", ("count", "weight", "none"))
-    rounding: str = _rounding()
     lamb: float = _lamb()
+
+@dataclass
+class TiesOptions(SignElectionOptions):
+    "Options of TIES-merging."
+    rounding: str = _rounding()
 
 @dataclass
 class DareLinearOptions:
@@ -271,13 +276,9 @@ class DareLinearOptions:
     lamb: float = _lamb()
 
 @dataclass
-class DareTiesOptions:
+class DareTiesOptions(SignElectionOptions):
     "Options of DARE with TIES' sign election."
     rescale: bool | str = _rescale()
-    majority: str = _majority()
-    sign_on: str = _sign_on("raw")
-    divide: str = _divide("count", ("count", "weight", "none"))
-    lamb: float = _lamb()
 
 @dataclass
 class BreadcrumbsOptions:
@@ -289,15 +290,12 @@ class BreadcrumbsOptions:
     lamb: float = _lamb()
 
 @dataclass
-class DellaOptions:
-    "Options of DELLA."
-    epsilon: float = option(0.15, "spread of the keep probabilities around p (p ± ε, by magnitude rank), per source or one",
-                            low=0, high=1, per_source=True)
-    rescale: bool | str = _rescale()
-    majority: str = _majority()
+class DellaOptions(DareTiesOptions):
+    "Options of DELLA: DARE-TIES' options, signs elected on the weighted deltas by default, and the spread ε."
     sign_on: str = _sign_on("weighted")
     divide: str = _divide("weight", ("count", "weight", "none"))
-    lamb: float = _lamb()
+    epsilon: float = option(0.15, "spread of the keep probabilities around p (p ± ε, by magnitude rank), per source or one",
+                            low=0, high=1, per_source=True)
 
 @dataclass
 class LinearOptions:
