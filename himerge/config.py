@@ -30,6 +30,10 @@ class RunOptions:
     cache_dir: str | None = option(None, "evaluation cache folder (default: $HIMERGE_CACHE or ~/.cache/himerge/evaluations)")
     max_shard_size: str = option("1GB", "largest safetensors shard of the saved model (a shard is buffered in memory)")
     tokenizer: str | None = option(None, "tokenizer path or Hub id (default: the base's)")
+    compute_dtype: str = option("auto", "dtype the model computes in (auto: the stored dtype on a GPU, float32 on a CPU); "
+                                "the base is always held in its stored dtype", choices=("auto", "float32", "bfloat16", "float16"))
+    device_map: str | None = option(None, "spread the base over the GPUs and the CPU with accelerate's placement "
+                                    "(for a base larger than one GPU)", choices=(None, "auto", "balanced", "balanced_low_0", "sequential"))
     allow_pickle: bool = option(False, "load pickle .bin checkpoints (unsafe: only for files you trust)")
     override_base: bool = option(False, "accept adapters whose declared base differs from `base`")
     trust_remote_code: bool = option(False, "run model code from the base's repository")

@@ -15,7 +15,7 @@ import numpy as np
 from .tasks import TaskSpec, TaskError, to_lighteval, load_tasks
 
 # %% auto #0
-__all__ = ['TaskScore', 'quiet_lighteval', 'build_docs', 'Evaluator']
+__all__ = ['TESTED_LIGHTEVAL', 'TaskScore', 'lighteval_tested', 'quiet_lighteval', 'build_docs', 'Evaluator']
 
 # %% ../nbs/06_evaluate.ipynb #e73d0619
 @dataclass
@@ -33,6 +33,21 @@ class TaskScore:
         return f"TaskScore({self.task!r}, {self.metric}={self.score:.4f}, n={self.n}, {self.seconds*1000:.0f} ms)"
 
 # %% ../nbs/06_evaluate.ipynb #10f2a513
+TESTED_LIGHTEVAL = ("0.13",)   # release lines whose private methods the fast paths below replace, tested
+
+def lighteval_tested() -> bool:
+    "Whether the installed LightEval is a release line the fast paths were tested against."
+    from importlib.metadata import version
+    import himerge.evaluate as this   # read at call time, so a test can change it
+    return ".".join(version("lighteval").split(".")[:2]) in this.TESTED_LIGHTEVAL
+
+@functools.cache
+def _warn_untested():
+    from importlib.metadata import version
+    logging.getLogger("himerge").warning(
+        "LightEval %s is not a version himerge's fast scoring paths were tested with (%s): using LightEval's own "
+        "scoring methods, which give the same scores more slowly", version("lighteval"), ", ".join(TESTED_LIGHTEVAL))
+
 def _lighteval_classes():
     "LightEval's model config and wrapper, adapted to a model in memory scored many times."
     from lighteval.models.transformers.transformers_model import TransformersModel, TransformersModelConfig
@@ -251,9 +266,14 @@ class Evaluator:
         self._apply_metric, self._torch = apply_metric, torch
         self.tasks = self._normalize_tasks(tasks)
         self.model, self.device = model, str(device)
-        dev = next(model.parameters()).device
-        if torch.device(self.device) != dev and not (dev.type == torch.device(self.device).type and torch.device(self.device).index is None):
-            raise ValueError(f"the model is on {dev}, the evaluator was asked for device {self.device!r}: move the model first")
+        placed = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
+        if len(placed) <= 1:   # one device: the evaluator must be on it (accelerate's hooks move inputs for a spread model)
+            dev = next(model.parameters()).device
+            asked = torch.device(self.device)
+            if asked != dev and not (dev.type == asked.type and asked.index is None):
+                raise ValueError(f"the model is on {dev}, the evaluator was asked for device {self.device!r}: move the model first")
+        if fast_paths and not lighteval_tested():
+            _warn_untested(); fast_paths = False
         tokenizer_path = Path(tokenizer_path)
         if not tokenizer_path.exists(): raise FileNotFoundError(f"tokenizer path {str(tokenizer_path)!r} not found")
         self.tokenizer_path = tokenizer_path

@@ -18,9 +18,10 @@ from .output import check_output, is_himerge_output, REPORT_FILE
 from .scoring import check_device, resolve_tokenizer
 
 # %% auto #0
-__all__ = ['Plan', 'count_evaluations', 'protected_inputs', 'check_task_rows', 'plan', 'Run', 'open_run', 'run_method',
-           'reference_states', 'score_models', 'source_record', 'portable_config', 'task_data', 'build_report',
-           'write_output', 'MergeResult', 'Interrupted', 'merge', 'demo_config', 'conflict_table', 'demo']
+__all__ = ['Plan', 'count_evaluations', 'memory_estimate', 'protected_inputs', 'check_task_rows', 'plan', 'Run', 'open_run',
+           'run_method', 'reference_states', 'score_models', 'source_record', 'portable_config', 'task_data',
+           'build_report', 'write_output', 'MergeResult', 'Interrupted', 'merge', 'demo_config', 'conflict_table',
+           'demo']
 
 # %% ../nbs/09_merge.ipynb #39c52680
 @dataclass
@@ -38,6 +39,7 @@ class Plan:
     device: str = "cpu"
     tokenizer: str | None = None                 # a local folder holding the tokenizer the tasks use
     rows: dict = field(default_factory=dict)     # (task, split) -> rows scored
+    memory: dict = field(default_factory=dict)   # expected bytes: the model as held, the largest layer delta
 
     @property
     def n_layers(self) -> int: return len(self.layers)
@@ -68,6 +70,26 @@ def count_evaluations(cfg: MergeConfig, n_layers: int) -> dict:
     if cfg.run.test_scores:
         ev["test scores"] = (n + 2 + (n > 1)) * n_tasks - (n_tasks if _plain_sum_is_merge(cfg) and n > 1 else 0)
     return {k: v for k, v in ev.items() if v}
+
+# %% ../nbs/09_merge.ipynb #569a8abc
+_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+def memory_estimate(deltas, layers: list, compute_option: str, device: str) -> dict:
+    "Bytes: the base as held (`model`), the largest layer converted to the compute dtype (`layer`), the largest layer delta in float32 (`delta`)."
+    import math
+    from himerge.scoring import compute_dtype, stored_dtype
+    headers = deltas.base_store.headers()
+    stored = stored_dtype(deltas.config)
+    compute = compute_dtype(compute_option, stored, device)
+    width = {"float32": 4, "bfloat16": 2, "float16": 2}
+    numel = lambda names: sum(math.prod(headers[n].shape) for n in names if n in headers)
+    model = sum(math.prod(h.shape) * _BYTES.get(h.dtype, 4) for h in headers.values())
+    biggest = max((numel(deltas.names(layer)) for layer in deltas.layers), default=0)
+    delta = max((numel(deltas.names(layer)) for layer in layers), default=0) * 4
+    return dict(model=model, layer=biggest * width[compute] if compute != stored else 0, delta=delta,
+                stored=stored, compute=compute)
+
+def _gb(n: int) -> str: return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 # %% ../nbs/09_merge.ipynb #987f1176
 def protected_inputs(cfg: MergeConfig, sources, tasks: dict, cache_dir) -> dict:
@@ -108,7 +130,9 @@ def plan(config, out=None, device=None) -> Plan:
     for i, name in enumerate(names):
         if names.count(name) > 1:
             raise ConfigError(f"sources[{i}]: two sources are both called {name!r}; give them a `name:`")
-    with compute_deltas(sources) as d: layers = d.changed_layers()   # headers only
+    with compute_deltas(sources) as d:    # headers only
+        layers = d.changed_layers()
+        memory = memory_estimate(d, layers, cfg.run.compute_dtype, device) if tasks else {}
     cache_dir = check_cache_dir(cfg.run.cache_dir or default_cache_dir()) if tasks else None
     output = Path(out or cfg.output).expanduser().resolve()
     tokenizer = None
@@ -118,7 +142,7 @@ def plan(config, out=None, device=None) -> Plan:
     inputs = protected_inputs(cfg, sources, tasks, cache_dir)
     check_output(output, force=True, inputs=inputs)   # inputs, files and writability; an existing output is for `merge`
     return Plan(cfg, cfg.merge_method, sources, tasks, output, layers, count_evaluations(cfg, len(layers)), inputs,
-                cache_dir, device, tokenizer, rows)
+                cache_dir, device, tokenizer, rows, memory)
 
 # %% ../nbs/09_merge.ipynb #9eda9d26
 def _plan_text(self) -> str:
@@ -136,6 +160,12 @@ def _plan_text(self) -> str:
     options = {**non_default(c.run), **dataclasses.asdict(c.method_options)}
     lines.append("  options  " + (", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"))
     lines.append(f"  layers   {self.n_layers} changed by the sources: {', '.join(map(str, self.layers))}")
+    if self.memory:
+        m = self.memory
+        how = (f"held in {m['stored']}, computing in {m['compute']} one layer at a time (+{_gb(m['layer'])})"
+               if m["layer"] else f"in {m['compute']}")
+        lines.append(f"  memory   about {_gb(m['model'] + m['layer'] + m['delta'])} on {self.device}: the base "
+                     f"{_gb(m['model'])} {how}, the largest layer delta {_gb(m['delta'])} (float32)")
     if self.evaluations:
         at_most = any("at most" in k for k in self.evaluations)
         lines.append("  evaluations  " + ", ".join(f"{k}: {v}" for k, v in self.evaluations.items())
@@ -175,13 +205,16 @@ def open_run(p: Plan, progress=True):
     run = Run(deltas, source_key(p.sources.base), [source_key(s) for s in p.sources.sources], progress=bar)
     try:
         if p.tasks:
-            from himerge.scoring import check_loaded, lighteval_scorer, load_model
+            from himerge.scoring import check_loaded, input_device, lighteval_scorer, load_model
             with _timed(run, "load_s"):
-                model = load_model(p.sources.base.path, p.device, p.config.run.trust_remote_code)
+                r = p.config.run
+                model = load_model(p.sources.base.path, p.device, r.trust_remote_code, r.compute_dtype, r.device_map)
                 check_loaded(model)
                 run.cache = EvalCache(p.cache_dir)
-                run.scorer = lighteval_scorer(model, MemoDeltas(deltas, LayerMemo()), p.tasks, p.tokenizer, device=p.device,
-                                              batch_size=p.config.run.batch_size, cache=run.cache, progress=bar)
+                runtime = {"compute_dtype": str(getattr(model, "himerge_compute_dtype", model.dtype)).removeprefix("torch.")}
+                run.scorer = lighteval_scorer(model, MemoDeltas(deltas, LayerMemo()), p.tasks, p.tokenizer,
+                                              device=input_device(model, p.device), batch_size=r.batch_size, cache=run.cache,
+                                              progress=bar, runtime=runtime)
         yield run
     finally:
         bar.close()

@@ -16,19 +16,39 @@ from .cache import EvalCache, fingerprint
 from .errors import InputError
 
 # %% auto #0
-__all__ = ['PROBE_KINDS', 'TOKENIZER_PATTERNS', 'LayerEditor', 'State', 'base_state', 'Probe', 'Scorer', 'run', 'score', 'means',
-           'load_model', 'DeviceError', 'check_device', 'TokenizerError', 'resolve_tokenizer', 'check_loaded',
-           'lighteval_scorer']
+__all__ = ['PROBE_KINDS', 'COMPUTE_DTYPES', 'TOKENIZER_PATTERNS', 'LayerEditor', 'State', 'base_state', 'Probe', 'Scorer', 'run',
+           'score', 'means', 'stored_dtype', 'compute_dtype', 'compute_in', 'load_model', 'input_device', 'DeviceError',
+           'check_device', 'TokenizerError', 'resolve_tokenizer', 'check_loaded', 'lighteval_scorer']
 
 # %% ../nbs/06c_scoring.ipynb #b5d163c2
+def _offload_slot(model, name: str):
+    "(weights map, key) holding tensor `name` for an accelerate hook that offloads it, or None."
+    module_name, _, _ = name.rpartition(".")
+    parts = module_name.split(".") if module_name else []
+    for depth in range(len(parts), -1, -1):                 # the nearest hooked ancestor
+        module = model.get_submodule(".".join(parts[:depth]))
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]) if hook is not None else []:
+            weights = getattr(h, "weights_map", None)
+            if getattr(h, "offload", False) and weights is not None:
+                return weights, name[len(".".join(parts[:depth])) + 1 if depth else 0:]
+    return None
+
+def _map_set(weights, key: str, value):
+    "Write `value` under `key` of an accelerate weights map (a dict, or a PrefixedDataset over one or over a loader)."
+    if hasattr(weights, "prefix"): weights, key = weights.dataset, weights.prefix + key
+    getattr(weights, "state_dict", weights)[key] = value    # an offload loader looks in its state_dict first
+
 class LayerEditor:
     "Write tensors into a loaded model's parameters by name; `reset` puts the loaded tensors back exactly."
     def __init__(self, model):
+        self.model = model
         self.params = model.state_dict(keep_vars=True)   # names -> live parameters and buffers
-        self.loaded = {}                                   # id(parameter) -> (parameter, the tensor it was loaded with)
+        self.dtype = getattr(model, "himerge_compute_dtype", None)   # set by `compute_in`: write in the compute dtype
+        self.loaded = {}                                   # key -> (restore function, the loaded tensor)
 
     def write(self, values: dict):
-        "Make the model hold `values` (name -> tensor), converted to each parameter's dtype and device."
+        "Make the model hold `values` (name -> tensor), converted to each parameter's (compute) dtype and device."
         import torch
         with torch.no_grad():
             for name, value in values.items():
@@ -36,18 +56,31 @@ class LayerEditor:
                 param = self.params[name]
                 if param.shape != value.shape:
                     raise ValueError(f"tensor {name!r}: the model has shape {tuple(param.shape)}, the edit {tuple(value.shape)}")
-                self.loaded.setdefault(id(param), (param, param.data))
-                new = value.to(device=param.device, dtype=param.dtype)
+                slot = _offload_slot(self.model, name) if param.device.type == "meta" else None
+                if slot is not None:
+                    weights, key = slot
+                    old = weights[key]
+                    self.loaded.setdefault(("map", id(weights), key), (lambda t, w=weights, k=key: _map_set(w, k, t), old))
+                    _map_set(weights, key, value.to(dtype=old.dtype, device=old.device, copy=True))
+                    continue
+                self.loaded.setdefault(id(param), (lambda t, p=param: setattr(p, "data", t), param.data))
+                dtype = self.dtype if (self.dtype is not None and param.is_floating_point()) else param.dtype
+                new = value.to(device=param.device, dtype=dtype)
                 param.data = new.clone() if new is value else new   # never alias the caller's tensor
 
     def reset(self, names=None):
         "Put the loaded tensors back into `names` (every edited parameter if None)."
         if names is None: targets = list(self.loaded)
-        else: targets = [id(self.params[n]) for n in names if n in self.params]
+        else:
+            targets = []
+            for n in names:
+                if n not in self.params: continue
+                slot = _offload_slot(self.model, n) if self.params[n].device.type == "meta" else None
+                targets.append(("map", id(slot[0]), slot[1]) if slot else id(self.params[n]))
         for key in targets:
             if key in self.loaded:
-                param, original = self.loaded.pop(key)
-                param.data = original
+                restore, original = self.loaded.pop(key)
+                restore(original)
 
     @property
     def edited(self) -> int:
@@ -205,18 +238,69 @@ def means(per_sample: dict) -> dict:
 Scorer.run, Scorer.score = run, score
 
 # %% ../nbs/06c_scoring.ipynb #c87312bf
-def load_model(path, device="cpu", trust_remote_code=False):
-    "The base model in float32 on `device`, in eval mode."
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+def stored_dtype(config: dict) -> str:
+    "The dtype a checkpoint's config says its weights are stored in (float32 if it says nothing)."
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+
+def compute_dtype(option: str, stored: str, device: str) -> str:
+    "The dtype a merge computes in: `option`, or for 'auto' the stored dtype on a GPU and float32 on a CPU."
+    if option != "auto": return option
+    return stored if str(device).split(":")[0] in ("cuda", "mps") else "float32"
+
+def compute_in(model, dtype):
+    "Make `model` compute in `dtype` while its weights stay stored as they are: each module converts its own weights around its forward."
     import torch
+    def up(module, args):
+        saved = [(p, p.data) for p in module.parameters(recurse=False) if p.is_floating_point() and p.dtype != dtype]
+        for p, data in saved: p.data = data.to(dtype)
+        module.__dict__.setdefault("_himerge_stored", []).append(saved)
+    def down(module, args, output):
+        for p, data in module.__dict__["_himerge_stored"].pop(): p.data = data
+    for module in model.modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            module.register_forward_pre_hook(up); module.register_forward_hook(down)
+    model.himerge_compute_dtype = dtype
+    return model
+
+# %% ../nbs/06c_scoring.ipynb #6240a118
+def load_model(path, device="cpu", trust_remote_code=False, dtype="auto", device_map=None):
+    """The base model in eval mode, stored in its own dtype, computing in `dtype` (see `compute_dtype`).
+
+    Args:
+        path: the base's local folder.
+        device: where it runs: cpu, cuda, cuda:N or mps (ignored with a `device_map`).
+        trust_remote_code: run model code from the base's repository.
+        dtype: the compute dtype option: auto, float32, bfloat16 or float16.
+        device_map: None (all on `device`), or accelerate's placement such as "auto"."""
+    import json, torch
+    from pathlib import Path
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
+    config = json.loads((Path(path) / "config.json").read_text())
+    stored = stored_dtype(config)
+    placed = device_map if device_map is not None else {"": str(device)}
+    target_device = "cuda" if device_map is not None and torch.cuda.is_available() else device
+    compute = compute_dtype(dtype, stored, target_device)
+    big = sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) > 2**30
     bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()   # a one-second load needs no bar in the merge's output
-    try: model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=trust_remote_code)
+    if not big: hf_logging.disable_progress_bar()   # a one-second load needs no bar; a big one shows its own
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, stored), device_map=placed,
+                                                     trust_remote_code=trust_remote_code)
     finally:
         if bar: hf_logging.enable_progress_bar()
     model.generation_config.temperature = None   # greedy decoding: an unused sampling flag only produces a warning
-    return model.to(device).eval()
+    model.eval()
+    if compute != stored: compute_in(model, getattr(torch, compute))
+    return model
+
+# %% ../nbs/06c_scoring.ipynb #d867ddc1
+def input_device(model, default="cpu") -> str:
+    "The device inputs of `model` go to: its input embeddings' device (or `default` for an offloaded placeholder)."
+    device = model.get_input_embeddings().weight.device
+    return default if device.type == "meta" else str(device)
 
 # %% ../nbs/06c_scoring.ipynb #e39271b2
 class DeviceError(InputError):
