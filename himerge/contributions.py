@@ -6,7 +6,7 @@ Docs: https://himerge.github.io/himerge/contributions.html.md"""
 
 # %% ../nbs/07_contributions.ipynb #dd0698b9
 from __future__ import annotations
-import math, time
+import logging, math, time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,9 +15,11 @@ from .baselines import COMBINES, combine_deltas
 from .errors import InputError
 from .scoring import Probe, State, Scorer, base_state, means
 
+log = logging.getLogger(__name__)
+
 # %% auto #0
-__all__ = ['states_for', 'LayerMemo', 'MemoDeltas', 'paired', 'NoGainError', 'Contributions', 'records', 'ContributionAnalysis',
-           'plot_gamma', 'GridResult', 'choose_density_scale']
+__all__ = ['log', 'states_for', 'LayerMemo', 'MemoDeltas', 'paired', 'NoGainError', 'Contributions', 'records',
+           'ContributionAnalysis', 'plot_gamma', 'GridResult', 'choose_density_scale']
 
 # %% ../nbs/07_contributions.ipynb #f8da4c6a
 def states_for(deltas, source_names: list, *, combine: str = "sum", merged=None, edits_key=None,
@@ -204,6 +206,8 @@ def _run(self, merged=None, edits_key=None) -> Contributions:
     table, gamma = self.tables(states, ref_scores, probe_scores, gains)
     evaluations = dict(done=cache.done - done0, reused=cache.reused - reused0,
                        model_seconds=scorer.model_seconds - model0, seconds=time.perf_counter() - t0)
+    log.info("contribution analysis of %d layers: %d evaluations run, %d found in the cache, %.1f s",
+             len(self.layers), evaluations["done"], evaluations["reused"], evaluations["seconds"])
     return Contributions(reference, table, gamma, gains, evaluations, self.layers)
 
 def _score_merged(self, merged=None, edits_key=None) -> dict:

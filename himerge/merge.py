@@ -6,7 +6,7 @@ Docs: https://himerge.github.io/himerge/merge.html.md"""
 
 # %% ../nbs/09_merge.ipynb #da299a43
 from __future__ import annotations
-import dataclasses, datetime, json, time
+import dataclasses, datetime, json, logging, time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +17,13 @@ from .methods import Counts, MergeContext, MergeMethod, non_default
 from .output import check_output, is_himerge_output, REPORT_FILE
 from .scoring import check_device, resolve_tokenizer
 
+log = logging.getLogger(__name__)
+
 # %% auto #0
-__all__ = ['Plan', 'count_evaluations', 'memory_estimate', 'protected_inputs', 'check_task_rows', 'plan', 'Run', 'open_run',
-           'run_method', 'reference_states', 'score_models', 'source_record', 'portable_config', 'task_data',
-           'build_report', 'write_output', 'MergeResult', 'Interrupted', 'merge', 'demo_config', 'conflict_table',
-           'demo']
+__all__ = ['log', 'Plan', 'count_evaluations', 'memory_estimate', 'protected_inputs', 'check_task_rows', 'plan', 'Run',
+           'open_run', 'run_method', 'reference_states', 'score_models', 'source_record', 'portable_config',
+           'task_data', 'build_report', 'write_output', 'MergeResult', 'join_launched', 'group_device', 'agreed',
+           'leave_group', 'Interrupted', 'merge', 'demo_config', 'conflict_table', 'demo']
 
 # %% ../nbs/09_merge.ipynb #39c52680
 @dataclass
@@ -111,8 +113,14 @@ def check_task_rows(tasks: dict, test_scores: bool) -> dict:
         if test_scores: rows[(name, "test")] = spec.with_split("test").check_rows()   # names the task if the split is missing
     return rows
 
-def plan(config, out=None, device=None) -> Plan:
-    "Resolve and check sources, tasks, output, cache, device and tokenizer, and count evaluations, without loading any weight."
+def plan(config, out=None, device=None, writer: bool = True) -> Plan:
+    """Resolve and check sources, tasks, output, cache, device and tokenizer, and count evaluations, without loading any weight.
+
+    Args:
+        config: a merge config: a dict, a YAML file's path, or a `MergeConfig`.
+        out: the output folder (default: the config's `output`).
+        device: where the model will run (cpu, cuda, cuda:N, mps).
+        writer: whether this process writes the output and the cache (in a shared job, only rank 0 does)."""
     from himerge.cache import check_cache_dir, default_cache_dir
     from himerge.deltas import compute_deltas
     from himerge.sources import resolve_sources
@@ -133,14 +141,14 @@ def plan(config, out=None, device=None) -> Plan:
     with compute_deltas(sources) as d:    # headers only
         layers = d.changed_layers()
         memory = memory_estimate(d, layers, cfg.run.compute_dtype, device) if tasks else {}
-    cache_dir = check_cache_dir(cfg.run.cache_dir or default_cache_dir()) if tasks else None
+    cache_dir = check_cache_dir(cfg.run.cache_dir or default_cache_dir()) if tasks and writer else None
     output = Path(out or cfg.output).expanduser().resolve()
     tokenizer = None
     if tasks:
         who = "options.tokenizer" if cfg.run.tokenizer else f"the base ({sources.base.spec}) has no tokenizer:"
         tokenizer = resolve_tokenizer(cfg.run.tokenizer or sources.base.path, who, cfg.run.trust_remote_code)
     inputs = protected_inputs(cfg, sources, tasks, cache_dir)
-    check_output(output, force=True, inputs=inputs)   # inputs, files and writability; an existing output is for `merge`
+    if writer: check_output(output, force=True, inputs=inputs)   # inputs, files and writability; an existing output is for `merge`
     return Plan(cfg, cfg.merge_method, sources, tasks, output, layers, count_evaluations(cfg, len(layers)), inputs,
                 cache_dir, device, tokenizer, rows, memory)
 
@@ -193,28 +201,30 @@ def _timed(run: Run, name: str):
     finally: run.timings[name] = run.timings.get(name, 0.0) + time.perf_counter() - t0
 
 @contextmanager
-def open_run(p: Plan, progress=True):
-    "The deltas, keys, model and scorer of plan `p`, closed when the block ends."
+def open_run(p: Plan, progress=True, group=None):
+    "The deltas, keys, model and scorer of plan `p` (the scoring shared with `group`, if any), closed when the block ends."
     from himerge.cache import EvalCache, source_key
     from himerge.deltas import compute_deltas
     from himerge.contributions import LayerMemo, MemoDeltas
     from tqdm.auto import tqdm
     deltas = compute_deltas(p.sources)
     total = p.total_evaluations + len(deltas.layers)     # evaluations, then one step per layer written
-    bar = tqdm(total=total, desc=f"himerge {p.config.method}", unit="step", disable=not progress)
+    main = group is None or group.main
+    bar = tqdm(total=total, desc=f"himerge {p.config.method}", unit="step", disable=not (progress and main))
     run = Run(deltas, source_key(p.sources.base), [source_key(s) for s in p.sources.sources], progress=bar)
     try:
         if p.tasks:
             from himerge.scoring import check_loaded, input_device, lighteval_scorer, load_model
+            log.info("loading the base %s on %s", p.sources.base.name, p.device)
             with _timed(run, "load_s"):
                 r = p.config.run
                 model = load_model(p.sources.base.path, p.device, r.trust_remote_code, r.compute_dtype, r.device_map)
                 check_loaded(model)
-                run.cache = EvalCache(p.cache_dir)
+                run.cache = EvalCache(p.cache_dir if main else None)   # rank 0's cache is the job's
                 runtime = {"compute_dtype": str(getattr(model, "himerge_compute_dtype", model.dtype)).removeprefix("torch.")}
                 run.scorer = lighteval_scorer(model, MemoDeltas(deltas, LayerMemo()), p.tasks, p.tokenizer,
                                               device=input_device(model, p.device), batch_size=r.batch_size, cache=run.cache,
-                                              progress=bar, runtime=runtime)
+                                              progress=bar, runtime=runtime, group=group)
         yield run
     finally:
         bar.close()
@@ -227,6 +237,7 @@ def run_method(p: Plan, run: Run):
     context = MergeContext(run.deltas, [s.name for s in p.sources.sources], p.source_tasks,
                            [s.density for s in cfg.sources], [s.scale for s in cfg.sources], cfg.method_options, cfg.run,
                            p.layers, run.base_key, run.source_keys, run.scorer)
+    log.info("%s of %d sources", p.method.name, len(context.names))
     with _timed(run, "method_s"): merged = p.method.build(context)
     if run.progress is not None:   # the method's upper bounds are settled: the rest is exact
         rest = p.evaluations.get("validation scores", 0) + p.evaluations.get("test scores", 0) + len(run.deltas.layers)
@@ -256,6 +267,7 @@ def score_models(p: Plan, run: Run, merged) -> dict:
     tasks, states = list(p.tasks), reference_states(p, run)
     splits = ["validation"] + (["test"] if p.config.run.test_scores else [])
     scores = {}
+    log.info("scoring the base, the sources and the merge on %s", " and ".join(splits))
     with _timed(run, "scores_s"):
         for split in splits:
             rows = [name for name in states if split == "test" or name != "task_arithmetic"] + ["merged"]
@@ -335,6 +347,7 @@ def write_output(p: Plan, run: Run, merged, scores: dict, force: bool) -> dict:
     import yaml
     from himerge.output import commit_output, discard, staging_dir, write_model
     t0 = time.perf_counter()
+    log.info("writing the merged model to %s", p.output)
     tmp = staging_dir(p.output)
     try:
         files = write_model(tmp, run.deltas, merged.state.layer_delta, p.sources.base, p.config.dtype,
@@ -381,6 +394,41 @@ class MergeResult:
             if s.get(k): rows[k] = s[k]
         return pd.DataFrame(rows).T
 
+def join_launched(device):
+    "The process group of a job a launcher (torchrun, accelerate launch) started as several processes; None otherwise."
+    import os
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1: return None   # a single process imports nothing distributed
+    from himerge.distributed import join
+    return join(device)
+
+def group_device(group, device):
+    "This process's device: its own GPU in a shared job on GPUs, else `device`."
+    if group is None: return device
+    from himerge.distributed import rank_device
+    return rank_device(group, device)
+
+def agreed(group, step):
+    "`step()`; in a shared job, every rank learns whether every rank succeeded, and all stop on an input error."
+    from himerge.errors import InputError
+    if group is None: return step()
+    from himerge.distributed import agree
+    error, result = None, None
+    try: result = step()
+    except InputError as e: error = str(e)
+    failures = agree(group, error)
+    if failures:
+        messages = list(dict.fromkeys(e for _, e in failures))
+        raise InputError(messages[0] if len(messages) == 1 else
+                         "; ".join(f"rank {rank}: {e}" for rank, e in failures))
+    return result
+
+def leave_group(group, wait: bool = True):
+    "Wait for every rank (rank 0 may still be writing) unless this one failed, then leave the process group."
+    import torch.distributed as dist
+    from himerge.distributed import leave
+    if wait: dist.barrier()
+    leave()
+
 class Interrupted(KeyboardInterrupt):
     "A merge stopped by the user (Ctrl-C); `resume_hint` says what was saved and how to resume."
     def __init__(self, resume_hint: str): super().__init__(resume_hint); self.resume_hint = resume_hint
@@ -388,21 +436,29 @@ class Interrupted(KeyboardInterrupt):
 def merge(config, *, out=None, force=False, dry_run=False, device=None, progress=True):
     "Merge the sources of `config` (a dict, a YAML path or a `MergeConfig`); return a `MergeResult` (a `Plan` if `dry_run`)."
     t0 = time.perf_counter()
-    p = plan(config, out, device)
-    if dry_run: return p
-    check_output(p.output, force, p.inputs)
-    with open_run(p, progress) as run:
-        try:
-            merged = run_method(p, run)
-            scores = score_models(p, run, merged)
-        except KeyboardInterrupt:
-            saved = run.cache.done if run.cache else 0
-            where = f" in {p.cache_dir}" if p.cache_dir else ""
-            raise Interrupted(f"{saved} evaluations of this run are saved{where}; run the same command again to "
-                              "resume from them.") from None
-        run.timings["total_s"] = time.perf_counter() - t0
-        report = write_output(p, run, merged, scores, force)
-    return MergeResult(p.output, report, p, merged.records)
+    group = join_launched(device)                           # None unless a launcher started several processes
+    finished = False
+    try:
+        device = group_device(group, device)
+        p = agreed(group, lambda: plan(config, out, device, writer=group is None or group.main))
+        if dry_run: return p
+        agreed(group, lambda: check_output(p.output, force, p.inputs) if group is None or group.main else None)
+        with open_run(p, progress, group) as run:
+            try:
+                merged = run_method(p, run)
+                scores = score_models(p, run, merged)
+            except KeyboardInterrupt:
+                saved = run.cache.done if run.cache else 0
+                where = f" in {p.cache_dir}" if p.cache_dir else ""
+                raise Interrupted(f"{saved} evaluations of this run are saved{where}; run the same command again to "
+                                  "resume from them.") from None
+            run.timings["total_s"] = time.perf_counter() - t0
+            report = write_output(p, run, merged, scores, force) if group is None or group.main else None
+        finished = True
+        return MergeResult(p.output, report, p, merged.records)
+    finally:
+        # After a failure no rank may wait for the others: the launcher ends the job when a rank exits with an error.
+        if group is not None: leave_group(group, wait=finished)
 
 # %% ../nbs/09_merge.ipynb #b4185c38
 def demo_config(out="himerge-demo") -> dict:

@@ -6,12 +6,14 @@ Docs: https://himerge.github.io/himerge/resolve.html.md"""
 
 # %% ../nbs/08_resolve.ipynb #1644229e
 from __future__ import annotations
-import json
+import json, logging
 from dataclasses import dataclass, field, asdict
 
+log = logging.getLogger(__name__)
+
 # %% auto #0
-__all__ = ['SEVERE', 'PARTIAL', 'MUTUAL', 'impaired', 'total_conflict', 'classify', 'LayerEdit', 'ResolvedDeltas', 'Decision',
-           'Resolution', 'resolve', 'hi_merging']
+__all__ = ['log', 'SEVERE', 'PARTIAL', 'MUTUAL', 'impaired', 'total_conflict', 'classify', 'LayerEdit', 'ResolvedDeltas',
+           'Decision', 'Resolution', 'resolve', 'hi_merging']
 
 # %% ../nbs/08_resolve.ipynb #2dbd49c0
 SEVERE, PARTIAL, MUTUAL = "severe", "partial", "mutual"
@@ -158,6 +160,7 @@ def resolve(contributions, processed, source_names: list, source_tasks: list, de
         after = {}
         if score is not None:
             after = score(resolved); spent += evals_per_score
+        log.info("resolved layer %s (%s conflict, Γ = %.3f): %s", layer, cls, g_total, action)
         decisions.append(Decision(len(decisions) + 1, layer, cls, gammas, g_total, action,
                                   {m: e.describe() for m, e in edits.items()}, before, after))
         before = after

@@ -16,9 +16,10 @@ from .cache import EvalCache, fingerprint
 from .errors import InputError
 
 # %% auto #0
-__all__ = ['PROBE_KINDS', 'COMPUTE_DTYPES', 'TOKENIZER_PATTERNS', 'LayerEditor', 'State', 'base_state', 'Probe', 'Scorer', 'run',
-           'score', 'means', 'stored_dtype', 'compute_dtype', 'compute_in', 'load_model', 'input_device', 'DeviceError',
-           'check_device', 'TokenizerError', 'resolve_tokenizer', 'check_loaded', 'lighteval_scorer']
+__all__ = ['PROBE_KINDS', 'SHARED_ROUND', 'COMPUTE_DTYPES', 'TOKENIZER_PATTERNS', 'LayerEditor', 'State', 'base_state', 'Probe',
+           'Scorer', 'run', 'score', 'means', 'stored_dtype', 'compute_dtype', 'compute_in', 'load_model',
+           'input_device', 'DeviceError', 'check_device', 'TokenizerError', 'resolve_tokenizer', 'check_loaded',
+           'lighteval_scorer']
 
 # %% ../nbs/06c_scoring.ipynb #b5d163c2
 def _offload_slot(model, name: str):
@@ -134,12 +135,15 @@ def _layer_names(layer_delta: dict) -> list: return list(layer_delta)
 
 class Scorer:
     "Score probes of weight states on tasks, on one loaded model, through the evaluation cache."
-    def __init__(self, model, base, evaluator_for, *, cache: EvalCache | None = None, task_key=None, progress=None):
+    def __init__(self, model, base, evaluator_for, *, cache: EvalCache | None = None, task_key=None, progress=None,
+                 group=None):
         self.model, self.base, self.editor = model, base, LayerEditor(model)
         self._evaluator_for, self.evaluators = evaluator_for, {}
         self.cache = cache if cache is not None else EvalCache()
         self.task_key = task_key or (lambda task, split: f"{task}|{split}")
         self.progress = progress              # anything with update(n): one step per score measured or found on disk
+        self.group = group                    # a himerge.distributed.Group: the scores are shared among its ranks
+        self.seconds = {}                     # (task, split) -> seconds of its last evaluation: the cost of the next
         self.layers = list(base.layers)
         self.holding = {}                     # layer -> (state digest, tensor names) the model holds there
         self.model_seconds, self.writes = 0.0, 0
@@ -179,52 +183,70 @@ Scorer.hold, Scorer.restore = _hold, _restore
 # %% ../nbs/06c_scoring.ipynb #a1d622f6
 _KIND_ORDER = {"full": 0, "delete": 1, "add": 2}
 
-def _visit_order(self, missing: list) -> list:
-    "Indexes of `missing` (probe, task, split) grouped by state and kind, in layer order."
+def _visit_order(self, items: list, chosen: list) -> list:
+    "The indexes `chosen` of `items` (probe, task, split), grouped by state and kind, in layer order."
     position = {layer: i for i, layer in enumerate(self.layers)}
     first_seen = {}
-    for probe, _, _ in missing: first_seen.setdefault(probe.state.digest, len(first_seen))
-    return sorted(range(len(missing)), key=lambda i: (first_seen[missing[i][0].state.digest], _KIND_ORDER[missing[i][0].kind],
-                                                      position.get(missing[i][0].layer, -1), missing[i][2]))
+    for j in chosen: first_seen.setdefault(items[j][0].state.digest, len(first_seen))
+    def order(j):
+        probe, task, split = items[j]
+        return first_seen[probe.state.digest], _KIND_ORDER[probe.kind], position.get(probe.layer, -1), split, task
+    return sorted(chosen, key=order)
 
-def _evaluate(self, probe: Probe, task: str, split: str) -> np.ndarray:
-    "Score the model as it is now on `task` and store the result."
-    t0 = time.perf_counter()
-    result = self.evaluator(split).score(task)
-    self.model_seconds += time.perf_counter() - t0
-    per_sample = np.asarray(result.per_sample, dtype=float)
-    self.cache.put(self.key(probe, task, split), {"score": float(per_sample.mean()), "per_sample": per_sample.tolist(),
-                                                  **probe.record(), "task": task, "split": split})
+def _store(self, item, per_sample, seconds: float):
+    "Keep a score in the cache (on disk when the cache has a folder)."
+    probe, task, split = item
+    self.cache.put(self.key(*item), {"score": float(np.mean(per_sample)), "per_sample": list(map(float, per_sample)),
+                                     **probe.record(), "task": task, "split": split, "seconds": round(seconds, 4)})
     self.cache.done += 1
-    return per_sample
 
-def run(self, requests: list) -> list:
-    "Per-sample scores for each `(probe, tasks, split)` request: one dict task -> array per request."
-    results = [dict() for _ in requests]
-    missing, where = [], {}
-    for i, (probe, tasks, split) in enumerate(requests):
-        for task in tasks:
-            item = (probe, task, split)
-            key = self.key(*item)
-            seen = key in self.cache.memory          # scored earlier in this process: not a step of the plan
-            record = self.cache.get(key)
-            if record is not None:
-                results[i][task] = np.asarray(record["per_sample"], dtype=float); self.cache.reused += 1
-                if self.progress is not None and not seen: self.progress.update(1)   # resumed from disk
-            else:
-                if item not in where: where[item] = len(missing); missing.append(item)
-                where.setdefault((i, task), where[item])
+def _cached(self, items: list) -> dict:
+    "index -> per-sample scores of the `items` the cache has (a score found on disk is a step of the plan done)."
+    got = {}
+    for j, item in enumerate(items):
+        key = self.key(*item)
+        seen = key in self.cache.memory          # scored earlier in this process: not a step of the plan
+        record = self.cache.get(key)
+        if record is None: continue
+        got[j] = np.asarray(record["per_sample"], dtype=float); self.cache.reused += 1
+        if self.progress is not None and not seen: self.progress.update(1)
+    return got
+
+def _score_items(self, items: list, order: list) -> dict:
+    "Score `items[j]` for each j of `order`, in that order, writing each probe's weights; index -> (scores, seconds)."
+    out = {}
     try:
-        for j in _visit_order(self, missing):
-            probe, task, split = missing[j]
+        for j in order:
+            probe, task, split = items[j]
             self.hold(probe)
-            missing[j] = (probe, task, split, _evaluate(self, probe, task, split))
+            t0 = time.perf_counter()
+            per_sample = np.asarray(self.evaluator(split).score(task).per_sample, dtype=float)
+            seconds = time.perf_counter() - t0
+            self.model_seconds += seconds
+            _store(self, items[j], per_sample, seconds)
+            out[j] = (per_sample, seconds)
+            if self.group is None: self.seconds[(task, split)] = seconds   # a shared job learns costs from gathered results
             if self.progress is not None: self.progress.update(1)
     finally:
         self.restore()
+    return out
+
+def run(self, requests: list) -> list:
+    "Per-sample scores for each `(probe, tasks, split)` request: one dict task -> array per request."
+    items, slots, index = [], [], {}
     for i, (probe, tasks, split) in enumerate(requests):
         for task in tasks:
-            if task not in results[i]: results[i][task] = missing[where[(i, task)]][3]
+            item = (probe, task, split)
+            if item not in index: index[item] = len(items); items.append(item)
+            slots.append((i, task, index[item]))
+    if self.group is None:
+        got = _cached(self, items)
+        missing = [j for j in range(len(items)) if j not in got]
+        got.update({j: scores for j, (scores, _) in _score_items(self, items, _visit_order(self, items, missing)).items()})
+    else:
+        got = _run_shared(self, items)
+    results = [dict() for _ in requests]
+    for i, task, j in slots: results[i][task] = got[j]
     return results
 
 def score(self, state: State, tasks: list, split: str = "validation") -> dict:
@@ -236,6 +258,43 @@ def means(per_sample: dict) -> dict:
     return {task: float(np.mean(v)) for task, v in per_sample.items()}
 
 Scorer.run, Scorer.score = run, score
+
+# %% ../nbs/06c_scoring.ipynb #7a46ecf2
+SHARED_ROUND = 4   # evaluations per rank between two gatherings: what a failure can lose
+
+def _cost(self, item) -> float:
+    "Expected seconds of one evaluation (1 until the task has been timed)."
+    probe, task, split = item
+    return self.seconds.get((task, split), 1.0)
+
+def _run_shared(self, items: list) -> dict:
+    "Scores of every item, each computed by one rank, known to all."
+    import math
+    from himerge.distributed import assign, broadcast, gather, split_units
+    group = self.group
+    known = broadcast(group, {j: v.tolist() for j, v in _cached(self, items).items()} if group.main else None)
+    got = {j: np.asarray(v, dtype=float) for j, v in known.items()}
+    missing = [j for j in range(len(items)) if j not in got]
+    units = {}
+    for j in _visit_order(self, items, missing):
+        probe, task, split = items[j]
+        units.setdefault((probe.state.digest, probe.kind, split, task), []).append(j)
+    units = list(units.values())
+    units, costs = split_units(units, [sum(_cost(self, items[j]) for j in u) for u in units], group.world,
+                               lambda j: _cost(self, items[j]))
+    owner = assign(costs, group.world)
+    lists = [[j for unit, rank in zip(units, owner) if rank == r for j in unit] for r in range(group.world)]
+    rounds = max((math.ceil(len(todo) / SHARED_ROUND) for todo in lists), default=0)
+    for k in range(rounds):
+        mine = _score_items(self, items, lists[group.rank][k * SHARED_ROUND:(k + 1) * SHARED_ROUND])
+        for part in gather(group, {j: (v.tolist(), secs) for j, (v, secs) in mine.items()}):
+            for j, (values, secs) in part.items():
+                if j not in mine:
+                    _store(self, items[j], values, secs)
+                    if self.progress is not None: self.progress.update(1)
+                got[j] = np.asarray(values, dtype=float)
+                self.seconds[(items[j][1], items[j][2])] = secs   # the same updates, in the same order, on every rank
+    return got
 
 # %% ../nbs/06c_scoring.ipynb #c87312bf
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -361,8 +420,20 @@ def check_loaded(model, who: str = "base"):
 
 # %% ../nbs/06c_scoring.ipynb #31efb2bd
 def lighteval_scorer(model, base, tasks: dict, tokenizer, *, device="cpu", batch_size=32, cache=None, progress=None,
-                     runtime: dict | None = None) -> Scorer:
-    "A `Scorer` whose evaluators run LightEval on `tasks` (name -> TaskSpec), one evaluator per split."
+                     runtime: dict | None = None, group=None) -> Scorer:
+    """A `Scorer` whose evaluators run LightEval on `tasks`, one evaluator per split.
+
+    Args:
+        model: the loaded base model.
+        base: the base's layers (`layers`, `base_layer(layer)`).
+        tasks: task name -> TaskSpec (on the analysis split).
+        tokenizer: the tokenizer's local folder.
+        device: where inputs go.
+        batch_size: LightEval's batch size.
+        cache: the evaluation cache.
+        progress: a progress bar (anything with update(n)).
+        runtime: settings that change scores (compute dtype, ...), folded into the task keys.
+        group: a process group to share the scoring with."""
     from himerge.cache import task_key
     from himerge.evaluate import Evaluator
     runtime = {"batch_size": batch_size, "device": str(device).split(":")[0], **(runtime or {})}
@@ -375,4 +446,4 @@ def lighteval_scorer(model, base, tasks: dict, tokenizer, *, device="cpu", batch
         if (task, split) not in keys: keys[(task, split)] = task_key(spec(task, split), runtime)
         return keys[(task, split)]
     make = lambda split: Evaluator(model, tokenizer, {t: spec(t, split) for t in tasks}, device=device, batch_size=batch_size)
-    return Scorer(model, base, make, cache=cache, task_key=key, progress=progress)
+    return Scorer(model, base, make, cache=cache, task_key=key, progress=progress, group=group)
