@@ -16,9 +16,10 @@ from .sources import (SourceError, SourceSet, TensorHeader, adapter_module, adap
                              lora_rank, peft_default, target_tensor, weight_files)
 
 # %% auto #0
-__all__ = ['LAYER_GROUPS_FIRST', 'LAYER_GROUPS_LAST', 'n_blocks', 'layer_of', 'lora_scaling', 'lora_delta', 'nonfinite',
-           'check_finite', 'load_pickle_weights', 'TensorStore', 'group_layers', 'full_reader', 'lora_modules',
-           'lora_reader', 'source_reader', 'Deltas', 'compute_deltas', 'reconstruct']
+__all__ = ['LAYER_GROUPS_FIRST', 'LAYER_GROUPS_LAST', 'GRANULARITIES', 'n_blocks', 'layer_of', 'lora_scaling', 'lora_delta',
+           'nonfinite', 'check_finite', 'load_pickle_weights', 'TensorStore', 'group_layers', 'full_reader',
+           'lora_modules', 'lora_reader', 'source_reader', 'Deltas', 'compute_deltas', 'reconstruct', 'unit_of',
+           'UnitDeltas']
 
 # %% ../nbs/02_deltas.ipynb #49bab315
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer|decoder_layers)\.(\d+)\.")
@@ -263,3 +264,46 @@ def reconstruct(deltas: Deltas, i: int) -> dict:
         base, d = deltas.base_layer(layer), deltas.source_layer(i, layer)
         out.update({n: base[n] + d[n] if n in d else base[n] for n in base})
     return out
+
+# %% ../nbs/02_deltas.ipynb #87888a0d
+GRANULARITIES = ("layer", "module")
+_MLP_NAMES = re.compile(r"post_attention_layernorm|pre_feedforward|post_feedforward|ffn_norm|\.ln_2\.|mlp|feed_forward|ffn|experts|moe")
+_ATTN_NAMES = re.compile(r"input_layernorm|\.ln_1\.|attention_norm|attn|attention")
+
+def unit_of(name: str, block) -> str:
+    "The unit of tensor `name` of block `block`: '<block>.attn', '<block>.mlp' or '<block>.other'."
+    part = "mlp" if _MLP_NAMES.search(name) else "attn" if _ATTN_NAMES.search(name) else "other"
+    return f"{block}.{part}"
+
+class UnitDeltas:
+    "A deltas object (`layers`, `names`, `base_layer`, `source_layer`) whose blocks are split into attention and MLP units."
+    def __init__(self, deltas):
+        self.deltas, self._block, self._names, self.layers = deltas, {}, {}, []
+        for layer in deltas.layers:
+            if not isinstance(layer, int): self.layers.append(layer); continue
+            for name in deltas.names(layer):
+                unit = unit_of(name, layer)
+                if unit not in self._names: self._names[unit] = []; self._block[unit] = layer; self.layers.append(unit)
+                self._names[unit].append(name)
+        order = {"attn": 0, "mlp": 1, "other": 2}   # attention first: it comes first in the block
+        self.layers.sort(key=lambda u: self.deltas.layers.index(self._block.get(u, u)) * 3 + (order[u.split(".")[1]] if u in self._block else 0))
+
+    def names(self, layer) -> list: return list(self._names[layer]) if layer in self._names else self.deltas.names(layer)
+    def _pick(self, tensors: dict, layer) -> dict:
+        keep = set(self._names[layer])
+        return {n: t for n, t in tensors.items() if n in keep}
+    def base_layer(self, layer) -> dict:
+        if layer not in self._block: return self.deltas.base_layer(layer)
+        return self._pick(self.deltas.base_layer(self._block[layer]), layer)
+    def source_layer(self, i: int, layer) -> dict:
+        if layer not in self._block: return self.deltas.source_layer(i, layer)
+        return self._pick(self.deltas.source_layer(i, self._block[layer]), layer)
+    def changed_layers(self, i: int | None = None) -> list:
+        "The units of the layers the source (any source if None) changes."
+        changed = set(self.deltas.changed_layers(i))
+        return [u for u in self.layers if self._block.get(u, u) in changed]
+    def __getattr__(self, attr):   # source_names, config, unassigned_tensors, close, ... are the wrapped deltas'
+        if attr.startswith("_") or attr == "deltas": raise AttributeError(attr)
+        return getattr(self.deltas, attr)
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.deltas.close()

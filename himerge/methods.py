@@ -354,6 +354,8 @@ class HiMergingOptions:
     scale_factor: float = option(0.5, "partial conflict: factor on λ of the dominating sources' layer delta",
                                  low=0, high=1, low_open=True)
     score_decisions: bool = option(True, "score the merge before and after each resolved layer (recorded in the report)")
+    conflict_z: float = option(0.0, "a source is impaired at a layer only if γ > z·se(γ); 0 is the paper's rule (γ > 0)",
+                               low=0)
 
 def hi_merging_evaluations(counts: Counts, options: HiMergingOptions) -> dict:
     "Planned task evaluations of Hi-Merging (resolution and re-measurement are upper bounds: one step per layer)."

@@ -18,17 +18,20 @@ __all__ = ['log', 'SEVERE', 'PARTIAL', 'MUTUAL', 'impaired', 'total_conflict', '
 # %% ../nbs/08_resolve.ipynb #2dbd49c0
 SEVERE, PARTIAL, MUTUAL = "severe", "partial", "mutual"
 
-def impaired(gammas: dict) -> list:
-    "The sources whose task the merge made this layer serve worse (γ > 0)."
-    return [m for m, g in gammas.items() if g > 0]
+def _threshold(se, z: float) -> float:
+    return z * se if z > 0 and se is not None and se == se else 0.0   # se != se: NaN, no error estimate
 
-def total_conflict(gammas: dict) -> float:
-    "Γ^l = Σ_m max(γ_m^l, 0)."
-    return float(sum(max(g, 0.0) for g in gammas.values()))
+def impaired(gammas: dict, errors: dict | None = None, z: float = 0.0) -> list:
+    "The sources whose task the merge made this layer serve worse: γ > z·se (γ > 0 with z = 0)."
+    return [m for m, g in gammas.items() if g > _threshold((errors or {}).get(m), z)]
 
-def classify(gammas: dict) -> str:
+def total_conflict(gammas: dict, errors: dict | None = None, z: float = 0.0) -> float:
+    "Γ^l: the sum of the impaired sources' γ (Σ_m max(γ_m^l, 0) with z = 0)."
+    return float(sum(gammas[m] for m in impaired(gammas, errors, z)))
+
+def classify(gammas: dict, errors: dict | None = None, z: float = 0.0) -> str:
     "severe if every source is impaired, partial if some are, mutual if none."
-    hurt = impaired(gammas)
+    hurt = impaired(gammas, errors, z)
     return SEVERE if len(hurt) == len(gammas) else PARTIAL if hurt else MUTUAL
 
 # %% ../nbs/08_resolve.ipynb #e986e2b1
@@ -97,11 +100,14 @@ class Resolution:
     evaluations: int = 0
     contributions: object = None  # the last Contributions measured (the input one if never re-measured)
     remeasured: bool = False
+    conflict_z: float = 0.0
+    impaired: dict = field(default_factory=dict)   # layer -> sources counted as impaired (γ > z·se)
 
     def to_report(self) -> dict:
         "Classes, decisions and how the loop ended, for a merge's report (and γ after re-measurement, if any)."
         out = {"classes": {str(k): v for k, v in self.classes.items()}, "decisions": [d.record() for d in self.decisions],
-               "resolution": {"stopped": self.stopped, "evaluations": self.evaluations}}
+               "resolution": {"stopped": self.stopped, "evaluations": self.evaluations, "conflict_z": self.conflict_z},
+               "impaired": {str(k): v for k, v in self.impaired.items()}}
         if self.contributions is not None and self.remeasured: out["gamma_final"] = self.contributions.to_report()["gamma"]
         return out
 
@@ -110,9 +116,14 @@ def _layer_gammas(contributions, layer) -> dict:
     rows = g[g.layer == layer]
     return {r.source: float(r.gamma) for r in rows.itertuples()}
 
+def _layer_errors(contributions, layer) -> dict:
+    g = contributions.gamma
+    rows = g[g.layer == layer]
+    return {r.source: float(getattr(r, "gamma_se", float("nan"))) for r in rows.itertuples()}   # none: the paper's rule
+
 def resolve(contributions, processed, source_names: list, source_tasks: list, density: list, scale: list, *,
             density_factor=0.5, scale_factor=0.5, remeasure="never", budget=None, score=None, measure=None,
-            scope="tensor", evals_per_score=None, evals_per_measure=None) -> Resolution:
+            scope="tensor", evals_per_score=None, evals_per_measure=None, conflict_z=0.0) -> Resolution:
     "Resolve conflicts layer by layer, most conflicted first (Hi-Merging's Stage 4)."
     if remeasure not in ("never", "after_each"): raise ValueError(f"remeasure: {remeasure!r} is not 'never' or 'after_each'")
     if remeasure == "after_each" and measure is None: raise ValueError("remeasure: 'after_each' needs a `measure` function")
@@ -124,12 +135,13 @@ def resolve(contributions, processed, source_names: list, source_tasks: list, de
     evals_per_score = evals_per_score if evals_per_score is not None else len(set(source_tasks))
     evals_per_measure = evals_per_measure or 0
     current = contributions
-    classes = {layer: classify(_layer_gammas(current, layer)) for layer in layers}
+    rule = lambda c, layer: (_layer_gammas(c, layer), _layer_errors(c, layer), conflict_z)   # γ, se and z of a layer
+    classes = {layer: classify(*rule(current, layer)) for layer in layers}
     before = score(resolved) if score is not None else {}
     spent += evals_per_score if score is not None else 0
     stopped = "no conflict left"
     while True:
-        pending = [(total_conflict(_layer_gammas(current, layer)), layer) for layer in layers if layer not in visited]
+        pending = [(total_conflict(*rule(current, layer)), layer) for layer in layers if layer not in visited]
         pending = [(g, layer) for g, layer in pending if g > 0]
         if not pending:
             stopped = "no conflict left" if len(visited) < len(layers) else "every layer visited"
@@ -140,9 +152,9 @@ def resolve(contributions, processed, source_names: list, source_tasks: list, de
             break
         g_total, layer = max(pending, key=lambda x: (x[0], -layers.index(x[1])))
         gammas = _layer_gammas(current, layer)
-        cls = classify(gammas)
+        cls = classify(*rule(current, layer))
         classes[layer] = cls
-        hurt, edits = impaired(gammas), {}
+        hurt, edits = impaired(*rule(current, layer)), {}
         if cls == SEVERE:
             c = {m: current.contribution(f"source:{m}", layer, source_tasks[index[m]]) for m in source_names}
             keep = max(source_names, key=lambda m: c[m])
@@ -167,8 +179,9 @@ def resolve(contributions, processed, source_names: list, source_tasks: list, de
         if remeasure == "after_each":
             current = measure(resolved); spent += evals_per_measure
     for layer in layers:  # layers never visited keep their class from the last γ seen
-        if layer not in visited: classes[layer] = classify(_layer_gammas(current, layer))
-    return Resolution(resolved, decisions, classes, stopped, spent, current, current is not contributions)
+        if layer not in visited: classes[layer] = classify(*rule(current, layer))
+    hurt = {layer: impaired(*rule(current, layer)) for layer in layers}
+    return Resolution(resolved, decisions, classes, stopped, spent, current, current is not contributions, conflict_z, hurt)
 
 # %% ../nbs/08_resolve.ipynb #27a3c00a
 def hi_merging(context):
@@ -188,7 +201,7 @@ def hi_merging(context):
         density_factor=opts.density_factor, scale_factor=opts.scale_factor, remeasure=opts.remeasure, budget=opts.budget,
         scope=opts.prune_scope, score=(lambda r: analysis.score_merged(r, r.key())) if opts.score_decisions else None,
         measure=lambda r: analysis.run(merged=r, edits_key=r.key()),
-        evals_per_score=n_tasks, evals_per_measure=n_tasks * (2 * len(contributions.layers) + 1))
+        evals_per_score=n_tasks, evals_per_measure=n_tasks * (2 * len(contributions.layers) + 1), conflict_z=opts.conflict_z)
     final = resolution.deltas
     state = analysis.states(final, final.key())[-1]
     return Merged(state, records=dict(contributions=contributions, resolution=resolution),
