@@ -1,4 +1,4 @@
-"""A Hub model card built from a merge output: what was merged, from which revisions, how every layer's conflict was resolved, and how it scores.
+"""The Hub model card of a merge output: what was merged, at which revisions, how each layer was resolved, its scores.
 
 Docs: https://himerge.github.io/himerge/card.html.md"""
 
@@ -9,67 +9,113 @@ from __future__ import annotations
 import json, os, re, tempfile
 from pathlib import Path
 
+from .errors import InputError
+
 # %% auto #0
-__all__ = ['REPORT', 'CONFIG', 'HEATMAP', 'CARD', 'CardError', 'read_report', 'eval_results', 'card_data', 'md_table', 'pm',
-           'sources_section', 'method_section', 'scores_section', 'gamma_section', 'contributions_section',
-           'default_model_name', 'build_card', 'write_card']
+__all__ = ['REPORT', 'CONFIG', 'HEATMAP', 'CARD', 'PAPER_URL', 'HUB_METRIC', 'ROW_LABELS', 'MERGE_ROWS', 'BELOW', 'FREE_TEXT',
+           'CardError', 'CardLeakError', 'read_report', 'local_name', 'hub_metric', 'hub_dataset', 'final_scores',
+           'eval_results', 'is_adapter', 'hub_models', 'card_data', 'md_table', 'pm', 'layer_key', 'source_link',
+           'sources_table', 'applied_options', 'gain_kept', 'score_cell', 'score_table', 'gamma_table',
+           'conflict_summary', 'decisions_table', 'contributions_table', 'grid_table', 'grid_title', 'adapter_section',
+           'reproduce_config', 'local_paths', 'check_no_local_paths', 'template_path', 'default_model_name',
+           'method_info', 'card_variables', 'build_card', 'is_himerge_card', 'write_card']
 
 # %% ../nbs/10_card.ipynb #ee7a7ff5
 REPORT, CONFIG, HEATMAP, CARD = "himerge_report.json", "himerge_config.yaml", "gamma_heatmap.png", "README.md"
+PAPER_URL = "https://arxiv.org/abs/2506.12379"
 
-class CardError(ValueError):
-    "A merge output folder that a model card cannot be built from."
+class CardError(InputError):
+    "A merge output folder that a model card cannot be built from; the message names the file and field."
+
+class CardLeakError(RuntimeError):
+    "A rendered card that would publish an absolute path of this machine: a bug in himerge, never the user's input."
 
 def read_report(output_dir) -> dict:
-    "The merge report of `output_dir`, checked for the keys the card needs."
+    "The merge report of `output_dir`, checked for the fields the card needs."
     path = Path(output_dir) / REPORT
     if not path.is_file(): raise CardError(f"{path}: no merge report; is {output_dir} a himerge output folder?")
-    try: report = json.loads(path.read_text())
-    except json.JSONDecodeError as e: raise CardError(f"{path}: not valid JSON: {e}") from None
-    for key in ("method", "base", "sources", "scores"):
+    try: report = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise CardError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(report, dict): raise CardError(f"{path}: expected a JSON object, got {type(report).__name__}")
+    for key, kind in (("method", str), ("base", dict), ("sources", list), ("scores", dict)):
         if key not in report: raise CardError(f"{path}: missing field {key!r}")
+        if not isinstance(report[key], kind): raise CardError(f"{path}: field {key!r} is not a {kind.__name__}")
+    for i, s in enumerate(report["sources"]):
+        if not isinstance(s, dict) or not s.get("name"): raise CardError(f"{path}: sources[{i}] has no name")
     return report
 
 # %% ../nbs/10_card.ipynb #3a60eb32
-def _hub_models(report) -> list:
+def local_name(spec) -> str | None:
+    "A Hub id (`org/name[@rev]`) as given; a local path as its folder name."
+    if spec is None: return None
+    s = str(spec)
+    path = Path(s).expanduser()
+    looks_local = path.is_absolute() or s.startswith((".", "~")) or "\\" in s or s.count("/") > 1
+    try: exists = path.exists()
+    except OSError: exists = False
+    return (path.name or s) if (looks_local or exists) else s
+
+# %% ../nbs/10_card.ipynb #53923ba0
+HUB_METRIC = {"loglikelihood_acc": "accuracy", "rougeL": "rougeL", "rouge1": "rouge1", "rouge2": "rouge2",
+              "bleu": "bleu", "exact_match": "exact_match"}
+
+def hub_metric(metric) -> str:
+    "The Hub's name for a himerge (LightEval) metric."
+    return HUB_METRIC.get(str(metric), str(metric))
+
+def hub_dataset(task: dict) -> tuple | None:
+    "(dataset id, revision) of a task record whose data is a Hub dataset; None for local data."
+    data = str(task.get("data") or "")
+    hub = task.get("hub")
+    if hub is None: hub = bool(re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", data)) and local_name(data) == data
+    if not hub or not data: return None
+    dataset, _, at_rev = data.partition("@")
+    return dataset, task.get("revision") or at_rev or None
+
+def final_scores(report) -> tuple:
+    "(split, {task: score}) of the merged model: test when scored, else validation; (None, {}) when unscored."
+    for split in ("test", "validation"):
+        merged = (report["scores"].get(split) or {}).get("merged") or {}
+        if merged: return split, merged
+    return None, {}
+
+# %% ../nbs/10_card.ipynb #0abe68db
+def eval_results(report) -> list:
+    "One `EvalResult` per task on Hub data, for the merged model's final scores."
+    from huggingface_hub import EvalResult
+    split, merged = final_scores(report)
+    results = []
+    for task, score in merged.items():
+        record = (report.get("tasks") or {}).get(task) or {}
+        dataset = hub_dataset(record)
+        if score is None or dataset is None: continue
+        metric = hub_metric(record.get("metric"))
+        results.append(EvalResult(task_type="text-generation", task_name=task, dataset_type=dataset[0],
+                                  dataset_name=dataset[0], dataset_revision=dataset[1],
+                                  dataset_split=split if split == "test" else record.get("split", split),
+                                  metric_type=metric, metric_name=f"{metric} ({task})", metric_value=float(score)))
+    return results
+
+def is_adapter(report) -> bool:
+    "Whether the merge was saved as an adapter of its base."
+    output_format = report.get("output_format")
+    return output_format == "adapter" or (output_format is None and bool(report.get("adapter")))
+
+def hub_models(report) -> list:
     "Hub ids of the base and the sources, base first, without repeats."
     ids = [report["base"].get("repo_id")] + [s.get("repo_id") for s in report["sources"]]
     return list(dict.fromkeys(i for i in ids if i))
 
-def _final_scores(report) -> tuple:
-    "(split, {task: score}) of the merged model: test when scored, else validation."
-    for split in ("test", "validation"):
-        merged = report["scores"].get(split, {}).get("merged") or {}
-        if merged: return split, merged
-    return None, {}
-
-def _dataset(data, task) -> tuple:
-    "(dataset id, revision) for model-index: a Hub dataset id as given, else the task name (no local paths)."
-    m = re.fullmatch(r"([\w.-]+/[\w.-]+)(?:@([\w./-]+))?", str(data or ""))
-    if m and not Path(str(data)).exists(): return m[1], m[2]
-    return task, None
-
-def eval_results(report) -> list:
-    "One `EvalResult` per task for the merged model."
-    from huggingface_hub import EvalResult
-    split, merged = _final_scores(report)
-    tasks = report.get("tasks", {})
-    results = []
-    for task, score in merged.items():
-        if score is None: continue
-        dataset, rev = _dataset(tasks.get(task, {}).get("data"), task)
-        results.append(EvalResult(task_type="text-generation", task_name=task, dataset_type=dataset, dataset_name=task,
-                                  dataset_split=split, dataset_revision=rev,
-                                  metric_type=tasks.get(task, {}).get("metric", "score"), metric_value=float(score)))
-    return results
-
 def card_data(report, model_name: str):
     "The card's metadata (`ModelCardData`) for a merge report."
     from huggingface_hub import ModelCardData
-    return ModelCardData(model_name=model_name, base_model=_hub_models(report) or None,
-                         base_model_relation="merge", library_name="transformers",
+    adapter = is_adapter(report)
+    base_model = report["base"].get("repo_id") if adapter else (hub_models(report) or None)
+    return ModelCardData(model_name=model_name, base_model=base_model,
+                         base_model_relation=("adapter" if adapter else "merge") if base_model else None,
+                         library_name="peft" if adapter else "transformers", pipeline_tag="text-generation",
                          license=report["base"].get("license") or None,
-                         tags=["merge", "himerge", report["method"]],
+                         tags=["merge", "himerge", report["method"]] + (["lora"] if adapter else []),
                          eval_results=eval_results(report) or None)
 
 # %% ../nbs/10_card.ipynb #60750e45
@@ -81,7 +127,7 @@ def _cell(v) -> str:
 def md_table(header: list, rows: list) -> str:
     "A GitHub-flavoured Markdown table; each row must have as many cells as `header`."
     for r in rows:
-        if len(r) != len(header): raise CardError(f"table row {r!r} has {len(r)} cells, header has {len(header)}")
+        if len(r) != len(header): raise ValueError(f"table row {r!r} has {len(r)} cells, header has {len(header)}")
     line = lambda cells: "| " + " | ".join(_cell(c) for c in cells) + " |"
     return "\n".join([line(header), "|" + "|".join("---" for _ in header) + "|"] + [line(r) for r in rows])
 
@@ -91,116 +137,302 @@ def pm(value, se=None) -> str:
     return f"{value:.3f}" if se is None else f"{value:.3f} ± {se:.3f}"
 
 # %% ../nbs/10_card.ipynb #61227b6d
-def _link(rec) -> str:
-    "The source as a Markdown link to its Hub page (at the commit used), or its local spec."
+_EDGES = {"embed": 0, "norm": 2, "lm_head": 3}
+
+def layer_key(layer) -> tuple:
+    "Sort key of a layer in model order: embed, blocks by number then part, norm, lm_head, anything else."
+    text = str(layer)
+    block, _, part = text.partition(".")
+    if block.isdigit(): return (1, int(block), part)
+    return (_EDGES.get(text, 4), 0, text)
+
+# %% ../nbs/10_card.ipynb #922fdbb2
+def source_link(rec) -> str:
+    "A source (or the base) as a Markdown link to its Hub page at the commit used, or its local folder's name."
     if rec.get("repo_id"):
         ref = rec.get("commit_sha") or rec.get("revision")
         url = f"https://huggingface.co/{rec['repo_id']}" + (f"/tree/{ref}" if ref else "")
         return f"[{rec['repo_id']}]({url})"
-    return f"`{rec.get('spec') or rec.get('name')}`"
+    return f"`{local_name(rec.get('spec') or rec.get('name'))}` (local)"
 
-def sources_section(report) -> str:
+def sources_table(report) -> str:
+    "The base and the sources: model, kind, task, revision, commit, density p and scale λ."
+    sha = lambda rec: f"`{rec['commit_sha']}`" if rec.get("commit_sha") else None
     base = report["base"]
-    rows = [["base", _link(base), "base", "–", base.get("revision"), f"`{base['commit_sha']}`" if base.get("commit_sha") else None, None, None]]
-    rows += [[s["name"], _link(s), s.get("kind"), s.get("task"), s.get("revision"),
-              f"`{s['commit_sha']}`" if s.get("commit_sha") else None, s.get("density"), s.get("scale")]
-             for s in report["sources"]]
-    return "## Sources\n\n" + md_table(["name", "model", "kind", "task", "revision", "commit", "density p", "scale λ"], rows)
-
-def method_section(report) -> str:
-    opts = report.get("options", {})
-    lines = [f"## Method\n\nMethod: **{report['method']}**. Options:\n"]
-    lines += [f"- `{k}`: `{v}`" for k, v in opts.items()]
-    return "\n".join(lines)
-
-def _score_rows(split_scores: dict, tasks: list) -> list:
-    rows = []
-    for key in ("base", "sources", "pre_merge", "task_arithmetic", "merged"):
-        v = split_scores.get(key)
-        if not v: continue
-        named = v.items() if key == "sources" else [({"pre_merge": "pre-merge (pruned sum)", "task_arithmetic": "task arithmetic (plain sum)",
-                                                       "merged": "**merged**"}.get(key, key), v)]
-        rows += [[name if key != "sources" else f"source {name}"] + [pm(sc.get(t)) for t in tasks] for name, sc in named]
-    return rows
-
-def scores_section(report) -> str:
-    tasks = list(report.get("tasks") or report["scores"].get("validation", {}).get("merged", {}))
-    parts = ["## Scores"]
-    for split, title in (("validation", "Validation (analysis split)"), ("test", "Test (held out)")):
-        rows = _score_rows(report["scores"].get(split, {}), tasks)
-        if rows: parts.append(f"### {title}\n\n" + md_table(["model"] + tasks, rows))
-    metrics = ", ".join(f"{t}: {s.get('metric')}" for t, s in report.get("tasks", {}).items())
-    if metrics: parts.append(f"Metrics: {metrics}.")
-    return "\n\n".join(parts)
-
-# %% ../nbs/10_card.ipynb #922fdbb2
-def _layer_key(layer):
-    "Sort layers in model order: embed, blocks, norm, lm_head."
-    order = {"embed": -1, "norm": 10**9, "lm_head": 10**9 + 1}
-    try: return (0, int(layer))
-    except (TypeError, ValueError): return (0, order.get(str(layer), 10**9 + 2))
-
-def gamma_section(report) -> str:
-    gamma = report.get("gamma") or []  # the γ the heatmap shows and the classes came from
-    names = [s["name"] for s in report["sources"]]
-    layers = sorted({str(g["layer"]) for g in gamma}, key=_layer_key)
-    by = {(str(g["layer"]), g["source"]): g for g in gamma}
-    classes = {str(k): v for k, v in (report.get("classes") or {}).items()}
-    actions = {}
-    for d in sorted(report.get("decisions", []), key=lambda d: d.get("order", 0)):
-        actions.setdefault(str(d["layer"]), []).append(f"{d.get('order')}. {d.get('action')}")
-    rows = [[l] + [pm(by[(l, n)].get("gamma"), by[(l, n)].get("gamma_se")) if (l, n) in by else None for n in names]
-            + [classes.get(l), "; ".join(actions.get(l, [])) or "kept"] for l in layers]
-    stopped = (report.get("resolution") or {}).get("stopped")
-    text = ("## Layer conflicts and resolution\n\nγ is a layer's contribution to a source's own task in that source alone minus the same in the pre-merged model (scores normalised by the source's fine-tuning gain): γ > 0 means merging made the layer serve that task worse (a conflict), γ ≤ 0 means no harm."
-            + (f" Resolution stopped: {stopped}." if stopped else ""))
-    return text + "\n\n" + md_table(["layer"] + [f"γ {n}" for n in names] + ["class", "action"], rows)
-
-def contributions_section(report) -> str:
-    rows = [[c["layer"], c["state"], c["task"], pm(c.get("alpha"), c.get("alpha_se")), pm(c.get("beta"), c.get("beta_se")),
-             pm(c.get("c"), c.get("c_se"))]
-            for c in sorted(report.get("contributions", []), key=lambda c: _layer_key(c["layer"]))]
-    return "## Layer contributions\n\nα, β and c per layer, state and task (± standard error).\n\n" + \
-        md_table(["layer", "state", "task", "α", "β", "c"], rows)
+    rows = [["base", source_link(base), "base", None, base.get("revision"), sha(base), None, None]]
+    rows += [[s["name"], source_link(s), s.get("kind"), s.get("task"), s.get("revision"), sha(s), s.get("density"),
+              s.get("scale")] for s in report["sources"]]
+    return md_table(["name", "model", "kind", "task", "revision", "commit", "density p", "scale λ"], rows)
 
 # %% ../nbs/10_card.ipynb #027155a4
+def applied_options(report) -> list:
+    "[option, value, meaning] for the method's own options and the run options that differ from their defaults."
+    import dataclasses
+    from himerge.config import RunOptions
+    from himerge.methods import METHODS
+    options = report.get("options") or {}
+    method = METHODS.get(report["method"])
+    own = report.get("method_options")
+    if own is None: own = [f.name for f in dataclasses.fields(method.options)] if method else list(options)
+    helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(RunOptions)}
+    if method: helps.update({f.name: f.metadata.get("help", "") for f in dataclasses.fields(method.options)})
+    run_defaults = {f.name: f.default for f in dataclasses.fields(RunOptions)}
+    changed = [k for k, v in options.items()
+               if k in run_defaults and k not in own and k != "cache_dir" and v != run_defaults[k]]
+    shown = lambda k, v: local_name(v) if k == "tokenizer" else v
+    return [[f"`{k}`", f"`{shown(k, options.get(k))}`", helps.get(k, "")] for k in list(own) + changed if k in options]
+
+# %% ../nbs/10_card.ipynb #1dad1e79
+ROW_LABELS = {"pre_merge": "pre-merge (before resolution)", "task_arithmetic": "task arithmetic (plain sum)",
+              "merged": "**merged**"}
+MERGE_ROWS = ("pre_merge", "task_arithmetic", "merged")   # rows that are merges: flagged, and given their gain kept
+BELOW = "▼"
+
+def gain_kept(score, base, source) -> float | None:
+    "Share of a source's gain over the base that `score` keeps; None when the source does not beat the base."
+    if None in (score, base, source) or source - base <= 0: return None
+    return (score - base) / (source - base)
+
+def score_cell(score, base, is_merge: bool) -> str:
+    "A score with 3 decimals, flagged when a merge scores below the base."
+    if score is None: return "–"
+    return f"{score:.3f} {BELOW}" if is_merge and base is not None and score < base else f"{score:.3f}"
+
+# %% ../nbs/10_card.ipynb #c1de79e2
+def score_table(report, split: str) -> tuple:
+    "(Markdown table of `split`'s scores with flags and gains kept, [(task, merge) where a merge is below the base])."
+    scores, tasks = report["scores"].get(split) or {}, list(report.get("tasks") or {})
+    if not tasks: tasks = list(scores.get("merged") or {})
+    base = scores.get("base") or {}
+    rows = [("base", "base", base)] + [(f"source {n}", "source", s) for n, s in (scores.get("sources") or {}).items()]
+    rows += [(ROW_LABELS[k], k, scores[k]) for k in MERGE_ROWS if scores.get(k)]
+    own = [(s["name"], s["task"]) for s in report["sources"]
+           if s.get("task") in tasks and s["name"] in (scores.get("sources") or {})]
+    header = ["model"] + tasks + [f"gain kept: {name}" for name, _ in own]
+    table, below = [], []
+    for label, kind, row in rows:
+        merge = kind in MERGE_ROWS
+        cells = [score_cell(row.get(t), base.get(t), merge) for t in tasks]
+        below += [(t, label.strip("*")) for t in tasks if merge and BELOW in score_cell(row.get(t), base.get(t), merge)]
+        gains = [gain_kept(row.get(t), base.get(t), scores["sources"][n].get(t)) if merge else None for n, t in own]
+        table.append([label] + cells + [None if g is None else f"{g:.0%}" for g in gains])
+    return md_table(header, table), below
+
+# %% ../nbs/10_card.ipynb #739052d9
+def gamma_table(report, key: str = "gamma") -> str:
+    "γ per layer and source (bold: a significant conflict), the layer's class and the resolution's action."
+    rows_in = report.get(key) or []
+    names = [s["name"] for s in report["sources"]]
+    layers = sorted({str(g["layer"]) for g in rows_in}, key=layer_key)
+    by = {(str(g["layer"]), g["source"]): g for g in rows_in}
+    classes = {str(k): v for k, v in (report.get("classes") or {}).items()}
+    actions = {}
+    for d in sorted(report.get("decisions") or [], key=lambda d: d.get("order", 0)):
+        actions.setdefault(str(d["layer"]), []).append(f"{d.get('order')}. {d.get('action')}")
+    def cell(g):
+        if g is None: return None
+        text = pm(g.get("gamma"), g.get("gamma_se"))
+        return f"**{text}**" if g.get("significant") and (g.get("gamma") or 0) > 0 else text
+    rows = [[layer] + [cell(by.get((layer, n))) for n in names]
+            + [classes.get(layer), "; ".join(actions.get(layer, [])) or "kept"] for layer in layers]
+    return md_table(["layer"] + [f"γ {n}" for n in names] + ["class", "action"], rows)
+
+# %% ../nbs/10_card.ipynb #5d7cb641
+def conflict_summary(report) -> str:
+    "One paragraph: layers per conflict class, significant conflicts, and why resolution stopped."
+    classes = list((report.get("classes") or {}).values())
+    counts = ", ".join(f"{classes.count(c)} {c}" for c in ("severe", "partial", "mutual") if c in classes)
+    significant = sum(1 for g in report.get("gamma") or [] if g.get("significant") and (g.get("gamma") or 0) > 0)
+    text = f"Layers by conflict class: {counts}. " if counts else ""
+    text += f"Significant conflicts: {significant} (layer, source) pair{'s' * (significant != 1)}."
+    resolution = report.get("resolution") or {}
+    if resolution.get("stopped"):
+        text += f" Resolution stopped: {resolution['stopped']}"
+        text += f" ({resolution['evaluations']} evaluations)." if resolution.get("evaluations") is not None else "."
+    return text
+
+# %% ../nbs/10_card.ipynb #5cd3a9b1
+def decisions_table(report) -> str | None:
+    "One row per resolution step: layer, class, action, and each task's score before → after."
+    decisions = sorted(report.get("decisions") or [], key=lambda d: d.get("order", 0))
+    if not decisions: return None
+    tasks = list(report.get("tasks") or dict.fromkeys(t for d in decisions for t in d.get("score_before") or {}))
+    def change(d, t):
+        before, after = (d.get("score_before") or {}).get(t), (d.get("score_after") or {}).get(t)
+        return None if before is None or after is None else f"{before:.3f} → {after:.3f}"
+    return md_table(["step", "layer", "class", "action"] + tasks,
+                    [[d.get("order"), d["layer"], d.get("class"), d.get("action")] + [change(d, t) for t in tasks]
+                     for d in decisions])
+
+def contributions_table(report) -> str | None:
+    "α, β and c (± standard error) per layer, state and task, in model order."
+    rows = sorted(report.get("contributions") or [], key=lambda c: (layer_key(c["layer"]), c["state"], c["task"]))
+    if not rows: return None
+    return md_table(["layer", "state", "task", "α", "β", "c"],
+                    [[c["layer"], c["state"], c["task"], pm(c.get("alpha"), c.get("alpha_se")),
+                      pm(c.get("beta"), c.get("beta_se")), pm(c.get("c"), c.get("c_se"))] for c in rows])
+
+# %% ../nbs/10_card.ipynb #b28fc6a6
+def grid_table(grid: dict) -> str:
+    "The scores of one source's (p, λ) search: one row per density, one column per scale, the best pair in bold."
+    best = tuple(grid.get("best") or ())
+    rows = [[f"{p:g}"] + [f"**{s:.3f}**" if (p, scale) == best else pm(s) for scale, s in zip(grid["scales"], row)]
+            for p, row in zip(grid["densities"], grid["table"])]
+    return md_table(["p \\ λ"] + [f"{s:g}" for s in grid["scales"]], rows)
+
+def grid_title(grid: dict) -> str:
+    best = grid.get("best") or [None, None]
+    return f"{grid['source']} on {grid['task']}: best p = {best[0]:g}, λ = {best[1]:g}" if None not in best else \
+        f"{grid['source']} on {grid['task']}"
+
+def adapter_section(report) -> dict | None:
+    "{summary, table, n_tensors} of an adapter output, for the template; None when the output is a model."
+    a = report.get("adapter") or {}
+    if not is_adapter(report): return None
+    rank, error = a.get("rank"), a.get("max_relative_error", float("nan"))
+    if a.get("exact"): summary = f"Rank {rank}, exact: the adapter reproduces the merged delta of every tensor."
+    else: summary = (f"Rank {rank}: tensors whose merged delta has a higher rank are approximated by a truncated SVD; "
+                     f"the largest relative error (Frobenius norm) is {error:.2e}.")
+    tensors = a.get("tensors") or []
+    table = md_table(["tensor", "rank", "kind", "relative error"],
+                     [[t.get("tensor"), t.get("rank"), t.get("kind"), f"{t.get('relative_error', 0):.2e}"]
+                      for t in tensors])
+    return dict(summary=summary, table=table if tensors else None, n_tensors=len(tensors))
+
+# %% ../nbs/10_card.ipynb #c329ab1b
+def reproduce_config(output_dir, report) -> str | None:
+    "The output's merge config as YAML for the card: no output folder, no cache folder, no local path."
+    import yaml
+    path = Path(output_dir) / CONFIG
+    if not path.is_file(): return None
+    try: config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e: raise CardError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(config, dict): raise CardError(f"{path}: expected a mapping, got {type(config).__name__}")
+    config.pop("output", None)
+    hub = lambda rec: bool(rec and rec.get("repo_id"))
+    if config.get("base") is not None and not hub(report["base"]): config["base"] = local_name(config["base"])
+    for i, s in enumerate(config.get("sources") or []):
+        rec = report["sources"][i] if i < len(report["sources"]) else None
+        if isinstance(s, dict) and "path" in s and not hub(rec): s["path"] = local_name(s["path"])
+        elif isinstance(s, str) and not hub(rec): config["sources"][i] = local_name(s)
+    for name, spec in (config.get("tasks") or {}).items():
+        if isinstance(spec, dict) and spec.get("data") is not None:
+            known = (report.get("tasks") or {}).get(name) or {"data": spec["data"]}
+            if hub_dataset(known) is None: spec["data"] = local_name(spec["data"])
+    options = config.get("options")
+    if isinstance(options, dict):
+        options.pop("cache_dir", None)
+        if options.get("tokenizer"): options["tokenizer"] = local_name(options["tokenizer"])
+    return yaml.safe_dump(config, sort_keys=False, allow_unicode=True).rstrip()
+
+# %% ../nbs/10_card.ipynb #08b57a4f
+_ABSOLUTE = re.compile(r"(?<![\w.~/:\\-])~?/[^\s`'\"|<>()\[\]{},;*]+")
+
+def local_paths(text: str) -> list:
+    "Absolute (or `~/`) paths in `text` that exist on this machine."
+    found = []
+    for m in _ABSOLUTE.finditer(text):
+        candidate = m.group(0).rstrip("/.,:;!?")
+        if len(candidate.strip("~/")) == 0: continue
+        try: exists = Path(candidate).expanduser().exists()
+        except OSError: exists = False
+        if exists and candidate not in found: found.append(candidate)
+    return found
+
+FREE_TEXT = ("prompt", "stop_sequences")   # task fields that hold the user's own text
+
+def check_no_local_paths(text: str, where, config_yaml: str | None = None) -> None:
+    "Raise `CardLeakError` if `text` (the card of `where`, with `config_yaml` in it) holds a path of this machine."
+    if config_yaml:
+        import yaml
+        config = yaml.safe_load(config_yaml)
+        for spec in (config.get("tasks") or {}).values():
+            for key in FREE_TEXT:
+                if isinstance(spec, dict): spec.pop(key, None)
+        text = text.replace(config_yaml, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    leaks = local_paths(text)
+    if leaks: raise CardLeakError(f"the card of {where} would publish local path(s) {leaks}: a bug in himerge, please "
+                                  "report it; nothing was written")
+
+# %% ../nbs/10_card.ipynb #adc24409
+def template_path() -> Path:
+    "The model card's Jinja template, shipped in the package."
+    from importlib.resources import files
+    return Path(str(files("himerge") / "templates" / "modelcard_template.md"))
+
 def default_model_name(output_dir) -> str:
-    "The output folder's name (a merge passes the name of its destination, since it writes into a staging folder)."
+    "The output folder's name."
     return Path(output_dir).resolve().name
 
-def build_card(output_dir, model_name: str | None = None):
-    "The `ModelCard` of the merge output in `output_dir`."
-    from huggingface_hub import ModelCard
+def method_info(report) -> dict:
+    "{name, summary, reference} of the report's method, from the registry."
+    from himerge.methods import METHODS
+    m = METHODS.get(report["method"])
+    return dict(name=report["method"], summary=m.summary if m else "", reference=m.reference if m else "")
+
+# %% ../nbs/10_card.ipynb #28f27475
+def _metric_note(task: str, record: dict) -> str:
+    "`task: hub metric`, with LightEval's name when it differs."
+    metric = record.get("metric")
+    return f"{task}: {hub_metric(metric)}" + (f" (LightEval `{metric}`)" if hub_metric(metric) != metric else "")
+
+def card_variables(output_dir, report, model_name: str) -> dict:
+    "What the template shows, computed from the report and the output folder."
     from himerge import __version__
+    output_dir, base, tasks = Path(output_dir), report["base"], report.get("tasks") or {}
+    score_tables, below = [], []
+    for split, title in (("validation", "Validation: the analysis split"), ("test", "Test: held out")):
+        if report["scores"].get(split):
+            table, flagged = score_table(report, split)
+            score_tables.append(dict(title=title, table=table))
+            below += [f"{task} ({row}, {split})" for task, row in flagged]
+    options, analysed = applied_options(report), bool(report.get("gamma"))
+    return dict(
+        title=model_name, model_ref=model_name, n_sources=len(report["sources"]), method=method_info(report),
+        himerge_version=report.get("himerge_version", __version__), created=report.get("created"), paper_url=PAPER_URL,
+        base_link=source_link(base), adapter=adapter_section(report), base_is_local=not base.get("repo_id"),
+        base_ref=base.get("repo_id") or local_name(base.get("spec") or base.get("name")),
+        base_revision_arg=f', revision="{base["revision"]}"' if base.get("repo_id") and base.get("revision") else "",
+        sources_table=sources_table(report),
+        local_sources=[f"`{local_name(s.get('spec') or s['name'])}`" for s in [base] + report["sources"]
+                       if not s.get("repo_id")],
+        options_table=md_table(["option", "value", "meaning"], options) if options else None,
+        grids=[dict(title=grid_title(g), table=grid_table(g)) for g in report.get("grids") or []],
+        score_tables=score_tables, below_base=below, gain_columns=any("gain kept:" in t["table"] for t in score_tables),
+        metrics=[_metric_note(t, r) for t, r in tasks.items()],
+        local_tasks=[t for t in tasks if hub_dataset(tasks[t]) is None] if final_scores(report)[1] else [],
+        analysed=analysed, conflict_summary=conflict_summary(report) if analysed else "",
+        heatmap=HEATMAP if analysed and (output_dir / HEATMAP).is_file() else None,
+        n_layers=len({str(g["layer"]) for g in report.get("gamma") or []}),
+        gamma_table=gamma_table(report) if analysed else None,
+        gamma_final_table=gamma_table(report, "gamma_final") if report.get("gamma_final") else None,
+        decisions_table=decisions_table(report), contributions_table=contributions_table(report),
+        config_file=CONFIG, config_yaml=reproduce_config(output_dir, report))
+
+# %% ../nbs/10_card.ipynb #9dc9bf38
+def build_card(output_dir, model_name: str | None = None):
+    "The `ModelCard` of the merge output in `output_dir`, named `model_name` (default: the folder's name)."
+    from huggingface_hub import ModelCard
     output_dir = Path(output_dir)
     report = read_report(output_dir)
     name = model_name or default_model_name(output_dir)
-    analysed = bool(report.get("gamma"))   # the method measured per-layer contributions
-    n = len(report["sources"])
-    intro = (f"# {name}\n\nThis model is a merge of {n} fine-tuned model{'s' * (n != 1)} of "
-             f"{_link(report['base'])} made with [himerge](https://github.com/himerge/himerge) "
-             f"({report['method']}). " + ("Each source's delta was pruned and scaled, then the layers where the "
-             "sources conflict were found by measuring every layer's contribution to each task and resolved one by "
-             "one; the tables below say what was done in each layer." if analysed else
-             "It was merged with a baseline method, without the per-layer conflict analysis."))
-    parts = [intro, sources_section(report), method_section(report), scores_section(report)]
-    if analysed:
-        parts += [gamma_section(report)]
-        if (output_dir / HEATMAP).exists(): parts.append(f"![γ per layer and source]({HEATMAP})")
-        if report.get("contributions"): parts.append(contributions_section(report))
-    if (output_dir / CONFIG).exists():
-        parts.append(f"## Reproduce\n\n`{CONFIG}`:\n\n```yaml\n{(output_dir / CONFIG).read_text().rstrip()}\n```\n\n"
-                     f"Run `himerge merge {CONFIG} --out OUT`.")
-    parts.append(f"Made with himerge {report.get('himerge_version', __version__)}"
-                 + (f" on {report['created']}" if report.get("created") else "") + ".")
-    content = f"---\n{card_data(report, name).to_yaml()}\n---\n\n" + "\n\n".join(parts) + "\n"
-    return ModelCard(content)
+    variables = card_variables(output_dir, report, name)
+    card = ModelCard.from_template(card_data(report, name), template_path=str(template_path()), **variables)
+    check_no_local_paths(str(card), output_dir, variables["config_yaml"])
+    return card
+
+# %% ../nbs/10_card.ipynb #27849560
+def is_himerge_card(path) -> bool:
+    "Whether the card at `path` was written by himerge (it carries the `himerge` tag)."
+    from huggingface_hub import metadata_load
+    try: return "himerge" in ((metadata_load(path) or {}).get("tags") or [])
+    except Exception: return False   # unreadable metadata: not ours
 
 def write_card(output_dir, *, force: bool = False, model_name: str | None = None) -> Path:
     "Write the card of `output_dir` to its README.md atomically and return the path."
     output_dir = Path(output_dir)
     path = output_dir / CARD
-    if path.exists() and not force and "himerge" not in (_card_tags(path) or []):
+    if path.exists() and not force and not is_himerge_card(path):
         raise CardError(f"{path}: exists and was not written by himerge; pass force=True to replace it")
     text = str(build_card(output_dir, model_name))
     fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".README.", suffix=".tmp")
@@ -211,8 +443,3 @@ def write_card(output_dir, *, force: bool = False, model_name: str | None = None
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise
     return path
-
-def _card_tags(path):
-    from huggingface_hub import metadata_load
-    try: return (metadata_load(path) or {}).get("tags")
-    except Exception: return None

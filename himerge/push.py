@@ -1,4 +1,4 @@
-"""`push_to_hub`: upload a merge output (weights, card, report, heatmap) to a Hub repository, with clear errors and a token that never leaks.
+"""`push_to_hub`: upload a merge output (weights, card, report, heatmap) to the Hub; clear errors, no token leaked.
 
 Docs: https://himerge.github.io/himerge/push.html.md"""
 
@@ -6,20 +6,69 @@ Docs: https://himerge.github.io/himerge/push.html.md"""
 
 # %% ../nbs/11_push.ipynb #f55a45b7
 from __future__ import annotations
-import sys
+import argparse, re, sys
 from pathlib import Path
 
+from .errors import InputError
+
 # %% auto #0
-__all__ = ['PushError', 'push_to_hub', 'add_push_arguments', 'push_command']
+__all__ = ['PushError', 'PushInputError', 'check_repo_id', 'check_output_dir', 'card_for_push', 'push_to_hub', 'check_can_push',
+           'add_push_arguments', 'push_command']
 
 # %% ../nbs/11_push.ipynb #f1e3f526
 class PushError(RuntimeError):
     "A push to the Hub that could not be done; the message says why and what to do."
 
-def _files_to_push(output_dir: Path) -> list:
-    "The files of the output folder, relative, without hidden files (temporary files, caches)."
-    return sorted(p.relative_to(output_dir).as_posix() for p in output_dir.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(output_dir).parts))
+class PushInputError(PushError, InputError):
+    "A push refused before any request: the folder or the repository id the user gave cannot be used."
+
+# %% ../nbs/11_push.ipynb #698d6db1
+def check_repo_id(repo_id) -> str:
+    "`repo_id` if it is a valid `NAMESPACE/NAME` Hub model id; else a `PushInputError` naming it."
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    if not isinstance(repo_id, str) or not repo_id.strip():
+        raise PushInputError(f"repo id {repo_id!r}: empty; give the target repository as NAMESPACE/NAME, "
+                             "e.g. some-user/my-merge")
+    if repo_id.count("/") > 1:
+        raise PushInputError(f"repo id {repo_id!r}: expected NAMESPACE/NAME (one '/'), e.g. some-user/my-merge")
+    try: validate_repo_id(repo_id)
+    except HFValidationError as e:
+        reason = re.sub(r":\s*'.*'\.?$", "", str(e)).rstrip(".")
+        raise PushInputError(f"repo id {repo_id!r}: not a valid Hub repository id ({reason})") from None
+    if "/" not in repo_id:
+        raise PushInputError(f"repo id {repo_id!r}: expected NAMESPACE/NAME, e.g. some-user/{repo_id}")
+    return repo_id
+
+# %% ../nbs/11_push.ipynb #73ef53b9
+def check_output_dir(output_dir) -> tuple:
+    "(folder, report) of a complete merge output; else a `PushInputError` naming the folder and what is wrong."
+    from himerge.card import REPORT, CardError, read_report
+    folder = Path(output_dir).expanduser()
+    if not folder.exists(): raise PushInputError(f"cannot push {folder}: no such folder")
+    if not folder.is_dir(): raise PushInputError(f"cannot push {folder}: a file, not a merge output folder")
+    if not (folder / REPORT).is_file():
+        raise PushInputError(f"cannot push {folder}: not a himerge output (no {REPORT})")
+    try: report = read_report(folder)
+    except CardError as e: raise PushInputError(f"cannot push {folder}: {e}") from None
+    files = report.get("files", [])
+    if not isinstance(files, list): raise PushInputError(f"cannot push {folder}: {REPORT}: field 'files' is not a list")
+    outside = [f for f in files if not isinstance(f, str) or not f or Path(f).is_absolute() or ".." in Path(f).parts]
+    if outside:
+        raise PushInputError(f"cannot push {folder}: {REPORT} lists {outside[0]!r}, not a file inside the folder")
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise PushInputError(f"cannot push {folder}: incomplete output, {len(missing)} file(s) its {REPORT} lists are "
+                             f"missing: {shown}; copy the whole folder, or run the merge again")
+    return folder, report
+
+# %% ../nbs/11_push.ipynb #c71e2923
+def card_for_push(output_dir, repo_id: str) -> bytes | None:
+    "The card to upload for `repo_id`, rendered again with the repo id as the model's name; None keeps the user's own."
+    from himerge.card import CARD, build_card, is_himerge_card
+    readme = Path(output_dir) / CARD
+    if readme.exists() and not is_himerge_card(readme): return None
+    return str(build_card(output_dir, model_name=repo_id)).encode()
 
 # %% ../nbs/11_push.ipynb #2fe3eebc
 def _resolve_token(token, repo_id) -> str:
@@ -30,52 +79,69 @@ def _resolve_token(token, repo_id) -> str:
                         "or pass token=... (a token with write access).")
     return token
 
-# %% ../nbs/11_push.ipynb #66c87834
-_WHAT_TO_DO = "Nothing was changed locally; fix this and run the same command again."
+def _files_to_push(output_dir: Path) -> list:
+    "The files of the output folder, relative, without hidden files (temporary files, caches)."
+    return sorted(p.relative_to(output_dir).as_posix() for p in output_dir.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(output_dir).parts))
 
+# %% ../nbs/11_push.ipynb #66c87834
 def _is_network_error(err) -> bool:
     "A failure to reach the server: an OS connection error, or an httpx transport error (huggingface_hub 2.4 uses the "
     "`httpx2` fork, older releases `httpx`: matched by class name so both are recognised)."
     names = {c.__name__ for c in type(err).__mro__}
     return isinstance(err, (ConnectionError, TimeoutError)) or bool(names & {"TransportError", "TimeoutException"})
 
-def _explain(err, repo_id: str, step: str, endpoint: str) -> PushError:
-    "A `PushError` for `err`, raised during `step` of the push to `repo_id`."
+def _reason(err, repo_id: str, step: str, endpoint: str) -> str:
+    "Why the push of `repo_id` failed during `step`, in words."
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
     if isinstance(err, OfflineModeIsEnabled):
-        return PushError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set. Unset it to publish.")
+        return f"cannot push to {repo_id}: HF_HUB_OFFLINE is set. Unset it to publish."
     status = getattr(getattr(err, "response", None), "status_code", None) if isinstance(err, HfHubHTTPError) else None
     # HfHubHTTPError is an OSError too: only errors without a response mean the Hub was not reached
     if status is None and _is_network_error(err):
-        return PushError(f"cannot push to {repo_id}: the Hub at {endpoint} cannot be reached ({type(err).__name__}); "
-                         f"is the network down? {_WHAT_TO_DO}")
+        return (f"cannot push to {repo_id}: the Hub at {endpoint} cannot be reached ({type(err).__name__}); "
+                "is the network down?")
     if status == 401:
-        return PushError(f"cannot push to {repo_id}: the Hub refused the token (401): it is invalid or expired. "
-                         f"Log in again (`hf auth login`) or set HF_TOKEN to a valid token. {_WHAT_TO_DO}")
+        return (f"cannot push to {repo_id}: the Hub refused the token (401): it is invalid or expired. "
+                "Log in again (`hf auth login`) or set HF_TOKEN to a valid token.")
     if status == 403 and step == "create the repository":
-        return PushError(f"cannot create {repo_id} (403): the namespace {repo_id.split('/')[0]!r} is not yours, or the "
-                         f"token is read-only. Use a token with write access, or a repository under your own name. {_WHAT_TO_DO}")
+        return (f"cannot create {repo_id} (403): the namespace {repo_id.split('/')[0]!r} is not yours, or the token is "
+                "read-only. Use a token with write access, or a repository under your own name.")
     if status == 403:
-        return PushError(f"cannot write to {repo_id} (403): the repository is owned by someone else, or the token is "
-                         f"read-only. Push to a repository you own, with a write token. {_WHAT_TO_DO}")
-    return PushError(f"cannot push to {repo_id}: failed to {step}"
-                     + (f" (HTTP {status})" if status else "") + f": {err}. {_WHAT_TO_DO}")
+        return (f"cannot write to {repo_id} (403): the repository is owned by someone else, or the token is read-only. "
+                "Push to a repository you own, with a write token.")
+    detail = " ".join(str(err).split())   # one line, whatever the library's message looks like
+    return f"cannot push to {repo_id}: failed to {step}" + (f" (HTTP {status})" if status else "") + f": {detail}"
+
+def _explain(err, repo_id: str, step: str, endpoint: str, output_dir, token: str) -> PushError:
+    "A one-line `PushError` for `err`, with the way to try again, and never the token."
+    msg = (f"{_reason(err, repo_id, step, endpoint)} {output_dir} is unchanged; fix this and run "
+           f"`himerge push {output_dir} {repo_id}`.")
+    return PushError(msg.replace(token, "<token>") if token else msg)
 
 # %% ../nbs/11_push.ipynb #75f99d45
 def push_to_hub(output_dir, repo_id: str, *, token: str | None = None, private: bool = False,
                 revision: str | None = None, commit_message: str | None = None, endpoint: str | None = None) -> str:
-    "Upload the merge output in `output_dir` to the Hub model repository `repo_id`; return its URL."
-    from himerge.card import REPORT, CARD, build_card
-    output_dir = Path(output_dir)
-    if not (output_dir / REPORT).is_file():
-        raise PushError(f"cannot push {output_dir} to {repo_id}: it has no {REPORT}; is it a himerge output folder?")
-    files = _files_to_push(output_dir)
+    """Upload the merge output in `output_dir` to the Hub model repository `repo_id`; return its URL.
+
+    Args:
+        output_dir: a merge output folder (it has himerge_report.json and every file the report lists).
+        repo_id: the target model repository, NAMESPACE/NAME; created if it does not exist.
+        token: a Hub token with write access (default: HF_TOKEN, then the stored login).
+        private: create the repository as private.
+        revision: the branch to push to, created if needed (default: main).
+        commit_message: the commit's message.
+        endpoint: the Hub's URL (default: HF_ENDPOINT, else huggingface.co)."""
+    from himerge.card import CARD
+    repo_id = check_repo_id(repo_id)
+    output_dir, _ = check_output_dir(output_dir)
+    card = card_for_push(output_dir, repo_id)
+    files = [f for f in _files_to_push(output_dir) if not (card is not None and f == CARD)]
     token = _resolve_token(token, repo_id)
     from huggingface_hub import HfApi, CommitOperationAdd
     api = HfApi(endpoint=endpoint, token=token)
     ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(output_dir / f)) for f in files]
-    if CARD not in files:
-        ops.append(CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=str(build_card(output_dir)).encode()))
+    if card is not None: ops.append(CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card))
     message = commit_message or f"Upload merge ({len(ops)} files) with himerge"
     step = "create the repository"
     try:
@@ -88,16 +154,34 @@ def push_to_hub(output_dir, repo_id: str, *, token: str | None = None, private: 
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         step = "upload the files"
         api.create_commit(repo_id, operations=ops, commit_message=message, revision=revision, repo_type="model")
-    except PushError: raise
     except Exception as err:
-        raise _explain(err, repo_id, step, api.endpoint) from None
+        raise _explain(err, repo_id, step, api.endpoint, output_dir, token) from None
     return url.rstrip("/") + (f"/tree/{revision}" if revision else "")
 
 # %% ../nbs/11_push.ipynb #4c3e174a
+def check_can_push(repo_id) -> str:
+    "Check, without any request, that a push to `repo_id` could start: a valid id, a token, the Hub not switched off."
+    import huggingface_hub.constants as hf_constants
+    from huggingface_hub import get_token
+    check_repo_id(repo_id)
+    if hf_constants.HF_HUB_OFFLINE:
+        raise PushInputError(f"--push-to-hub {repo_id}: HF_HUB_OFFLINE is set; unset it to publish")
+    if not get_token():
+        raise PushInputError(f"--push-to-hub {repo_id}: no Hub token; run `hf auth login` or set HF_TOKEN first")
+    return repo_id
+
+class _PushTarget(argparse.Action):
+    "`--push-to-hub REPO_ID`, checked as soon as it is parsed: one line and exit code 2 if it cannot work."
+    def __call__(self, parser, namespace, values, option_string=None):
+        try: check_can_push(values)
+        except PushInputError as e: parser.exit(2, f"himerge: error: {e}\n")
+        setattr(namespace, self.dest, values)
+
 def add_push_arguments(parser):
     "Add `--push-to-hub REPO_ID`, `--private`, `--revision`, `--commit-message` to a `himerge merge` parser."
     g = parser.add_argument_group("publishing on the Hugging Face Hub")
-    g.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the output to this Hub repository when done")
+    g.add_argument("--push-to-hub", metavar="REPO_ID", action=_PushTarget,
+                   help="upload the output to this Hub repository when done")
     g.add_argument("--private", action="store_true", help="create the repository as private")
     g.add_argument("--revision", help="branch to push to (created if needed)")
     g.add_argument("--commit-message", help="commit message")
@@ -108,7 +192,7 @@ def push_command(args) -> int:
     try:
         url = push_to_hub(args.dir, args.repo_id, token=getattr(args, "token", None), private=args.private,
                           revision=args.revision, commit_message=args.commit_message)
-    except PushError as e:
+    except (PushError, InputError) as e:
         print(f"himerge: error: {e}", file=sys.stderr)
         return 2
     print(f"pushed {args.dir} to {url}")
