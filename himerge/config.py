@@ -14,8 +14,8 @@ from .errors import InputError
 from .methods import MergeMethod, OptionError, get_method, non_default, option, options_table, parse_options
 
 # %% auto #0
-__all__ = ['DTYPES', 'CONFIG_FIELDS', 'SOURCE_FIELDS', 'ConfigError', 'RunOptions', 'SourceConfig', 'MergeConfig', 'load_config',
-           'resolved_paths']
+__all__ = ['DTYPES', 'CONFIG_FIELDS', 'SOURCE_FIELDS', 'AUTO', 'ConfigError', 'RunOptions', 'SourceConfig', 'MergeConfig',
+           'load_config', 'resolved_paths']
 
 # %% ../nbs/08b_config.ipynb #10e69d52
 class ConfigError(InputError):
@@ -30,6 +30,9 @@ class RunOptions:
     cache_dir: str | None = option(None, "evaluation cache folder (default: $HIMERGE_CACHE or ~/.cache/himerge/evaluations)")
     max_shard_size: str = option("1GB", "largest safetensors shard of the saved model (a shard is buffered in memory)")
     tokenizer: str | None = option(None, "tokenizer path or Hub id (default: the base's)")
+    auto_grid: list = option([0.2, 0.4, 0.6, 0.8, 1.0], "values tried for a density or scale given as 'auto'",
+                             low=0, high=1, low_open=True)
+    auto_budget: int = option(25, "most evaluations the search for one source's 'auto' density and scale may spend", low=1)
     compute_dtype: str = option("auto", "dtype the model computes in (auto: the stored dtype on a GPU, float32 on a CPU); "
                                 "the base is always held in its stored dtype", choices=("auto", "float32", "bfloat16", "float16"))
     device_map: str | None = option(None, "spread the base over the GPUs and the CPU with accelerate's placement "
@@ -80,9 +83,12 @@ class MergeConfig:
                     dtype=self.dtype, output=self.output)
 
 # %% ../nbs/08b_config.ipynb #596a90f3
-def _fraction(value, where: str) -> float:
+AUTO = "auto"   # a source's density or scale chosen by a grid search on its own task's validation score
+
+def _fraction(value, where: str) -> float | str:
+    if value == AUTO: return AUTO
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where}: expected a number in (0, 1], got {value!r}")
+        raise ConfigError(f"{where}: expected a number in (0, 1] or 'auto', got {value!r}")
     if not 0 < value <= 1: raise ConfigError(f"{where}: {value!r} is not in (0, 1]")
     return float(value)
 
@@ -100,8 +106,10 @@ def _source(s, i: int, tasks: dict, method: MergeMethod) -> SourceConfig:
         raise ConfigError(f"{where}.task: {method.name} needs each source's task, to measure its layers' contributions")
     if name is not None and (not isinstance(name, str) or not name.strip() or "/" in name):
         raise ConfigError(f"{where}.name: expected a short name without '/', got {name!r}")
-    return SourceConfig(s["path"], task, _fraction(s.get("density", method.default_density), f"{where}.density"),
-                        _fraction(s.get("scale", 1.0), f"{where}.scale"), name)
+    density, scale = _fraction(s.get("density", method.default_density), f"{where}.density"), _fraction(s.get("scale", 1.0), f"{where}.scale")
+    if AUTO in (density, scale) and task is None:
+        raise ConfigError(f"{where}.{'density' if density == AUTO else 'scale'}: 'auto' is chosen on the source's own task; give it a task")
+    return SourceConfig(s["path"], task, density, scale, name)
 
 def _options(options, method: MergeMethod) -> tuple:
     "(RunOptions, the method's options) from a config's `options:` mapping."

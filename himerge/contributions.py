@@ -244,6 +244,13 @@ class GridResult:
     best: tuple              # (density, scale)
     evaluations: dict = field(default_factory=dict)
 
+    def to_record(self) -> dict:
+        "The grid as a JSON-ready record, for a merge's report and card."
+        t = self.table
+        return dict(source=self.source, task=self.task, densities=[float(p) for p in t.index],
+                    scales=[float(s) for s in t.columns], table=[[float(v) for v in row] for row in t.values],
+                    best=[float(self.best[0]), float(self.best[1])], evaluations=self.evaluations)
+
     def plot(self, ax=None):
         "Heatmap of the grid, the best pair boxed."
         import matplotlib.pyplot as plt
@@ -272,6 +279,7 @@ def choose_density_scale(scorer: Scorer, deltas, i: int, task: str, densities=(0
         base_key, source_key: cache keys of the base and of source `i`'s files.
         source_name: the name shown in the result (default: the deltas' name of source `i`)."""
     import pandas as pd
+    from himerge.methods import source_state_key
     from himerge.prune import ProcessedDeltas
     n = getattr(deltas, "n_sources", None) or len(deltas.source_names)
     name = source_name or (getattr(deltas, "source_names", None) or [str(k) for k in range(n)])[i]
@@ -281,7 +289,7 @@ def choose_density_scale(scorer: Scorer, deltas, i: int, task: str, densities=(0
     for p, lam in points:
         proc = ProcessedDeltas(deltas, density=[p if k == i else 1.0 for k in range(n)],
                                scale=[lam if k == i else 1.0 for k in range(n)], scope=scope)
-        key = {"base": base_key, "source": {"delta": source_key or name, "density": p, "scale": lam, "scope": scope}}
+        key = {"base": base_key, "source": source_state_key(source_key or name, p, lam, scope)}   # as the analysis keys it
         requests.append((Probe(State(f"grid:{name}", lambda layer, proc=proc: proc.source_layer(i, layer), key)), [task], "validation"))
     grid = pd.DataFrame(index=list(densities), columns=list(scales), dtype=float)
     for (p, lam), scores in zip(points, scorer.run(requests)): grid.loc[p, lam] = float(scores[task].mean())

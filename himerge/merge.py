@@ -20,10 +20,11 @@ from .scoring import check_device, resolve_tokenizer
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'Plan', 'count_evaluations', 'memory_estimate', 'protected_inputs', 'check_task_rows', 'plan', 'Run',
-           'open_run', 'run_method', 'reference_states', 'score_models', 'source_record', 'portable_config',
-           'task_data', 'build_report', 'write_output', 'MergeResult', 'join_launched', 'group_device', 'agreed',
-           'leave_group', 'Interrupted', 'merge', 'demo_config', 'conflict_table', 'demo']
+__all__ = ['log', 'Plan', 'auto_grid', 'count_evaluations', 'memory_estimate', 'protected_inputs', 'check_task_rows', 'plan',
+           'units_of', 'Run', 'open_run', 'choose_auto', 'run_method', 'reference_states', 'score_models',
+           'source_record', 'portable_config', 'task_data', 'build_report', 'write_output', 'MergeResult',
+           'join_launched', 'group_device', 'agreed', 'leave_group', 'Interrupted', 'merge', 'demo_config',
+           'conflict_table', 'demo']
 
 # %% ../nbs/09_merge.ipynb #39c52680
 @dataclass
@@ -53,7 +54,7 @@ class Plan:
 # %% ../nbs/09_merge.ipynb #ff3051ad
 def _shared_validation(cfg: MergeConfig, n_tasks: int) -> int:
     "Validation scores of the pipeline that Hi-Merging's analysis has already measured."
-    if cfg.method != "hi-merging": return 0
+    if cfg.method != "hi-merging" or any("auto" in (s.density, s.scale) for s in cfg.sources): return 0   # then an upper bound
     unprocessed = sum(1 for s in cfg.sources if s.density == 1 and s.scale == 1)  # a source alone, on its own task
     return n_tasks + unprocessed + (n_tasks if cfg.method_options.score_decisions else 0)
 
@@ -62,12 +63,25 @@ def _plain_sum_is_merge(cfg: MergeConfig) -> bool:
     return cfg.method == "task_arithmetic" and cfg.method_options.lamb == 1 and \
         all(s.density == 1 and s.scale == 1 for s in cfg.sources)
 
+def auto_grid(run, density, scale) -> tuple:
+    "(densities, scales) a source's 'auto' search tries: the grid for what is 'auto', thinned to the budget."
+    from himerge.config import AUTO
+    grid = sorted(set(run.auto_grid))
+    axes = [grid if density == AUTO else [density], grid if scale == AUTO else [scale]]
+    while len(axes[0]) * len(axes[1]) > run.auto_budget:
+        longer = 0 if len(axes[0]) >= len(axes[1]) else 1
+        axes[longer] = axes[longer][::-1][::2][::-1]     # every other value, keeping the largest
+    return axes[0], axes[1]
+
 def count_evaluations(cfg: MergeConfig, n_layers: int) -> dict:
-    "Task evaluations of a merge, by stage, on a fresh cache (resolution steps are upper bounds)."
+    "Task evaluations of a merge, by stage, on a fresh cache (resolution steps and 'auto' searches are upper bounds)."
+    from himerge.config import AUTO
     method, n = cfg.merge_method, len(cfg.sources)
     n_tasks = len({s.task for s in cfg.sources if s.task})
     if not n_tasks: return {}
-    ev = dict(method.evaluations(Counts(n, n_tasks, n_layers), cfg.method_options))
+    searched = [auto_grid(cfg.run, s.density, s.scale) for s in cfg.sources if AUTO in (s.density, s.scale)]
+    ev = {"auto density and scale (at most)": sum(len(d) * len(s) for d, s in searched)} if searched else {}
+    ev.update(method.evaluations(Counts(n, n_tasks, n_layers), cfg.method_options))
     ev["validation scores"] = (n + 2) * n_tasks - _shared_validation(cfg, n_tasks)
     if cfg.run.test_scores:
         ev["test scores"] = (n + 2 + (n > 1)) * n_tasks - (n_tasks if _plain_sum_is_merge(cfg) and n > 1 else 0)
@@ -138,7 +152,7 @@ def plan(config, out=None, device=None, writer: bool = True) -> Plan:
     for i, name in enumerate(names):
         if names.count(name) > 1:
             raise ConfigError(f"sources[{i}]: two sources are both called {name!r}; give them a `name:`")
-    with compute_deltas(sources) as d:    # headers only
+    with units_of(compute_deltas(sources), cfg) as d:    # headers only
         layers = d.changed_layers()
         memory = memory_estimate(d, layers, cfg.run.compute_dtype, device) if tasks else {}
     cache_dir = check_cache_dir(cfg.run.cache_dir or default_cache_dir()) if tasks and writer else None
@@ -152,6 +166,12 @@ def plan(config, out=None, device=None, writer: bool = True) -> Plan:
     return Plan(cfg, cfg.merge_method, sources, tasks, output, layers, count_evaluations(cfg, len(layers)), inputs,
                 cache_dir, device, tokenizer, rows, memory)
 
+# %% ../nbs/09_merge.ipynb #47e29ec4
+def units_of(deltas, cfg: MergeConfig):
+    "`deltas` grouped as the method's granularity asks: by block, or by attention and MLP."
+    from himerge.deltas import UnitDeltas
+    return UnitDeltas(deltas) if getattr(cfg.method_options, "granularity", "layer") == "module" else deltas
+
 # %% ../nbs/09_merge.ipynb #9eda9d26
 def _plan_text(self) -> str:
     c, s = self.config, self.sources
@@ -161,7 +181,8 @@ def _plan_text(self) -> str:
              f"  base     {s.base.spec}" + (f"  (commit {s.base.commit_sha[:12]})" if s.base.commit_sha else "")]
     for src, sc in zip(s.sources, c.sources):
         rev = f"  (commit {src.commit_sha[:12]})" if src.commit_sha else ""
-        lines.append(f"  source   {src.name:<16} {src.kind:<5} task={sc.task or '-':<10} p={sc.density:g} λ={sc.scale:g}  {src.spec}{rev}")
+        p_, lam = (v if isinstance(v, str) else f"{v:g}" for v in (sc.density, sc.scale))
+        lines.append(f"  source   {src.name:<16} {src.kind:<5} task={sc.task or '-':<10} p={p_} λ={lam}  {src.spec}{rev}")
     for name, t in self.tasks.items():
         counts = ", ".join(f"{split} {n}" for (task, split), n in self.rows.items() if task == name and n is not None)
         lines.append(f"  task     {name:<16} {t.type:<16} metric={t.metric} rows: {counts or t.split}")
@@ -193,6 +214,9 @@ class Run:
     cache: object = None       # himerge.cache.EvalCache
     progress: object = None
     timings: dict = field(default_factory=dict)
+    densities: list = field(default_factory=list)   # each source's p and λ, 'auto' ones chosen
+    scales: list = field(default_factory=list)
+    grids: list = field(default_factory=list)       # the searches that chose them (GridResult)
 
 @contextmanager
 def _timed(run: Run, name: str):
@@ -207,11 +231,12 @@ def open_run(p: Plan, progress=True, group=None):
     from himerge.deltas import compute_deltas
     from himerge.contributions import LayerMemo, MemoDeltas
     from tqdm.auto import tqdm
-    deltas = compute_deltas(p.sources)
+    deltas = units_of(compute_deltas(p.sources), p.config)
     total = p.total_evaluations + len(deltas.layers)     # evaluations, then one step per layer written
     main = group is None or group.main
     bar = tqdm(total=total, desc=f"himerge {p.config.method}", unit="step", disable=not (progress and main))
-    run = Run(deltas, source_key(p.sources.base), [source_key(s) for s in p.sources.sources], progress=bar)
+    run = Run(deltas, source_key(p.sources.base), [source_key(s) for s in p.sources.sources], progress=bar,
+              densities=[s.density for s in p.config.sources], scales=[s.scale for s in p.config.sources])
     try:
         if p.tasks:
             from himerge.scoring import check_loaded, input_device, lighteval_scorer, load_model
@@ -230,13 +255,29 @@ def open_run(p: Plan, progress=True, group=None):
         bar.close()
         deltas.close()
 
+# %% ../nbs/09_merge.ipynb #41caf0da
+def choose_auto(p: Plan, run: Run):
+    "Replace each 'auto' density or scale in `run` by the best of its grid search; keep the searches in `run.grids`."
+    from himerge.config import AUTO
+    from himerge.contributions import choose_density_scale
+    scope = getattr(p.config.method_options, "prune_scope", "tensor")
+    for i, (src, sc) in enumerate(zip(p.sources.sources, p.config.sources)):
+        if AUTO not in (sc.density, sc.scale): continue
+        densities, scales = auto_grid(p.config.run, sc.density, sc.scale)
+        with _timed(run, "auto_s"):
+            grid = choose_density_scale(run.scorer, run.deltas, i, sc.task, densities, scales, scope=scope,
+                                        base_key=run.base_key, source_key=run.source_keys[i], source_name=src.name)
+        run.densities[i], run.scales[i] = grid.best
+        run.grids.append(grid)
+        log.info("source %s: chose density %g and scale %g on %s (%d points)", src.name, *grid.best, sc.task,
+                 len(densities) * len(scales))
+
 # %% ../nbs/09_merge.ipynb #91c6d512
 def run_method(p: Plan, run: Run):
     "The method's `Merged`: the merged weights as a state, and its records."
     cfg = p.config
-    context = MergeContext(run.deltas, [s.name for s in p.sources.sources], p.source_tasks,
-                           [s.density for s in cfg.sources], [s.scale for s in cfg.sources], cfg.method_options, cfg.run,
-                           p.layers, run.base_key, run.source_keys, run.scorer)
+    context = MergeContext(run.deltas, [s.name for s in p.sources.sources], p.source_tasks, list(run.densities),
+                           list(run.scales), cfg.method_options, cfg.run, p.layers, run.base_key, run.source_keys, run.scorer)
     log.info("%s of %d sources", p.method.name, len(context.names))
     with _timed(run, "method_s"): merged = p.method.build(context)
     if run.progress is not None:   # the method's upper bounds are settled: the rest is exact
@@ -327,7 +368,10 @@ def build_report(p: Plan, run: Run, merged, scores: dict, files: list) -> dict:
     report = dict(himerge_version=__version__, method=cfg.method,
                   created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   base={**source_record(p.sources.base), "license": _base_license(p.sources.base)},
-                  sources=[source_record(s, sc) for s, sc in zip(p.sources.sources, cfg.sources)],
+                  sources=[{**source_record(s, sc), "density": d, "scale": lam,
+                            **({"auto": [k for k in ("density", "scale") if getattr(sc, k) == "auto"]}
+                               if "auto" in (sc.density, sc.scale) else {})}
+                           for s, sc, d, lam in zip(p.sources.sources, cfg.sources, run.densities, run.scales)],
                   options={**dataclasses.asdict(cfg.run), **dataclasses.asdict(cfg.method_options)},
                   method_options=sorted(f.name for f in dataclasses.fields(cfg.method_options)),
                   tasks={t: dict(metric=s.metric, data=task_data(s), hub=bool(s.data_sha), revision=s.revision,
@@ -336,6 +380,7 @@ def build_report(p: Plan, run: Run, merged, scores: dict, files: list) -> dict:
     report["options"]["cache_dir"] = None
     for record in merged.records.values():
         if hasattr(record, "to_report"): report.update(record.to_report())
+    if run.grids: report["grids"] = [g.to_record() for g in run.grids]
     cache = run.cache
     report["evaluations"] = dict(done=cache.done if cache else 0, reused=cache.reused if cache else 0,
                                  planned=p.total_evaluations)
@@ -445,6 +490,7 @@ def merge(config, *, out=None, force=False, dry_run=False, device=None, progress
         agreed(group, lambda: check_output(p.output, force, p.inputs) if group is None or group.main else None)
         with open_run(p, progress, group) as run:
             try:
+                choose_auto(p, run)
                 merged = run_method(p, run)
                 scores = score_models(p, run, merged)
             except KeyboardInterrupt:

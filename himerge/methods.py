@@ -15,10 +15,10 @@ from .errors import InputError
 # %% auto #0
 __all__ = ['METHODS', 'PER_TENSOR', 'PER_TENSOR_BASE', 'SCOPES', 'ROUNDING', 'LAMB', 'OptionError', 'option', 'check_value',
            'parse_options', 'options_table', 'non_default', 'Counts', 'no_evaluations', 'MergeMethod', 'MergeContext',
-           'Merged', 'register', 'get_method', 'per_tensor', 'TaskArithmeticOptions', 'processed_key',
-           'task_arithmetic_merger', 'SignElectionOptions', 'TiesOptions', 'DareLinearOptions', 'DareTiesOptions',
-           'BreadcrumbsOptions', 'DellaOptions', 'LinearOptions', 'check_della', 'SlerpOptions', 'HiMergingOptions',
-           'hi_merging_evaluations']
+           'Merged', 'register', 'get_method', 'per_tensor', 'TaskArithmeticOptions', 'source_state_key',
+           'processed_key', 'task_arithmetic_merger', 'SignElectionOptions', 'TiesOptions', 'DareLinearOptions',
+           'DareTiesOptions', 'BreadcrumbsOptions', 'DellaOptions', 'LinearOptions', 'check_della', 'SlerpOptions',
+           'HiMergingOptions', 'hi_merging_evaluations']
 
 # %% ../nbs/08a_methods.ipynb #6b63a656
 class OptionError(InputError):
@@ -35,6 +35,7 @@ def option(default, help: str, *, choices=None, low=None, high=None, low_open=Fa
         per_source: a number may also be a list of numbers, one per source."""
     meta = dict(help=help, choices=tuple(choices) if choices is not None else None, low=low, high=high,
                 low_open=low_open, high_open=high_open, per_source=per_source)
+    if isinstance(default, (list, dict)): return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 # %% ../nbs/08a_methods.ipynb #bafe0856
@@ -82,6 +83,10 @@ def check_value(value, m: dict, kind, where: str):
     if base is str:
         if isinstance(value, str) and value: return value
         raise OptionError(f"{where}: expected a non-empty string, got {value!r}")
+    if base is list:   # a list of numbers, each checked against the option's range
+        if not isinstance(value, (list, tuple)) or not value:
+            raise OptionError(f"{where}: expected a non-empty list of numbers, got {value!r}")
+        return [check_value(v, {**m, "per_source": False}, float, f"{where}[{i}]") for i, v in enumerate(value)]
     return value
 
 # %% ../nbs/08a_methods.ipynb #341f9c00
@@ -96,14 +101,17 @@ def parse_options(cls, values: dict | None, where: str = "options"):
     hints = typing.get_type_hints(cls)
     return cls(**{name: check_value(v, fields[name].metadata, hints[name], f"{where}.{name}") for name, v in values.items()})
 
+def _default(f):
+    return f.default_factory() if f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING else f.default
+
 def options_table(cls) -> list:
     "One dict per option of `cls`: name, default, allowed values, help."
-    return [dict(option=f.name, default=f.default, allowed=_describe(f.metadata), help=f.metadata.get("help", ""))
+    return [dict(option=f.name, default=_default(f), allowed=_describe(f.metadata), help=f.metadata.get("help", ""))
             for f in dataclasses.fields(cls)]
 
 def non_default(options) -> dict:
     "The options of a dataclass instance that differ from their defaults."
-    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if getattr(options, f.name) != f.default}
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if getattr(options, f.name) != _default(f)}
 
 # %% ../nbs/08a_methods.ipynb #34ba4730
 @dataclass
@@ -219,10 +227,13 @@ class TaskArithmeticOptions:
                               choices=SCOPES)
     lamb: float = option(1.0, "factor on the merged delta, applied last (mergekit's lambda)", low=0, low_open=True)
 
+def source_state_key(source_key, density: float, scale: float, scope: str):
+    "A source's cache key after Stage 1: its files, density, scale and scope (its files alone when p = λ = 1)."
+    return source_key if (density == 1 and scale == 1) else {"delta": source_key, "density": density, "scale": scale, "scope": scope}
+
 def processed_key(context: MergeContext, scope: str) -> list:
-    "Each source's cache key after Stage 1: its files, density, scale and scope (the files alone when p = λ = 1)."
-    return [k if (p == 1 and s == 1) else {"delta": k, "density": p, "scale": s, "scope": scope}
-            for k, p, s in zip(context.source_keys, context.densities, context.scales)]
+    "Every source's cache key after Stage 1."
+    return [source_state_key(k, p, s, scope) for k, p, s in zip(context.source_keys, context.densities, context.scales)]
 
 def task_arithmetic_merger(context: MergeContext) -> Merged:
     "Σ_m λ_m · prune(δ_m, p_m), times `lamb`."
@@ -356,6 +367,8 @@ class HiMergingOptions:
     score_decisions: bool = option(True, "score the merge before and after each resolved layer (recorded in the report)")
     conflict_z: float = option(0.0, "a source is impaired at a layer only if γ > z·se(γ); 0 is the paper's rule (γ > 0)",
                                low=0)
+    granularity: str = option("layer", "the unit of Stage 3 and 4: each transformer block, or its attention and MLP apart",
+                              choices=("layer", "module"))
 
 def hi_merging_evaluations(counts: Counts, options: HiMergingOptions) -> dict:
     "Planned task evaluations of Hi-Merging (resolution and re-measurement are upper bounds: one step per layer)."
