@@ -120,31 +120,39 @@ def is_himerge_output(folder) -> bool:
 def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
-def _writable_parent(out: Path):
+def _writable_parent(out: Path, field: str = "--out"):
     parent = out.parent
     while not parent.exists(): parent = parent.parent      # the folders that will be created
-    if not parent.is_dir(): raise OutputError(f"--out {out}: {parent} is a file, not a folder")
+    if not parent.is_dir(): raise OutputError(f"{field} {out}: {parent} is a file, not a folder")
     try: tempfile.TemporaryDirectory(dir=parent, prefix=".himerge-write-test-").cleanup()
-    except OSError as e: raise OutputError(f"--out {out}: cannot write in {parent} ({e.strerror or e})") from None
+    except OSError as e: raise OutputError(f"{field} {out}: cannot write in {parent} ({e.strerror or e})") from None
 
-def check_output(out, force: bool = False, inputs: dict | None = None) -> Path:
-    "`out` resolved, if a merge may write there; else an `OutputError` saying why (see above)."
+def check_output(out, force: bool = False, inputs: dict | None = None, field: str = "--out") -> Path:
+    """`out` resolved, if a merge may write there; else an `OutputError` saying why (see above).
+
+    Args:
+        out: the output folder.
+        force: whether an existing himerge output may be replaced.
+        inputs: name -> path of everything the merge reads, which `out` may not be, hold or lie inside.
+        field: how the user gave `out`, to begin the messages ('--out', or a config's 'output')."""
     out = Path(out).expanduser().resolve()
     for name, path in (inputs or {}).items():
         if path is None: continue
         path = Path(path).expanduser().resolve()
         if _inside(out, path) or _inside(path, out):
             how = "is" if out == path else "lies inside" if _inside(out, path) else "holds"
-            raise OutputError(f"--out {out} {how} {name} ({path}): a merge never writes over its inputs, even with "
+            raise OutputError(f"{field} {out} {how} {name} ({path}): a merge never writes over its inputs, even with "
                               f"--force; choose another output folder")
     if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out}: an existing file; the output is a folder, choose another path")
+        raise OutputError(f"{field} {out}: an existing file; the output is a folder, choose another path")
     if out.is_dir() and any(out.iterdir()):
-        if not force: raise OutputExistsError(f"--out {out}: output exists; choose another folder or pass --force to replace it")
+        if not force:
+            raise OutputExistsError(f"{field} {out}: output exists; choose another folder or pass --force to "
+                                    "replace it")
         if not is_himerge_output(out):
-            raise OutputError(f"--out {out}: exists and is not a himerge output (no {REPORT_FILE}); --force only replaces "
-                              "a folder a merge wrote, so choose another folder")
-    _writable_parent(out)
+            raise OutputError(f"{field} {out}: exists and is not a himerge output (no {REPORT_FILE}); --force only "
+                              "replaces a folder a merge wrote, so choose another folder")
+    _writable_parent(out, field)
     return out
 
 # %% ../nbs/08c_output.ipynb #827eeea2
