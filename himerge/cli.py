@@ -75,7 +75,8 @@ def main(argv=None) -> int:
 
 # %% ../nbs/12_cli.ipynb #da2bf1ee
 def _fail(msg: str) -> int:
-    print(f"himerge: error: {msg}", file=sys.stderr)
+    "Print an error about the user's input as one line (a message quoting a library's several lines is joined)."
+    print("himerge: error: " + " ".join(part.strip() for part in str(msg).splitlines() if part.strip()), file=sys.stderr)
     return 2
 
 def _print_summary(result):
@@ -123,7 +124,9 @@ def run_merge(args) -> int:
     if args.method:
         from himerge.config import load_config
         config = load_config(config)
-        config = type(config).from_dict({**config.to_dict(), "options": config.options, "method": args.method}, root=config.root)
+        from dataclasses import replace
+        rebuilt = type(config).from_dict({**config.to_dict(), "options": config.options, "method": args.method}, root=config.root)
+        config = replace(rebuilt, config_file=config.config_file)   # still protected from --out
     result = merge(config, out=args.out, force=args.force, dry_run=args.dry_run, device=args.device, progress=not args.quiet)
     if args.dry_run:
         print(result)

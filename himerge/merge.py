@@ -43,6 +43,7 @@ class Plan:
     tokenizer: str | None = None                 # a local folder holding the tokenizer the tasks use
     rows: dict = field(default_factory=dict)     # (task, split) -> rows scored
     memory: dict = field(default_factory=dict)   # expected bytes: the model as held, the largest layer delta
+    output_field: str = "--out"                  # how errors name the output: --out, or the config's output field
 
     @property
     def n_layers(self) -> int: return len(self.layers)
@@ -135,15 +136,17 @@ def plan(config, out=None, device=None, writer: bool = True) -> Plan:
         out: the output folder (default: the config's `output`).
         device: where the model will run (cpu, cuda, cuda:N, mps).
         writer: whether this process writes the output and the cache (in a shared job, only rank 0 does)."""
+    cfg = resolved_paths(load_config(config))     # first: a typo in the config is found before torch is imported
+    if out is not None and not str(out).strip(): raise ConfigError("--out: empty; give the output folder")
+    field = "--out" if out is not None else (f"{cfg.config_file}: output" if cfg.config_file else "output")
     from himerge.cache import check_cache_dir, default_cache_dir
     from himerge.deltas import compute_deltas
     from himerge.sources import resolve_sources
     from himerge.tasks import load_tasks
-    cfg = resolved_paths(load_config(config))
     used = {t: cfg.tasks[t] for t in dict.fromkeys(s.task for s in cfg.sources if s.task)}
     tasks = load_tasks(used, root=cfg.root) if used else {}
     rows = check_task_rows(tasks, cfg.run.test_scores)
-    device = check_device(device) if tasks else "cpu"
+    device = check_device(device)
     sources = resolve_sources([s.path for s in cfg.sources], base=cfg.base, override_base=cfg.run.override_base,
                               allow_pickle=cfg.run.allow_pickle)
     for i, (src, sc) in enumerate(zip(sources.sources, cfg.sources)):
@@ -156,15 +159,15 @@ def plan(config, out=None, device=None, writer: bool = True) -> Plan:
         layers = d.changed_layers()
         memory = memory_estimate(d, layers, cfg.run.compute_dtype, device) if tasks else {}
     cache_dir = check_cache_dir(cfg.run.cache_dir or default_cache_dir()) if tasks and writer else None
-    output = Path(out or cfg.output).expanduser().resolve()
+    output = Path(out if out is not None else cfg.output).expanduser().resolve()
     tokenizer = None
     if tasks:
         who = "options.tokenizer" if cfg.run.tokenizer else f"the base ({sources.base.spec}) has no tokenizer:"
         tokenizer = resolve_tokenizer(cfg.run.tokenizer or sources.base.path, who, cfg.run.trust_remote_code)
     inputs = protected_inputs(cfg, sources, tasks, cache_dir)
-    if writer: check_output(output, force=True, inputs=inputs)   # inputs, files and writability; an existing output is for `merge`
+    if writer: check_output(output, force=True, inputs=inputs, field=field)   # an existing output is for `merge` to judge
     return Plan(cfg, cfg.merge_method, sources, tasks, output, layers, count_evaluations(cfg, len(layers)), inputs,
-                cache_dir, device, tokenizer, rows, memory)
+                cache_dir, device, tokenizer, rows, memory, field)
 
 # %% ../nbs/09_merge.ipynb #47e29ec4
 def units_of(deltas, cfg: MergeConfig):
@@ -487,19 +490,20 @@ def merge(config, *, out=None, force=False, dry_run=False, device=None, progress
         device = group_device(group, device)
         p = agreed(group, lambda: plan(config, out, device, writer=group is None or group.main))
         if dry_run: return p
-        agreed(group, lambda: check_output(p.output, force, p.inputs) if group is None or group.main else None)
+        writer = group is None or group.main
+        agreed(group, lambda: check_output(p.output, force, p.inputs, p.output_field) if writer else None)
         with open_run(p, progress, group) as run:
             try:
                 choose_auto(p, run)
                 merged = run_method(p, run)
                 scores = score_models(p, run, merged)
+                run.timings["total_s"] = time.perf_counter() - t0
+                report = write_output(p, run, merged, scores, force) if writer else None
             except KeyboardInterrupt:
                 saved = run.cache.done if run.cache else 0
                 where = f" in {p.cache_dir}" if p.cache_dir else ""
                 raise Interrupted(f"{saved} evaluations of this run are saved{where}; run the same command again to "
                                   "resume from them.") from None
-            run.timings["total_s"] = time.perf_counter() - t0
-            report = write_output(p, run, merged, scores, force) if group is None or group.main else None
         finished = True
         return MergeResult(p.output, report, p, merged.records)
     finally:

@@ -137,8 +137,7 @@ def resolve(contributions, processed, source_names: list, source_tasks: list, de
     current = contributions
     rule = lambda c, layer: (_layer_gammas(c, layer), _layer_errors(c, layer), conflict_z)   # γ, se and z of a layer
     classes = {layer: classify(*rule(current, layer)) for layer in layers}
-    before = score(resolved) if score is not None else {}
-    spent += evals_per_score if score is not None else 0
+    before = score(resolved) if score is not None else {}   # the pre-merge: the analysis measured it, it costs nothing
     stopped = "no conflict left"
     while True:
         pending = [(total_conflict(*rule(current, layer)), layer) for layer in layers if layer not in visited]

@@ -81,8 +81,9 @@ def resolve_data(task: str, data: str, revision: str | None = None, root=None) -
         _fail(task, "data", f"directory {data!r} not found (looked in {', '.join(str(c.absolute()) for c in candidates)})")
     try: snap = _hub_snapshot(data, revision)
     except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0]   # the first line: the rest is the library's advice
         _fail(task, "data", f"{data!r} is not a local directory, and the Hub dataset {data!r} (revision "
-                            f"{revision or 'main'}) could not be resolved: {type(e).__name__}: {e}")
+                            f"{revision or 'main'}) could not be resolved: {type(e).__name__}: {reason}")
     return snap, revision, snap.name
 
 # %% ../nbs/05_tasks.ipynb #ac802643

@@ -285,9 +285,7 @@ NEVER_DESTROY = [
     Case("output-field-is-the-base", 1, f"{M} --force", ("{w}/base is the base",),
          setup=edit(lambda c: c.update(output="base")), modes=BOTH),
     Case("output-field-is-named-as-the-field", 1, f"{M} --force", ("merge.yaml: output {w}/base is the base",),
-         setup=edit(lambda c: c.update(output="base")),
-         xfail="09_merge plan: check_output's messages say '--out' even when the folder comes from the config's "
-               "`output:` field; pass check_output(..., field=f'{cfg.config_file}: output') when `out` is None"),
+         setup=edit(lambda c: c.update(output="base"))),
     Case("out-is-a-symlink-to-the-base", 1, f"{M} --out link --force", ("is the base ({w}/base)",),
          setup=symlink("link", "base"), modes=BOTH),
     Case("out-through-a-symlinked-folder-into-a-source", 1, f"{M} --out link/merged --force",
@@ -307,17 +305,12 @@ NEVER_DESTROY = [
          ("holds the config file ({w}/old-merge/merge.yaml)",), setup=config_in_old_output),
     Case("method-flag-keeps-the-config-file-protected", 1,
          "merge old-merge/merge.yaml --method ties --out old-merge --force",
-         ("holds the config file ({w}/old-merge/merge.yaml)",), setup=config_in_old_output,
-         xfail="12_cli run_merge: with --method the config is rebuilt by MergeConfig.from_dict(..., root=config.root), "
-               "which drops config_file, so protected_inputs no longer protects the config file and --force replaces "
-               "the folder holding it"),
+         ("holds the config file ({w}/old-merge/merge.yaml)",), setup=config_in_old_output),
     Case("out-in-a-folder-that-cannot-be-written", 1, f"{M} --out ro/merged", ("cannot write in {w}/ro",),
          setup=unwritable("ro"), modes=BOTH),
     Case("out-in-proc", 1, f"{M} --out /proc/himerge-merged", ("--out /proc/himerge-merged", "cannot write in /proc"),
          modes=BOTH),
-    Case("out-is-empty-text", 1, f"{M} --out ''", ("--out",), modes=BOTH,
-         xfail="09_merge plan: `Path(out or cfg.output)` treats --out '' (say, an unset shell variable) as no --out "
-               "and silently writes to the config's output; refuse an empty --out"),
+    Case("out-is-empty-text", 1, f"{M} --out ''", ("--out",), modes=BOTH),
     Case("demo-out-is-the-zoo-base", 1, "demo --out {zoo}/base --force", ("is the base ({zoo}/base)",)),
     Case("demo-out-inside-a-zoo-adapter", 1, f"demo --out {{zoo}}/lora-{MC}/merged", (f"lies inside source '{MC}'",)),
     Case("demo-out-is-an-existing-file", 1, "demo --out notes.txt --force", ("{w}/notes.txt: an existing file",)),
@@ -369,9 +362,7 @@ BEFORE_WEIGHTS = [
     Case("device-cuda-7", 4, f"{M} --device cuda:7", ("--device cuda:7",), modes=BOTH),
     Case("device-tpu", 4, f"{M} --device tpu", ("--device 'tpu'",), modes=BOTH),
     Case("device-meta", 4, f"{M} --device meta", ("--device meta", "not meta"), modes=BOTH),
-    Case("device-tpu-for-a-merge-without-tasks", 4, f"{M} --device tpu", ("--device 'tpu'",), edit(no_tasks), BOTH,
-         xfail="09_merge plan: `device = check_device(device) if tasks else \"cpu\"` silently ignores an invalid "
-               "--device when no task is scored; check it whatever the method (check_device(device) unconditionally)"),
+    Case("device-tpu-for-a-merge-without-tasks", 4, f"{M} --device tpu", ("--device 'tpu'",), edit(no_tasks), BOTH),
     Case("base-without-a-tokenizer", 4, M, ("the base", "has no tokenizer", "options.tokenizer"),
          both(drop("base/tokenizer.json"), drop("base/tokenizer_config.json")), BOTH),
     Case("tokenizer-path-does-not-exist", 4, M, ("options.tokenizer", "no-such-tokenizer"),
@@ -573,10 +564,6 @@ def test_planned_evaluations_are_the_evaluations_run(name, world, capsys):
     assert staging_left(world.root) == []
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "08_resolve resolve(): `spent` starts at evals_per_score for the first `before = score(resolved)`, which is the "
-    "pre-merge score the analysis already measured (a cache hit), so a budget of n_tasks evaluations stops before "
-    "any decision and reports '(2 of 2)' spent; count only the scores resolution itself runs"))
 def test_a_budget_of_one_decision_makes_one_decision(world, capsys):
     n_tasks = len(world.config["tasks"])
     world.edit(lambda c: c["options"].update(budget=n_tasks))   # a decision costs one score of the merge per task
@@ -640,12 +627,8 @@ def _interrupt_in(target: str):
 
 @pytest.mark.parametrize("where,setup,expect", [
     ("while planning", _interrupt_in("himerge.merge.resolve_tokenizer"), r"himerge: interrupted\."),
-    pytest.param("while writing over an old output", _interrupt_in("himerge.output.write_model"),
-                 r"himerge: interrupted\. \d+ evaluations of this run are saved in .*; run the same command again.*",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "09_merge merge(): write_output runs outside the `try/except KeyboardInterrupt` that adds "
-                     "the resume hint, so Ctrl-C while writing prints only 'himerge: interrupted.'; wrap "
-                     "write_output too"))),
+    ("while writing over an old output", _interrupt_in("himerge.output.write_model"),
+                 r"himerge: interrupted\. \d+ evaluations of this run are saved in .*; run the same command again.*"),
 ], ids=["planning", "writing"])
 def test_ctrl_c_anywhere_prints_one_line_and_keeps_the_old_output(where, setup, expect, world, capsys, monkeypatch):
     world.edit(lambda c: c.update(output="old-merge"))
