@@ -308,18 +308,34 @@ def _layer_into(writer, layer, deltas, factors, merged, weights, rank, method):
                 writer.add_bias(module + ".bias", torch.zeros_like(deltas.base_store.get(module + ".bias")))
 
 def write_adapter(folder, source_set: SourceSet, merged_layer, *, weights=None, rank: int | None = None, layers=None,
-                  method: str = "auto", dtype: str = "float32", base_model_name_or_path: str | None = None) -> dict:
-    "Write a merge (`merged_layer(layer)`; exactly Σ weights(layer)[i] ΔW_i if `weights`) as a PEFT LoRA adapter in `folder`."
+                  method: str = "auto", dtype: str = "float32", base_model_name_or_path: str | None = None,
+                  deltas=None, progress=None) -> dict:
+    """Write a merge as a PEFT LoRA adapter in `folder`; the summary, per-tensor records and files.
+
+    Args:
+        folder: an existing (staging) folder.
+        source_set: the checked base and LoRA sources.
+        merged_layer: layer -> {tensor name: merged delta}.
+        weights: layer -> [w_i] when the layer's merge is exactly Σ w_i ΔW_i (exact factors), or None (truncated).
+        rank: the rank of truncated modules (default: the sum of the source ranks, capped).
+        layers: the layers to write (default: every layer of `deltas`).
+        method: the SVD: auto, full or lowrank.
+        dtype: the saved dtype of the factors.
+        base_model_name_or_path: the base as the adapter names it (default: its Hub id, else its local path).
+        deltas: the deltas the merge was computed on (so units of finer granularity match); read from the files if None.
+        progress: anything with update(n), advanced once per layer written."""
+    from contextlib import nullcontext
     from himerge.deltas import compute_deltas
     check_adapter_output(source_set)
     factors = [LoraFactors(s, source_set.allow_pickle) for s in source_set.sources]
     base = source_set.base
     name = base_model_name_or_path or base.repo_id or str(base.path)   # a local base by its absolute path
     writer = AdapterWriter(folder, name, revision=base.commit_sha or base.revision if base.repo_id else None, dtype=dtype)
-    with compute_deltas(source_set) as deltas:   # file headers, and base tensors read one at a time
-        for layer in (layers if layers is not None else deltas.layers):
-            w = list(weights(layer)) if weights is not None else None
+    with (nullcontext(deltas) if deltas is not None else compute_deltas(source_set)) as d:   # headers, base read per tensor
+        for layer in (layers if layers is not None else d.layers):
+            w = weights(layer) if weights is not None else None
             if w is not None and len(w) != len(factors): raise ValueError(f"weights({layer!r}): {len(w)} weights for {len(factors)} sources")
-            _layer_into(writer, layer, deltas, factors, merged_layer(layer), w, rank, method)
+            _layer_into(writer, layer, d, factors, merged_layer(layer), None if w is None else list(w), rank, method)
+            if progress is not None: progress.update(1)
     files = writer.close()
     return dict(writer.summary(), records=writer.records, files=files)

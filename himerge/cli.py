@@ -110,6 +110,7 @@ def _merge_command(sub):
     p.add_argument("--dry-run", action="store_true", help="check sources and tasks, print the plan; load no weights")
     p.add_argument("--device", default=None, help="torch device for evaluation (default: cpu)")
     p.add_argument("--method", choices=list(METHODS), help="merge with this method instead of the config's")
+    p.add_argument("--as-adapter", action="store_true", help="write a LoRA adapter of the base (every source a LoRA adapter)")
     add_verbosity(p)
     try:
         from himerge.push import add_push_arguments
@@ -121,11 +122,13 @@ def run_merge(args) -> int:
     "`himerge merge`: run (or, with --dry-run, plan) a merge."
     from himerge.merge import merge
     config = args.config
-    if args.method:
+    if args.method or args.as_adapter:
+        from dataclasses import replace
         from himerge.config import load_config
         config = load_config(config)
-        from dataclasses import replace
-        rebuilt = type(config).from_dict({**config.to_dict(), "options": config.options, "method": args.method}, root=config.root)
+        changes = {"method": args.method or config.method,
+                   "options": {**config.options, **({"output_format": "adapter"} if args.as_adapter else {})}}
+        rebuilt = type(config).from_dict({**config.to_dict(), **changes}, root=config.root)
         config = replace(rebuilt, config_file=config.config_file)   # still protected from --out
     result = merge(config, out=args.out, force=args.force, dry_run=args.dry_run, device=args.device, progress=not args.quiet)
     if args.dry_run:

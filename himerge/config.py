@@ -11,7 +11,6 @@ from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 
 from .errors import InputError
-from .output import parse_size
 from .methods import MergeMethod, OptionError, get_method, non_default, option, options_table, parse_options
 
 # %% auto #0
@@ -38,6 +37,11 @@ class RunOptions:
                                 "the base is always held in its stored dtype", choices=("auto", "float32", "bfloat16", "float16"))
     device_map: str | None = option(None, "spread the base over the GPUs and the CPU with accelerate's placement "
                                     "(for a base larger than one GPU)", choices=(None, "auto", "balanced", "balanced_low_0", "sequential"))
+    output_format: str = option("model", "write the merged model, or (every source a LoRA adapter of the base) a LoRA "
+                                "adapter: exact where the merge is a weighted sum of the sources, truncated by SVD elsewhere",
+                                choices=("model", "adapter"))
+    adapter_rank: int | None = option(None, "rank of the adapter's truncated modules (default: the sum of the source "
+                                      "ranks, at most 64)", low=1)
     allow_pickle: bool = option(False, "load pickle .bin checkpoints (unsafe: only for files you trust)")
     override_base: bool = option(False, "accept adapters whose declared base differs from `base`")
     trust_remote_code: bool = option(False, "run model code from the base's repository")
@@ -97,7 +101,7 @@ def _source(s, i: int, tasks: dict, method: MergeMethod) -> SourceConfig:
     where = f"sources[{i}]"
     if isinstance(s, str): s = {"path": s}
     if not isinstance(s, dict) or "path" not in s: raise ConfigError(f"{where}.path: every source needs a path")
-    bad = sorted(set(s) - set(SOURCE_FIELDS), key=str)   # YAML keys may be numbers: sort them as text
+    bad = sorted(set(s) - set(SOURCE_FIELDS))
     if bad: raise ConfigError(f"{where}.{bad[0]}: unknown field (known: {', '.join(SOURCE_FIELDS)})")
     if not isinstance(s["path"], str) or not s["path"].strip(): raise ConfigError(f"{where}.path: expected a path or Hub id")
     task, name = s.get("task"), s.get("name")
@@ -133,8 +137,6 @@ def _options(options, method: MergeMethod) -> tuple:
         own = parse_options(method.options, {**({k: getattr(own, k) for k in legacy} if own else {}),
                                              **{k: v for k, v in options.items() if k in method_names}})
     except OptionError as e: raise ConfigError(str(e)) from None
-    try: parse_size(run.max_shard_size)   # a size the writer cannot read would only fail after the whole merge
-    except InputError as e: raise ConfigError(str(e)) from None
     return run, own
 
 # %% ../nbs/08b_config.ipynb #cee943e3
@@ -150,7 +152,7 @@ def _check_counts(method: MergeMethod, sources: list, own):
 
 def _from_dict(cls, d: dict, root=None) -> MergeConfig:
     if not isinstance(d, dict): raise ConfigError(f"config: expected a mapping of fields ({', '.join(CONFIG_FIELDS)}), got {type(d).__name__}")
-    unknown = sorted(set(d) - set(CONFIG_FIELDS), key=str)
+    unknown = sorted(set(d) - set(CONFIG_FIELDS))
     if unknown: raise ConfigError(f"{unknown[0]}: unknown field (known: {', '.join(CONFIG_FIELDS)})")
     name = d.get("method", "hi-merging")
     if not isinstance(name, str): raise ConfigError(f"method: expected a method name, got {name!r}")
@@ -191,10 +193,6 @@ def _unique_key_loader():
         seen = {}
         for key_node, _ in node.value:
             key = loader.construct_object(key_node, deep=deep)
-            try: hash(key)
-            except TypeError:
-                raise yaml.constructor.ConstructorError(None, None, "a key cannot be a list or a mapping",
-                                                        key_node.start_mark) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice (first on line "
                                                         f"{seen[key] + 1})", key_node.start_mark)
@@ -203,41 +201,23 @@ def _unique_key_loader():
     UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     return UniqueKeyLoader
 
-# %% ../nbs/08b_config.ipynb #631e5a8f
-def _yaml_problem(e, text: str) -> tuple:
-    "(line or None, what is wrong) of a PyYAML error, as one line of text."
-    mark = getattr(e, "problem_mark", None)
-    if mark is not None: line, problem = mark.line + 1, getattr(e, "problem", None) or str(e)
-    elif getattr(e, "position", None) is not None:   # yaml.reader.ReaderError: a character YAML does not allow
-        line, problem = text.count("\n", 0, e.position) + 1, f"character {chr(e.character)!r} is not allowed in YAML"
-    else: line, problem = None, str(e)
-    return line, " ".join(str(problem).split())
-
-def _read_yaml(path: Path):
-    "The data of a YAML file; a `ConfigError` naming the file (and the line) if it cannot be read as YAML."
-    import yaml
-    if path.is_dir(): raise ConfigError(f"{path}: a folder, not a config file (give the YAML file inside it)")
-    if not path.is_file(): raise ConfigError(f"{path}: no such config file")
-    try: text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError: raise ConfigError(f"{path}: not a text file (a YAML config is UTF-8 text)") from None
-    except OSError as e: raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
-    try: data = yaml.load(text, Loader=_unique_key_loader())
-    except yaml.YAMLError as e:
-        line, problem = _yaml_problem(e, text)
-        raise ConfigError(f"{path}{f', line {line}' if line else ''}: not valid YAML ({problem})") from None
-    if data is None: raise ConfigError(f"{path}: empty; a merge config names at least its sources")
-    return data
-
 def load_config(config) -> MergeConfig:
     "A `MergeConfig` from a config object, a dict, or a YAML file path (relative paths resolve against its folder)."
+    import yaml
     if isinstance(config, MergeConfig): return config
     if isinstance(config, dict): return MergeConfig.from_dict(config)
     path = Path(config)
-    data = _read_yaml(path)
+    if not path.is_file(): raise ConfigError(f"{path}: no such config file")
+    try: data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())
+    except UnicodeDecodeError: raise ConfigError(f"{path}: not a text file (a YAML config is UTF-8 text)") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
     try: return replace(MergeConfig.from_dict(data, root=path.resolve().parent), config_file=str(path.resolve()))
     except ConfigError as e: raise ConfigError(f"{path}: {e}") from None
 
-# %% ../nbs/08b_config.ipynb #699eac42
+# %% ../nbs/08b_config.ipynb #631e5a8f
 def _local_or_hub(spec: str, root) -> str:
     if root is None or spec is None: return spec
     p = Path(spec).expanduser()
@@ -246,18 +226,11 @@ def _local_or_hub(spec: str, root) -> str:
     if candidate.exists() or spec.startswith((".", "~")) or spec.count("/") != 1: return str(candidate)
     return spec
 
-def _local(spec, root):
-    "A path that is always local (the output, the evaluation cache), made absolute against `root`; `~` is the home."
-    if root is None or spec is None: return spec
-    p = Path(spec).expanduser()
-    return str(p if p.is_absolute() else Path(root) / p)
-
 def resolved_paths(cfg: MergeConfig) -> MergeConfig:
-    "The config with local paths (base, sources, task data, output, cache, tokenizer) made absolute against `cfg.root`."
+    "The config with local paths (base, sources, task data, output) made absolute against `cfg.root`."
     root = cfg.root
     sources = [replace(s, path=_local_or_hub(s.path, root)) for s in cfg.sources]
     tasks = {k: ({**v, "data": _local_or_hub(v["data"], root)} if isinstance(v, dict) and isinstance(v.get("data"), str) else v)
              for k, v in cfg.tasks.items()}
-    out = _local(cfg.output, root)
-    run = replace(cfg.run, cache_dir=_local(cfg.run.cache_dir, root), tokenizer=_local_or_hub(cfg.run.tokenizer, root))
-    return replace(cfg, sources=sources, base=_local_or_hub(cfg.base, root), tasks=tasks, output=out, run=run)
+    out = cfg.output if root is None or Path(cfg.output).is_absolute() else str(Path(root) / cfg.output)
+    return replace(cfg, sources=sources, base=_local_or_hub(cfg.base, root), tasks=tasks, output=out)

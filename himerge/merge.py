@@ -6,7 +6,7 @@ Docs: https://himerge.github.io/himerge/merge.html.md"""
 
 # %% ../nbs/09_merge.ipynb #da299a43
 from __future__ import annotations
-import dataclasses, datetime, json, logging, time
+import dataclasses, datetime, json, logging, tempfile, time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,17 +14,17 @@ from pathlib import Path
 from . import __version__
 from .config import ConfigError, MergeConfig, load_config, resolved_paths
 from .methods import Counts, MergeContext, MergeMethod, non_default
-from .output import check_output, is_himerge_output, REPORT_FILE
+from .output import check_output, discard, is_himerge_output, staging_dir, REPORT_FILE
 from .scoring import check_device, resolve_tokenizer
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'Plan', 'auto_grid', 'count_evaluations', 'memory_estimate', 'protected_inputs', 'check_task_rows', 'plan',
-           'units_of', 'Run', 'open_run', 'choose_auto', 'run_method', 'reference_states', 'score_models',
-           'source_record', 'portable_config', 'task_data', 'build_report', 'write_output', 'MergeResult',
-           'join_launched', 'group_device', 'agreed', 'leave_group', 'Interrupted', 'merge', 'demo_config',
-           'conflict_table', 'demo']
+           'units_of', 'Run', 'open_run', 'choose_auto', 'run_method', 'write_adapter_first', 'reference_states',
+           'score_models', 'source_record', 'portable_config', 'task_data', 'build_report', 'write_output',
+           'adapter_record', 'MergeResult', 'join_launched', 'group_device', 'agreed', 'leave_group', 'Interrupted',
+           'merge', 'demo_config', 'conflict_table', 'demo']
 
 # %% ../nbs/09_merge.ipynb #39c52680
 @dataclass
@@ -160,6 +160,9 @@ def plan(config, out=None, device=None, writer: bool = True) -> Plan:
         memory = memory_estimate(d, layers, cfg.run.compute_dtype, device) if tasks else {}
     cache_dir = check_cache_dir(cfg.run.cache_dir or default_cache_dir()) if tasks and writer else None
     output = Path(out if out is not None else cfg.output).expanduser().resolve()
+    if cfg.run.output_format == "adapter":
+        from himerge.adapter import check_adapter_output
+        check_adapter_output(sources)        # every source a LoRA adapter of this base, every tensor carried
     tokenizer = None
     if tasks:
         who = "options.tokenizer" if cfg.run.tokenizer else f"the base ({sources.base.spec}) has no tokenizer:"
@@ -288,6 +291,23 @@ def run_method(p: Plan, run: Run):
         run.progress.total = run.progress.n + rest; run.progress.refresh()
     return merged
 
+# %% ../nbs/09_merge.ipynb #be875281
+def write_adapter_first(p: Plan, run: Run, merged, tmp: Path):
+    "Write the merge as an adapter into `tmp`; return (the adapter's summary, the merge as the adapter reads back)."
+    from himerge.adapter import write_adapter
+    from himerge.cache import content_key
+    from himerge.deltas import compute_deltas
+    from himerge.methods import Merged
+    from himerge.scoring import State
+    from himerge.sources import resolve_sources
+    log.info("writing the merge as a LoRA adapter to %s", p.output)
+    with _timed(run, "adapter_s"):
+        summary = write_adapter(tmp, p.sources, merged.state.layer_delta, weights=merged.linear, rank=p.config.run.adapter_rank,
+                                layers=run.deltas.layers, deltas=run.deltas, progress=run.progress)
+    written = units_of(compute_deltas(resolve_sources([str(tmp)], base=str(p.sources.base.path), override_base=True)), p.config)
+    state = State("merged", lambda layer: written.source_layer(0, layer), {"adapter": content_key(tmp), "base": run.base_key})
+    return summary, Merged(state, merged.records, merged.scores)
+
 # %% ../nbs/09_merge.ipynb #cd5a12da
 def reference_states(p: Plan, run: Run) -> dict:
     "name -> State of the base, each source as given, and the plain sum of the deltas."
@@ -390,21 +410,35 @@ def build_report(p: Plan, run: Run, merged, scores: dict, files: list) -> dict:
     return report
 
 # %% ../nbs/09_merge.ipynb #ad7f0d2f
-def write_output(p: Plan, run: Run, merged, scores: dict, force: bool) -> dict:
-    "Write model, figures, report, config and card to a staging folder, then move it to `p.output`; return the report."
+def write_output(p: Plan, run: Run, merged, scores: dict, force: bool, tmp: Path | None = None, adapter=None) -> dict:
+    """Write model (unless `adapter` is already in `tmp`), figures, report, config and card to the staging folder, then
+    move it to `p.output`; return the report.
+
+    Args:
+        p: the plan.
+        run: the open run.
+        merged: the method's `Merged`.
+        scores: the scores of `score_models`.
+        force: replace an existing himerge output.
+        tmp: the staging folder, if one was made already (an adapter is written first).
+        adapter: the summary of the adapter written to `tmp`, if the output is an adapter."""
     import yaml
     from himerge.output import commit_output, discard, staging_dir, write_model
     t0 = time.perf_counter()
-    log.info("writing the merged model to %s", p.output)
-    tmp = staging_dir(p.output)
+    tmp = tmp or staging_dir(p.output)
     try:
-        files = write_model(tmp, run.deltas, merged.state.layer_delta, p.sources.base, p.config.dtype,
-                            p.config.run.max_shard_size, progress=run.progress)
+        if adapter is None:
+            log.info("writing the merged model to %s", p.output)
+            files = write_model(tmp, run.deltas, merged.state.layer_delta, p.sources.base, p.config.dtype,
+                                p.config.run.max_shard_size, progress=run.progress)
+        else: files = list(adapter["files"])
         for record in merged.records.values():
             for name, fig in (record.figures() if hasattr(record, "figures") else {}).items():
                 import matplotlib.pyplot as plt
                 fig.savefig(tmp / name, dpi=120, bbox_inches="tight"); plt.close(fig); files.append(name)
         report = build_report(p, run, merged, scores, files)
+        report["output_format"] = p.config.run.output_format
+        if adapter is not None: report["adapter"] = adapter_record(adapter)
         run.timings["write_s"] = time.perf_counter() - t0
         run.timings["total_s"] = run.timings.get("total_s", 0.0) + run.timings["write_s"]
         report["timings"] = {k: round(v, 3) for k, v in run.timings.items()}
@@ -417,6 +451,13 @@ def write_output(p: Plan, run: Run, merged, scores: dict, force: bool) -> dict:
     except BaseException:
         discard(tmp); raise
     return report
+
+# %% ../nbs/09_merge.ipynb #4e4c22da
+def adapter_record(summary: dict) -> dict:
+    "The report's `adapter` entry from `write_adapter`'s summary."
+    tensors = [dict(tensor=name, rank=r["rank"], kind=r["kind"], relative_error=r["error"]) for name, r in summary["records"].items()]
+    return dict(rank=summary["rank_max"], rank_min=summary["rank_min"], exact=all(t["kind"] != "svd" for t in tensors),
+                max_relative_error=summary["max_error"], parameters=summary["parameters"], tensors=tensors)
 
 # %% ../nbs/09_merge.ipynb #83684811
 @dataclass
@@ -493,13 +534,20 @@ def merge(config, *, out=None, force=False, dry_run=False, device=None, progress
         writer = group is None or group.main
         agreed(group, lambda: check_output(p.output, force, p.inputs, p.output_field) if writer else None)
         with open_run(p, progress, group) as run:
+            tmp = adapter = None
             try:
                 choose_auto(p, run)
                 merged = run_method(p, run)
+                if p.config.run.output_format == "adapter":   # written first: the scores are the adapter's as written
+                    tmp = staging_dir(p.output) if writer else Path(tempfile.mkdtemp(prefix="himerge-adapter-"))
+                    adapter, merged = write_adapter_first(p, run, merged, tmp)
                 scores = score_models(p, run, merged)
                 run.timings["total_s"] = time.perf_counter() - t0
-                report = write_output(p, run, merged, scores, force) if writer else None
-            except KeyboardInterrupt:
+                report = write_output(p, run, merged, scores, force, tmp, adapter) if writer else None
+                if not writer and tmp is not None: discard(tmp)      # another rank's copy, only read back to score
+            except BaseException as e:
+                if tmp is not None: discard(tmp)
+                if not isinstance(e, KeyboardInterrupt): raise
                 saved = run.cache.done if run.cache else 0
                 where = f" in {p.cache_dir}" if p.cache_dir else ""
                 raise Interrupted(f"{saved} evaluations of this run are saved{where}; run the same command again to "

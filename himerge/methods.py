@@ -13,12 +13,12 @@ from typing import Callable
 from .errors import InputError
 
 # %% auto #0
-__all__ = ['METHODS', 'PER_TENSOR', 'PER_TENSOR_BASE', 'SCOPES', 'ROUNDING', 'LAMB', 'OptionError', 'option', 'check_value',
-           'parse_options', 'options_table', 'non_default', 'Counts', 'no_evaluations', 'MergeMethod', 'MergeContext',
-           'Merged', 'register', 'get_method', 'per_tensor', 'TaskArithmeticOptions', 'source_state_key',
-           'processed_key', 'task_arithmetic_merger', 'SignElectionOptions', 'TiesOptions', 'DareLinearOptions',
-           'DareTiesOptions', 'BreadcrumbsOptions', 'DellaOptions', 'LinearOptions', 'check_della', 'SlerpOptions',
-           'HiMergingOptions', 'hi_merging_evaluations']
+__all__ = ['METHODS', 'PER_TENSOR', 'PER_TENSOR_BASE', 'PER_TENSOR_LINEAR', 'SCOPES', 'ROUNDING', 'LAMB', 'OptionError', 'option',
+           'check_value', 'parse_options', 'options_table', 'non_default', 'Counts', 'no_evaluations', 'MergeMethod',
+           'MergeContext', 'Merged', 'register', 'get_method', 'per_tensor', 'TaskArithmeticOptions',
+           'source_state_key', 'processed_key', 'task_arithmetic_merger', 'SignElectionOptions', 'TiesOptions',
+           'DareLinearOptions', 'DareTiesOptions', 'BreadcrumbsOptions', 'DellaOptions', 'LinearOptions', 'check_della',
+           'SlerpOptions', 'HiMergingOptions', 'hi_merging_evaluations']
 
 # %% ../nbs/08a_methods.ipynb #6b63a656
 class OptionError(InputError):
@@ -166,6 +166,7 @@ class Merged:
     state: object                               # himerge.scoring.State: Δ layer by layer, with its cache key
     records: dict = field(default_factory=dict) # e.g. contributions, resolution (for the report and card)
     scores: dict = field(default_factory=dict)  # extra validation scores the method measured, e.g. {"pre_merge": {...}}
+    linear: Callable | None = None              # layer -> [w_m] when the layer's merge is exactly Σ w_m δ_m, else None
 
 # %% ../nbs/08a_methods.ipynb #6837c011
 METHODS: dict = {}
@@ -183,6 +184,7 @@ def get_method(name: str, where: str = "method") -> MergeMethod:
 # %% ../nbs/08a_methods.ipynb #9239bce8
 PER_TENSOR: dict = {}        # method name -> "module:function" of its per-tensor function
 PER_TENSOR_BASE: set = set() # methods whose function takes the base tensor as `base=`
+PER_TENSOR_LINEAR: dict = {} # methods that are a weighted sum of the deltas at density 1: weights -> coefficients
 
 def _tensor_seed(seed: int, name: str) -> int:
     import zlib
@@ -209,7 +211,11 @@ def per_tensor(context: MergeContext, method_name: str) -> Merged:
         return out
     key = {"method": method_name, "options": kwargs, "seed": seed, "base": context.base_key, "sources": context.source_keys,
            "densities": list(context.densities), "scales": list(context.scales)}
-    return Merged(State("merged", layer_delta, key))
+    linear = None
+    if method_name in PER_TENSOR_LINEAR and all(p == 1 for p in context.densities):
+        weights = PER_TENSOR_LINEAR[method_name](list(context.scales))
+        linear = lambda layer: weights
+    return Merged(State("merged", layer_delta, key), linear=linear)
 
 def _per_tensor_merger(name: str) -> str:
     "The `merger` of a per-tensor method: a function of this module bound to its name."
@@ -247,7 +253,9 @@ def task_arithmetic_merger(context: MergeContext) -> Merged:
         return merged if opts.lamb == 1 else {n: t * opts.lamb for n, t in merged.items()}
     key = {"method": "task_arithmetic", "base": context.base_key, "sources": processed_key(context, opts.prune_scope),
            "lamb": opts.lamb}
-    return Merged(State("merged", layer_delta, key))
+    weights = [s * opts.lamb for s in context.scales]
+    exact = all(p == 1 for p in context.densities)   # nothing pruned: Σ λ_m · lamb · δ_m
+    return Merged(State("merged", layer_delta, key), linear=(lambda layer: weights) if exact else None)
 
 register(MergeMethod("task_arithmetic", "Σ λ_m · prune(δ_m, p_m): the sum of the sources' processed deltas",
                      TaskArithmeticOptions, "himerge.methods:task_arithmetic_merger",
@@ -336,6 +344,7 @@ for _name, _summary, _options, _density, _reference in [
     PER_TENSOR[_name] = f"himerge.baselines:{_name}"
     register(MergeMethod(_name, _summary, _options, _per_tensor_merger(_name), default_density=_density,
                          reference=_reference, validate=check_della if _name == "della" else None))
+PER_TENSOR_LINEAR["linear"] = lambda weights: [w / sum(weights) for w in weights]   # the soup: Σ w_m δ_m / Σ w_m
 
 # %% ../nbs/08a_methods.ipynb #0ea690a3
 @dataclass

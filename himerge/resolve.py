@@ -69,6 +69,17 @@ class ResolvedDeltas:
         from himerge.prune import prune_scale_group
         return prune_scale_group(delta, edit.density, edit.scale)
 
+    def linear_weights(self, layer):
+        "[w_m] when every source's resolved delta of `layer` is its processed delta times w_m (dropped: 0), else None."
+        weights = []
+        for i, scale in enumerate(self.processed.scale):
+            edit = self.edits.get((i, layer))
+            if edit is None: weights.append(scale)
+            elif edit.kind == "zero": weights.append(0.0)
+            elif edit.density == 1: weights.append(scale * edit.scale)   # a pure rescaling
+            else: return None                                             # re-pruned: not a multiple of the delta
+        return weights
+
     def key(self) -> list:
         "A JSON-able, order-independent description of the edits."
         return sorted([[i, str(l), e.kind, e.density, e.scale] for (i, l), e in self.edits.items()])
@@ -204,4 +215,5 @@ def hi_merging(context):
     final = resolution.deltas
     state = analysis.states(final, final.key())[-1]
     return Merged(state, records=dict(contributions=contributions, resolution=resolution),
-                  scores={"pre_merge": contributions.reference["pre_merge"]})
+                  scores={"pre_merge": contributions.reference["pre_merge"]},
+                  linear=final.linear_weights if opts.combine == "sum" and all(p == 1 for p in context.densities) else None)
