@@ -1,4 +1,4 @@
-"""The same sources merged by every method, scored on the same tasks and splits, side by side.
+"""Every method on the same sources and tasks, each given the same small search of its hyperparameters on validation, compared on test.
 
 Docs: https://himerge.github.io/himerge/compare.html.md"""
 
@@ -6,57 +6,104 @@ Docs: https://himerge.github.io/himerge/compare.html.md"""
 
 # %% ../nbs/09a_compare.ipynb #fd3c233e
 from __future__ import annotations
-import dataclasses
+import dataclasses, itertools, tempfile
 from pathlib import Path
 
 from .config import MergeConfig, RunOptions, load_config
 from .methods import METHODS
 
 # %% auto #0
-__all__ = ['normalised_scores', 'method_config', 'compare_methods']
+__all__ = ['GRIDS', 'gain_kept', 'comparison_table', 'grid_points', 'point_config', 'Comparison', 'compare_methods']
 
 # %% ../nbs/09a_compare.ipynb #53fb1406
-def normalised_scores(scores: dict, task_owner: dict):
-    "Scores (row -> {task: score}) with their mean over tasks, each divided by the owning source's score."
+def gain_kept(scores: dict, base: dict, owner: dict) -> dict:
+    "task -> (score − base) / (owner's score − base) for `scores` (task -> score); owner: task -> the source's scores."
+    return {t: (scores[t] - base[t]) / (owner[t][t] - base[t]) for t in owner}
+
+def comparison_table(rows: dict, owner_of: dict):
+    "Rows (name -> {task: score}) with each task's share of gain kept and the mean share and normalised score."
     import pandas as pd
-    df = pd.DataFrame(scores).T
-    own = {t: scores[f"source {n}"][t] for t, n in task_owner.items()}
-    norm = pd.DataFrame({t: df[t] / own[t] for t in task_owner})
-    df["mean normalised"] = norm.mean(axis=1)
-    return df
+    base = rows["base"]
+    owner = {t: rows[f"source {n}"] for t, n in owner_of.items()}
+    table = pd.DataFrame(rows).T
+    for t in owner_of: table[f"gain kept {t}"] = [gain_kept(r, base, owner)[t] for r in rows.values()]
+    table["mean gain kept"] = table[[f"gain kept {t}" for t in owner_of]].mean(axis=1)
+    table["mean normalised"] = pd.DataFrame({t: table[t] / owner[t][t] for t in owner_of}).mean(axis=1)
+    return table
 
 # %% ../nbs/09a_compare.ipynb #0bdf9559
-def method_config(cfg: MergeConfig, method: str, density: float | None = None, options: dict | None = None) -> dict:
-    "`cfg` as a config dict for `method`: the options that apply to it, and `density` for every source if given."
+GRIDS = {
+    "task_arithmetic": {"scale": [0.4, 0.6, 0.8, 1.0]},
+    "ties": {"density": [0.3, 0.5, 0.7], "scale": [0.6, 1.0]},
+    "dare_linear": {"density": [0.3, 0.5, 0.7], "scale": [0.6, 1.0]},
+    "dare_ties": {"density": [0.3, 0.5, 0.7], "scale": [0.6, 1.0]},
+    "breadcrumbs": {"density": [0.3, 0.5, 0.7], "scale": [0.6, 1.0]},
+    "della": {"density": [0.3, 0.5, 0.7], "scale": [0.6, 1.0]},
+    "linear": {},
+    "slerp": {"t": [0.3, 0.5, 0.7]},
+    "hi-merging": {"conflict_z": [0.0, 1.0, 2.0], "auto": [False, True]},
+}
+
+def grid_points(grid: dict) -> list:
+    "Every combination of a grid's values, as dicts (one empty point for an empty grid)."
+    names = list(grid)
+    return [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
+
+# %% ../nbs/09a_compare.ipynb #21cf4b9f
+def point_config(cfg: MergeConfig, method: str, point: dict, test_scores: bool) -> dict:
+    "The config dict of `cfg` merged by `method` at grid `point` (test scores on or off)."
     m = METHODS[method]
     allowed = {f.name for f in dataclasses.fields(RunOptions)} | {f.name for f in dataclasses.fields(m.options)}
     d = cfg.to_dict()
     d["method"] = method
-    d["options"] = {k: v for k, v in {**d["options"], "test_scores": True, **(options or {})}.items() if k in allowed}
-    if density is not None: d["sources"] = [{**s, "density": density} for s in d["sources"]]
+    options = {k: v for k, v in point.items() if k not in ("scale", "density", "auto")}
+    d["options"] = {k: v for k, v in {**d["options"], **options, "test_scores": test_scores}.items() if k in allowed}
+    per_source = {k: point[k] for k in ("scale", "density") if k in point}
+    if point.get("auto"): per_source = {"density": "auto", "scale": "auto"}
+    if "density" not in per_source and m.default_density != 1: per_source["density"] = m.default_density
+    d["sources"] = [{**s, **per_source} for s in d["sources"]]
     return d
 
-def compare_methods(config, methods=None, out_root=None, method_options=None, progress=False):
-    """Merge `config` with each method (same sources, tasks and evaluation cache); scores per split, model and task.
+# %% ../nbs/09a_compare.ipynb #da714124
+@dataclasses.dataclass
+class Comparison:
+    "Scores of every method's chosen point, on validation and test, with the search behind each."
+    tables: dict        # split -> comparison_table
+    chosen: dict        # method -> the grid point chosen on validation
+    searched: dict      # method -> [(point, mean gain kept on validation)]
+    evaluations: dict   # method -> task evaluations the search and the final test scores ran
+
+def compare_methods(config, methods=None, grids=None, out_root=None, progress=False) -> Comparison:
+    """Merge `config` with each method at each point of its grid; choose on validation, report test.
 
     Args:
-        config: a merge config (dict, YAML path or MergeConfig) with tasks for every source.
-        methods: method names (default: every registered method).
+        config: a merge config (dict, YAML path or MergeConfig) with a task for every source.
+        methods: method names (default: every registered method that takes this many sources).
+        grids: method -> grid (default `GRIDS`).
         out_root: where the merged models go (default: a temporary folder).
-        method_options: method name -> extra options for that method.
         progress: show each merge's progress bar."""
-    import tempfile, pandas as pd
     from himerge.merge import merge
-    cfg = load_config(config)
+    cfg, grids = load_config(config), {**GRIDS, **(grids or {})}
     root = Path(out_root) if out_root else Path(tempfile.mkdtemp(prefix="himerge-compare-"))
-    rows, owner = {"validation": {}, "test": {}}, {}
-    for name in methods or list(METHODS):
-        default = METHODS[name].default_density
-        d = method_config(cfg, name, default if default != 1 else None, (method_options or {}).get(name))
-        result = merge(MergeConfig.from_dict(d, root=cfg.root), out=root / name, force=True, progress=progress)
-        for split, sc in result.report["scores"].items():
+    n = len(cfg.sources)
+    names = methods or [m for m, e in METHODS.items() if e.min_sources <= n and (e.max_sources is None or n <= e.max_sources)]
+    rows, chosen, searched, spent, owner = {"validation": {}, "test": {}}, {}, {}, {}, {}
+    for name in names:
+        results = []
+        for k, point in enumerate(grid_points(grids.get(name, {}))):
+            d = point_config(cfg, name, point, test_scores=False)
+            result = merge(MergeConfig.from_dict(d, root=cfg.root), out=root / f"{name}-{k}", force=True, progress=progress)
+            sc = result.report["scores"]["validation"]
+            owner = {s["task"]: s["name"] for s in result.report["sources"]}
+            kept = gain_kept(sc["merged"], sc["base"], {t: sc["sources"][o] for t, o in owner.items()})
+            results.append((point, sum(kept.values()) / len(kept), result.report["evaluations"]["done"]))
+        best = max(range(len(results)), key=lambda i: (results[i][1], -i))
+        final = merge(MergeConfig.from_dict(point_config(cfg, name, results[best][0], True), root=cfg.root),
+                      out=root / name, force=True, progress=progress)
+        chosen[name], searched[name] = results[best][0], [(p, v) for p, v, _ in results]
+        spent[name] = sum(done for _, _, done in results) + final.report["evaluations"]["done"]
+        for split, sc in final.report["scores"].items():
             rows[split].setdefault("base", sc["base"])
-            for s in result.report["sources"]:
-                rows[split].setdefault(f"source {s['name']}", sc["sources"][s["name"]]); owner.setdefault(s["task"], s["name"])
+            for s in final.report["sources"]: rows[split].setdefault(f"source {s['name']}", sc["sources"][s["name"]])
             rows[split][name] = sc["merged"]
-    return pd.concat({split: normalised_scores(r, owner) for split, r in rows.items()}, axis=1)
+    return Comparison({split: comparison_table(r, owner) for split, r in rows.items() if r}, chosen, searched, spent)

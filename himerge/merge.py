@@ -473,15 +473,19 @@ class MergeResult:
     @property
     def resolution(self): return self.records.get("resolution")
 
-    def scores(self, split="test"):
-        "Scores as a table: one row per model (base, sources, pre-merge, task arithmetic, merged), one column per task."
+    def scores(self, split="test", gains=True):
+        """Scores as a table: one row per model (base, sources, pre-merge, task arithmetic, merged), one column per task,
+        and (with `gains`) each row's share of each source's own gain kept, and its mean (see `himerge.compare`)."""
         import pandas as pd
         s = self.report["scores"].get(split, {})
         rows = {"base": s.get("base", {})}
         rows.update({f"source {k}": v for k, v in s.get("sources", {}).items()})
         for k in ("pre_merge", "task_arithmetic", "merged"):
             if s.get(k): rows[k] = s[k]
-        return pd.DataFrame(rows).T
+        owner = {src["task"]: src["name"] for src in self.report["sources"] if src.get("task")}
+        if not gains or not owner or not s: return pd.DataFrame(rows).T
+        from himerge.compare import comparison_table
+        return comparison_table(rows, owner).drop(columns="mean normalised")
 
 def join_launched(device):
     "The process group of a job a launcher (torchrun, accelerate launch) started as several processes; None otherwise."
