@@ -13,7 +13,7 @@ from .config import MergeConfig, RunOptions, load_config
 from .methods import METHODS
 
 # %% auto #0
-__all__ = ['GRIDS', 'gain_kept', 'comparison_table', 'grid_points', 'point_config', 'Comparison', 'compare_methods']
+__all__ = ['gain_kept', 'comparison_table', 'grid_points', 'point_config', 'Comparison', 'compare_methods']
 
 # %% ../nbs/09a_compare.ipynb #53fb1406
 def gain_kept(scores: dict, base: dict, owner: dict) -> dict:
@@ -32,18 +32,6 @@ def comparison_table(rows: dict, owner_of: dict):
     return table
 
 # %% ../nbs/09a_compare.ipynb #0bdf9559
-GRIDS = {
-    "task_arithmetic": {"scale": [0.4, 0.6, 0.8, 1.0]},
-    "ties": {"density": [0.3, 0.5, 0.7], "scale": [0.6, 1.0]},
-    "dare_linear": {"density": [0.3, 0.5, 0.7], "scale": [0.6, 1.0]},
-    "dare_ties": {"density": [0.3, 0.5, 0.7], "scale": [0.6, 1.0]},
-    "breadcrumbs": {"density": [0.3, 0.5, 0.7], "scale": [0.6, 1.0]},
-    "della": {"density": [0.3, 0.5, 0.7], "scale": [0.6, 1.0]},
-    "linear": {},
-    "slerp": {"t": [0.3, 0.5, 0.7]},
-    "hi-merging": {"conflict_z": [0.0, 1.0, 2.0], "auto": [False, True]},
-}
-
 def grid_points(grid: dict) -> list:
     "Every combination of a grid's values, as dicts (one empty point for an empty grid)."
     names = list(grid)
@@ -79,11 +67,11 @@ def compare_methods(config, methods=None, grids=None, out_root=None, progress=Fa
     Args:
         config: a merge config (dict, YAML path or MergeConfig) with a task for every source.
         methods: method names (default: every registered method that takes this many sources).
-        grids: method -> grid (default `GRIDS`).
+        grids: method -> grid, replacing the registry's `search` for that method.
         out_root: where the merged models go (default: a temporary folder).
         progress: show each merge's progress bar."""
     from himerge.merge import merge
-    cfg, grids = load_config(config), {**GRIDS, **(grids or {})}
+    cfg, grids = load_config(config), {**{m: e.search for m, e in METHODS.items()}, **(grids or {})}
     root = Path(out_root) if out_root else Path(tempfile.mkdtemp(prefix="himerge-compare-"))
     n = len(cfg.sources)
     names = methods or [m for m, e in METHODS.items() if e.min_sources <= n and (e.max_sources is None or n <= e.max_sources)]

@@ -139,6 +139,7 @@ class MergeMethod:
     evaluations: Callable = no_evaluations   # (Counts, options) -> {stage: task evaluations}
     reference: str = ""              # where the method comes from
     validate: Callable | None = None # (sources, options) -> None: checks only this method can make, OptionError if not
+    search: dict = field(default_factory=dict)   # the grid a fair comparison searches: name -> values (see himerge.compare)
 
     def build(self, context):
         "Run the merger on `context`; return its `Merged`."
@@ -259,7 +260,8 @@ def task_arithmetic_merger(context: MergeContext) -> Merged:
 
 register(MergeMethod("task_arithmetic", "Σ λ_m · prune(δ_m, p_m): the sum of the sources' processed deltas",
                      TaskArithmeticOptions, "himerge.methods:task_arithmetic_merger",
-                     reference="Ilharco et al. 2023, Editing models with task arithmetic"))
+                     reference="Ilharco et al. 2023, Editing models with task arithmetic",
+                     search={"scale": [0.4, 0.6, 0.8, 1.0]}))
 
 # %% ../nbs/08a_methods.ipynb #0734cb0f
 LAMB = dict(low=0, low_open=True)
@@ -343,7 +345,8 @@ for _name, _summary, _options, _density, _reference in [
          "Wortsman et al. 2022, Model soups")]:
     PER_TENSOR[_name] = f"himerge.baselines:{_name}"
     register(MergeMethod(_name, _summary, _options, _per_tensor_merger(_name), default_density=_density,
-                         reference=_reference, validate=check_della if _name == "della" else None))
+                         reference=_reference, validate=check_della if _name == "della" else None,
+                         search={"density": [0.3, 0.5, 0.7], "scale": [0.6, 1.0]} if _density != 1 else {}))
 PER_TENSOR_LINEAR["linear"] = lambda weights: [w / sum(weights) for w in weights]   # the soup: Σ w_m δ_m / Σ w_m
 
 # %% ../nbs/08a_methods.ipynb #0ea690a3
@@ -356,7 +359,7 @@ PER_TENSOR["slerp"] = "himerge.baselines:slerp"
 PER_TENSOR_BASE.add("slerp")
 register(MergeMethod("slerp", "SLERP: spherical interpolation between two models at fraction t", SlerpOptions,
                      _per_tensor_merger("slerp"), min_sources=2, max_sources=2,
-                     reference="Shoemake 1985; mergekit's slerp"))
+                     reference="Shoemake 1985; mergekit's slerp", search={"t": [0.3, 0.5, 0.7]}))
 
 # %% ../nbs/08a_methods.ipynb #e4b343c3
 @dataclass
@@ -392,4 +395,5 @@ def hi_merging_evaluations(counts: Counts, options: HiMergingOptions) -> dict:
 register(MergeMethod("hi-merging", "Hi-Merging: prune and scale each delta, measure every layer's contribution to each task, "
                      "resolve the conflicted layers one by one", HiMergingOptions, "himerge.resolve:hi_merging",
                      needs_tasks=True, min_sources=2, evaluations=hi_merging_evaluations,
-                     reference="Training-free LLM Merging for Multi-task Learning (arXiv 2506.12379)"))
+                     reference="Training-free LLM Merging for Multi-task Learning (arXiv 2506.12379)",
+                     search={"conflict_z": [0.0, 1.0, 2.0], "auto": [False, True]}))

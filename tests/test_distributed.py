@@ -81,3 +81,19 @@ def test_input_error_reported_once(tmp_path):
     assert run.stderr.count("options.batch_size") == 1, run.stderr[-2000:]
     # No rank prints a traceback (torchrun itself ends with its own report of the failed exit code).
     assert not any(line.startswith(("[rank0]", "[rank1]")) for line in run.stderr.splitlines()), run.stderr[-2000:]
+
+
+def test_a_single_process_run_stays_single(tmp_path):
+    "Without a launcher, a merge imports no part of himerge's distributed code and starts no process group."
+    code = textwrap.dedent(f"""
+        import sys, torch.distributed as dist
+        from himerge.merge import merge
+        from himerge.zoo import load_zoo
+        zoo = load_zoo()
+        merge(dict(base=str(zoo.base), sources=[str(p) for p in list(zoo.adapters.values())[:2]], method="task_arithmetic"),
+              out={str(tmp_path / 'out')!r}, progress=False)
+        print("distributed module:", "himerge.distributed" in sys.modules, "group:", dist.is_initialized())
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment(tmp_path), timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "distributed module: False group: False" in run.stdout
