@@ -41,7 +41,7 @@ def source_key(source) -> str:
 EVALUATOR_VERSION = "evaluator-v1"
 
 def task_key(spec, runtime: dict | None = None) -> str:
-    "A digest of a task spec, its data files and the `runtime` that affects its scores (dtype, batch size, device type)."
+    "A digest of a task spec, its data files, and the `runtime` that affects its scores (dtype, batch size, device)."
     d = asdict(spec) if hasattr(spec, "__dataclass_fields__") else dict(spec)
     data = Path(str(d.get("data_dir") or d.get("data") or ""))
     d.pop("data_dir", None); d.pop("lighteval_config", None)

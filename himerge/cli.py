@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # %% ../nbs/12_cli.ipynb #6ed248cd
 def setup_logging(verbosity: int, rank=None):
-    "Log himerge's stages to stderr: warnings only (-q), the stages (default), or details (-v); only rank 0 of a shared job."
+    "Log himerge's stages to stderr: warnings only (-q), the stages (default), or details (-v); rank 0 of a job alone."
     import logging
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
     if rank: level = logging.WARNING   # other ranks of a shared job speak only of problems
@@ -76,7 +76,8 @@ def main(argv=None) -> int:
 # %% ../nbs/12_cli.ipynb #da2bf1ee
 def _fail(msg: str) -> int:
     "Print an error about the user's input as one line (a message quoting a library's several lines is joined)."
-    print("himerge: error: " + " ".join(part.strip() for part in str(msg).splitlines() if part.strip()), file=sys.stderr)
+    one_line = " ".join(part.strip() for part in str(msg).splitlines() if part.strip())
+    print(f"himerge: error: {one_line}", file=sys.stderr)
     return 2
 
 def _print_summary(result):
@@ -110,7 +111,8 @@ def _merge_command(sub):
     p.add_argument("--dry-run", action="store_true", help="check sources and tasks, print the plan; load no weights")
     p.add_argument("--device", default=None, help="torch device for evaluation (default: cpu)")
     p.add_argument("--method", choices=list(METHODS), help="merge with this method instead of the config's")
-    p.add_argument("--as-adapter", action="store_true", help="write a LoRA adapter of the base (every source a LoRA adapter)")
+    p.add_argument("--as-adapter", action="store_true",
+                   help="write a LoRA adapter of the base (every source a LoRA adapter)")
     add_verbosity(p)
     try:
         from himerge.push import add_push_arguments
@@ -130,7 +132,8 @@ def run_merge(args) -> int:
                    "options": {**config.options, **({"output_format": "adapter"} if args.as_adapter else {})}}
         rebuilt = type(config).from_dict({**config.to_dict(), **changes}, root=config.root)
         config = replace(rebuilt, config_file=config.config_file)   # still protected from --out
-    result = merge(config, out=args.out, force=args.force, dry_run=args.dry_run, device=args.device, progress=not args.quiet)
+    result = merge(config, out=args.out, force=args.force, dry_run=args.dry_run, device=args.device,
+                   progress=not args.quiet)
     if args.dry_run:
         print(result)
         return 0

@@ -17,7 +17,7 @@ __all__ = ['gain_kept', 'comparison_table', 'grid_points', 'point_config', 'Comp
 
 # %% ../nbs/09a_compare.ipynb #53fb1406
 def gain_kept(scores: dict, base: dict, owner: dict) -> dict:
-    "task -> (score − base) / (owner's score − base) for `scores` (task -> score); owner: task -> the source's scores."
+    "task -> (score − base) / (owner's score − base); `scores`, `base`: task -> score; `owner`: task -> the source's."
     return {t: (scores[t] - base[t]) / (owner[t][t] - base[t]) for t in owner}
 
 def comparison_table(rows: dict, owner_of: dict):
@@ -74,13 +74,15 @@ def compare_methods(config, methods=None, grids=None, out_root=None, progress=Fa
     cfg, grids = load_config(config), {**{m: e.search for m, e in METHODS.items()}, **(grids or {})}
     root = Path(out_root) if out_root else Path(tempfile.mkdtemp(prefix="himerge-compare-"))
     n = len(cfg.sources)
-    names = methods or [m for m, e in METHODS.items() if e.min_sources <= n and (e.max_sources is None or n <= e.max_sources)]
+    fits = lambda e: e.min_sources <= n and (e.max_sources is None or n <= e.max_sources)
+    names = methods or [m for m, e in METHODS.items() if fits(e)]
     rows, chosen, searched, spent, owner = {"validation": {}, "test": {}}, {}, {}, {}, {}
     for name in names:
         results = []
         for k, point in enumerate(grid_points(grids.get(name, {}))):
             d = point_config(cfg, name, point, test_scores=False)
-            result = merge(MergeConfig.from_dict(d, root=cfg.root), out=root / f"{name}-{k}", force=True, progress=progress)
+            result = merge(MergeConfig.from_dict(d, root=cfg.root), out=root / f"{name}-{k}", force=True,
+                           progress=progress)
             sc = result.report["scores"]["validation"]
             owner = {s["task"]: s["name"] for s in result.report["sources"]}
             kept = gain_kept(sc["merged"], sc["base"], {t: sc["sources"][o] for t, o in owner.items()})

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 
 from .errors import InputError
-from .methods import MergeMethod, OptionError, get_method, non_default, option, options_table, parse_options
+from .methods import MergeMethod, OptionError, get_method, option, options_table, parse_options
 
 # %% auto #0
 __all__ = ['DTYPES', 'CONFIG_FIELDS', 'SOURCE_FIELDS', 'AUTO', 'ConfigError', 'RunOptions', 'SourceConfig', 'MergeConfig',
@@ -27,18 +27,23 @@ class RunOptions:
     seed: int = option(0, "seed of random methods (DARE, DELLA): a merge is reproducible from it", low=0)
     batch_size: int = option(32, "evaluation batch size", low=1)
     test_scores: bool = option(True, "score the base, the sources and the merge on each task's test split at the end")
-    cache_dir: str | None = option(None, "evaluation cache folder (default: $HIMERGE_CACHE or ~/.cache/himerge/evaluations)")
+    cache_dir: str | None = option(None, "evaluation cache folder (default: $HIMERGE_CACHE or "
+                                   "~/.cache/himerge/evaluations)")
     max_shard_size: str = option("1GB", "largest safetensors shard of the saved model (a shard is buffered in memory)")
     tokenizer: str | None = option(None, "tokenizer path or Hub id (default: the base's)")
     auto_grid: list = option([0.2, 0.4, 0.6, 0.8, 1.0], "values tried for a density or scale given as 'auto'",
                              low=0, high=1, low_open=True)
-    auto_budget: int = option(25, "most evaluations the search for one source's 'auto' density and scale may spend", low=1)
-    compute_dtype: str = option("auto", "dtype the model computes in (auto: the stored dtype on a GPU, float32 on a CPU); "
-                                "the base is always held in its stored dtype", choices=("auto", "float32", "bfloat16", "float16"))
+    auto_budget: int = option(25, "most evaluations the search for one source's 'auto' density and scale may spend",
+                              low=1)
+    compute_dtype: str = option("auto", "dtype the model computes in (auto: the stored dtype on a GPU, float32 on a "
+                                "CPU); the base is always held in its stored dtype",
+                                choices=("auto", "float32", "bfloat16", "float16"))
     device_map: str | None = option(None, "spread the base over the GPUs and the CPU with accelerate's placement "
-                                    "(for a base larger than one GPU)", choices=(None, "auto", "balanced", "balanced_low_0", "sequential"))
+                                    "(for a base larger than one GPU)",
+                                    choices=(None, "auto", "balanced", "balanced_low_0", "sequential"))
     output_format: str = option("model", "write the merged model, or (every source a LoRA adapter of the base) a LoRA "
-                                "adapter: exact where the merge is a weighted sum of the sources, truncated by SVD elsewhere",
+                                "adapter: exact where the merge is a weighted sum of the sources, truncated by SVD "
+                                "elsewhere",
                                 choices=("model", "adapter"))
     adapter_rank: int | None = option(None, "rank of the adapter's truncated modules (default: the sum of the source "
                                       "ranks, at most 64)", low=1)
@@ -103,7 +108,8 @@ def _source(s, i: int, tasks: dict, method: MergeMethod) -> SourceConfig:
     if not isinstance(s, dict) or "path" not in s: raise ConfigError(f"{where}.path: every source needs a path")
     bad = sorted(set(s) - set(SOURCE_FIELDS))
     if bad: raise ConfigError(f"{where}.{bad[0]}: unknown field (known: {', '.join(SOURCE_FIELDS)})")
-    if not isinstance(s["path"], str) or not s["path"].strip(): raise ConfigError(f"{where}.path: expected a path or Hub id")
+    if not isinstance(s["path"], str) or not s["path"].strip():
+        raise ConfigError(f"{where}.path: expected a path or Hub id")
     task, name = s.get("task"), s.get("name")
     if task is not None and (not isinstance(task, str) or task not in tasks):
         raise ConfigError(f"{where}.task: {task!r} is not a key of tasks: ({', '.join(tasks) or 'none defined'})")
@@ -111,9 +117,11 @@ def _source(s, i: int, tasks: dict, method: MergeMethod) -> SourceConfig:
         raise ConfigError(f"{where}.task: {method.name} needs each source's task, to measure its layers' contributions")
     if name is not None and (not isinstance(name, str) or not name.strip() or "/" in name):
         raise ConfigError(f"{where}.name: expected a short name without '/', got {name!r}")
-    density, scale = _fraction(s.get("density", method.default_density), f"{where}.density"), _fraction(s.get("scale", 1.0), f"{where}.scale")
+    density = _fraction(s.get("density", method.default_density), f"{where}.density")
+    scale = _fraction(s.get("scale", 1.0), f"{where}.scale")
     if AUTO in (density, scale) and task is None:
-        raise ConfigError(f"{where}.{'density' if density == AUTO else 'scale'}: 'auto' is chosen on the source's own task; give it a task")
+        which = "density" if density == AUTO else "scale"
+        raise ConfigError(f"{where}.{which}: 'auto' is chosen on the source's own task; give it a task")
     return SourceConfig(s["path"], task, density, scale, name)
 
 def _options(options, method: MergeMethod) -> tuple:
@@ -128,7 +136,8 @@ def _options(options, method: MergeMethod) -> tuple:
         if name in run_names or name in method_names: continue
         from himerge.methods import METHODS
         owners = [m.name for m in METHODS.values() if name in {f.name for f in dataclasses.fields(m.options)}]
-        if owners: raise ConfigError(f"options.{name}: not an option of {method.name} (it is one of {', '.join(owners)})")
+        if owners:
+            raise ConfigError(f"options.{name}: not an option of {method.name} (it is one of {', '.join(owners)})")
         raise ConfigError(f"options.{name}: unknown option (run options: {', '.join(sorted(run_names))}; options of "
                           f"{method.name}: {', '.join(sorted(method_names)) or 'none'})")
     try:
@@ -142,16 +151,19 @@ def _options(options, method: MergeMethod) -> tuple:
 # %% ../nbs/08b_config.ipynb #cee943e3
 def _check_counts(method: MergeMethod, sources: list, own):
     n = len(sources)
-    if n < method.min_sources: raise ConfigError(f"sources: {method.name} needs at least {method.min_sources} sources, got {n}")
+    if n < method.min_sources:
+        raise ConfigError(f"sources: {method.name} needs at least {method.min_sources} sources, got {n}")
     if method.max_sources is not None and n > method.max_sources:
         raise ConfigError(f"sources: {method.name} takes at most {method.max_sources} sources, got {n}")
     for f in dataclasses.fields(own):
         value = getattr(own, f.name)
         if f.metadata.get("per_source") and isinstance(value, list) and len(value) != n:
-            raise ConfigError(f"options.{f.name}: {len(value)} values for {n} sources; give one value, or one per source")
+            raise ConfigError(f"options.{f.name}: {len(value)} values for {n} sources; give one value, or one per "
+                              "source")
 
 def _from_dict(cls, d: dict, root=None) -> MergeConfig:
-    if not isinstance(d, dict): raise ConfigError(f"config: expected a mapping of fields ({', '.join(CONFIG_FIELDS)}), got {type(d).__name__}")
+    if not isinstance(d, dict):
+        raise ConfigError(f"config: expected a mapping of fields ({', '.join(CONFIG_FIELDS)}), got {type(d).__name__}")
     unknown = sorted(set(d) - set(CONFIG_FIELDS))
     if unknown: raise ConfigError(f"{unknown[0]}: unknown field (known: {', '.join(CONFIG_FIELDS)})")
     name = d.get("method", "hi-merging")
@@ -163,7 +175,8 @@ def _from_dict(cls, d: dict, root=None) -> MergeConfig:
 
 def _checked(cls, d: dict, root, method: MergeMethod, name: str) -> MergeConfig:
     raw_sources = d.get("sources")
-    if not isinstance(raw_sources, list) or not raw_sources: raise ConfigError("sources: expected a non-empty list of sources")
+    if not isinstance(raw_sources, list) or not raw_sources:
+        raise ConfigError("sources: expected a non-empty list of sources")
     tasks = d.get("tasks") or {}
     if not isinstance(tasks, dict): raise ConfigError("tasks: expected a mapping of task name -> task spec")
     sources = [_source(s, i, tasks, method) for i, s in enumerate(raw_sources)]
@@ -173,12 +186,15 @@ def _checked(cls, d: dict, root, method: MergeMethod, name: str) -> MergeConfig:
             raise ConfigError(f"sources[{i}].name: {s.name!r} is used twice")
     run, own = _options(d.get("options") or {}, method)
     _check_counts(method, sources, own)
-    if method.validate is not None: method.validate(sources, own)   # what only this method can tell (raises OptionError)
+    # what only this method can tell (raises OptionError)
+    if method.validate is not None: method.validate(sources, own)
     dtype = d.get("dtype", "auto")
     if dtype not in DTYPES: raise ConfigError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     base, output = d.get("base"), d.get("output", "./merged")
-    if base is not None and (not isinstance(base, str) or not base.strip()): raise ConfigError(f"base: expected a path or Hub id, got {base!r}")
-    if not isinstance(output, (str, Path)) or not str(output).strip(): raise ConfigError(f"output: expected a folder path, got {output!r}")
+    if base is not None and (not isinstance(base, str) or not base.strip()):
+        raise ConfigError(f"base: expected a path or Hub id, got {base!r}")
+    if not isinstance(output, (str, Path)) or not str(output).strip():
+        raise ConfigError(f"output: expected a folder path, got {output!r}")
     return cls(sources, base, tasks, name, dict(d.get("options") or {}), dtype, str(output),
                str(root) if root is not None else None, None, run, own)
 
@@ -230,7 +246,7 @@ def resolved_paths(cfg: MergeConfig) -> MergeConfig:
     "The config with local paths (base, sources, task data, output) made absolute against `cfg.root`."
     root = cfg.root
     sources = [replace(s, path=_local_or_hub(s.path, root)) for s in cfg.sources]
-    tasks = {k: ({**v, "data": _local_or_hub(v["data"], root)} if isinstance(v, dict) and isinstance(v.get("data"), str) else v)
-             for k, v in cfg.tasks.items()}
+    local = lambda v: isinstance(v, dict) and isinstance(v.get("data"), str)
+    tasks = {k: ({**v, "data": _local_or_hub(v["data"], root)} if local(v) else v) for k, v in cfg.tasks.items()}
     out = cfg.output if root is None or Path(cfg.output).is_absolute() else str(Path(root) / cfg.output)
     return replace(cfg, sources=sources, base=_local_or_hub(cfg.base, root), tasks=tasks, output=out)

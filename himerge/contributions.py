@@ -27,8 +27,8 @@ def states_for(deltas, source_names: list, *, combine: str = "sum", merged=None,
     "One `State` per source alone and the pre-merge `G` (last)."
     merged = deltas if merged is None else merged
     keys = list(source_keys) if source_keys is not None else list(source_names)
-    states = [State(f"source:{n}", (lambda layer, i=i: deltas.source_layer(i, layer)), {"base": base_key, "source": keys[i]})
-              for i, n in enumerate(source_names)]
+    states = [State(f"source:{n}", (lambda layer, i=i: deltas.source_layer(i, layer)),
+                    {"base": base_key, "source": keys[i]}) for i, n in enumerate(source_names)]
     combined = lambda layer: combine_deltas([merged.source_layer(i, layer) for i in range(len(source_names))], combine)
     states.append(State("pre_merge", combined, {"base": base_key, "sources": keys, "combine": combine,
                                                 **({"edits": edits_key} if edits_key else {})}))
@@ -63,7 +63,8 @@ class MemoDeltas:
 
     # One base per analysis (the loaded model), so wrappers of the pre-merge and of the sources share its layers.
     def base_layer(self, layer): return self.memo.get(("base", layer), lambda: self.deltas.base_layer(layer))
-    def source_layer(self, i: int, layer): return self.memo.get((id(self.deltas), i, layer), lambda: self.deltas.source_layer(i, layer))
+    def source_layer(self, i: int, layer):
+        return self.memo.get((id(self.deltas), i, layer), lambda: self.deltas.source_layer(i, layer))
     def __getattr__(self, attr):  # layers, source_names, ... are the wrapped deltas'
         if attr.startswith("_") or attr in ("deltas", "memo"): raise AttributeError(attr)
         return getattr(self.deltas, attr)
@@ -124,12 +125,14 @@ class ContributionAnalysis:
     def states(self, merged=None, edits_key=None, memo=None) -> list:
         "The sources alone and the pre-merge (of `merged`, the resolved deltas, if given)."
         wrap = (lambda d: d) if memo is None else (lambda d: MemoDeltas(d, memo))
-        return states_for(wrap(self.deltas), self.names, combine=self.combine, merged=None if merged is None else wrap(merged),
-                          edits_key=edits_key, base_key=self.base_key, source_keys=self.source_keys)
+        return states_for(wrap(self.deltas), self.names, combine=self.combine,
+                          merged=None if merged is None else wrap(merged), edits_key=edits_key, base_key=self.base_key,
+                          source_keys=self.source_keys)
 
     def state_tasks(self, state) -> list:
         "A source alone is scored on its own task, the pre-merge on every task."
-        return self.all_tasks if state.name == "pre_merge" else [self.tasks[self.names.index(state.name[len("source:"):])]]
+        if state.name == "pre_merge": return self.all_tasks
+        return [self.tasks[self.names.index(state.name[len("source:"):])]]
 
     def n_evaluations(self) -> int:
         "Task evaluations of one full run: (N + T)·(2L + 1) + T, about 4·N·L."
@@ -145,7 +148,8 @@ def _references(self, states) -> list:
 def _probes(self, states) -> list:
     "The pre-merge's full score, then every addition and deletion probe."
     return [(Probe(states[-1]), self.all_tasks, "validation")] + \
-           [(Probe(s, kind, layer), self.state_tasks(s), "validation") for s in states for kind in ("add", "delete") for layer in self.layers]
+           [(Probe(s, kind, layer), self.state_tasks(s), "validation")
+            for s in states for kind in ("add", "delete") for layer in self.layers]
 
 def _gains(self, reference: dict) -> dict:
     "Each task's fine-tuning gain P(m) − P(F) (1.0 without normalisation); a `NoGainError` if one is not positive."
@@ -173,7 +177,8 @@ def _tables(self, states, ref_scores: dict, probe_scores: dict, gains: dict) -> 
                 b_i = (probe_scores[(s.name, "add", layer)][t] - base[t]) / gains[t]
                 contrib[(s.name, layer, t)] = a_i + b_i
                 (a, a_se), (b, b_se), (c, c_se) = paired(a_i), paired(b_i), paired(a_i + b_i)
-                rows.append(dict(layer=layer, state=s.name, task=t, alpha=a, beta=b, c=c, alpha_se=a_se, beta_se=b_se, c_se=c_se))
+                rows.append(dict(layer=layer, state=s.name, task=t, alpha=a, beta=b, c=c,
+                                 alpha_se=a_se, beta_se=b_se, c_se=c_se))
     grows = []
     for n, t in zip(self.names, self.tasks):
         for layer in self.layers:
@@ -185,7 +190,8 @@ def _run(self, merged=None, edits_key=None) -> Contributions:
     "Measure α, β, c per layer for each source alone and for the pre-merge, and γ per source and layer."
     scorer, cache = self.scorer, self.scorer.cache
     t0, done0, reused0, model0 = time.perf_counter(), cache.done, cache.reused, scorer.model_seconds
-    states = self.states(merged, edits_key, memo=LayerMemo(self.memo_bytes))   # one memo per run: a rerun may bring edits
+    # one memo per run: a rerun may bring edits
+    states = self.states(merged, edits_key, memo=LayerMemo(self.memo_bytes))
     bar, own_bar = scorer.progress, None
     if bar is None and self.progress:
         from tqdm.auto import tqdm
@@ -224,7 +230,7 @@ def plot_gamma(contributions: Contributions, ax=None, title="γ: conflict per la
     if ax is None: _, ax = plt.subplots(figsize=(1.6 + 1.1 * g.shape[1], 0.8 + 0.32 * g.shape[0]))
     lim = float(np.nanmax(np.abs(g.values))) or 1.0
     im = ax.imshow(g.values.astype(float), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
-    ax.set_xticks(range(g.shape[1]), g.columns); ax.set_yticks(range(g.shape[0]), [str(l) for l in g.index])
+    ax.set_xticks(range(g.shape[1]), g.columns); ax.set_yticks(range(g.shape[0]), [str(layer) for layer in g.index])
     ax.set_xlabel("source"); ax.set_ylabel("layer"); ax.set_title(title)
     for i in range(g.shape[0]):
         for j in range(g.shape[1]):
@@ -257,7 +263,8 @@ class GridResult:
         t = self.table
         if ax is None: _, ax = plt.subplots(figsize=(1.2 + 0.6 * t.shape[1], 1.0 + 0.45 * t.shape[0]))
         im = ax.imshow(t.values.astype(float), cmap="viridis", origin="lower", aspect="auto")
-        ax.set_xticks(range(t.shape[1]), [f"{v:g}" for v in t.columns]); ax.set_yticks(range(t.shape[0]), [f"{v:g}" for v in t.index])
+        ax.set_xticks(range(t.shape[1]), [f"{v:g}" for v in t.columns])
+        ax.set_yticks(range(t.shape[0]), [f"{v:g}" for v in t.index])
         ax.set_xlabel("scale λ"); ax.set_ylabel("density p"); ax.set_title(f"{self.source} on {self.task}")
         i, j = list(t.index).index(self.best[0]), list(t.columns).index(self.best[1])
         ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
@@ -267,7 +274,7 @@ class GridResult:
 def choose_density_scale(scorer: Scorer, deltas, i: int, task: str, densities=(0.2, 0.4, 0.6, 0.8, 1.0),
                          scales=(0.2, 0.4, 0.6, 0.8, 1.0), *, scope="tensor", base_key: str = "", source_key: str = "",
                          source_name: str | None = None) -> GridResult:
-    """Score source `i` of the raw `deltas` on `task` at every (density, scale) of the grid; the best pair and the table.
+    """Score source `i` of the raw `deltas` on `task` at every (density, scale) of the grid; the best pair, the table.
 
     Args:
         scorer: scores weight states (the base model and the task's evaluator).
@@ -289,9 +296,12 @@ def choose_density_scale(scorer: Scorer, deltas, i: int, task: str, densities=(0
     for p, lam in points:
         proc = ProcessedDeltas(deltas, density=[p if k == i else 1.0 for k in range(n)],
                                scale=[lam if k == i else 1.0 for k in range(n)], scope=scope)
-        key = {"base": base_key, "source": source_state_key(source_key or name, p, lam, scope)}   # as the analysis keys it
-        requests.append((Probe(State(f"grid:{name}", lambda layer, proc=proc: proc.source_layer(i, layer), key)), [task], "validation"))
+        # as the analysis keys it
+        key = {"base": base_key, "source": source_state_key(source_key or name, p, lam, scope)}
+        state = State(f"grid:{name}", lambda layer, proc=proc: proc.source_layer(i, layer), key)
+        requests.append((Probe(state), [task], "validation"))
     grid = pd.DataFrame(index=list(densities), columns=list(scales), dtype=float)
     for (p, lam), scores in zip(points, scorer.run(requests)): grid.loc[p, lam] = float(scores[task].mean())
     best = max(points, key=lambda pl: (grid.loc[pl], pl[0], pl[1]))
-    return GridResult(name, task, grid, best, dict(done=scorer.cache.done - done0, reused=scorer.cache.reused - reused0))
+    spent = dict(done=scorer.cache.done - done0, reused=scorer.cache.reused - reused0)
+    return GridResult(name, task, grid, best, spent)

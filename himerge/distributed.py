@@ -84,5 +84,6 @@ def split_units(units: list, costs: list, world: int, item_cost) -> tuple:
         if len(units[big]) < 2: break
         half = len(units[big]) // 2
         first, second = units[big][:half], units[big][half:]
-        units[big:big + 1], costs[big:big + 1] = [first, second], [sum(map(item_cost, first)), sum(map(item_cost, second))]
+        units[big:big + 1] = [first, second]
+        costs[big:big + 1] = [sum(map(item_cost, first)), sum(map(item_cost, second))]
     return units, costs

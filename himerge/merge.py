@@ -55,7 +55,8 @@ class Plan:
 # %% ../nbs/09_merge.ipynb #ff3051ad
 def _shared_validation(cfg: MergeConfig, n_tasks: int) -> int:
     "Validation scores of the pipeline that Hi-Merging's analysis has already measured."
-    if cfg.method != "hi-merging" or any("auto" in (s.density, s.scale) for s in cfg.sources): return 0   # then an upper bound
+    # then an upper bound
+    if cfg.method != "hi-merging" or any("auto" in (s.density, s.scale) for s in cfg.sources): return 0
     unprocessed = sum(1 for s in cfg.sources if s.density == 1 and s.scale == 1)  # a source alone, on its own task
     return n_tasks + unprocessed + (n_tasks if cfg.method_options.score_decisions else 0)
 
@@ -92,7 +93,8 @@ def count_evaluations(cfg: MergeConfig, n_layers: int) -> dict:
 _BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 def memory_estimate(deltas, layers: list, compute_option: str, device: str) -> dict:
-    "Bytes: the base as held (`model`), the largest layer converted to the compute dtype (`layer`), the largest layer delta in float32 (`delta`)."
+    """Bytes: the base as held (`model`), the largest layer converted to the compute dtype (`layer`), the largest layer
+    delta in float32 (`delta`); and the stored and compute dtypes."""
     import math
     from himerge.scoring import compute_dtype, stored_dtype
     headers = deltas.base_store.headers()
@@ -113,7 +115,8 @@ def protected_inputs(cfg: MergeConfig, sources, tasks: dict, cache_dir) -> dict:
     "name -> path of everything a merge reads, which its output may not be, hold or lie inside."
     inputs = {"the base": sources.base.path}
     inputs.update({f"source {s.name!r}": s.path for s in sources.sources})
-    inputs.update({f"the data of task {name!r}": spec.data_dir for name, spec in tasks.items() if spec.data_dir is not None})
+    inputs.update({f"the data of task {name!r}": spec.data_dir for name, spec in tasks.items()
+                   if spec.data_dir is not None})
     if cfg.config_file: inputs["the config file"] = cfg.config_file
     if cache_dir is not None: inputs["the evaluation cache"] = cache_dir
     if cfg.run.tokenizer and Path(cfg.run.tokenizer).expanduser().exists(): inputs["the tokenizer"] = cfg.run.tokenizer
@@ -125,11 +128,12 @@ def check_task_rows(tasks: dict, test_scores: bool) -> dict:
     rows = {}
     for name, spec in tasks.items():
         rows[(name, spec.split)] = spec.check_rows()
-        if test_scores: rows[(name, "test")] = spec.with_split("test").check_rows()   # names the task if the split is missing
+        # names the task if the split is missing
+        if test_scores: rows[(name, "test")] = spec.with_split("test").check_rows()
     return rows
 
 def plan(config, out=None, device=None, writer: bool = True) -> Plan:
-    """Resolve and check sources, tasks, output, cache, device and tokenizer, and count evaluations, without loading any weight.
+    """Resolve and check sources, tasks, output, cache, device and tokenizer, and count evaluations; load no weight.
 
     Args:
         config: a merge config: a dict, a YAML file's path, or a `MergeConfig`.
@@ -168,7 +172,8 @@ def plan(config, out=None, device=None, writer: bool = True) -> Plan:
         who = "options.tokenizer" if cfg.run.tokenizer else f"the base ({sources.base.spec}) has no tokenizer:"
         tokenizer = resolve_tokenizer(cfg.run.tokenizer or sources.base.path, who, cfg.run.trust_remote_code)
     inputs = protected_inputs(cfg, sources, tasks, cache_dir)
-    if writer: check_output(output, force=True, inputs=inputs, field=field)   # an existing output is for `merge` to judge
+    # an existing output is for `merge` to judge
+    if writer: check_output(output, force=True, inputs=inputs, field=field)
     return Plan(cfg, cfg.merge_method, sources, tasks, output, layers, count_evaluations(cfg, len(layers)), inputs,
                 cache_dir, device, tokenizer, rows, memory, field)
 
@@ -188,7 +193,8 @@ def _plan_text(self) -> str:
     for src, sc in zip(s.sources, c.sources):
         rev = f"  (commit {src.commit_sha[:12]})" if src.commit_sha else ""
         p_, lam = (v if isinstance(v, str) else f"{v:g}" for v in (sc.density, sc.scale))
-        lines.append(f"  source   {src.name:<16} {src.kind:<5} task={sc.task or '-':<10} p={p_} λ={lam}  {src.spec}{rev}")
+        lines.append(f"  source   {src.name:<16} {src.kind:<5} task={sc.task or '-':<10} p={p_} λ={lam}  "
+                     f"{src.spec}{rev}")
     for name, t in self.tasks.items():
         counts = ", ".join(f"{split} {n}" for (task, split), n in self.rows.items() if task == name and n is not None)
         lines.append(f"  task     {name:<16} {t.type:<16} metric={t.metric} rows: {counts or t.split}")
@@ -232,7 +238,7 @@ def _timed(run: Run, name: str):
 
 @contextmanager
 def open_run(p: Plan, progress=True, group=None):
-    "The deltas, keys, model and scorer of plan `p` (the scoring shared with `group`, if any), closed when the block ends."
+    "The deltas, keys, model and scorer of plan `p` (scoring shared with `group`, if any), closed when the block ends."
     from himerge.cache import EvalCache, source_key
     from himerge.deltas import compute_deltas
     from himerge.contributions import LayerMemo, MemoDeltas
@@ -252,10 +258,11 @@ def open_run(p: Plan, progress=True, group=None):
                 model = load_model(p.sources.base.path, p.device, r.trust_remote_code, r.compute_dtype, r.device_map)
                 check_loaded(model)
                 run.cache = EvalCache(p.cache_dir if main else None)   # rank 0's cache is the job's
-                runtime = {"compute_dtype": str(getattr(model, "himerge_compute_dtype", model.dtype)).removeprefix("torch.")}
+                computes = getattr(model, "himerge_compute_dtype", model.dtype)
+                runtime = {"compute_dtype": str(computes).removeprefix("torch.")}
                 run.scorer = lighteval_scorer(model, MemoDeltas(deltas, LayerMemo()), p.tasks, p.tokenizer,
-                                              device=input_device(model, p.device), batch_size=r.batch_size, cache=run.cache,
-                                              progress=bar, runtime=runtime, group=group)
+                                              device=input_device(model, p.device), batch_size=r.batch_size,
+                                              cache=run.cache, progress=bar, runtime=runtime, group=group)
         yield run
     finally:
         bar.close()
@@ -283,7 +290,8 @@ def run_method(p: Plan, run: Run):
     "The method's `Merged`: the merged weights as a state, and its records."
     cfg = p.config
     context = MergeContext(run.deltas, [s.name for s in p.sources.sources], p.source_tasks, list(run.densities),
-                           list(run.scales), cfg.method_options, cfg.run, p.layers, run.base_key, run.source_keys, run.scorer)
+                           list(run.scales), cfg.method_options, cfg.run, p.layers, run.base_key, run.source_keys,
+                           run.scorer)
     log.info("%s of %d sources", p.method.name, len(context.names))
     with _timed(run, "method_s"): merged = p.method.build(context)
     if run.progress is not None:   # the method's upper bounds are settled: the rest is exact
@@ -302,10 +310,13 @@ def write_adapter_first(p: Plan, run: Run, merged, tmp: Path):
     from himerge.sources import resolve_sources
     log.info("writing the merge as a LoRA adapter to %s", p.output)
     with _timed(run, "adapter_s"):
-        summary = write_adapter(tmp, p.sources, merged.state.layer_delta, weights=merged.linear, rank=p.config.run.adapter_rank,
-                                layers=run.deltas.layers, deltas=run.deltas, progress=run.progress)
-    written = units_of(compute_deltas(resolve_sources([str(tmp)], base=str(p.sources.base.path), override_base=True)), p.config)
-    state = State("merged", lambda layer: written.source_layer(0, layer), {"adapter": content_key(tmp), "base": run.base_key})
+        summary = write_adapter(tmp, p.sources, merged.state.layer_delta, weights=merged.linear,
+                                rank=p.config.run.adapter_rank, layers=run.deltas.layers, deltas=run.deltas,
+                                progress=run.progress)
+    back = resolve_sources([str(tmp)], base=str(p.sources.base.path), override_base=True)
+    written = units_of(compute_deltas(back), p.config)
+    key = {"adapter": content_key(tmp), "base": run.base_key}
+    state = State("merged", lambda layer: written.source_layer(0, layer), key)
     return summary, Merged(state, merged.records, merged.scores)
 
 # %% ../nbs/09_merge.ipynb #cd5a12da
@@ -442,7 +453,8 @@ def write_output(p: Plan, run: Run, merged, scores: dict, force: bool, tmp: Path
         run.timings["write_s"] = time.perf_counter() - t0
         run.timings["total_s"] = run.timings.get("total_s", 0.0) + run.timings["write_s"]
         report["timings"] = {k: round(v, 3) for k, v in run.timings.items()}
-        (tmp / "himerge_config.yaml").write_text(yaml.safe_dump(portable_config(p), sort_keys=False, allow_unicode=True))
+        config = yaml.safe_dump(portable_config(p), sort_keys=False, allow_unicode=True)
+        (tmp / "himerge_config.yaml").write_text(config)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
         from himerge.card import write_card
         write_card(tmp, model_name=p.output.name)
@@ -455,7 +467,8 @@ def write_output(p: Plan, run: Run, merged, scores: dict, force: bool, tmp: Path
 # %% ../nbs/09_merge.ipynb #4e4c22da
 def adapter_record(summary: dict) -> dict:
     "The report's `adapter` entry from `write_adapter`'s summary."
-    tensors = [dict(tensor=name, rank=r["rank"], kind=r["kind"], relative_error=r["error"]) for name, r in summary["records"].items()]
+    tensors = [dict(tensor=name, rank=r["rank"], kind=r["kind"], relative_error=r["error"])
+               for name, r in summary["records"].items()]
     return dict(rank=summary["rank_max"], rank_min=summary["rank_min"], exact=all(t["kind"] != "svd" for t in tensors),
                 max_relative_error=summary["max_error"], parameters=summary["parameters"], tensors=tensors)
 
@@ -474,7 +487,7 @@ class MergeResult:
     def resolution(self): return self.records.get("resolution")
 
     def scores(self, split="test", gains=True):
-        """Scores as a table: one row per model (base, sources, pre-merge, task arithmetic, merged), one column per task,
+        """Scores as a table: one row per model (base, sources, pre-merge, task arithmetic, merged), a column per task,
         and (with `gains`) each row's share of each source's own gain kept, and its mean (see `himerge.compare`)."""
         import pandas as pd
         s = self.report["scores"].get(split, {})
@@ -527,7 +540,15 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, resume_hint: str): super().__init__(resume_hint); self.resume_hint = resume_hint
 
 def merge(config, *, out=None, force=False, dry_run=False, device=None, progress=True):
-    "Merge the sources of `config` (a dict, a YAML path or a `MergeConfig`); return a `MergeResult` (a `Plan` if `dry_run`)."
+    """Merge the sources of `config` (a dict, a YAML path or a `MergeConfig`); a `MergeResult` (a `Plan` if `dry_run`).
+
+    Args:
+        config: the merge config.
+        out: the output folder (default: the config's `output`).
+        force: replace an existing output (only a folder a merge wrote).
+        dry_run: check everything and return the plan; load no weight.
+        device: where the model runs: cpu, cuda, cuda:N or mps (a shared job's ranks take their own GPU).
+        progress: show the run's progress bar."""
     t0 = time.perf_counter()
     group = join_launched(device)                           # None unless a launcher started several processes
     finished = False

@@ -57,7 +57,7 @@ def _check_number(value, m: dict, where: str):
     if bad: raise OptionError(f"{where}: {value!r} is not {_describe(m)}")
 
 def check_value(value, m: dict, kind, where: str):
-    "`value` checked against a field's metadata `m` and annotated type `kind`; returned as that type (an int for a float becomes a float)."
+    "`value` checked against a field's metadata `m` and annotated type `kind`, as that type (an int given: a float)."
     args = typing.get_args(kind)
     allows_none = kind is type(None) or type(None) in args
     if value is None:
@@ -91,18 +91,22 @@ def check_value(value, m: dict, kind, where: str):
 
 # %% ../nbs/08a_methods.ipynb #341f9c00
 def parse_options(cls, values: dict | None, where: str = "options"):
-    "An instance of the options dataclass `cls` from `values`; every name and value checked, errors naming `where.<name>`."
+    "The options dataclass `cls` from `values`, every name and value checked; errors name `where.<name>`."
     values = values or {}
-    if not isinstance(values, dict): raise OptionError(f"{where}: expected a mapping of option names to values, got {values!r}")
+    if not isinstance(values, dict):
+        raise OptionError(f"{where}: expected a mapping of option names to values, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name in values:
         if name not in fields:
             raise OptionError(f"{where}.{name}: unknown option (known: {', '.join(fields) or 'none'})")
     hints = typing.get_type_hints(cls)
-    return cls(**{name: check_value(v, fields[name].metadata, hints[name], f"{where}.{name}") for name, v in values.items()})
+    checked = {name: check_value(v, fields[name].metadata, hints[name], f"{where}.{name}")
+               for name, v in values.items()}
+    return cls(**checked)
 
 def _default(f):
-    return f.default_factory() if f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING else f.default
+    if f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING: return f.default_factory()
+    return f.default
 
 def options_table(cls) -> list:
     "One dict per option of `cls`: name, default, allowed values, help."
@@ -111,7 +115,8 @@ def options_table(cls) -> list:
 
 def non_default(options) -> dict:
     "The options of a dataclass instance that differ from their defaults."
-    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if getattr(options, f.name) != _default(f)}
+    values = {f.name: (getattr(options, f.name), _default(f)) for f in dataclasses.fields(options)}
+    return {name: value for name, (value, default) in values.items() if value != default}
 
 # %% ../nbs/08a_methods.ipynb #34ba4730
 @dataclass
@@ -139,7 +144,8 @@ class MergeMethod:
     evaluations: Callable = no_evaluations   # (Counts, options) -> {stage: task evaluations}
     reference: str = ""              # where the method comes from
     validate: Callable | None = None # (sources, options) -> None: checks only this method can make, OptionError if not
-    search: dict = field(default_factory=dict)   # the grid a fair comparison searches: name -> values (see himerge.compare)
+    # the grid a fair comparison searches: name -> values (see himerge.compare)
+    search: dict = field(default_factory=dict)
 
     def build(self, context):
         "Run the merger on `context`; return its `Merged`."
@@ -167,7 +173,8 @@ class Merged:
     state: object                               # himerge.scoring.State: Δ layer by layer, with its cache key
     records: dict = field(default_factory=dict) # e.g. contributions, resolution (for the report and card)
     scores: dict = field(default_factory=dict)  # extra validation scores the method measured, e.g. {"pre_merge": {...}}
-    linear: Callable | None = None              # layer -> [w_m] when the layer's merge is exactly Σ w_m δ_m, else None
+    # layer -> [w_m] when the layer's merge is exactly Σ w_m δ_m, else None
+    linear: Callable | None = None
 
 # %% ../nbs/08a_methods.ipynb #6837c011
 METHODS: dict = {}
@@ -210,8 +217,8 @@ def per_tensor(context: MergeContext, method_name: str) -> Merged:
             out[name] = fn(tensors, list(context.scales), densities=list(context.densities),
                            generator=torch.Generator().manual_seed(_tensor_seed(seed, name)), **extra, **kwargs)
         return out
-    key = {"method": method_name, "options": kwargs, "seed": seed, "base": context.base_key, "sources": context.source_keys,
-           "densities": list(context.densities), "scales": list(context.scales)}
+    key = {"method": method_name, "options": kwargs, "seed": seed, "base": context.base_key,
+           "sources": context.source_keys, "densities": list(context.densities), "scales": list(context.scales)}
     linear = None
     if method_name in PER_TENSOR_LINEAR and all(p == 1 for p in context.densities):
         weights = PER_TENSOR_LINEAR[method_name](list(context.scales))
@@ -230,13 +237,14 @@ ROUNDING = ("half_up", "floor", "floor_at_least_one")
 @dataclass
 class TaskArithmeticOptions:
     "Options of task arithmetic."
-    prune_scope: str = option("tensor", "where the top-p threshold is taken: each tensor, each layer, or the whole delta",
-                              choices=SCOPES)
+    prune_scope: str = option("tensor", "where the top-p threshold is taken: each tensor, each layer, or the whole "
+                              "delta", choices=SCOPES)
     lamb: float = option(1.0, "factor on the merged delta, applied last (mergekit's lambda)", low=0, low_open=True)
 
 def source_state_key(source_key, density: float, scale: float, scope: str):
     "A source's cache key after Stage 1: its files, density, scale and scope (its files alone when p = λ = 1)."
-    return source_key if (density == 1 and scale == 1) else {"delta": source_key, "density": density, "scale": scale, "scope": scope}
+    if density == 1 and scale == 1: return source_key
+    return {"delta": source_key, "density": density, "scale": scale, "scope": scope}
 
 def processed_key(context: MergeContext, scope: str) -> list:
     "Every source's cache key after Stage 1."
@@ -266,15 +274,16 @@ register(MergeMethod("task_arithmetic", "Σ λ_m · prune(δ_m, p_m): the sum of
 # %% ../nbs/08a_methods.ipynb #0734cb0f
 LAMB = dict(low=0, low_open=True)
 _lamb = lambda: option(1.0, "factor on the merged delta, applied last (mergekit's lambda)", **LAMB)
-_rounding = lambda: option("half_up", "how p·n is rounded to a count of kept entries (floor: PEFT; floor_at_least_one: mergekit)",
-                           choices=ROUNDING)
-_majority = lambda: option("total", "sign election by total mass (TIES) or by count of signs", choices=("total", "frequency"))
+_rounding = lambda: option("half_up", "how p·n is rounded to a count of kept entries (floor: PEFT; "
+                           "floor_at_least_one: mergekit)", choices=ROUNDING)
+_majority = lambda: option("total", "sign election by total mass (TIES) or by count of signs",
+                           choices=("total", "frequency"))
 _sign_on = lambda default: option(default, "elect signs on the raw or on the weighted deltas (mergekit: weighted)",
                                   choices=("raw", "weighted"))
-_divide = lambda default, allowed: option(default, "divide the agreeing deltas' sum by their count, their weights, or nothing",
-                                          choices=allowed)
-_rescale = lambda: option(True, "after a random drop, rescale by 1/p (true), to the delta's L1 norm ('l1', mergekit), or not",
-                          choices=(True, False, "l1"))
+_divide = lambda default, allowed: option(default, "divide the agreeing deltas' sum by their count, their weights, "
+                                          "or nothing", choices=allowed)
+_rescale = lambda: option(True, "after a random drop, rescale by 1/p (true), to the delta's L1 norm ('l1', mergekit), "
+                          "or not", choices=(True, False, "l1"))
 
 @dataclass
 class SignElectionOptions:
@@ -304,8 +313,8 @@ class DareTiesOptions(SignElectionOptions):
 @dataclass
 class BreadcrumbsOptions:
     "Options of Model Breadcrumbs."
-    gamma: float = option(0.01, "fraction of the largest-magnitude entries dropped (outliers), per source or one for all",
-                          low=0, high=1, high_open=True, per_source=True)
+    gamma: float = option(0.01, "fraction of the largest-magnitude entries dropped (outliers), per source or one "
+                          "for all", low=0, high=1, high_open=True, per_source=True)
     rounding: str = _rounding()
     divide: str = _divide("none", ("none", "weight"))
     lamb: float = _lamb()
@@ -315,8 +324,8 @@ class DellaOptions(DareTiesOptions):
     "Options of DELLA: DARE-TIES' options, signs elected on the weighted deltas by default, and the spread ε."
     sign_on: str = _sign_on("weighted")
     divide: str = _divide("weight", ("count", "weight", "none"))
-    epsilon: float = option(0.15, "spread of the keep probabilities around p (p ± ε, by magnitude rank), per source or one",
-                            low=0, high=1, per_source=True)
+    epsilon: float = option(0.15, "spread of the keep probabilities around p (p ± ε, by magnitude rank), per "
+                            "source or one", low=0, high=1, per_source=True)
 
 @dataclass
 class LinearOptions:
@@ -328,19 +337,20 @@ def check_della(sources: list, options) -> None:
     epsilons = options.epsilon if isinstance(options.epsilon, list) else [options.epsilon] * len(sources)
     for i, (s, eps) in enumerate(zip(sources, epsilons)):
         if s.density < 1 and not (s.density - eps > 0 and s.density + eps <= 1):
-            raise OptionError(f"options.epsilon: {eps:g} puts the keep probability of sources[{i}] (density {s.density:g}) "
-                              f"outside (0, 1]; choose epsilon below {min(s.density, 1 - s.density):g}")
+            raise OptionError(f"options.epsilon: {eps:g} puts the keep probability of sources[{i}] "
+                              f"(density {s.density:g}) outside (0, 1]; choose epsilon below "
+                              f"{min(s.density, 1 - s.density):g}")
 
 for _name, _summary, _options, _density, _reference in [
-        ("ties", "TIES: trim each delta to density p, elect a sign per entry, average the agreeing deltas", TiesOptions, 0.5,
-         "Yadav et al. 2023, TIES-Merging"),
+        ("ties", "TIES: trim each delta to density p, elect a sign per entry, average the agreeing deltas",
+         TiesOptions, 0.5, "Yadav et al. 2023, TIES-Merging"),
         ("dare_linear", "DARE: drop entries at random (keep p), rescale, weighted sum", DareLinearOptions, 0.5,
          "Yu et al. 2024, Language models are Super Mario"),
         ("dare_ties", "DARE's random drop, then TIES' sign election", DareTiesOptions, 0.5, "Yu et al. 2024"),
         ("breadcrumbs", "Model Breadcrumbs: drop the largest outliers and the smallest entries, weighted sum",
          BreadcrumbsOptions, 0.5, "Davari and Belilovsky 2024, Model Breadcrumbs"),
-        ("della", "DELLA: random drop with magnitude-ranked keep probabilities, rescale, TIES-style merge", DellaOptions,
-         0.5, "Deep et al. 2024, DELLA-Merging"),
+        ("della", "DELLA: random drop with magnitude-ranked keep probabilities, rescale, TIES-style merge",
+         DellaOptions, 0.5, "Deep et al. 2024, DELLA-Merging"),
         ("linear", "Weighted average of the models (a model soup): Σ w_m δ_m / Σ w_m", LinearOptions, 1.0,
          "Wortsman et al. 2022, Model soups")]:
     PER_TENSOR[_name] = f"himerge.baselines:{_name}"
@@ -365,10 +375,12 @@ register(MergeMethod("slerp", "SLERP: spherical interpolation between two models
 @dataclass
 class HiMergingOptions:
     "Options of Hi-Merging."
-    prune_scope: str = option("tensor", "Stage 1: where the top-p threshold is taken (tensor, layer, or the whole delta)",
-                              choices=SCOPES)
-    combine: str = option("sum", "Stage 2: combine processed deltas into the pre-merge by sum or by TIES", choices=("sum", "ties"))
-    normalize: str = option("gain", "normalise scores by each source's own fine-tuning gain, or not", choices=("gain", "none"))
+    prune_scope: str = option("tensor", "Stage 1: where the top-p threshold is taken (tensor, layer, or the whole "
+                              "delta)", choices=SCOPES)
+    combine: str = option("sum", "Stage 2: combine processed deltas into the pre-merge by sum or by TIES",
+                          choices=("sum", "ties"))
+    normalize: str = option("gain", "normalise scores by each source's own fine-tuning gain, or not",
+                            choices=("gain", "none"))
     remeasure: str = option("never", "re-measure the merge's contributions after each resolved layer",
                             choices=("never", "after_each"))
     budget: int | None = option(None, "most task evaluations conflict resolution may spend (none: no limit)", low=0)
@@ -376,15 +388,16 @@ class HiMergingOptions:
                                    low=0, high=1, low_open=True)
     scale_factor: float = option(0.5, "partial conflict: factor on λ of the dominating sources' layer delta",
                                  low=0, high=1, low_open=True)
-    score_decisions: bool = option(True, "score the merge before and after each resolved layer (recorded in the report)")
-    conflict_z: float = option(0.0, "a source is impaired at a layer only if γ > z·se(γ); 0 is the paper's rule (γ > 0)",
-                               low=0)
-    granularity: str = option("layer", "the unit of Stage 3 and 4: each transformer block, or its attention and MLP apart",
-                              choices=("layer", "module"))
+    score_decisions: bool = option(True, "score the merge before and after each resolved layer (in the report)")
+    conflict_z: float = option(0.0, "a source is impaired at a layer only if γ > z·se(γ); 0 is the paper's rule "
+                               "(γ > 0)", low=0)
+    granularity: str = option("layer", "the unit of Stage 3 and 4: each transformer block, or its attention and MLP "
+                              "apart", choices=("layer", "module"))
 
 def hi_merging_evaluations(counts: Counts, options: HiMergingOptions) -> dict:
     "Planned task evaluations of Hi-Merging (resolution and re-measurement are upper bounds: one step per layer)."
-    pairs = counts.sources + counts.tasks            # (state, task) pairs: each source on its task, the pre-merge on all
+    # (state, task) pairs: each source on its task, the pre-merge on all
+    pairs = counts.sources + counts.tasks
     per_measure = pairs * (2 * counts.layers + 1) + counts.tasks
     ev = {"contribution analysis": per_measure}
     if options.score_decisions: ev["resolution scores (at most)"] = counts.layers * counts.tasks
@@ -392,8 +405,9 @@ def hi_merging_evaluations(counts: Counts, options: HiMergingOptions) -> dict:
         ev["re-measurement (at most)"] = counts.layers * (counts.tasks * (2 * counts.layers + 1) + counts.tasks)
     return ev
 
-register(MergeMethod("hi-merging", "Hi-Merging: prune and scale each delta, measure every layer's contribution to each task, "
-                     "resolve the conflicted layers one by one", HiMergingOptions, "himerge.resolve:hi_merging",
+register(MergeMethod("hi-merging", "Hi-Merging: prune and scale each delta, measure every layer's contribution to "
+                     "each task, resolve the conflicted layers one by one", HiMergingOptions,
+                     "himerge.resolve:hi_merging",
                      needs_tasks=True, min_sources=2, evaluations=hi_merging_evaluations,
                      reference="Training-free LLM Merging for Multi-task Learning (arXiv 2506.12379)",
                      search={"conflict_z": [0.0, 1.0, 2.0], "auto": [False, True]}))

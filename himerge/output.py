@@ -74,8 +74,9 @@ def saved_dtype(base_config: dict, dtype: str) -> str:
     stored = base_config.get("dtype") or base_config.get("torch_dtype") or "float32"
     return stored if dtype == "auto" else dtype
 
-def write_model(folder: Path, deltas, merged_layer, base, dtype: str = "auto", max_shard_size="1GB", progress=None) -> list:
-    """Write θ_F + Δ to `folder` as safetensors shards, with the base's config and tokenizer files; return the file names.
+def write_model(folder: Path, deltas, merged_layer, base, dtype: str = "auto", max_shard_size="1GB",
+                progress=None) -> list:
+    """Write θ_F + Δ to `folder` as safetensors shards, with the base's config and tokenizer files; the file names.
 
     Args:
         folder: an existing (staging) folder.

@@ -6,7 +6,7 @@ Docs: https://himerge.github.io/himerge/resolve.html.md"""
 
 # %% ../nbs/08_resolve.ipynb #1644229e
 from __future__ import annotations
-import json, logging
+import logging
 from dataclasses import dataclass, field, asdict
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class ResolvedDeltas:
 
     def key(self) -> list:
         "A JSON-able, order-independent description of the edits."
-        return sorted([[i, str(l), e.kind, e.density, e.scale] for (i, l), e in self.edits.items()])
+        return sorted([[i, str(layer), e.kind, e.density, e.scale] for (i, layer), e in self.edits.items()])
 
 # %% ../nbs/08_resolve.ipynb #47317856
 @dataclass
@@ -116,10 +116,12 @@ class Resolution:
 
     def to_report(self) -> dict:
         "Classes, decisions and how the loop ended, for a merge's report (and γ after re-measurement, if any)."
-        out = {"classes": {str(k): v for k, v in self.classes.items()}, "decisions": [d.record() for d in self.decisions],
+        out = {"classes": {str(k): v for k, v in self.classes.items()},
+               "decisions": [d.record() for d in self.decisions],
                "resolution": {"stopped": self.stopped, "evaluations": self.evaluations, "conflict_z": self.conflict_z},
                "impaired": {str(k): v for k, v in self.impaired.items()}}
-        if self.contributions is not None and self.remeasured: out["gamma_final"] = self.contributions.to_report()["gamma"]
+        if self.contributions is not None and self.remeasured:
+            out["gamma_final"] = self.contributions.to_report()["gamma"]
         return out
 
 def _layer_gammas(contributions, layer) -> dict:
@@ -136,8 +138,10 @@ def resolve(contributions, processed, source_names: list, source_tasks: list, de
             density_factor=0.5, scale_factor=0.5, remeasure="never", budget=None, score=None, measure=None,
             scope="tensor", evals_per_score=None, evals_per_measure=None, conflict_z=0.0) -> Resolution:
     "Resolve conflicts layer by layer, most conflicted first (Hi-Merging's Stage 4)."
-    if remeasure not in ("never", "after_each"): raise ValueError(f"remeasure: {remeasure!r} is not 'never' or 'after_each'")
-    if remeasure == "after_each" and measure is None: raise ValueError("remeasure: 'after_each' needs a `measure` function")
+    if remeasure not in ("never", "after_each"):
+        raise ValueError(f"remeasure: {remeasure!r} is not 'never' or 'after_each'")
+    if remeasure == "after_each" and measure is None:
+        raise ValueError("remeasure: 'after_each' needs a `measure` function")
     for name, f in (("density_factor", density_factor), ("scale_factor", scale_factor)):
         if not 0 < f <= 1: raise ValueError(f"{name}: {f!r} is not in (0, 1]")
     index = {n: i for i, n in enumerate(source_names)}
@@ -191,7 +195,8 @@ def resolve(contributions, processed, source_names: list, source_tasks: list, de
     for layer in layers:  # layers never visited keep their class from the last γ seen
         if layer not in visited: classes[layer] = classify(*rule(current, layer))
     hurt = {layer: impaired(*rule(current, layer)) for layer in layers}
-    return Resolution(resolved, decisions, classes, stopped, spent, current, current is not contributions, conflict_z, hurt)
+    return Resolution(resolved, decisions, classes, stopped, spent, current, current is not contributions,
+                      conflict_z, hurt)
 
 # %% ../nbs/08_resolve.ipynb #27a3c00a
 def hi_merging(context):
@@ -208,12 +213,15 @@ def hi_merging(context):
     n_tasks = len(analysis.all_tasks)
     resolution = resolve(
         contributions, processed, context.names, context.tasks, context.densities, context.scales,
-        density_factor=opts.density_factor, scale_factor=opts.scale_factor, remeasure=opts.remeasure, budget=opts.budget,
+        density_factor=opts.density_factor, scale_factor=opts.scale_factor, remeasure=opts.remeasure,
+        budget=opts.budget,
         scope=opts.prune_scope, score=(lambda r: analysis.score_merged(r, r.key())) if opts.score_decisions else None,
         measure=lambda r: analysis.run(merged=r, edits_key=r.key()),
-        evals_per_score=n_tasks, evals_per_measure=n_tasks * (2 * len(contributions.layers) + 1), conflict_z=opts.conflict_z)
+        evals_per_score=n_tasks, evals_per_measure=n_tasks * (2 * len(contributions.layers) + 1),
+        conflict_z=opts.conflict_z)
     final = resolution.deltas
     state = analysis.states(final, final.key())[-1]
     return Merged(state, records=dict(contributions=contributions, resolution=resolution),
                   scores={"pre_merge": contributions.reference["pre_merge"]},
-                  linear=final.linear_weights if opts.combine == "sum" and all(p == 1 for p in context.densities) else None)
+                  linear=final.linear_weights if opts.combine == "sum" and all(p == 1 for p in context.densities)
+                  else None)
