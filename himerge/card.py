@@ -15,10 +15,10 @@ from .errors import InputError
 __all__ = ['REPORT', 'CONFIG', 'HEATMAP', 'CARD', 'PAPER_URL', 'HUB_METRIC', 'ROW_LABELS', 'MERGE_ROWS', 'BELOW', 'FREE_TEXT',
            'CardError', 'CardLeakError', 'read_report', 'local_name', 'hub_metric', 'hub_dataset', 'final_scores',
            'eval_results', 'is_adapter', 'hub_models', 'card_data', 'md_table', 'pm', 'layer_key', 'source_link',
-           'sources_table', 'applied_options', 'gain_kept', 'score_cell', 'score_table', 'gamma_table',
-           'conflict_summary', 'decisions_table', 'contributions_table', 'grid_table', 'grid_title', 'adapter_section',
-           'reproduce_config', 'local_paths', 'check_no_local_paths', 'template_path', 'default_model_name',
-           'method_info', 'card_variables', 'build_card', 'is_himerge_card', 'write_card']
+           'sources_table', 'applied_options', 'score_cell', 'score_table', 'gamma_table', 'conflict_summary',
+           'decisions_table', 'contributions_table', 'grid_table', 'grid_title', 'adapter_section', 'reproduce_config',
+           'local_paths', 'check_no_local_paths', 'template_path', 'default_model_name', 'method_info',
+           'card_variables', 'build_card', 'is_himerge_card', 'write_card']
 
 # %% ../nbs/10_card.ipynb #ee7a7ff5
 REPORT, CONFIG, HEATMAP, CARD = "himerge_report.json", "himerge_config.yaml", "gamma_heatmap.png", "README.md"
@@ -176,22 +176,19 @@ def applied_options(report) -> list:
     if own is None: own = [f.name for f in dataclasses.fields(method.options)] if method else list(options)
     helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(RunOptions)}
     if method: helps.update({f.name: f.metadata.get("help", "") for f in dataclasses.fields(method.options)})
-    run_defaults = {f.name: f.default for f in dataclasses.fields(RunOptions)}
+    run_defaults = dataclasses.asdict(RunOptions())  # asdict: some defaults come from a factory
     changed = [k for k, v in options.items()
                if k in run_defaults and k not in own and k != "cache_dir" and v != run_defaults[k]]
     shown = lambda k, v: local_name(v) if k == "tokenizer" else v
     return [[f"`{k}`", f"`{shown(k, options.get(k))}`", helps.get(k, "")] for k in list(own) + changed if k in options]
 
 # %% ../nbs/10_card.ipynb #1dad1e79
+from .compare import gain_kept   # the comparison's definition, so the card and the tables agree
+
 ROW_LABELS = {"pre_merge": "pre-merge (before resolution)", "task_arithmetic": "task arithmetic (plain sum)",
               "merged": "**merged**"}
 MERGE_ROWS = ("pre_merge", "task_arithmetic", "merged")   # rows that are merges: flagged, and given their gain kept
 BELOW = "▼"
-
-def gain_kept(score, base, source) -> float | None:
-    "Share of a source's gain over the base that `score` keeps; None when the source does not beat the base."
-    if None in (score, base, source) or source - base <= 0: return None
-    return (score - base) / (source - base)
 
 def score_cell(score, base, is_merge: bool) -> str:
     "A score with 3 decimals, flagged when a merge scores below the base."

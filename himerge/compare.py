@@ -13,12 +13,18 @@ from .config import MergeConfig, RunOptions, load_config
 from .methods import METHODS
 
 # %% auto #0
-__all__ = ['gain_kept', 'comparison_table', 'grid_points', 'point_config', 'Comparison', 'compare_methods']
+__all__ = ['gain_kept', 'mean_gain_kept', 'comparison_table', 'grid_points', 'point_config', 'Comparison', 'compare_methods']
 
 # %% ../nbs/09a_compare.ipynb #53fb1406
-def gain_kept(scores: dict, base: dict, owner: dict) -> dict:
-    "task -> (score − base) / (owner's score − base); `scores`, `base`: task -> score; `owner`: task -> the source's."
-    return {t: (scores[t] - base[t]) / (owner[t][t] - base[t]) for t in owner}
+def gain_kept(score, base, source) -> float | None:
+    "Share of a source's gain over the base that `score` keeps; None where the source does not beat the base."
+    if None in (score, base, source) or source - base <= 0: return None   # no gain to keep: a share means nothing
+    return (score - base) / (source - base)
+
+def mean_gain_kept(scores: dict, base: dict, owner: dict) -> float | None:
+    "Mean over tasks of `gain_kept`; `scores`, `base`: task -> score; `owner`: task -> the scores of its source."
+    kept = [k for t in owner if (k := gain_kept(scores.get(t), base.get(t), owner[t].get(t))) is not None]
+    return sum(kept) / len(kept) if kept else None
 
 def comparison_table(rows: dict, owner_of: dict):
     "Rows (name -> {task: score}) with each task's share of gain kept and the mean share and normalised score."
@@ -26,9 +32,12 @@ def comparison_table(rows: dict, owner_of: dict):
     base = rows["base"]
     owner = {t: rows[f"source {n}"] for t, n in owner_of.items()}
     table = pd.DataFrame(rows).T
-    for t in owner_of: table[f"gain kept {t}"] = [gain_kept(r, base, owner)[t] for r in rows.values()]
-    table["mean gain kept"] = table[[f"gain kept {t}" for t in owner_of]].mean(axis=1)
-    table["mean normalised"] = pd.DataFrame({t: table[t] / owner[t][t] for t in owner_of}).mean(axis=1)
+    for t in owner_of:
+        kept = [gain_kept(r.get(t), base.get(t), owner[t].get(t)) for r in rows.values()]
+        table[f"gain kept {t}"] = pd.to_numeric(pd.Series(kept, index=table.index, dtype=object))   # None: NaN
+    table["mean gain kept"] = table[[f"gain kept {t}" for t in owner_of]].mean(axis=1)   # over tasks with a gain
+    own = {t: owner[t][t] or float("nan") for t in owner_of}                              # a source scoring 0
+    table["mean normalised"] = pd.DataFrame({t: table[t] / own[t] for t in owner_of}).mean(axis=1)
     return table
 
 # %% ../nbs/09a_compare.ipynb #0bdf9559
@@ -85,8 +94,8 @@ def compare_methods(config, methods=None, grids=None, out_root=None, progress=Fa
                            progress=progress)
             sc = result.report["scores"]["validation"]
             owner = {s["task"]: s["name"] for s in result.report["sources"]}
-            kept = gain_kept(sc["merged"], sc["base"], {t: sc["sources"][o] for t, o in owner.items()})
-            results.append((point, sum(kept.values()) / len(kept), result.report["evaluations"]["done"]))
+            kept = mean_gain_kept(sc["merged"], sc["base"], {t: sc["sources"][o] for t, o in owner.items()})
+            results.append((point, -1e9 if kept is None else kept, result.report["evaluations"]["done"]))
         best = max(range(len(results)), key=lambda i: (results[i][1], -i))
         final = merge(MergeConfig.from_dict(point_config(cfg, name, results[best][0], True), root=cfg.root),
                       out=root / name, force=True, progress=progress)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 
 from .errors import InputError
+from .output import parse_size
 from .methods import MergeMethod, OptionError, get_method, option, options_table, parse_options
 
 # %% auto #0
@@ -106,7 +107,7 @@ def _source(s, i: int, tasks: dict, method: MergeMethod) -> SourceConfig:
     where = f"sources[{i}]"
     if isinstance(s, str): s = {"path": s}
     if not isinstance(s, dict) or "path" not in s: raise ConfigError(f"{where}.path: every source needs a path")
-    bad = sorted(set(s) - set(SOURCE_FIELDS))
+    bad = sorted(set(s) - set(SOURCE_FIELDS), key=str)   # YAML keys may be numbers: sort them as text
     if bad: raise ConfigError(f"{where}.{bad[0]}: unknown field (known: {', '.join(SOURCE_FIELDS)})")
     if not isinstance(s["path"], str) or not s["path"].strip():
         raise ConfigError(f"{where}.path: expected a path or Hub id")
@@ -146,6 +147,8 @@ def _options(options, method: MergeMethod) -> tuple:
         own = parse_options(method.options, {**({k: getattr(own, k) for k in legacy} if own else {}),
                                              **{k: v for k, v in options.items() if k in method_names}})
     except OptionError as e: raise ConfigError(str(e)) from None
+    try: parse_size(run.max_shard_size)   # a size the writer cannot read would only fail after the whole merge
+    except InputError as e: raise ConfigError(str(e)) from None
     return run, own
 
 # %% ../nbs/08b_config.ipynb #cee943e3
@@ -164,7 +167,7 @@ def _check_counts(method: MergeMethod, sources: list, own):
 def _from_dict(cls, d: dict, root=None) -> MergeConfig:
     if not isinstance(d, dict):
         raise ConfigError(f"config: expected a mapping of fields ({', '.join(CONFIG_FIELDS)}), got {type(d).__name__}")
-    unknown = sorted(set(d) - set(CONFIG_FIELDS))
+    unknown = sorted(set(d) - set(CONFIG_FIELDS), key=str)   # YAML keys may be numbers: sort them as text
     if unknown: raise ConfigError(f"{unknown[0]}: unknown field (known: {', '.join(CONFIG_FIELDS)})")
     name = d.get("method", "hi-merging")
     if not isinstance(name, str): raise ConfigError(f"method: expected a method name, got {name!r}")
@@ -209,6 +212,10 @@ def _unique_key_loader():
         seen = {}
         for key_node, _ in node.value:
             key = loader.construct_object(key_node, deep=deep)
+            try: hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(None, None, "a key cannot be a list or a mapping",
+                                                        key_node.start_mark) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice (first on line "
                                                         f"{seen[key] + 1})", key_node.start_mark)
@@ -217,19 +224,37 @@ def _unique_key_loader():
     UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     return UniqueKeyLoader
 
+# %% ../nbs/08b_config.ipynb #7434fa74
+def _yaml_problem(e, text: str) -> tuple:
+    "(line or None, what is wrong) of a PyYAML error, as one line of text."
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None: line, problem = mark.line + 1, getattr(e, "problem", None) or str(e)
+    elif getattr(e, "position", None) is not None:   # yaml.reader.ReaderError: a character YAML does not allow
+        line, problem = text.count("\n", 0, e.position) + 1, f"character {chr(e.character)!r} is not allowed in YAML"
+    else: line, problem = None, str(e)
+    return line, " ".join(str(problem).split())
+
+def _read_yaml(path: Path):
+    "The data of a YAML file; a `ConfigError` naming the file (and the line) if it cannot be read as YAML."
+    import yaml
+    if path.is_dir(): raise ConfigError(f"{path}: a folder, not a config file (give the YAML file inside it)")
+    if not path.is_file(): raise ConfigError(f"{path}: no such config file")
+    try: text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError: raise ConfigError(f"{path}: not a text file (a YAML config is UTF-8 text)") from None
+    except OSError as e: raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try: data = yaml.load(text, Loader=_unique_key_loader())
+    except yaml.YAMLError as e:
+        line, problem = _yaml_problem(e, text)
+        raise ConfigError(f"{path}{f', line {line}' if line else ''}: not valid YAML ({problem})") from None
+    if data is None: raise ConfigError(f"{path}: empty; a merge config names at least its sources")
+    return data
+
 def load_config(config) -> MergeConfig:
     "A `MergeConfig` from a config object, a dict, or a YAML file path (relative paths resolve against its folder)."
-    import yaml
     if isinstance(config, MergeConfig): return config
     if isinstance(config, dict): return MergeConfig.from_dict(config)
     path = Path(config)
-    if not path.is_file(): raise ConfigError(f"{path}: no such config file")
-    try: data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())
-    except UnicodeDecodeError: raise ConfigError(f"{path}: not a text file (a YAML config is UTF-8 text)") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    data = _read_yaml(path)
     try: return replace(MergeConfig.from_dict(data, root=path.resolve().parent), config_file=str(path.resolve()))
     except ConfigError as e: raise ConfigError(f"{path}: {e}") from None
 
@@ -242,11 +267,18 @@ def _local_or_hub(spec: str, root) -> str:
     if candidate.exists() or spec.startswith((".", "~")) or spec.count("/") != 1: return str(candidate)
     return spec
 
+def _local(spec, root):
+    "A path that is always local (the output, the evaluation cache), made absolute against `root`; `~` is the home."
+    if root is None or spec is None: return spec
+    p = Path(spec).expanduser()
+    return str(p if p.is_absolute() else Path(root) / p)
+
 def resolved_paths(cfg: MergeConfig) -> MergeConfig:
-    "The config with local paths (base, sources, task data, output) made absolute against `cfg.root`."
+    "The config with local paths (base, sources, task data, output, cache, tokenizer) made absolute against `cfg.root`."
     root = cfg.root
     sources = [replace(s, path=_local_or_hub(s.path, root)) for s in cfg.sources]
     local = lambda v: isinstance(v, dict) and isinstance(v.get("data"), str)
     tasks = {k: ({**v, "data": _local_or_hub(v["data"], root)} if local(v) else v) for k, v in cfg.tasks.items()}
-    out = cfg.output if root is None or Path(cfg.output).is_absolute() else str(Path(root) / cfg.output)
-    return replace(cfg, sources=sources, base=_local_or_hub(cfg.base, root), tasks=tasks, output=out)
+    out = _local(cfg.output, root)
+    run = replace(cfg.run, cache_dir=_local(cfg.run.cache_dir, root), tokenizer=_local_or_hub(cfg.run.tokenizer, root))
+    return replace(cfg, sources=sources, base=_local_or_hub(cfg.base, root), tasks=tasks, output=out, run=run)

@@ -13,7 +13,7 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['TASKS', 'PROMPT', 'LETTERS', 'SPLITS', 'RECIPE', 'LORA', 'make_row', 'make_splits', 'task_specs', 'build_tokenizer',
            'build_base_model', 'row_text', 'encode_pairs', 'train', 'build_zoo', 'Zoo', 'path', 'load_zoo',
-           'demo_sources', 'measure_evidence', 'contents', 'size_bytes', 'evidence_table', 'gain_kept']
+           'demo_sources', 'measure_evidence', 'contents', 'size_bytes', 'evidence_table', 'pair_gain_kept']
 
 # %% ../nbs/00_zoo.ipynb #92b43bc8
 TASKS = {  # name -> (type, input length range)
@@ -300,14 +300,14 @@ def evidence_table(zoo: Zoo, split="validation"):
     import pandas as pd
     return pd.DataFrame(zoo.evidence["scores"][split]).T
 
-def gain_kept(zoo: Zoo, split="validation"):
+def pair_gain_kept(zoo: Zoo, split="validation"):
     "For each pairwise task-arithmetic merge and each of its tasks: the share of the adapter's own gain it keeps."
+    from himerge.compare import gain_kept
     ev, rows = zoo.evidence["scores"][split], []
     for name, s in ev.items():
         if not name.startswith("ta:"): continue
         for t in name[3:].split("+"):
-            gain = ev[f"lora-{t}"][t] - ev["base"][t]
             rows.append(dict(merge=name, task=t, base=ev["base"][t], adapter=ev[f"lora-{t}"][t], merged=s[t],
-                             gain_kept=(s[t] - ev["base"][t]) / gain))
+                             gain_kept=gain_kept(s[t], ev["base"][t], ev[f"lora-{t}"][t])))
     import pandas as pd
     return pd.DataFrame(rows)

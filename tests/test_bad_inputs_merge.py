@@ -173,7 +173,7 @@ def run_cli(capsys, *argv) -> Result:
 def no_weights(monkeypatch):
     "Fail loudly if a merge gets as far as opening its run (loading the model, reading whole tensors)."
     calls = []
-    def refuse(p, progress=True):
+    def refuse(p, *args, **kwargs):
         calls.append(p.output)
         raise AssertionError(f"a merge to {p.output} opened its run: a bad input was not caught before weights load")
     monkeypatch.setattr(merge_module, "open_run", refuse)
