@@ -36,7 +36,8 @@ def main():
             for k in (16, 64):
                 times, err = [], None
                 for _ in range(3):
-                    t = time.perf_counter(); _, _, err = truncated_factors(d, k, method="lowrank"); times.append(time.perf_counter() - t)
+                    t = time.perf_counter(); _, _, err = truncated_factors(d, k, method="lowrank")
+                    times.append(time.perf_counter() - t)
                 med = statistics.median(times)
                 print(f"   lowrank k={k}: {med:.2f} s (full SVD / lowrank {full / med:.0f}x), error {err:.5f} "
                       f"({err / best[k] - 1:+.3%} above the optimum)", flush=True)

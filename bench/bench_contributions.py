@@ -15,7 +15,6 @@ Targets (issue #6): overhead < 15 % of probe time; in-place >= 5x faster than re
 Run: python bench/bench_contributions.py [--reload-layers 2] [--threads 2]
 """
 import argparse, subprocess, sys, tempfile, time
-from pathlib import Path
 
 
 def main():
@@ -67,7 +66,8 @@ def main():
         evaluator.close()
         n = result.evaluations["done"]
         return dict(n=n, total=total, per_eval=total / n, overhead=1 - forward[0] / total,
-                    engine=(total - inside[0]) / total, evaluator=(inside[0] - forward[0]) / total, gamma=result.gamma.gamma.values)
+                    engine=(total - inside[0]) / total, evaluator=(inside[0] - forward[0]) / total,
+                    gamma=result.gamma.gamma.values)
 
     # Warm-up, so that neither run pays the one-time costs (imports, first calls): a layer read, a score per task.
     processed.source_layer(0, processed.layers[0])
@@ -78,11 +78,13 @@ def main():
     for label, fast in (("a0", False), ("a", True)):
         r = runs[label] = analyse(fast)
         what = "LightEval's stock methods, no layer memo (peer)" if label == "a0" else "in place, as shipped"
-        print(f"({label}) {what}: {r['n']} evaluations in {r['total']:.1f} s, {r['per_eval'] * 1000:.0f} ms per evaluation; "
-              f"overhead {r['overhead']:.1%} of probe time (engine {r['engine']:.1%}, evaluator {r['evaluator']:.1%})")
+        print(f"({label}) {what}: {r['n']} evaluations in {r['total']:.1f} s, {r['per_eval'] * 1000:.0f} ms per "
+              f"evaluation; overhead {r['overhead']:.1%} of probe time "
+              f"(engine {r['engine']:.1%}, evaluator {r['evaluator']:.1%})")
     assert (runs["a"]["gamma"] == runs["a0"]["gamma"]).all(), "the fast paths changed γ"
     in_place, overhead = runs["a"]["per_eval"], runs["a"]["overhead"]
-    print(f"overhead {overhead:.1%} (target < 15%); time per evaluation {in_place / runs['a0']['per_eval']:.2f}x the peer's; γ identical")
+    print(f"overhead {overhead:.1%} (target < 15%); "
+          f"time per evaluation {in_place / runs['a0']['per_eval']:.2f}x the peer's; γ identical")
 
     # (b) reload per probe: addition probes of source 0 on a few layers. Each probe's weights are written to
     # disk and scored from a fresh load: (b1) in this process with a fresh evaluator, (b2) in a new process
@@ -91,9 +93,12 @@ def main():
     state_tasks = [src_tasks[0]]
     layers = [layer for layer in processed.layers if isinstance(layer, int)][: args.reload_layers]
     score_code = ("import sys, torch; torch.set_num_threads(%d)\n"
-                  "from himerge.zoo import load_zoo\nfrom himerge.scoring import load_model\nfrom himerge.evaluate import Evaluator\n"
+                  "from himerge.zoo import load_zoo\n"
+                  "from himerge.scoring import load_model\n"
+                  "from himerge.evaluate import Evaluator\n"
                   "z = load_zoo(); t = sys.argv[2]\n"
-                  "print(Evaluator(load_model(sys.argv[1]), sys.argv[1], {t: z.tasks[t]}).score(t).score)") % args.threads
+                  "print(Evaluator(load_model(sys.argv[1]), sys.argv[1], {t: z.tasks[t]}).score(t).score)"
+                  ) % args.threads
     timings = {"b1": [], "b2": []}
     with tempfile.TemporaryDirectory() as d:
         for layer in layers:
@@ -111,11 +116,15 @@ def main():
                 subprocess.run([sys.executable, "-c", score_code, d, t], check=True, capture_output=True)
                 timings["b2"].append(time.perf_counter() - t0)
     b1, b2 = (sum(v) / len(v) for v in (timings["b1"], timings["b2"]))
-    print(f"(b1) reload from disk per probe, same process: {len(timings['b1'])} evaluations, {b1 * 1000:.0f} ms per evaluation")
-    print(f"(b2) new process per probe (the paper's scripts): {len(timings['b2'])} evaluations, {b2 * 1000:.0f} ms per evaluation")
-    print(f"speed-up of in-place probing: {b1 / in_place:.1f}x over (b1), {b2 / in_place:.1f}x over (b2) (target >= 5x)")
+    print(f"(b1) reload from disk per probe, same process: {len(timings['b1'])} evaluations, "
+          f"{b1 * 1000:.0f} ms per evaluation")
+    print(f"(b2) new process per probe (the paper's scripts): {len(timings['b2'])} evaluations, "
+          f"{b2 * 1000:.0f} ms per evaluation")
+    print(f"speed-up of in-place probing: {b1 / in_place:.1f}x over (b1), {b2 / in_place:.1f}x over (b2) "
+          "(target >= 5x)")
     print(f"ratios: overhead_share={overhead:.3f} peer_overhead_share={runs['a0']['overhead']:.3f} "
-          f"time_vs_peer={in_place / runs['a0']['per_eval']:.2f} speedup_b1={b1 / in_place:.2f} speedup_b2={b2 / in_place:.2f}")
+          f"time_vs_peer={in_place / runs['a0']['per_eval']:.2f} speedup_b1={b1 / in_place:.2f} "
+          f"speedup_b2={b2 / in_place:.2f}")
 
 
 if __name__ == "__main__":

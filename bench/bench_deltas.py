@@ -2,7 +2,8 @@
 
 Generates a random bf16 base (default about 1e9 parameters) and two fine-tuned variants (base + small noise) as
 sharded safetensors in a temporary folder, then runs, each in its own subprocess (one model pass at a time):
-  (a) himerge.merge.merge(method="task_arithmetic", dtype="bfloat16"): deltas streamed layer by layer, shards written as it goes;
+  (a) himerge.merge.merge(method="task_arithmetic", dtype="bfloat16"): deltas streamed layer by layer, shards
+      written as it goes;
   (b) mergekit 0.1.5 `mergekit-yaml` task_arithmetic (weights 1, no normalisation, float32 maths, bf16 output),
       from its own virtualenv (default /work/venvs/mergekit-prune), CPU, default options.
 Prints wall time and peak RSS (resource.getrusage(RUSAGE_CHILDREN).ru_maxrss of a wrapper process per run) and
@@ -22,7 +23,8 @@ MEASURE = textwrap.dedent("""
     t0 = time.perf_counter()
     rc = subprocess.run(sys.argv[2:], stdout=open(sys.argv[1], "w"), stderr=subprocess.STDOUT).returncode
     wall = time.perf_counter() - t0
-    print(json.dumps(dict(rc=rc, wall_s=wall, peak_rss_mb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)))
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps(dict(rc=rc, wall_s=wall, peak_rss_mb=peak)))
 """)
 
 HIMERGE_RUN = textwrap.dedent("""
@@ -52,8 +54,8 @@ def tensor_shapes(cfg: dict):
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     kvd = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
     yield "model.embed_tokens.weight", (v, h)
-    for l in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{l}."
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
         yield p + "input_layernorm.weight", (h,)
         yield p + "self_attn.q_proj.weight", (h, h)
         yield p + "self_attn.k_proj.weight", (kvd, h)
@@ -100,13 +102,15 @@ def generate(root: Path, cfg: dict, shard_bytes: int, seed=0) -> list:
     total = sum(2 * torch.Size(s).numel() for _, s in tensor_shapes(cfg))
     for d in dirs:
         for k in range(1, n + 1): (d / f"model-{k:05d}.safetensors").rename(d / f"model-{k:05d}-of-{n:05d}.safetensors")
-        (d / "model.safetensors.index.json").write_text(json.dumps(dict(metadata=dict(total_size=total), weight_map=weight_map)))
+        (d / "model.safetensors.index.json").write_text(json.dumps(dict(metadata=dict(total_size=total),
+                                                                        weight_map=weight_map)))
     return dirs
 
 
 def measure(cmd: list, log: Path, env: dict) -> dict:
     "Wall time and peak RSS of `cmd`, run under a fresh wrapper process."
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(log), *cmd], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(log), *cmd], capture_output=True, text=True, env=env,
+                         check=True)
     res = json.loads(out.stdout.strip().splitlines()[-1])
     if res["rc"] != 0: raise SystemExit(f"{cmd[0]} failed (rc {res['rc']}); its log:\n{log.read_text()[-3000:]}")
     return res
@@ -143,10 +147,12 @@ def compare(a: Path, b: Path) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=float, default=1e9, help="approximate parameter count of the generated model")
-    ap.add_argument("--mergekit", default="/work/venvs/mergekit-prune/bin/mergekit-yaml", help="mergekit-yaml executable (mergekit 0.1.5 venv)")
+    ap.add_argument("--mergekit", default="/work/venvs/mergekit-prune/bin/mergekit-yaml",
+                    help="mergekit-yaml executable (mergekit 0.1.5 venv)")
     ap.add_argument("--shard-gb", type=float, default=1.0, help="input shard size in GB")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for both tools")
-    ap.add_argument("--workdir", default=None, help="where to generate (default: a temporary folder, removed afterwards)")
+    ap.add_argument("--workdir", default=None,
+                    help="where to generate (default: a temporary folder, removed afterwards)")
     ap.add_argument("--keep", action="store_true", help="keep the generated models and outputs")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -158,11 +164,13 @@ def main(argv=None):
         n_params = sum(torch.Size(s).numel() for _, s in tensor_shapes(cfg))
         t0 = time.perf_counter()
         base, a, b = generate(root / "models", cfg, int(args.shard_gb * 1e9))
-        print(f"generated {n_params / 1e9:.3f}B-parameter Llama (hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers), "
-              f"base + 2 fine-tunes, bf16, in {time.perf_counter() - t0:.0f} s under {root}", flush=True)
+        print(f"generated {n_params / 1e9:.3f}B-parameter Llama (hidden {cfg['hidden_size']}, "
+              f"{cfg['num_hidden_layers']} layers), base + 2 fine-tunes, bf16, "
+              f"in {time.perf_counter() - t0:.0f} s under {root}", flush=True)
 
         out_hi = root / "out-himerge"
-        hi = measure([sys.executable, "-c", HIMERGE_RUN, str(base), str(a), str(b), str(out_hi)], root / "himerge.log", env)
+        hi = measure([sys.executable, "-c", HIMERGE_RUN, str(base), str(a), str(b), str(out_hi)],
+                     root / "himerge.log", env)
         print(f"himerge : {hi['wall_s']:8.1f} s   peak RSS {hi['peak_rss_mb']:8.0f} MB", flush=True)
 
         out_mk = root / "out-mergekit"
@@ -178,12 +186,14 @@ def main(argv=None):
             dtype: float32
             out_dtype: bfloat16
             """))
-        mk = measure([args.mergekit, str(root / "mergekit.yml"), str(out_mk), "-j", str(args.threads)], root / "mergekit.log", env)
+        mk = measure([args.mergekit, str(root / "mergekit.yml"), str(out_mk), "-j", str(args.threads)],
+                     root / "mergekit.log", env)
         print(f"mergekit: {mk['wall_s']:8.1f} s   peak RSS {mk['peak_rss_mb']:8.0f} MB", flush=True)
-        print(f"ratio himerge/mergekit: time {hi['wall_s'] / mk['wall_s']:.2f}   peak RSS {hi['peak_rss_mb'] / mk['peak_rss_mb']:.2f}")
+        print(f"ratio himerge/mergekit: time {hi['wall_s'] / mk['wall_s']:.2f}   peak RSS "
+              f"{hi['peak_rss_mb'] / mk['peak_rss_mb']:.2f}")
         agree = compare(out_hi, out_mk)
-        print(f"outputs: max |himerge - mergekit| = {agree['max_abs_diff']:.3g}; {agree['differing']} of {agree['elements']} "
-              f"elements differ, {agree['beyond_one_bf16_step']} by more than one bf16 step")
+        print(f"outputs: max |himerge - mergekit| = {agree['max_abs_diff']:.3g}; {agree['differing']} of "
+              f"{agree['elements']} elements differ, {agree['beyond_one_bf16_step']} by more than one bf16 step")
         if agree["beyond_one_bf16_step"]: raise SystemExit("the two merges disagree beyond bf16 rounding")
         print(json.dumps(dict(params=n_params, himerge=hi, mergekit=mk, agreement=agree)))
     finally:

@@ -40,8 +40,9 @@ def build(root: Path, blocks: int, rows: int):
     zoo = load_zoo()
     tok = AutoTokenizer.from_pretrained(zoo.base)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=896, intermediate_size=4864, num_hidden_layers=blocks,
-                      num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+                      num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      bos_token_id=None)
     torch.manual_seed(0)
     base = LlamaForCausalLM(cfg).to(torch.bfloat16)
     base.save_pretrained(root / "base"); tok.save_pretrained(root / "base")
@@ -71,7 +72,8 @@ def config(root: Path, tasks: dict, compute: str, out: str) -> Path:
     import yaml
     path = root / f"merge-{out}.yaml"
     path.write_text(yaml.safe_dump(dict(
-        base=str(root / "base"), sources=[dict(path=str(root / f"lora{k}"), task=t, name=f"s{k}") for k, t in enumerate(tasks)],
+        base=str(root / "base"),
+        sources=[dict(path=str(root / f"lora{k}"), task=t, name=f"s{k}") for k, t in enumerate(tasks)],
         tasks=tasks, method="hi-merging", dtype="bfloat16", output=str(root / out),
         options=dict(normalize="none", compute_dtype=compute, cache_dir=str(root / f"cache-{out}"), batch_size=16))))
     return path

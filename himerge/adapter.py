@@ -6,7 +6,7 @@ Docs: https://himerge.github.io/himerge/adapter.html.md"""
 
 # %% ../nbs/08d_adapter.ipynb #4d1df205
 from __future__ import annotations
-import json, warnings
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -30,11 +30,13 @@ class LoraFactors:
     def __init__(self, source: Source | str | Path, allow_pickle: bool = False):
         if not isinstance(source, Source): source = resolve_source(str(source), allow_pickle=allow_pickle)
         if source.kind != "lora":
-            raise AdapterError(f"source {source.name!r} is a {'full checkpoint' if source.kind == 'full' else source.kind}, not a LoRA adapter")
+            kind = "full checkpoint" if source.kind == "full" else source.kind
+            raise AdapterError(f"source {source.name!r} is a {kind}, not a LoRA adapter")
         from himerge.deltas import TensorStore
         self.source, self.name, self.config = source, source.name, source.config
         self.store = TensorStore([adapter_weights(source.path, allow_pickle)])
-        self.modules, self.biases, self.saved_tensors, self.base_copies = {}, {}, {}, {}  # base tensor name -> {role: key} / key
+        # base tensor name -> {role: key} / key
+        self.modules, self.biases, self.saved_tensors, self.base_copies = {}, {}, {}, {}
         for key in self.store.keys():
             module, role = adapter_module(key)
             if role in LOW_RANK_ROLES: self.modules.setdefault(target_tensor(module, "lora_A"), {})[role] = key
@@ -109,7 +111,14 @@ def _top_singular(delta, k: int, method: str, seed: int):
     return U, S, V.T
 
 def truncated_factors(delta, rank: int, *, method: str = "auto", seed: int = 0) -> tuple:
-    "(A [k, in], B [out, k], relative error ‖Δ − B A‖_F / ‖Δ‖_F) of the best rank-`rank` approximation of `delta`."
+    """(A [k, in], B [out, k], relative error ‖Δ − B A‖_F / ‖Δ‖_F) of the best rank-`rank` approximation of `delta`.
+
+    Args:
+        delta: the merged delta ΔW [out, in].
+        rank: the most singular triplets kept (fewer when the rest are at float32 noise level).
+        method: the SVD: full (`torch.linalg.svd`), lowrank (`torch.svd_lowrank`), or auto (lowrank when the rank is
+            small against the shape).
+        seed: the seed of lowrank's random projection (the global RNG is left as it was)."""
     import torch
     if rank < 1: raise ValueError(f"adapter_rank: {rank!r} is not a positive integer")
     delta = delta.float()
@@ -138,7 +147,14 @@ class AdapterWriter:
     "Collect a merge module by module and write it as a PEFT LoRA adapter (scaling 1) to `folder`."
     def __init__(self, folder, base_model_name_or_path: str, *, revision: str | None = None, dtype: str = "float32",
                  task_type: str = "CAUSAL_LM"):
-        self.folder, self.base, self.revision, self.task_type = Path(folder), str(base_model_name_or_path), revision, task_type
+        """Args:
+            folder: the existing folder the two files are written to.
+            base_model_name_or_path: the base as adapter_config.json names it (a Hub id or a local path).
+            revision: the base's Hub revision, recorded in the config.
+            dtype: the saved dtype of the tensors (a torch dtype's name).
+            task_type: PEFT's task type."""
+        self.folder, self.base = Path(folder), str(base_model_name_or_path)
+        self.revision, self.task_type = revision, task_type
         self.dtype = dtype
         self.tensors, self.records, self.ranks, self.layouts = {}, {}, {}, {}
         self.biases, self.full = set(), []
@@ -148,17 +164,27 @@ class AdapterWriter:
         self.tensors["base_model.model." + key] = t.detach().to(getattr(torch, self.dtype)).contiguous()
 
     def add(self, tensor_name: str, A, B, kind: str = "exact", error: float = 0.0, layout: str = "linear"):
-        "Add the factors of base weight `tensor_name` (ΔW = B @ A, base orientation); rank 0 writes nothing."
-        if not tensor_name.endswith(".weight"): raise ValueError(f"{tensor_name!r}: LoRA factors are for a .weight tensor")
+        """Add the factors of base weight `tensor_name` (ΔW = B @ A, base orientation); rank 0 writes nothing.
+
+        Args:
+            tensor_name: the base weight the factors change (NAME.weight).
+            A, B: the factors, A [k, in] and B [out, k].
+            kind: how they were found, for the records: exact (stacked ranks) or svd (truncated).
+            error: the relative error ‖ΔW − B A‖_F / ‖ΔW‖_F, for the records.
+            layout: how the module stores them: linear, fan_in_fan_out (GPT-2's Conv1D) or embedding."""
+        if not tensor_name.endswith(".weight"):
+            raise ValueError(f"{tensor_name!r}: LoRA factors are for a .weight tensor")
         if layout not in LAYOUTS: raise ValueError(f"layout: {layout!r} is not one of {LAYOUTS}")
-        if A.shape[0] != B.shape[1]: raise ValueError(f"{tensor_name!r}: A {list(A.shape)} and B {list(B.shape)} have different ranks")
+        if A.shape[0] != B.shape[1]:
+            raise ValueError(f"{tensor_name!r}: A {list(A.shape)} and B {list(B.shape)} have different ranks")
         if tensor_name in self.records: raise ValueError(f"{tensor_name!r} was already added")
         module, rank = tensor_name.removesuffix(".weight"), A.shape[0]
         self.records[tensor_name] = dict(rank=rank, kind=kind, error=float(error), layout=layout)
         if rank == 0: return
         self.ranks[module], self.layouts[module] = rank, layout
         if layout == "linear": self._store(module + ".lora_A.weight", A); self._store(module + ".lora_B.weight", B)
-        elif layout == "fan_in_fan_out": self._store(module + ".lora_A.weight", B.T); self._store(module + ".lora_B.weight", A.T)
+        elif layout == "fan_in_fan_out":
+            self._store(module + ".lora_A.weight", B.T); self._store(module + ".lora_B.weight", A.T)
         else: self._store(module + ".lora_embedding_A", B.T); self._store(module + ".lora_embedding_B", A.T)
 
     def add_bias(self, tensor_name: str, delta):
@@ -194,10 +220,12 @@ def _check_writable(writer: AdapterWriter, full_modules: set):
     if writer.biases:
         orphan = sorted(writer.biases - set(writer.ranks))
         if orphan: raise AdapterError(f"tensor {orphan[0]}.bias: a LoRA bias needs LoRA factors on its module")
-        embedding = sorted(m for m, l in writer.layouts.items() if l == "embedding")
-        if embedding: raise AdapterError(f"module {embedding[0]!r}: PEFT does not support LoRA biases (lora_bias) together with embedding LoRA")
+        embedding = sorted(m for m, layout in writer.layouts.items() if layout == "embedding")
+        if embedding: raise AdapterError(f"module {embedding[0]!r}: PEFT does not support LoRA biases (lora_bias) "
+                                         "together with embedding LoRA")
         missing = sorted(m for m in writer.ranks if m not in writer.biases)
-        if missing: raise AdapterError(f"module {missing[0]!r}: has no bias; with lora_bias every LoRA module needs one (zeros where unchanged)")
+        if missing: raise AdapterError(f"module {missing[0]!r}: has no bias; with lora_bias every LoRA module "
+                                       "needs one (zeros where unchanged)")
 
 def _check_patterns(rank_pattern: dict, modules: list):
     "Each rank_pattern key must select its own module, and only it, under PEFT's matching rule."
@@ -205,7 +233,8 @@ def _check_patterns(rank_pattern: dict, modules: list):
     for module in modules:
         key = get_pattern_key(rank_pattern.keys(), module)
         if (key in rank_pattern) != (module in rank_pattern) or (module in rank_pattern and key != module):
-            raise AdapterError(f"module {module!r}: rank_pattern key {key!r} would also select it; cannot write its rank")
+            raise AdapterError(f"module {module!r}: rank_pattern key {key!r} would also select it; "
+                               "cannot write its rank")
 
 def _adapter_config(writer: AdapterWriter, full_modules: list):
     from peft import LoraConfig
@@ -215,8 +244,9 @@ def _adapter_config(writer: AdapterWriter, full_modules: list):
     _check_patterns(rank_pattern, modules)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # LoraConfig's notes on unusual settings
-        return LoraConfig(r=r, lora_alpha=r, rank_pattern=rank_pattern, alpha_pattern=dict(rank_pattern), target_modules=modules,
-                          modules_to_save=full_modules or None, fan_in_fan_out="fan_in_fan_out" in writer.layouts.values(),
+        return LoraConfig(r=r, lora_alpha=r, rank_pattern=rank_pattern, alpha_pattern=dict(rank_pattern),
+                          target_modules=modules, modules_to_save=full_modules or None,
+                          fan_in_fan_out="fan_in_fan_out" in writer.layouts.values(),
                           lora_bias=bool(writer.biases), lora_dropout=0.0, bias="none", task_type=writer.task_type,
                           base_model_name_or_path=writer.base, revision=writer.revision, inference_mode=True)
 
@@ -225,7 +255,8 @@ def _write_files(self: AdapterWriter) -> list:
     from safetensors.torch import save_file
     full_modules = sorted({n.rsplit(".", 1)[0] for n in self.full})
     _check_writable(self, set(full_modules))
-    if not self.ranks and not self.full: raise AdapterError("the merged adapter would be empty: every source was dropped everywhere")
+    if not self.ranks and not self.full:
+        raise AdapterError("the merged adapter would be empty: every source was dropped everywhere")
     config = _adapter_config(self, full_modules)
     self.folder.mkdir(parents=True, exist_ok=True)
     save_file(self.tensors, str(self.folder / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -249,9 +280,11 @@ def check_adapter_output(source_set: SourceSet):
     bases, embedding, bias = {}, None, None
     for src in source_set.sources:
         if src.kind != "lora":
-            raise AdapterError(f"source {src.name!r} is a full checkpoint; output_format: adapter needs every source to be a LoRA adapter")
+            raise AdapterError(f"source {src.name!r} is a full checkpoint; output_format: adapter needs every source "
+                               "to be a LoRA adapter")
         for key, why in NON_ADDITIVE.items():
-            if src.config.get(key): raise AdapterError(f"source {src.name!r}: {key} is set; {why}, so its merge is not an additive delta")
+            if src.config.get(key):
+                raise AdapterError(f"source {src.name!r}: {key} is set; {why}, so its merge is not an additive delta")
         if src.declared_base: bases.setdefault(_declared(src), src.name)
         shapes = readable_shapes([adapter_weights(src.path, source_set.allow_pickle)]) or {}
         for key in shapes:
@@ -260,14 +293,17 @@ def check_adapter_output(source_set: SourceSet):
                 raise AdapterError(f"source {src.name!r}: tensor {key!r} ({role}) is not an additive LoRA tensor")
             if role.startswith("lora_embedding"): embedding = embedding or (src.name, module)
             if role == "lora_B.bias": bias = bias or (src.name, module)
-            if role == "saved" and ".base_layer." not in key and tied and module.rsplit(".", 1)[0].split(".")[-1] in ("embed_tokens", "lm_head", "wte"):
-                raise AdapterError(f"source {src.name!r}: saves {module!r} of a base with tied embeddings; written into an adapter it would untie them")
+            embedding_module = module.rsplit(".", 1)[0].split(".")[-1] in ("embed_tokens", "lm_head", "wte")
+            if role == "saved" and ".base_layer." not in key and tied and embedding_module:
+                raise AdapterError(f"source {src.name!r}: saves {module!r} of a base with tied embeddings; written "
+                                   "into an adapter it would untie them")
     if len(bases) > 1:
         (b1, n1), (b2, n2) = list(bases.items())[:2]
-        raise AdapterError(f"sources {n1!r} and {n2!r} declare different bases ({b1!r}, {b2!r}); an adapter has one base")
+        raise AdapterError(f"sources {n1!r} and {n2!r} declare different bases ({b1!r}, {b2!r}); "
+                           "an adapter has one base")
     if embedding and bias:
-        raise AdapterError(f"source {bias[0]!r} has LoRA biases ({bias[1]!r}) and source {embedding[0]!r} embedding LoRA "
-                           f"({embedding[1]!r}); PEFT cannot load both in one adapter")
+        raise AdapterError(f"source {bias[0]!r} has LoRA biases ({bias[1]!r}) and source {embedding[0]!r} embedding "
+                           f"LoRA ({embedding[1]!r}); PEFT cannot load both in one adapter")
 
 # %% ../nbs/08d_adapter.ipynb #3cf77ba9
 def _weight_into(writer, name, factors, merged, weights, rank, method):
@@ -291,16 +327,19 @@ def _layer_into(writer, layer, deltas, factors, merged, weights, rank, method):
     for f in factors:
         for name, key in f.base_copies.items():
             if name in names and not torch.equal(f.store.get(key), deltas.base_store.get(name)):
-                raise AdapterError(f"source {f.name!r}: its saved copy {key!r} differs from the base's {name!r}; was it trained on another base?")
+                raise AdapterError(f"source {f.name!r}: its saved copy {key!r} differs from the base's {name!r}; was "
+                                   "it trained on another base?")
     for name in names:
         if name in saved:
             if name in merged: writer.add_full(name, deltas.base_store.get(name) + merged[name])
         elif name in lora: _weight_into(writer, name, factors, merged, weights, rank, method)
     for name in merged:
         if name in writer.records: continue
-        if name not in names: raise AdapterError(f"tensor {name!r}: in the merged delta of layer {layer!r} but not in the base's")
+        if name not in names: raise AdapterError(f"tensor {name!r}: in the merged delta of layer {layer!r} but not in "
+                                                 "the base's")
         if not (name.endswith(".bias") and name.removesuffix(".bias") + ".weight" in lora):
-            raise AdapterError(f"tensor {name!r}: changed by the merge, but neither LoRA-targeted nor saved by a source; an adapter cannot carry it")
+            raise AdapterError(f"tensor {name!r}: changed by the merge, but neither LoRA-targeted nor saved by a "
+                               "source; an adapter cannot carry it")
         writer.add_bias(name, merged[name])
     if any(f.biases for f in factors):  # lora_bias: every LoRA module needs a bias
         for module in [n.removesuffix(".weight") for n in names if n.removesuffix(".weight") in writer.ranks]:
@@ -330,11 +369,14 @@ def write_adapter(folder, source_set: SourceSet, merged_layer, *, weights=None, 
     factors = [LoraFactors(s, source_set.allow_pickle) for s in source_set.sources]
     base = source_set.base
     name = base_model_name_or_path or base.repo_id or str(base.path)   # a local base by its absolute path
-    writer = AdapterWriter(folder, name, revision=base.commit_sha or base.revision if base.repo_id else None, dtype=dtype)
-    with (nullcontext(deltas) if deltas is not None else compute_deltas(source_set)) as d:   # headers, base read per tensor
+    revision = base.commit_sha or base.revision if base.repo_id else None
+    writer = AdapterWriter(folder, name, revision=revision, dtype=dtype)
+    # headers, base read per tensor
+    with (nullcontext(deltas) if deltas is not None else compute_deltas(source_set)) as d:
         for layer in (layers if layers is not None else d.layers):
             w = weights(layer) if weights is not None else None
-            if w is not None and len(w) != len(factors): raise ValueError(f"weights({layer!r}): {len(w)} weights for {len(factors)} sources")
+            if w is not None and len(w) != len(factors):
+                raise ValueError(f"weights({layer!r}): {len(w)} weights for {len(factors)} sources")
             _layer_into(writer, layer, d, factors, merged_layer(layer), None if w is None else list(w), rank, method)
             if progress is not None: progress.update(1)
     files = writer.close()

@@ -23,7 +23,8 @@ def _inputs(deltas, weights, densities):
     if not deltas: raise BaselineError("deltas: no source deltas to merge")
     shape = deltas[0].shape
     for i, d in enumerate(deltas):
-        if d.shape != shape: raise BaselineError(f"deltas[{i}]: shape {tuple(d.shape)} differs from deltas[0]'s {tuple(shape)}")
+        if d.shape != shape:
+            raise BaselineError(f"deltas[{i}]: shape {tuple(d.shape)} differs from deltas[0]'s {tuple(shape)}")
     if len(weights) != len(deltas):
         raise BaselineError(f"weights: {len(weights)} weights for {len(deltas)} source deltas")
     ws = []
@@ -102,20 +103,48 @@ def _disjoint(weighted, mask, weights, divide: str):
 
 # %% ../nbs/04_baselines.ipynb #a567252f
 def task_arithmetic(deltas, weights, *, densities=None, generator=None, rounding="half_up", divide="none", lamb=1.0):
-    "Σ_m w_m · prune(δ_m, p_m) (magnitude pruning, `rounding` of p·n); divided by Σ w_m when `divide='weight'`."
+    """Σ_m w_m · prune(δ_m, p_m) (magnitude pruning, `rounding` of p·n); divided by Σ w_m when `divide='weight'`.
+
+    Args:
+        deltas: δ_m, one tensor per source, all of one shape.
+        weights: w_m, one number per source.
+        densities: p_m, the fraction of each δ_m kept, in (0, 1] (None: 1 for every source).
+        generator: unused (the method is deterministic); part of the common signature.
+        rounding: how p·n becomes a count: half_up (himerge), floor (PEFT), floor_at_least_one (mergekit).
+        divide: none (a sum) or weight (divided by Σ w_m, mergekit's `normalize`).
+        lamb: a factor on the merged delta, applied last (mergekit's `lambda`)."""
     ds, ws, ps = _inputs(deltas, weights, densities)
     pruned = torch.stack([_magnitude(d, p, rounding, i) for i, (d, p) in enumerate(zip(ds, ps))])
     return _sum(_weighted(pruned, ws), ws, divide) * lamb
 
 # %% ../nbs/04_baselines.ipynb #e9d30a3a
 def linear(deltas, weights, *, densities=None, generator=None, rounding="half_up"):
-    "Σ_m w_m δ_m / Σ_m w_m: base + result is the weighted average of the models (model soup)."
+    """Σ_m w_m δ_m / Σ_m w_m: base + result is the weighted average of the models (model soup).
+
+    Args:
+        deltas: δ_m, one tensor per source, all of one shape.
+        weights: w_m, one number per source.
+        densities: p_m, the fraction of each δ_m kept, in (0, 1] (None: 1 for every source).
+        generator: unused (the method is deterministic); part of the common signature.
+        rounding: how p·n becomes a count: half_up (himerge), floor (PEFT), floor_at_least_one (mergekit)."""
     return task_arithmetic(deltas, weights, densities=densities, rounding=rounding, divide="weight")
 
 # %% ../nbs/04_baselines.ipynb #47a27b7a
 def ties(deltas, weights, *, densities=None, generator=None, majority="total", sign_on="raw",
          divide="count", rounding="half_up", lamb=1.0):
-    "TIES-merging: magnitude-prune each δ_m to p_m, elect a sign per entry, average the agreeing weighted deltas."
+    """TIES-merging: magnitude-prune each δ_m to p_m, elect a sign per entry, average the agreeing weighted deltas.
+
+    Args:
+        deltas: δ_m, one tensor per source, all of one shape.
+        weights: w_m, one number per source.
+        densities: p_m, the fraction of each δ_m kept, in (0, 1] (None: 1 for every source).
+        generator: unused (the method is deterministic); part of the common signature.
+        majority: the elected sign per entry: of the total mass (total) or of the most sources (frequency).
+        sign_on: elect signs on the raw deltas (raw, PEFT) or the weighted ones (weighted, mergekit).
+        divide: average the agreeing deltas by their count (count, PEFT), by the sum of their weights
+            (weight, mergekit), or sum them (none).
+        rounding: how p·n becomes a count: half_up (himerge), floor (PEFT), floor_at_least_one (mergekit).
+        lamb: a factor on the merged delta, applied last (mergekit's `lambda`)."""
     ds, ws, ps = _inputs(deltas, weights, densities)
     pruned = torch.stack([_magnitude(d, p, rounding, i) for i, (d, p) in enumerate(zip(ds, ps))])
     weighted = _weighted(pruned, ws)
@@ -131,13 +160,34 @@ def _dare(ds, ps, generator, rescale):
     return torch.stack(out)
 
 def dare_linear(deltas, weights, *, densities=None, generator=None, rescale=True, divide="none", lamb=1.0):
-    "DARE: keep each entry of δ_m with probability p_m, rescale (1/p_m, or 'l1'), then Σ_m w_m δ̃_m."
+    """DARE: keep each entry of δ_m with probability p_m, rescale (1/p_m, or 'l1'), then Σ_m w_m δ̃_m.
+
+    Args:
+        deltas: δ_m, one tensor per source, all of one shape.
+        weights: w_m, one number per source.
+        densities: p_m, each entry's keep probability, in (0, 1] (None: 1, nothing dropped).
+        generator: the seeded `torch.Generator` of the random drop (None: torch's global RNG).
+        rescale: divide the survivors by p_m (True), match δ_m's L1 norm ('l1', mergekit), or not (False).
+        divide: none (a sum) or weight (divided by Σ w_m).
+        lamb: a factor on the merged delta, applied last (mergekit's `lambda`)."""
     ds, ws, ps = _inputs(deltas, weights, densities)
     return _sum(_weighted(_dare(ds, ps, generator, rescale), ws), ws, divide) * lamb
 
 def dare_ties(deltas, weights, *, densities=None, generator=None, rescale=True, majority="total",
               sign_on="raw", divide="count", lamb=1.0):
-    "DARE drop and rescale, then TIES sign election and disjoint merge."
+    """DARE drop and rescale, then TIES sign election and disjoint merge.
+
+    Args:
+        deltas: δ_m, one tensor per source, all of one shape.
+        weights: w_m, one number per source.
+        densities: p_m, each entry's keep probability, in (0, 1] (None: 1, nothing dropped).
+        generator: the seeded `torch.Generator` of the random drop (None: torch's global RNG).
+        rescale: divide the survivors by p_m (True), match δ_m's L1 norm ('l1', mergekit), or not (False).
+        majority: the elected sign per entry: of the total mass (total) or of the most sources (frequency).
+        sign_on: elect signs on the raw deltas (raw, PEFT) or the weighted ones (weighted, mergekit).
+        divide: average the agreeing deltas by their count (count), by the sum of their weights (weight), or
+            sum them (none, mergekit's dare_ties).
+        lamb: a factor on the merged delta, applied last (mergekit's `lambda`)."""
     ds, ws, ps = _inputs(deltas, weights, densities)
     dropped = _dare(ds, ps, generator, rescale)
     weighted = _weighted(dropped, ws)
@@ -155,7 +205,17 @@ def _breadcrumbs_mask(t, p, gamma, rounding):
 
 def breadcrumbs(deltas, weights, *, densities=None, generator=None, gamma=0.01, rounding="half_up", divide="none",
                 lamb=1.0):
-    "Model Breadcrumbs: drop the top `gamma` and the bottom of each δ_m by |δ|, keep p_m·n, then Σ_m w_m δ̃_m."
+    """Model Breadcrumbs: drop the top `gamma` and the bottom of each δ_m by |δ|, keep p_m·n, then Σ_m w_m δ̃_m.
+
+    Args:
+        deltas: δ_m, one tensor per source, all of one shape.
+        weights: w_m, one number per source.
+        densities: p_m, the fraction of each δ_m kept below the outliers, in (0, 1] (None: 1).
+        generator: unused (the method is deterministic); part of the common signature.
+        gamma: the top fraction of each δ_m dropped as outliers, in [0, 1): one number or one per source.
+        rounding: how p·n becomes a count: half_up (himerge), floor (PEFT), floor_at_least_one (mergekit).
+        divide: none (a sum) or weight (divided by Σ w_m).
+        lamb: a factor on the merged delta, applied last (mergekit's `lambda`)."""
     ds, ws, ps = _inputs(deltas, weights, densities)
     gammas = _per_source(gamma, "gamma", len(ds))
     for i, g in enumerate(gammas):
@@ -176,13 +236,28 @@ def della_keep_probabilities(t: torch.Tensor, p: float, epsilon: float) -> torch
 
 def della(deltas, weights, *, densities=None, generator=None, epsilon=0.15, rescale=True,
           majority="total", sign_on="weighted", divide="weight", lamb=1.0):
-    "DELLA: magnitude-ranked random drop with keep probabilities p_m ± ε, rescale, then TIES-style merge."
+    """DELLA: magnitude-ranked random drop with keep probabilities p_m ± ε, rescale, then TIES-style merge.
+
+    Args:
+        deltas: δ_m, one tensor per source, all of one shape.
+        weights: w_m, one number per source.
+        densities: p_m, each δ_m's mean keep probability, in (0, 1] (None: 1, nothing dropped).
+        generator: the seeded `torch.Generator` of the random drop (None: torch's global RNG).
+        epsilon: ε, the spread of keep probabilities, from p_m − ε (smallest |δ| of a row) to p_m + ε (largest):
+            one number or one per source.
+        rescale: divide each survivor by its keep probability (True), match δ_m's L1 norm ('l1'), or not (False).
+        majority: the elected sign per entry: of the total mass (total) or of the most sources (frequency).
+        sign_on: elect signs on the raw deltas (raw, PEFT) or the weighted ones (weighted, mergekit).
+        divide: average the agreeing deltas by the sum of their weights (weight), by their count (count), or
+            sum them (none).
+        lamb: a factor on the merged delta, applied last (mergekit's `lambda`)."""
     ds, ws, ps = _inputs(deltas, weights, densities)
     out = []
     for i, (d, p, epsilon) in enumerate(zip(ds, ps, _per_source(epsilon, "epsilon", len(ds)))):
         if p >= 1: out.append(d); continue
         if not (p - epsilon > 0 and p + epsilon <= 1):
-            raise BaselineError(f"epsilon: {epsilon!r} puts the keep probability of source {i} (density {p}) outside (0, 1]")
+            raise BaselineError(f"epsilon: {epsilon!r} puts the keep probability of source {i} (density {p}) "
+                                "outside (0, 1]")
         probs = della_keep_probabilities(d, p, epsilon)
         out.append(_rescale(d, _bernoulli(probs, generator), probs, rescale))
     dropped = torch.stack(out)
@@ -191,7 +266,17 @@ def della(deltas, weights, *, densities=None, generator=None, epsilon=0.15, resc
 
 # %% ../nbs/04_baselines.ipynb #0ced459f
 def slerp(deltas, weights, *, densities=None, generator=None, base=None, t=0.5, dot_threshold=0.9995, eps=1e-8):
-    "SLERP of the two models θ_F + w_m δ_m at fraction `t` (0: the first, 1: the second); returns θ − θ_F."
+    """SLERP of the two models θ_F + w_m δ_m at fraction `t` (0: the first, 1: the second); returns θ − θ_F.
+
+    Args:
+        deltas: δ_0 and δ_1, the two sources' deltas, of one shape.
+        weights: w_0 and w_1, the factors on each delta.
+        densities: must be 1 (None): SLERP does not prune.
+        generator: unused (the method is deterministic); part of the common signature.
+        base: θ_F, the base tensor (required: SLERP interpolates whole weights).
+        t: the fraction of the angle from the first model to the second, in [0, 1].
+        dot_threshold: above this |cos Ω| the models are nearly parallel and interpolated linearly.
+        eps: a norm below this is not normalized (a zero vector stays zero)."""
     ds, ws, ps = _inputs(deltas, weights, densities)
     if len(ds) != 2: raise BaselineError(f"slerp interpolates exactly two models, got {len(ds)} source deltas")
     if base is None: raise BaselineError("slerp interpolates whole weights: give the base tensor as base=")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .sources import (SourceError, SourceSet, TensorHeader, adapter_module, adapter_weights, check_lora, file_headers,
-                             lora_rank, peft_default, target_tensor, weight_files)
+from .sources import (SourceError, SourceSet, TensorHeader, adapter_module, adapter_weights, check_lora,
+                             file_headers, lora_rank, peft_default, target_tensor, weight_files)
 
 # %% auto #0
 __all__ = ['LAYER_GROUPS_FIRST', 'LAYER_GROUPS_LAST', 'GRANULARITIES', 'n_blocks', 'layer_of', 'lora_scaling', 'lora_delta',
@@ -63,7 +63,8 @@ def lora_delta(parts: dict, config: dict, module: str) -> dict:
         out[module + ".weight"] = d.T.contiguous() if config.get("fan_in_fan_out") else d
         if "lora_B.bias" in parts: out[module + ".bias"] = parts["lora_B.bias"].float() * s
     elif "lora_embedding_A" in parts:
-        out[module + ".weight"] = ((parts["lora_embedding_B"].float() @ parts["lora_embedding_A"].float()).T * s).contiguous()
+        d = (parts["lora_embedding_B"].float() @ parts["lora_embedding_A"].float()) * s
+        out[module + ".weight"] = d.T.contiguous()
     return out
 
 # %% ../nbs/02_deltas.ipynb #3698fc62
@@ -76,19 +77,28 @@ def nonfinite(tensor: torch.Tensor):
     return n_nan, int(bad.sum()) - n_nan, tuple(int(i) for i in bad.nonzero()[0])
 
 def check_finite(tensor: torch.Tensor, who: str, name: str, file) -> torch.Tensor:
-    "`tensor`, after checking it holds no NaN or infinity; the error names `who`, the tensor and the file."
+    """`tensor`, after checking it holds no NaN or infinity; the error names `who`, the tensor and the file.
+
+    Args:
+        tensor: the tensor read.
+        who: how the error names the source.
+        name: the tensor's name.
+        file: the file it was read from."""
     found = nonfinite(tensor)
     if found is None: return tensor
     n_nan, n_inf, first = found
     raise SourceError(f"{who}: tensor {name!r} in {file} holds {n_nan} NaN and {n_inf} infinite value(s) "
-                      f"(the first at index {list(first)}); the file is corrupt or the training diverged, so it cannot be merged")
+                      f"(the first at index {list(first)}); the file is corrupt or the training diverged, "
+                      "so it cannot be merged")
 
 # %% ../nbs/02_deltas.ipynb #e1317bf1
 def load_pickle_weights(file, who: str) -> dict:
     "name -> tensor of a pickle weights file the user allowed: weights_only refuses code, mmap keeps it lazy."
     try: state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e: raise SourceError(f"{who}: cannot load {file} as a PyTorch weights file ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in state.items()):
+    except Exception as e:
+        raise SourceError(f"{who}: cannot load {file} as a PyTorch weights file ({type(e).__name__}: {e})") from None
+    flat = isinstance(state, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in state.items())
+    if not flat:
         raise SourceError(f"{who}: {file} does not hold a flat mapping of tensor names to tensors")
     return state
 
@@ -96,7 +106,8 @@ def load_pickle_weights(file, who: str) -> dict:
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 class TensorStore:
-    "Named tensors of weight files, read one at a time and checked for NaN/inf; a safetensors file is mapped only while one tensor is read."
+    """Named tensors of weight files, read one at a time and checked for NaN/inf; a safetensors file is mapped only
+    while one tensor is read."""
     def __init__(self, files, who: str = "source"):
         self.who, self.where, self._headers = who, {}, {}
         for f in files:
@@ -135,21 +146,32 @@ class TensorStore:
 LAYER_GROUPS_FIRST, LAYER_GROUPS_LAST = ("embed",), ("norm", "lm_head")
 
 def group_layers(names, config: dict) -> tuple:
-    "(layer -> tensor names, layers in model order, names in no layer, stored copies of a tied head) of base tensor `names`."
+    """(layer -> tensor names, layers in model order, names in no layer, stored copies of a tied head) of base tensor
+    `names`."""
     by_layer, unassigned, tied = OrderedDict(), [], []
     tie = bool(config.get("tie_word_embeddings"))
     for name in names:
         layer = layer_of(name, config)
-        if tie and layer == "lm_head": tied.append(name)  # a stored copy of the tied embedding: one delta, via the embedding
+        # a stored copy of the tied embedding: one delta, via the embedding
+        if tie and layer == "lm_head": tied.append(name)
         elif layer is None: unassigned.append(name)
         else: by_layer.setdefault(layer, []).append(name)
-    blocks = sorted(l for l in by_layer if isinstance(l, int))
-    layers = [l for l in LAYER_GROUPS_FIRST if l in by_layer] + blocks + [l for l in LAYER_GROUPS_LAST if l in by_layer]
+    blocks = sorted(layer for layer in by_layer if isinstance(layer, int))
+    first = [layer for layer in LAYER_GROUPS_FIRST if layer in by_layer]
+    last = [layer for layer in LAYER_GROUPS_LAST if layer in by_layer]
+    layers = first + blocks + last
     return by_layer, layers, unassigned, tied
 
 # %% ../nbs/02_deltas.ipynb #c711a3cc
 def full_reader(src, store: TensorStore, base_store: TensorStore, by_layer: dict, tied: bool):
-    "A function layer -> {tensor: source − base} for full checkpoint `src` read through `store`."
+    """A function layer -> {tensor: source − base} for full checkpoint `src` read through `store`.
+
+    Args:
+        src: the full-checkpoint `Source`.
+        store: its weights.
+        base_store: the base's weights.
+        by_layer: layer -> the base's tensor names in it.
+        tied: the base ties lm_head to the embedding (a stored lm_head copy is then not an extra tensor)."""
     extra = [k for k in store.keys() if k not in base_store and not (tied and k == "lm_head.weight")]
     if extra: raise SourceError(f"{src.who}: tensor {extra[0]!r} is not in the base")
     def read(layer):
@@ -168,23 +190,33 @@ def lora_modules(src, keys, config: dict) -> tuple:
         module, role = adapter_module(key)
         target = target_tensor(module, role)
         layer = layer_of(target, config)
-        if layer is None: raise SourceError(f"{src.who}: adapter tensor {key!r} targets {target!r}, which is in no layer")
+        if layer is None: raise SourceError(f"{src.who}: adapter tensor {key!r} targets {target!r}, which is in no "
+                                            "layer")
         if role == "saved": saved.setdefault(layer, {})[target] = key
         else: modules.setdefault(layer, OrderedDict()).setdefault(module, {})[role] = key
     return modules, saved
 
 # %% ../nbs/02_deltas.ipynb #bc05c0f6
 def lora_reader(src, store: TensorStore, base_store: TensorStore, by_layer: dict, config: dict) -> tuple:
-    "(function layer -> {tensor: delta}, layers it changes) for adapter `src` read through `store`."
-    if any(Path(h.file).suffix != ".safetensors" for h in store.headers().values()):  # pickle: checked now its shapes are known
+    """(function layer -> {tensor: delta}, layers it changes) for adapter `src` read through `store`.
+
+    Args:
+        src: the LoRA adapter `Source`.
+        store: its adapter weights.
+        base_store: the base's weights (for modules_to_save, whose delta is saved − base).
+        by_layer: layer -> the base's tensor names in it.
+        config: the base's config (it places tensors in layers)."""
+    # pickle: checked now its shapes are known
+    if any(Path(h.file).suffix != ".safetensors" for h in store.headers().values()):
         check_lora(src, {k: h.shape for k, h in base_store.headers().items()}, headers=store.headers())
     modules, saved = lora_modules(src, store.keys(), config)
     def read(layer):
         out = {}
         for module, keys in modules.get(layer, {}).items():
             for name, d in lora_delta({role: store.get(k) for role, k in keys.items()}, src.config, module).items():
-                if nonfinite(d): raise SourceError(f"{src.who}: the LoRA delta of {name!r} (lora_B @ lora_A × scaling) overflows "
-                                                   "float32: the adapter's values are too large to be real weights")
+                if nonfinite(d): raise SourceError(f"{src.who}: the LoRA delta of {name!r} (lora_B @ lora_A × scaling) "
+                                                   "overflows float32: the adapter's values are too large to be real "
+                                                   "weights")
                 out[name] = d
         for target, key in saved.get(layer, {}).items():
             out[target] = out.get(target, 0) + store.get(key) - base_store.get(target)
@@ -192,8 +224,17 @@ def lora_reader(src, store: TensorStore, base_store: TensorStore, by_layer: dict
     return read, set(modules) | set(saved)
 
 # %% ../nbs/02_deltas.ipynb #6e4c0805
-def source_reader(src, base_store: TensorStore, by_layer: dict, layers: list, config: dict, allow_pickle=False) -> tuple:
-    "(function layer -> {tensor: delta}, layers it changes) for source `src`, a LoRA adapter or a full checkpoint."
+def source_reader(src, base_store: TensorStore, by_layer: dict, layers: list, config: dict,
+                  allow_pickle=False) -> tuple:
+    """(function layer -> {tensor: delta}, layers it changes) for source `src`, a LoRA adapter or a full checkpoint.
+
+    Args:
+        src: the `Source`.
+        base_store: the base's weights.
+        by_layer: layer -> the base's tensor names in it.
+        layers: every layer of the base (a full checkpoint changes them all).
+        config: the base's config.
+        allow_pickle: accept the source's pickle weights."""
     if src.kind == "lora":
         store = TensorStore([adapter_weights(src.path, allow_pickle)], who=src.who)
         return lora_reader(src, store, base_store, by_layer, config)
@@ -212,9 +253,10 @@ class Deltas:
         self.base_store = TensorStore(weight_files(self.base.path, self.allow_pickle, self.base.who), who=self.base.who)
         self._by_layer, self.layers, self.unassigned, self.tied = group_layers(self.base_store.keys(), self.config)
         if self.unassigned:
-            warnings.warn(f"{len(self.unassigned)} base tensor(s) fit no layer rule and are kept unchanged, never merged: "
-                          f"{', '.join(self.unassigned[:5])}{' ...' if len(self.unassigned) > 5 else ''}")
-        readers = [source_reader(s, self.base_store, self._by_layer, self.layers, self.config, self.allow_pickle) for s in self.sources]
+            warnings.warn(f"{len(self.unassigned)} base tensor(s) fit no layer rule and are kept unchanged, never "
+                          f"merged: {', '.join(self.unassigned[:5])}{' ...' if len(self.unassigned) > 5 else ''}")
+        readers = [source_reader(s, self.base_store, self._by_layer, self.layers, self.config, self.allow_pickle)
+                   for s in self.sources]
         self._readers, self._touched = [r for r, _ in readers], [t for _, t in readers]
         self._cache = {}
 
@@ -240,7 +282,7 @@ class Deltas:
     def changed_layers(self, i: int | None = None) -> list:
         "The layers source `i` changes (any source if `i` is None), known from the files' headers."
         sets = self._touched if i is None else [self._touched[i]]
-        return [l for l in self.layers if any(l in s for s in sets)]
+        return [layer for layer in self.layers if any(layer in s for s in sets)]
 
     def unassigned_tensors(self) -> dict:
         "Base tensors outside every layer (written unchanged to the merged model)."
@@ -267,7 +309,8 @@ def reconstruct(deltas: Deltas, i: int) -> dict:
 
 # %% ../nbs/02_deltas.ipynb #87888a0d
 GRANULARITIES = ("layer", "module")
-_MLP_NAMES = re.compile(r"post_attention_layernorm|pre_feedforward|post_feedforward|ffn_norm|\.ln_2\.|mlp|feed_forward|ffn|experts|moe")
+_MLP_NAMES = re.compile(r"post_attention_layernorm|pre_feedforward|post_feedforward|ffn_norm|\.ln_2\.|"
+                        r"mlp|feed_forward|ffn|experts|moe")
 _ATTN_NAMES = re.compile(r"input_layernorm|\.ln_1\.|attention_norm|attn|attention")
 
 def unit_of(name: str, block) -> str:
@@ -276,7 +319,8 @@ def unit_of(name: str, block) -> str:
     return f"{block}.{part}"
 
 class UnitDeltas:
-    "A deltas object (`layers`, `names`, `base_layer`, `source_layer`) whose blocks are split into attention and MLP units."
+    """A deltas object (`layers`, `names`, `base_layer`, `source_layer`) whose blocks are split into attention and
+    MLP units."""
     def __init__(self, deltas):
         self.deltas, self._block, self._names, self.layers = deltas, {}, {}, []
         for layer in deltas.layers:
@@ -286,9 +330,11 @@ class UnitDeltas:
                 if unit not in self._names: self._names[unit] = []; self._block[unit] = layer; self.layers.append(unit)
                 self._names[unit].append(name)
         order = {"attn": 0, "mlp": 1, "other": 2}   # attention first: it comes first in the block
-        self.layers.sort(key=lambda u: self.deltas.layers.index(self._block.get(u, u)) * 3 + (order[u.split(".")[1]] if u in self._block else 0))
+        part = lambda u: order[u.split(".")[1]] if u in self._block else 0
+        self.layers.sort(key=lambda u: self.deltas.layers.index(self._block.get(u, u)) * 3 + part(u))
 
-    def names(self, layer) -> list: return list(self._names[layer]) if layer in self._names else self.deltas.names(layer)
+    def names(self, layer) -> list:
+        return list(self._names[layer]) if layer in self._names else self.deltas.names(layer)
     def _pick(self, tensors: dict, layer) -> dict:
         keep = set(self._names[layer])
         return {n: t for n, t in tensors.items() if n in keep}

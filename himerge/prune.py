@@ -8,7 +8,6 @@ Docs: https://himerge.github.io/himerge/prune.html.md"""
 from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal, ROUND_HALF_UP
-import math
 import torch
 
 # %% auto #0
@@ -23,7 +22,8 @@ def check_fraction(value, parameter: str, source=None) -> float:
     "`value` as a float in (0, 1], or a `PruneError` naming `parameter` and `source`."
     where = f" of source {source!r}" if source is not None else ""
     try: v = float(value)
-    except (TypeError, ValueError): raise PruneError(f"{parameter}{where}: {value!r} is not a number in (0, 1]") from None
+    except (TypeError, ValueError):
+        raise PruneError(f"{parameter}{where}: {value!r} is not a number in (0, 1]") from None
     if isinstance(value, bool) or not (0 < v <= 1):  # also refuses NaN
         raise PruneError(f"{parameter}{where}: {value!r} is not in (0, 1]")
     return v
@@ -50,11 +50,11 @@ def abs_bits(t: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class Threshold:
     "Keep |δ| bit patterns above `bits`, plus the first `ties` entries equal to it (k of n in all)."
-    bits: int
-    ties: int
-    n: int
-    k: int
-    equal: int
+    bits: int    # float32 bit pattern of the threshold magnitude
+    ties: int    # how many entries equal to it are kept, first in the fixed order
+    n: int       # entries in all
+    k: int       # entries kept
+    equal: int   # entries equal to the threshold (some are dropped when ties < equal)
 
     @property
     def value(self) -> float:
@@ -110,7 +110,15 @@ def _apply(t: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
 
 def prune_scale(t: torch.Tensor, density: float, scale: float = 1.0, *, rounding: str = "half_up",
                 source=None, name=None) -> torch.Tensor:
-    "Keep the round(p·n) largest |t| (ties by flat index), scale them by `scale`, zero the rest."
+    """Keep the round(p·n) largest |t| (ties by flat index), scale them by `scale`, zero the rest.
+
+    Args:
+        t: the delta tensor.
+        density: p, the fraction of entries kept, in (0, 1].
+        scale: λ, the factor applied to the kept entries, in (0, 1].
+        rounding: how p·n becomes a count: half_up, or floor / floor_at_least_one as PEFT / mergekit round it.
+        source: the source's name, for errors.
+        name: the tensor's name, for errors."""
     density, scale = check_fraction(density, "density", source), check_fraction(scale, "scale", source)
     if density == 1: return t * scale
     th = select_threshold(lambda: iter([(name or "tensor", t)]), kept_count(t.numel(), density, rounding))
@@ -119,7 +127,14 @@ def prune_scale(t: torch.Tensor, density: float, scale: float = 1.0, *, rounding
 # %% ../nbs/03_prune.ipynb #edb94cb4
 def prune_scale_group(tensors: dict, density: float, scale: float = 1.0, *, rounding: str = "half_up",
                       source=None) -> dict:
-    "Prune and scale a dict of tensors with one threshold over all of them (layer scope)."
+    """Prune and scale a dict of tensors with one threshold over all of them (layer scope).
+
+    Args:
+        tensors: name -> delta tensor; ties are broken in sorted name order, then by flat index.
+        density: p, the fraction of all their entries kept, in (0, 1].
+        scale: λ, the factor applied to the kept entries, in (0, 1].
+        rounding: how p·n becomes a count (see `kept_count`).
+        source: the source's name, for errors."""
     density, scale = check_fraction(density, "density", source), check_fraction(scale, "scale", source)
     if density == 1: return {n: t * scale for n, t in tensors.items()}
     names = sorted(tensors)
@@ -142,7 +157,8 @@ def _source_names(deltas, n_hint=None) -> list:
     if isinstance(srcs, (list, tuple)): return [getattr(s, "name", str(i)) for i, s in enumerate(srcs)]
     n = getattr(deltas, "n_sources", None)
     if n is None: n = n_hint
-    if n is None: raise PruneError("deltas: cannot tell how many sources there are; give one density and scale per source")
+    if n is None:
+        raise PruneError("deltas: cannot tell how many sources there are; give one density and scale per source")
     return [f"source {i}" for i in range(n)]
 
 def _per_source(values, parameter: str, names: list) -> list:
@@ -155,6 +171,12 @@ def _per_source(values, parameter: str, names: list) -> list:
 class ProcessedDeltas:
     "Deltas pruned to `density` and scaled by `scale` (one value or one per source), read layer by layer."
     def __init__(self, deltas, density=1.0, scale=1.0, scope: str = "tensor", *, rounding: str = "half_up"):
+        """Args:
+            deltas: the source deltas (`layers`, `names`, `base_layer`, `source_layer`), e.g. `Deltas`.
+            density: p, one value for every source or one per source.
+            scale: λ, one value for every source or one per source.
+            scope: where the p-fraction is counted: each tensor, each layer, or the whole model.
+            rounding: how p·n becomes a count (see `kept_count`)."""
         if scope not in SCOPES: raise PruneError(f"scope: {scope!r} is not one of {SCOPES}")
         if rounding not in ROUNDINGS: raise PruneError(f"rounding: {rounding!r} is not one of {ROUNDINGS}")
         n_hint = None if isinstance(density, (int, float)) else len(list(density))
@@ -200,7 +222,8 @@ class ProcessedDeltas:
 
     def thresholds(self) -> list:
         "Model scope: each source's exact global threshold (computed once by streaming, then cached)."
-        if self.scope != "model": raise PruneError(f"thresholds: only model scope has global thresholds (scope is {self.scope!r})")
+        if self.scope != "model":
+            raise PruneError(f"thresholds: only model scope has global thresholds (scope is {self.scope!r})")
         if self._thresholds is None:
             ths, ties_before = [], []
             for i in range(self.n_sources):
@@ -212,7 +235,8 @@ class ProcessedDeltas:
                     seen = 0
                     for layer in self.layers:
                         before[layer] = seen
-                        seen += sum(int((abs_bits(t) == th.bits).sum()) for t in self.deltas.source_layer(i, layer).values())
+                        seen += sum(int((abs_bits(t) == th.bits).sum())
+                                    for t in self.deltas.source_layer(i, layer).values())
                 ths.append(th); ties_before.append(before)
             self._thresholds, self._ties_before = ths, ties_before
         return self._thresholds

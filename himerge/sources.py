@@ -27,7 +27,8 @@ class SourceError(InputError):
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def parse_spec(spec: str, who: str | None = None) -> tuple:
-    "(local Path, None, None) for an existing folder, else (None, repo_id, revision) for a Hub id; errors start with `who`."
+    """(local Path, None, None) for an existing folder, else (None, repo_id, revision) for a Hub id;
+    errors start with `who`."""
     who = who or f"source {spec!r}"
     if not isinstance(spec, str) or not spec.strip(): raise SourceError(f"{who}: expected a path or a Hub id")
     try:
@@ -47,15 +48,22 @@ def parse_spec(spec: str, who: str | None = None) -> tuple:
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.txt", "*.model", "*.jinja", "*.tiktoken", "README.md"]
 
 def hub_snapshot(repo_id: str, revision: str | None, allow_pickle: bool = False, who: str | None = None) -> tuple:
-    "(local snapshot folder, commit SHA) of a Hub model repo at `revision`."
+    """(local snapshot folder, commit SHA) of a Hub model repo at `revision`.
+
+    Args:
+        repo_id: the Hub model repository, NAMESPACE/NAME.
+        revision: a branch, tag or commit (None: the default branch).
+        allow_pickle: also fetch pickle weights (*.bin).
+        who: how errors name the source (default: `source REPO_ID@REVISION`)."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
     who = who or f"source {repo_id}{'@' + revision if revision else ''}"
     patterns = HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
     try: folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except RevisionNotFoundError: raise SourceError(f"{who}: revision {revision!r} not found on the Hub") from None
-    except RepositoryNotFoundError: raise SourceError(f"{who}: repository {repo_id} not found (or private: log in with `hf auth login`)") from None
+    except RepositoryNotFoundError: raise SourceError(f"{who}: repository {repo_id} not found (or private: log in with "
+                                                      "`hf auth login`)") from None
     except LocalEntryNotFoundError: raise SourceError(f"{who}: not in the local cache and the Hub is offline") from None
     except HFValidationError as e: raise SourceError(f"{who}: not a valid Hub id or revision ({e})") from None
     except HfHubHTTPError as e: raise SourceError(f"{who}: Hub error {e}") from None
@@ -70,7 +78,8 @@ def read_json(path: Path, who: str, expect_object: bool = True):
     "The parsed JSON of `path`; a file that cannot be read or parsed (or is not an object) names `who` and the file."
     path = Path(path)
     try: text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e: raise SourceError(f"{who}: {path} is not UTF-8 text (bad byte at offset {e.start})") from None
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{who}: {path} is not UTF-8 text (bad byte at offset {e.start})") from None
     except OSError as e: raise SourceError(f"{who}: cannot read {path} ({e.strerror or e})") from None
     try: value = json.loads(text)
     except json.JSONDecodeError as e:
@@ -102,16 +111,22 @@ RULES = {  # rule name -> (test, what the field must hold)
                    "a token id, a list of token ids or null"),
     "layers?": (lambda v: v is None or _int(v) or (isinstance(v, list) and all(_int(x) for x in v)),
                 "a layer index, a list of them or null"),
-    "rank pattern": (lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) and _regex(k) and _int(x) and x > 0 for k, x in v.items())),
+    "rank pattern": (lambda v: v is None
+                     or (isinstance(v, dict)
+                         and all(isinstance(k, str) and _regex(k) and _int(x) and x > 0 for k, x in v.items())),
                      "an object of module pattern (a valid regular expression) -> positive integer rank"),
-    "alpha pattern": (lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) and _regex(k) and _number(x) for k, x in v.items())),
+    "alpha pattern": (lambda v: v is None
+                      or (isinstance(v, dict)
+                          and all(isinstance(k, str) and _regex(k) and _number(x) for k, x in v.items())),
                       "an object of module pattern (a valid regular expression) -> number"),
-    "weight map": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) and x for k, x in v.items()),
+    "weight map": (lambda v: isinstance(v, dict)
+                   and all(isinstance(k, str) and isinstance(x, str) and x for k, x in v.items()),
                    "an object of tensor name -> shard file name"),
 }
 
 # %% ../nbs/01_sources.ipynb #17de004f
-_SIZES = {k: "positive int?" for k in ("vocab_size", "hidden_size", "n_embd", "intermediate_size", "num_attention_heads",
+_SIZES = {k: "positive int?"
+          for k in ("vocab_size", "hidden_size", "n_embd", "intermediate_size", "num_attention_heads",
                                        "num_key_value_heads", "max_position_embeddings", "head_dim", "num_layers")}
 FIELDS = {  # file name -> {field: rule}
     "config.json": {**_SIZES, "num_hidden_layers": "positive int", "n_layer": "positive int", "model_type": "str",
@@ -121,11 +136,13 @@ FIELDS = {  # file name -> {field: rule}
     "generation_config.json": {"eos_token_id": "token ids?", "bos_token_id": "token ids?", "pad_token_id": "token ids?",
                                "decoder_start_token_id": "token ids?", "max_length": "positive int?",
                                "max_new_tokens": "positive int?"},
-    "adapter_config.json": {"peft_type": "str", "r": "positive int", "lora_alpha": "number", "rank_pattern": "rank pattern",
+    "adapter_config.json": {"peft_type": "str", "r": "positive int", "lora_alpha": "number",
+                            "rank_pattern": "rank pattern",
                             "alpha_pattern": "alpha pattern", "use_rslora": "bool?", "fan_in_fan_out": "bool?",
                             "use_dora": "bool?", "lora_bias": "bool?", "base_model_name_or_path": "str?",
                             "revision": "str?", "target_modules": "str or strs?", "exclude_modules": "str or strs?",
-                            "modules_to_save": "strs?", "layers_to_transform": "layers?", "layers_pattern": "str or strs?"},
+                            "modules_to_save": "strs?", "layers_to_transform": "layers?",
+                            "layers_pattern": "str or strs?"},
     "model.safetensors.index.json": {"weight_map": "weight map", "metadata": "object?"},
     "pytorch_model.bin.index.json": {"weight_map": "weight map", "metadata": "object?"},
 }
@@ -133,7 +150,14 @@ REQUIRED = {"adapter_config.json": ("peft_type",), "model.safetensors.index.json
             "pytorch_model.bin.index.json": ("weight_map",)}
 
 def check_fields(value: dict, path: Path, who: str, rules: dict | None = None, required=None):
-    "Check the fields of a parsed JSON object against `rules` (default: the rules of its file name)."
+    """Check the fields of a parsed JSON object against `rules` (default: the rules of its file name); return it.
+
+    Args:
+        value: the parsed JSON object.
+        path: the file it was read from: its name picks the default rules, and errors name it.
+        who: how errors name the source.
+        rules: field -> rule name (a key of `RULES`); default: `FIELDS` of the file's name.
+        required: the fields that must be present; default: `REQUIRED` of the file's name."""
     name = Path(path).name
     rules = FIELDS.get(name, {}) if rules is None else rules
     for key in (REQUIRED.get(name, ()) if required is None else required):
@@ -148,7 +172,8 @@ def check_fields(value: dict, path: Path, who: str, rules: dict | None = None, r
 # %% ../nbs/01_sources.ipynb #cfea9f3a
 JSON_OBJECTS = ("config.json", "generation_config.json", "adapter_config.json", "model.safetensors.index.json",
                 "pytorch_model.bin.index.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
-                "added_tokens.json", "vocab.json", "preprocessor_config.json", "processor_config.json", "chat_template.json")
+                "added_tokens.json", "vocab.json", "preprocessor_config.json", "processor_config.json",
+                "chat_template.json")
 
 def check_json_files(folder: Path, who: str) -> dict:
     "file name -> parsed JSON of every *.json file in `folder`, each checked (errors name `who` and the file)."
@@ -183,8 +208,8 @@ def weight_files(folder: Path, allow_pickle=False, who="source") -> list:
     if (folder / "model.safetensors").exists(): return [folder / "model.safetensors"]
     bins = sorted(folder.glob("*.bin"))
     if bins and not allow_pickle:
-        raise SourceError(f"{who}: {folder}: only pickle weights ({bins[0].name}); pickle can run arbitrary code when loaded. "
-                          "Convert to safetensors, or set allow_pickle: true if you trust the file")
+        raise SourceError(f"{who}: {folder}: only pickle weights ({bins[0].name}); pickle can run arbitrary code "
+                          "when loaded. Convert to safetensors, or set allow_pickle: true if you trust the file")
     if bins: return bins
     raise SourceError(f"{who}: {folder}: no model.safetensors (or index) found")
 
@@ -205,32 +230,40 @@ def file_headers(file: Path, who: str) -> dict:
     file = Path(file)
     try:
         with safe_open(str(file), "pt") as h:
-            return {k: TensorHeader(tuple(h.get_slice(k).get_shape()), h.get_slice(k).get_dtype(), file) for k in h.keys()}
+            return {k: TensorHeader(tuple(h.get_slice(k).get_shape()), h.get_slice(k).get_dtype(), file)
+                    for k in h.keys()}
     except OSError as e: raise SourceError(f"{who}: cannot read {file} ({e.strerror or e})") from None
     except Exception as e:  # safetensors' own error type (SafetensorError) is not importable by a stable name
         if type(e).__name__ != "SafetensorError": raise
-        raise SourceError(f"{who}: {file} is not a valid safetensors file ({e}); it may be truncated or corrupt") from None
+        raise SourceError(f"{who}: {file} is not a valid safetensors file ({e}); "
+                          "it may be truncated or corrupt") from None
 
 # %% ../nbs/01_sources.ipynb #9452172f
 def checkpoint_headers(folder: Path, allow_pickle=False, who="source"):
-    "name -> TensorHeader of a checkpoint's weights, the shard index checked against the shards; None for pickle weights."
+    """name -> TensorHeader of a checkpoint's weights, the shard index checked against the shards;
+    None for pickle weights."""
     folder = Path(folder)
     files = weight_files(folder, allow_pickle, who)
-    if any(f.suffix != ".safetensors" for f in files): return None  # pickle: its shapes cannot be read without unpickling
+    # pickle: its shapes cannot be read without unpickling
+    if any(f.suffix != ".safetensors" for f in files): return None
     headers = {}
     for f in files:
         for name, h in file_headers(f, who).items():
-            if name in headers: raise SourceError(f"{who}: tensor {name!r} is stored twice, in {headers[name].file.name} and {f.name}")
+            if name in headers: raise SourceError(f"{who}: tensor {name!r} is stored twice, in "
+                                                  f"{headers[name].file.name} and {f.name}")
             headers[name] = h
     index = folder / INDEX
     if index.exists():
         weight_map = read_json(index, who)["weight_map"]
         for name, h in headers.items():
-            if name not in weight_map: raise SourceError(f"{who}: {index} does not list tensor {name!r}, which is in {h.file.name}")
+            if name not in weight_map: raise SourceError(f"{who}: {index} does not list tensor {name!r}, which is in "
+                                                         f"{h.file.name}")
             if os.path.normpath(folder / weight_map[name]) != os.path.normpath(h.file):
-                raise SourceError(f"{who}: {index} puts tensor {name!r} in {weight_map[name]}, but it is in {h.file.name}")
+                raise SourceError(f"{who}: {index} puts tensor {name!r} in {weight_map[name]}, but it is in "
+                                  f"{h.file.name}")
         absent = [n for n in weight_map if n not in headers]
-        if absent: raise SourceError(f"{who}: {index} lists tensor {absent[0]!r} in {weight_map[absent[0]]}, but no shard holds it")
+        if absent: raise SourceError(f"{who}: {index} lists tensor {absent[0]!r} in {weight_map[absent[0]]}, but no "
+                                     "shard holds it")
     return headers
 
 def tensor_shapes(files, who: str = "source") -> dict:
@@ -253,27 +286,37 @@ def with_peft_defaults(cfg: dict) -> dict:
     return {**{k: peft_default(k) for k in ("r", "lora_alpha") if k not in cfg}, **cfg}
 
 def detect_kind(folder: Path, who: str, allow_pickle=False, json_files: dict | None = None) -> tuple:
-    "('lora' | 'full', config dict) for a source folder."
+    """('lora' | 'full', config dict) for a source folder.
+
+    Args:
+        folder: the source's local folder.
+        who: how errors name the source.
+        allow_pickle: accept pickle weights (adapter_model.bin, pytorch_model*.bin).
+        json_files: the folder's parsed JSON files, if already read (default: read and check them)."""
     folder = Path(folder)
     files = check_json_files(folder, who) if json_files is None else json_files
     if "adapter_config.json" in files:
         cfg = files["adapter_config.json"]
         ptype = str(cfg.get("peft_type", "")).upper()
         if ptype != "LORA":
-            raise SourceError(f"{who}: adapter type {ptype or '?'} is not supported: only LoRA adapters are additive deltas")
-        if cfg.get("use_dora"): raise SourceError(f"{who}: DoRA adapters are not supported: their merge rescales the base weight, so it is not an additive delta")
+            raise SourceError(f"{who}: adapter type {ptype or '?'} is not supported: only LoRA adapters are additive "
+                              "deltas")
+        if cfg.get("use_dora"): raise SourceError(f"{who}: DoRA adapters are not supported: their merge rescales the "
+                                                  "base weight, so it is not an additive delta")
         for key in ("trainable_token_indices", "target_parameters", "layers_pattern_to_tie"):
             if cfg.get(key): raise SourceError(f"{who}: adapter_config.json field {key!r} is not supported")
         if not (folder / "adapter_model.safetensors").exists():
             if (folder / "adapter_model.bin").exists() and not allow_pickle:
-                raise SourceError(f"{who}: {folder}/adapter_model.bin is a pickle file; pickle can run code when loaded. "
-                                  "Convert it to safetensors, or set allow_pickle: true if you trust it")
-            if not (folder / "adapter_model.bin").exists(): raise SourceError(f"{who}: {folder} has no adapter_model.safetensors")
+                raise SourceError(f"{who}: {folder}/adapter_model.bin is a pickle file; pickle can run code when "
+                                  "loaded. Convert it to safetensors, or set allow_pickle: true if you trust it")
+            if not (folder / "adapter_model.bin").exists():
+                raise SourceError(f"{who}: {folder} has no adapter_model.safetensors")
         return "lora", with_peft_defaults(cfg)
     if "config.json" in files:
         weight_files(folder, allow_pickle, who)
         return "full", files["config.json"]
-    raise SourceError(f"{who}: {folder} has neither adapter_config.json (a PEFT adapter) nor config.json (a checkpoint)")
+    raise SourceError(f"{who}: {folder} has neither adapter_config.json (a PEFT adapter) "
+                      "nor config.json (a checkpoint)")
 
 # %% ../nbs/01_sources.ipynb #7dd5ae4c
 @dataclass
@@ -283,11 +326,11 @@ class Source:
     spec: str                       # as given
     path: Path                      # local folder
     kind: str                       # "lora", "full" or "base"
-    repo_id: str | None = None
-    revision: str | None = None
-    commit_sha: str | None = None
-    declared_base: str | None = None
-    config: dict = field(default_factory=dict, repr=False)
+    repo_id: str | None = None      # Hub id, for a source from the Hub
+    revision: str | None = None     # Hub revision asked for
+    commit_sha: str | None = None   # Hub commit the files come from
+    declared_base: str | None = None  # an adapter's base_model_name_or_path
+    config: dict = field(default_factory=dict, repr=False)  # config.json, or adapter_config.json with PEFT's defaults
 
     @property
     def who(self) -> str:
@@ -296,7 +339,13 @@ class Source:
         return f"{role} {self.name!r}" + ("" if self.spec == self.name else f" ({self.spec})")
 
 def resolve_source(spec: str, *, allow_pickle: bool = False, base: bool = False, who: str | None = None) -> Source:
-    "Locate `spec` (downloading a Hub id's needed files), check its JSON files, and read its kind and config."
+    """Locate `spec` (downloading a Hub id's needed files), check its JSON files, and read its kind and config.
+
+    Args:
+        spec: a local folder or a Hub id (NAMESPACE/NAME, optionally @REVISION).
+        allow_pickle: accept pickle weights.
+        base: resolve it as the base model (a checkpoint with config.json) rather than a source.
+        who: how errors name it (default: `source 'SPEC'` or `base 'SPEC'`)."""
     who = who or f"{'base' if base else 'source'} {spec!r}"
     local, repo_id, revision = parse_spec(spec, who)
     sha = None
@@ -305,7 +354,8 @@ def resolve_source(spec: str, *, allow_pickle: bool = False, base: bool = False,
     if base:
         if "config.json" not in files: raise SourceError(f"{who}: {local} has no config.json (is it an adapter?)")
         if "model_type" not in files["config.json"]:
-            raise SourceError(f"{who}: {local / 'config.json'} has no 'model_type' field; transformers needs it to build the model")
+            raise SourceError(f"{who}: {local / 'config.json'} has no 'model_type' field; transformers needs it to "
+                              "build the model")
         weight_files(local, allow_pickle, who)
         kind, cfg = "base", files["config.json"]
     else:
@@ -323,7 +373,8 @@ def _declared_base_path(src: Source):
         try:
             cand = cand.expanduser()
             if cand.is_dir(): return cand.resolve()
-        except (RuntimeError, OSError): continue  # '~user' with no such user, or a folder we may not read: not a local base
+        # '~user' with no such user, or a folder we may not read: not a local base
+        except (RuntimeError, OSError): continue
     return None
 
 def _same_base(src: Source, base: Source) -> bool:
@@ -338,9 +389,11 @@ def choose_base(srcs: list, base: str | None) -> tuple:
     "(base spec, who) : the base given, or the one the adapters declare."
     if base is not None: return base, f"base {base!r}"
     declaring = [s for s in srcs if s.kind == "lora" and s.declared_base]
-    if not declaring: raise SourceError("base: not given, and no adapter declares one (base_model_name_or_path); name the base")
+    if not declaring: raise SourceError("base: not given, and no adapter declares one (base_model_name_or_path); name "
+                                        "the base")
     if len({str(_declared_base_path(s) or s.declared_base) for s in declaring}) > 1:
-        raise SourceError(f"base: the adapters declare different bases ({', '.join(sorted({s.declared_base for s in declaring}))}); name the base to use")
+        raise SourceError("base: the adapters declare different bases "
+                          f"({', '.join(sorted({s.declared_base for s in declaring}))}); name the base to use")
     first = declaring[0]
     local = _declared_base_path(first)
     return (str(local) if local is not None else first.declared_base,
@@ -356,22 +409,26 @@ def check_distinct(srcs: list, base: Source | None = None):
     for i, s in enumerate(srcs):
         key = Path(s.path).resolve()
         if base is not None and key == Path(base.path).resolve():
-            raise SourceError(f"sources[{i}] {s.spec!r} is the base itself ({what(s)}): its delta is zero; leave it out")
+            raise SourceError(f"sources[{i}] {s.spec!r} is the base itself ({what(s)}): "
+                              "its delta is zero; leave it out")
         if key in seen:
             j = seen[key]
-            raise SourceError(f"sources[{j}] {srcs[j].spec!r} and sources[{i}] {s.spec!r} are the same source ({what(s)}); "
-                              "give each source once")
+            raise SourceError(f"sources[{j}] {srcs[j].spec!r} and sources[{i}] {s.spec!r} are the same source "
+                              f"({what(s)}); give each source once")
         seen[key] = i
 
 # %% ../nbs/01_sources.ipynb #b608ea3e
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<role>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+_LORA_KEY = re.compile(r"^(?P<module>.+)\."
+                       r"(?P<role>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
                        r"(?:\.weight|\.(?P<bias>bias))?$")
 
 def adapter_module(key: str) -> tuple:
-    "(target, role) of a saved adapter key: the module and lora_A/lora_B/lora_B.bias/lora_embedding_A/B, or the base tensor and 'saved' (modules_to_save)."
+    """(target, role) of a saved adapter key: the module and lora_A/lora_B/lora_B.bias/lora_embedding_A/B,
+    or the base tensor and 'saved' (modules_to_save)."""
     k = key.removeprefix("base_model.model.")
     m = _LORA_KEY.match(k)
-    if m is None: return k.replace(".base_layer.", "."), "saved"  # PEFT saves a targeted embedding's own weight as base_layer
+    # PEFT saves a targeted embedding's own weight as base_layer
+    if m is None: return k.replace(".base_layer.", "."), "saved"
     return m["module"], m["role"] + (".bias" if m["bias"] else "")
 
 def target_tensor(module: str, role: str) -> str:
@@ -384,13 +441,21 @@ def adapter_weights(folder: Path, allow_pickle=False) -> Path:
     return st if st.exists() or not allow_pickle else Path(folder) / "adapter_model.bin"
 
 def check_full(src: Source, base: Source, base_headers: dict | None, allow_pickle=False):
-    "A full checkpoint has the base's model_type and exactly its tensors, shapes, and floating-point dtypes."
+    """A full checkpoint has the base's model_type and exactly its tensors, shapes, and floating-point dtypes.
+
+    Args:
+        src: the full-checkpoint source.
+        base: the base model.
+        base_headers: tensor name -> TensorHeader of the base (None when the base has pickle weights).
+        allow_pickle: accept the source's pickle weights (then its tensors are checked when loaded)."""
     who = src.who
     if src.config.get("model_type") != base.config.get("model_type"):
-        raise SourceError(f"{who}: model_type {src.config.get('model_type')!r} differs from the base's {base.config.get('model_type')!r}")
+        raise SourceError(f"{who}: model_type {src.config.get('model_type')!r} differs from the base's "
+                          f"{base.config.get('model_type')!r}")
     headers = checkpoint_headers(src.path, allow_pickle, who)
     if headers is None or base_headers is None: return  # pickle: checked when loaded
-    tied = {"lm_head.weight"} if base.config.get("tie_word_embeddings") or src.config.get("tie_word_embeddings") else set()
+    ties = base.config.get("tie_word_embeddings") or src.config.get("tie_word_embeddings")
+    tied = {"lm_head.weight"} if ties else set()
     for k, h in headers.items():
         if k not in base_headers:
             if k in tied: continue
@@ -402,14 +467,24 @@ def check_full(src: Source, base: Source, base_headers: dict | None, allow_pickl
             raise SourceError(f"{who}: tensor {k!r} in {h.file.name} holds {h.dtype} data, the base's is {b.dtype}; "
                               "a quantized or corrupt checkpoint cannot be merged")
     missing = sorted(set(base_headers) - set(headers) - tied)
-    if missing: raise SourceError(f"{who}: tensor {missing[0]!r} of the base is missing from the checkpoint ({len(missing)} missing)")
+    if missing: raise SourceError(f"{who}: tensor {missing[0]!r} of the base is missing from the checkpoint "
+                                  f"({len(missing)} missing)")
 
 # %% ../nbs/01_sources.ipynb #6c10bf35
 def check_adapter_tensor(who: str, key: str, h: TensorHeader, base_shapes: dict, fifo: bool):
-    "One saved adapter tensor against the base tensor it changes."
+    """One saved adapter tensor against the base tensor it changes.
+
+    Args:
+        who: how errors name the source.
+        key: the tensor's name in the adapter file.
+        h: its TensorHeader (shape, dtype, file).
+        base_shapes: base tensor name -> shape.
+        fifo: the adapter's `fan_in_fan_out` (GPT-2's Conv1D stores weights transposed)."""
     module, role = adapter_module(key)
-    if role == "lora_magnitude_vector": raise SourceError(f"{who}: {key} is a DoRA magnitude vector; DoRA is not additive")
-    if not h.floating: raise SourceError(f"{who}: adapter tensor {key!r} in {h.file.name} holds {h.dtype} data, not floating point")
+    if role == "lora_magnitude_vector": raise SourceError(f"{who}: {key} is a DoRA magnitude vector; DoRA is not "
+                                                          "additive")
+    if not h.floating: raise SourceError(f"{who}: adapter tensor {key!r} in {h.file.name} holds {h.dtype} data, not "
+                                         "floating point")
     target = target_tensor(module, role)
     if target not in base_shapes:
         raise SourceError(f"{who}: adapter tensor {key!r} targets {target!r}, which is not in the base")
@@ -419,7 +494,8 @@ def check_adapter_tensor(who: str, key: str, h: TensorHeader, base_shapes: dict,
         if s != w: raise misfit
         return
     if len(s) != 2: raise SourceError(f"{who}: {key!r} has shape {list(s)}; a LoRA matrix has two dimensions")
-    if len(w) != 2: raise SourceError(f"{who}: {key!r} targets {target!r} of shape {list(w)}: only LoRA on linear and embedding layers is supported")
+    if len(w) != 2: raise SourceError(f"{who}: {key!r} targets {target!r} of shape {list(w)}: only LoRA on linear and "
+                                      "embedding layers is supported")
     if role.startswith("lora_embedding"):
         if (role == "lora_embedding_A" and s[1] != w[0]) or (role == "lora_embedding_B" and s[0] != w[1]): raise misfit
     else:
@@ -439,18 +515,26 @@ def lora_rank(config: dict, module: str) -> tuple:
 def _targeted(config: dict, module: str) -> bool:
     "Would PEFT put a LoRA layer on `module` under `config`?"
     tm = config.get("target_modules")
-    if tm is None or tm == "all-linear": return True  # chosen from the model's layers at training time: nothing to contradict
+    # chosen from the model's layers at training time: nothing to contradict
+    if tm is None or tm == "all-linear": return True
     simple = not any(config.get(k) for k in ("exclude_modules", "modules_to_save", "layers_to_transform"))
     if simple and isinstance(tm, list) and (module in tm or any(module.endswith("." + t) for t in tm)): return True
     from types import SimpleNamespace
     from peft.tuners.tuners_utils import check_target_module_exists
-    fields = ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern", "target_parameters")
+    fields = ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern",
+              "target_parameters")
     found = check_target_module_exists(SimpleNamespace(**{k: config.get(k) for k in fields}), module)
     return bool(found) and type(found).__name__ != "_ExcludedModule"
 
 # %% ../nbs/01_sources.ipynb #e850ada4
 def check_lora_modules(who: str, headers: dict, config: dict, file: str = "adapter_model.safetensors"):
-    "Pairs, ranks, biases and targets of an adapter's modules against its config."
+    """Pairs, ranks, biases and targets of an adapter's modules against its config.
+
+    Args:
+        who: how errors name the source.
+        headers: tensor name -> TensorHeader of the adapter file.
+        config: the adapter's config (adapter_config.json with PEFT's defaults).
+        file: the adapter file's name, for messages."""
     modules = {}
     for key, h in headers.items():
         module, role = adapter_module(key)
@@ -466,18 +550,19 @@ def check_lora_modules(who: str, headers: dict, config: dict, file: str = "adapt
         if a not in parts: continue
         (ka, sa), (kb, sb) = parts[a], parts[b]
         if sa[0] != sb[1]:
-            raise SourceError(f"{who}: {ka!r} has rank {sa[0]} (shape {list(sa)}) but {kb!r} has rank {sb[1]} (shape {list(sb)}); "
-                              "lora_A and lora_B of a module share one rank")
+            raise SourceError(f"{who}: {ka!r} has rank {sa[0]} (shape {list(sa)}) but {kb!r} has rank {sb[1]} "
+                              f"(shape {list(sb)}); lora_A and lora_B of a module share one rank")
         r, origin = lora_rank(config, module)
         if sa[0] != r:
             raise SourceError(f"{who}: adapter_config.json gives module {module!r} rank {r} ({origin}), "
                               f"but its tensors have rank {sa[0]} ({ka!r} has shape {list(sa)})")
         if "lora_B.bias" in parts and not config.get("lora_bias"):
-            raise SourceError(f"{who}: {file} has {parts['lora_B.bias'][0]!r}, but adapter_config.json does not set lora_bias: true, "
-                              "so PEFT would ignore it")
+            raise SourceError(f"{who}: {file} has {parts['lora_B.bias'][0]!r}, but adapter_config.json does not set "
+                              "lora_bias: true, so PEFT would ignore it")
         if not _targeted(config, module):
             raise SourceError(f"{who}: {file} has LoRA tensors for module {module!r}, which adapter_config.json's "
-                              f"target_modules ({config.get('target_modules')!r}) does not select, so PEFT would ignore them")
+                              f"target_modules ({config.get('target_modules')!r}) does not select, so PEFT would "
+                              "ignore them")
 
 # %% ../nbs/01_sources.ipynb #e3a3beb8
 def check_lora(src: Source, base_shapes: dict | None, headers: dict | None = None):
@@ -503,8 +588,15 @@ class SourceSet:
 
 def resolve_sources(sources: list, base: str | None = None, *, override_base: bool = False,
                     allow_pickle: bool = False) -> SourceSet:
-    "Resolve and check a base and its sources; errors name the source and the file, field or tensor at fault."
-    if not isinstance(sources, (list, tuple)) or not sources: raise SourceError("sources: at least one source is needed")
+    """Resolve and check a base and its sources; errors name the source and the file, field or tensor at fault.
+
+    Args:
+        sources: local folders or Hub ids of the LoRA adapters and full checkpoints to merge.
+        base: the base model (default: the base the adapters declare).
+        override_base: accept adapters that declare a different base.
+        allow_pickle: accept pickle weights (they can run code when loaded)."""
+    if not isinstance(sources, (list, tuple)) or not sources:
+        raise SourceError("sources: at least one source is needed")
     srcs = [resolve_source(s, allow_pickle=allow_pickle) for s in sources]
     check_distinct(srcs)
     base_spec, who = choose_base(srcs, base)
@@ -516,8 +608,8 @@ def resolve_sources(sources: list, base: str | None = None, *, override_base: bo
     for s in srcs:
         if s.kind == "lora":
             if not override_base and not _same_base(s, b):
-                raise SourceError(f"{s.who}: its adapter_config.json declares base {s.declared_base!r}, but the base is "
-                                  f"{b.spec!r}; set override_base: true if you are sure it fits")
+                raise SourceError(f"{s.who}: its adapter_config.json declares base {s.declared_base!r}, "
+                                  f"but the base is {b.spec!r}; set override_base: true if you are sure it fits")
             check_lora(s, base_shapes)
         else:
             check_full(s, b, base_headers, allow_pickle)

@@ -27,7 +27,8 @@ SPEC_KEYS = ("data", "type", "prompt", "choices_field", "gold_field", "metric", 
 DATA_SUFFIXES = (".jsonl", ".parquet")
 
 class TaskError(InputError):
-    "A task specification or task data that cannot be used; the message names the task, the field, and the file and line."
+    """A task specification or task data that cannot be used; the message names the task, the field, and the file
+    and line."""
 
 class TaskWarning(UserWarning):
     "Something about a task that is allowed but probably not what the user meant."
@@ -65,20 +66,29 @@ def _local_dir(task: str, candidates: list):
     return None
 
 def resolve_data(task: str, data: str, revision: str | None = None, root=None) -> tuple[Path, str | None, str | None]:
-    "Resolve `data` to (local directory, revision, commit sha or None); errors name `task` and `data`."
+    """Resolve `data` to (local directory, revision, commit sha or None); errors name `task` and `data`.
+
+    Args:
+        task: the task's name, for errors.
+        data: a local directory (absolute, or relative to `root` or the working directory) or a Hub dataset id,
+            optionally ID@REVISION.
+        revision: the Hub revision (branch, tag or commit), if not given in `data`.
+        root: the folder relative paths are tried against first (the config file's folder)."""
     if not isinstance(data, (str, Path)) or not str(data).strip() or "\0" in str(data):
         _fail(task, "data", f"expected a directory or a Hub dataset id, got {data!r}")
     data = str(data)
     if "@" in data and _local_dir(task, [Path(data)] + ([Path(root) / data] if root is not None else [])) is None:
         data, at_rev = data.rsplit("@", 1)
-        if revision is not None and revision != at_rev: _fail(task, "revision", f"{revision!r} contradicts {data}@{at_rev}")
+        if revision is not None and revision != at_rev:
+            _fail(task, "revision", f"{revision!r} contradicts {data}@{at_rev}")
         revision = at_rev
     local = Path(data)
     candidates = [local] if local.is_absolute() else ([Path(root) / local] if root is not None else []) + [local]
     found = _local_dir(task, candidates)
     if found is not None: return found, revision, None
     if not _HUB_ID.match(data) or data.startswith("."):
-        _fail(task, "data", f"directory {data!r} not found (looked in {', '.join(str(c.absolute()) for c in candidates)})")
+        looked = ", ".join(str(c.absolute()) for c in candidates)
+        _fail(task, "data", f"directory {data!r} not found (looked in {looked})")
     try: snap = _hub_snapshot(data, revision)
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0]   # the first line: the rest is the library's advice
@@ -98,7 +108,8 @@ def _iter_jsonl(path: Path):
             try: row = json.loads(line)
             except json.JSONDecodeError as e: raise TaskError(f"{path}, line {i}: not valid JSON ({e})") from None
             if not isinstance(row, dict):
-                raise TaskError(f"{path}, line {i}: expected a JSON object of fields, got {type(row).__name__} {line.strip()[:60]!r}")
+                raise TaskError(f"{path}, line {i}: expected a JSON object of fields, got {type(row).__name__} "
+                                f"{line.strip()[:60]!r}")
             yield i, row
 
 def _iter_parquet(path: Path, batch_size: int):
@@ -136,21 +147,21 @@ def read_rows(files: list[Path], limit: int | None = None) -> list[dict]:
 @dataclass(frozen=True)
 class TaskSpec:
     "A validated task: data, prompt, answer fields, metric, split and generation settings."
-    name: str
-    data: str
-    type: str
-    prompt: str | None
-    gold_field: str | None
-    metric: str
-    choices_field: str | None = None
-    split: str = "validation"
-    limit: int | None = None
-    generation_size: int = 16
-    stop_sequences: tuple = ("\n",)
-    revision: str | None = None
-    data_dir: Path | None = None
-    data_sha: str | None = None
-    lighteval_config: object = field(default=None, repr=False, compare=False)
+    name: str                        # the task's name (a key of the config's tasks)
+    data: str                        # a local directory or a Hub dataset id, as given
+    type: str                        # multiple_choice or generative
+    prompt: str | None               # a str.format template over a row's fields (None: a LightEval config's own)
+    gold_field: str | None           # the row field holding the answer: a choice index, or reference string(s)
+    metric: str                      # the score: loglikelihood_acc, or a generative metric (rougeL, exact_match, ...)
+    choices_field: str | None = None  # multiple choice: the row field holding the list of choices
+    split: str = "validation"        # the split scored (the test split only through `with_split`)
+    limit: int | None = None         # score the first `limit` rows of the split (None: all)
+    generation_size: int = 16        # generative: the most tokens generated
+    stop_sequences: tuple = ("\n",)  # generative: generation stops at any of these
+    revision: str | None = None      # the Hub dataset's revision
+    data_dir: Path | None = None     # the local directory the data was resolved to
+    data_sha: str | None = None      # the Hub commit the data comes from
+    lighteval_config: object = field(default=None, repr=False, compare=False)  # a LightevalTaskConfig given as is
 
     @classmethod
     def from_dict(cls, name: str, d: dict, root=None) -> "TaskSpec":
@@ -174,7 +185,8 @@ class TaskSpec:
         return read_rows(split_files(self.data_dir, self.split), self.limit)
 
     def check_rows(self, split: str | None = None) -> int | None:
-        "Check every row this task scores on `split` (default: its own split): the first `limit` rows; the number checked."
+        """Check every row this task scores on `split` (default: its own split): the first `limit` rows; the number
+        checked."""
         return _check_rows(self, split or self.split)
 
     def to_dict(self) -> dict:
@@ -190,44 +202,58 @@ def _placeholders(template: str) -> list[str]:
     for _, fname, _, _ in string.Formatter().parse(template):
         if fname is not None:
             base = re.split(r"[.\[]", fname, maxsplit=1)[0]
-            if base == "" or base.isdigit(): raise ValueError("positional placeholders ({} or {0}) are not allowed; name a field")
+            if base == "" or base.isdigit():
+                raise ValueError("positional placeholders ({} or {0}) are not allowed; name a field")
             out.append(base)
     return out
 
 def check_row(name: str, spec: dict, row: dict, where: str):
-    "Check one data `row` (found at `where`) against task `name`'s `spec` fields; a TaskError names the field and `where`."
+    """Check one data `row` (found at `where`) against task `name`'s `spec` fields; a TaskError names the field and
+    `where`.
+
+    Args:
+        name: the task's name, for errors.
+        spec: the task's fields: prompt, gold_field, type, and choices_field for multiple choice.
+        row: one row of the task's data.
+        where: where the row was read (file and line), for errors."""
     try: fields = _placeholders(spec["prompt"])
     except ValueError as e: _fail(name, "prompt", str(e))
+    present = sorted(map(str, row))
     missing = [f for f in fields if f not in row]
-    if missing: _fail(name, "prompt", f"{where}: placeholder(s) {missing} not among the row's fields {sorted(map(str, row))}")
+    if missing: _fail(name, "prompt", f"{where}: placeholder(s) {missing} not among the row's fields {present}")
     empty = [f for f in fields if row[f] is None]
     if empty: _fail(name, "prompt", f"{where}: placeholder field(s) {empty} are null")
     try: spec["prompt"].format(**row)
-    except Exception as e: _fail(name, "prompt", f"{where}: the prompt cannot be formatted with this row: {type(e).__name__}: {e}")
+    except Exception as e:
+        _fail(name, "prompt", f"{where}: the prompt cannot be formatted with this row: {type(e).__name__}: {e}")
     gold = spec["gold_field"]
-    if gold not in row: _fail(name, "gold_field", f"{where}: {gold!r} is not among the row's fields {sorted(map(str, row))}")
+    if gold not in row: _fail(name, "gold_field", f"{where}: {gold!r} is not among the row's fields {present}")
     g = row[gold]
     if spec["type"] == "multiple_choice":
         ch = spec["choices_field"]
-        if ch not in row: _fail(name, "choices_field", f"{where}: {ch!r} is not among the row's fields {sorted(map(str, row))}")
+        if ch not in row: _fail(name, "choices_field", f"{where}: {ch!r} is not among the row's fields {present}")
         choices = row[ch]
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
             _fail(name, "choices_field", f"{where}: {ch!r} must hold a list of at least two strings, got {choices!r}")
         if isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < len(choices):
-            _fail(name, "gold_field", f"{where}: {gold!r} must be an integer index into the {len(choices)} choices, got {g!r}")
+            _fail(name, "gold_field",
+                  f"{where}: {gold!r} must be an integer index into the {len(choices)} choices, got {g!r}")
     elif not (isinstance(g, str) or (isinstance(g, list) and g and all(isinstance(x, str) for x in g))):
-        _fail(name, "gold_field", f"{where}: {gold!r} must be a reference string or a non-empty list of them, got {g!r}")
+        _fail(name, "gold_field",
+              f"{where}: {gold!r} must be a reference string or a non-empty list of them, got {g!r}")
 
 
 
 # %% ../nbs/05_tasks.ipynb #5cecae43
 def _positive_int(name, key, v, allow_none=False):
     if v is None and allow_none: return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1: _fail(name, key, f"expected a positive integer{' or null' if allow_none else ''}, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        _fail(name, key, f"expected a positive integer{' or null' if allow_none else ''}, got {v!r}")
     return v
 
 def _spec_from_dict(cls, name, d, root):
-    if not isinstance(name, str) or not name or "|" in name: raise TaskError(f"task name {name!r}: expected a non-empty string without '|'")
+    if not isinstance(name, str) or not name or "|" in name:
+        raise TaskError(f"task name {name!r}: expected a non-empty string without '|'")
     if not isinstance(d, dict): raise TaskError(f"task {name!r}: expected a mapping of fields, got {type(d).__name__}")
     unknown = sorted(str(k) for k in set(d) - set(SPEC_KEYS))
     if unknown: _fail(name, unknown[0], f"unknown field(s) {unknown}; allowed: {list(SPEC_KEYS)}")
@@ -236,15 +262,21 @@ def _spec_from_dict(cls, name, d, root):
     ttype = d["type"]
     if ttype not in TASK_TYPES: _fail(name, "type", f"{ttype!r} is not one of {TASK_TYPES}")
     metric = d.get("metric") or DEFAULT_METRIC[ttype]
-    if metric not in METRICS[ttype]: _fail(name, "metric", f"{metric!r} is not a {ttype} metric; choose one of {METRICS[ttype]}")
+    if metric not in METRICS[ttype]:
+        _fail(name, "metric", f"{metric!r} is not a {ttype} metric; choose one of {METRICS[ttype]}")
     if not isinstance(d["prompt"], str): _fail(name, "prompt", f"expected a str.format template, got {d['prompt']!r}")
     for key in ("gold_field", "choices_field"):
-        if d.get(key) is not None and not isinstance(d[key], str): _fail(name, key, f"expected a field name, got {d[key]!r}")
-    if ttype == "multiple_choice" and not d.get("choices_field"): _fail(name, "choices_field", "required for multiple_choice")
-    if ttype == "generative" and d.get("choices_field") is not None: _fail(name, "choices_field", "only multiple_choice tasks have choices")
+        if d.get(key) is not None and not isinstance(d[key], str):
+            _fail(name, key, f"expected a field name, got {d[key]!r}")
+    if ttype == "multiple_choice" and not d.get("choices_field"):
+        _fail(name, "choices_field", "required for multiple_choice")
+    if ttype == "generative" and d.get("choices_field") is not None:
+        _fail(name, "choices_field", "only multiple_choice tasks have choices")
     split = d.get("split", "validation")
     if not isinstance(split, str) or not split: _fail(name, "split", f"expected a split name, got {split!r}")
-    if split == "test": _fail(name, "split", "the test split is reserved for final scores; analyse on validation (use spec.with_split('test') to score test)")
+    if split == "test":
+        _fail(name, "split", "the test split is reserved for final scores; analyse on validation "
+                             "(use spec.with_split('test') to score test)")
     limit = _positive_int(name, "limit", d.get("limit"), allow_none=True)
     gen = _positive_int(name, "generation_size", d.get("generation_size", 16))
     stops = d.get("stop_sequences", ["\n"])
@@ -253,15 +285,16 @@ def _spec_from_dict(cls, name, d, root):
     if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
         _fail(name, "stop_sequences", f"expected a list of non-empty strings, got {stops!r}")
     revision = d.get("revision")
-    if revision is not None and not isinstance(revision, str): _fail(name, "revision", f"expected a string, got {revision!r}")
+    if revision is not None and not isinstance(revision, str):
+        _fail(name, "revision", f"expected a string, got {revision!r}")
     data_dir, revision, sha = resolve_data(name, d["data"], revision, root)
     files = split_files(data_dir, split)
     if not files: _fail(name, "split", f"no {split}.jsonl or {split}.parquet in {data_dir}")
     first = next(iter_rows(files, 1), None)
     if first is None: _fail(name, "split", f"split {split!r} has no rows ({', '.join(map(str, files))})")
     check_row(name, dict(d, type=ttype, metric=metric), first[2], row_place(first[0], first[1]))
-    return cls(name=name, data=str(d["data"]), type=ttype, prompt=d["prompt"], gold_field=d["gold_field"], metric=metric,
-               choices_field=d.get("choices_field"), split=split, limit=limit, generation_size=gen,
+    return cls(name=name, data=str(d["data"]), type=ttype, prompt=d["prompt"], gold_field=d["gold_field"],
+               metric=metric, choices_field=d.get("choices_field"), split=split, limit=limit, generation_size=gen,
                stop_sequences=tuple(stops), revision=revision, data_dir=data_dir, data_sha=sha)
 
 # %% ../nbs/05_tasks.ipynb #8e61613f
@@ -281,8 +314,10 @@ def _check_rows(spec, split: str):
     return n
 
 # %% ../nbs/05_tasks.ipynb #70a94e7d
-def _fake_hub_cache(cache: Path, repo_id: str, files: dict, sha: str = "0123456789abcdef0123456789abcdef01234567") -> str:
-    "Lay out dataset `repo_id` with `files` (name -> text) in a Hub cache at `cache`, as the real cache does; return the commit."
+def _fake_hub_cache(cache: Path, repo_id: str, files: dict,
+                    sha: str = "0123456789abcdef0123456789abcdef01234567") -> str:
+    """Lay out dataset `repo_id` with `files` (name -> text) in a Hub cache at `cache`, as the real cache does;
+    return the commit."""
     repo = Path(cache) / ("datasets--" + repo_id.replace("/", "--"))
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(sha)
@@ -302,7 +337,8 @@ def _spec_from_lighteval(cls, config, limit):
     if ttype is None: _fail(name, "metrics", f"metric category {category!r} is neither LOGPROBS nor GENERATIVE")
     splits = list(config.evaluation_splits)
     if len(splits) != 1: _fail(name, "evaluation_splits", f"expected one split, got {splits}")
-    if splits[0] == "test": _fail(name, "evaluation_splits", "the test split is reserved for final scores (use spec.with_split('test'))")
+    if splits[0] == "test":
+        _fail(name, "evaluation_splits", "the test split is reserved for final scores (use spec.with_split('test'))")
     limit = _positive_int(name, "limit", limit, allow_none=True)
     return cls(name=name, data=str(config.hf_repo), type=ttype, prompt=None, gold_field=None,
                metric=metrics[0].metric_name, split=splits[0], limit=limit,
@@ -318,7 +354,8 @@ def load_tasks(path_or_dict, root=None) -> dict:
         p = Path(src)
         try: text = p.read_bytes().decode("utf-8")
         except FileNotFoundError: raise TaskError(f"task file {str(p)!r} not found") from None
-        except UnicodeDecodeError as e: raise TaskError(f"task file {str(p)!r}: not UTF-8 text (bad byte at offset {e.start})") from None
+        except UnicodeDecodeError as e:
+            raise TaskError(f"task file {str(p)!r}: not UTF-8 text (bad byte at offset {e.start})") from None
         except OSError as e: raise TaskError(f"task file {str(p)!r}: cannot read ({e.strerror or e})") from None
         try: src = yaml.safe_load(text)
         except yaml.YAMLError as e: raise TaskError(f"task file {str(p)!r}: invalid YAML ({e})") from None
@@ -331,7 +368,8 @@ def load_tasks(path_or_dict, root=None) -> dict:
     for name, v in items:
         if isinstance(v, TaskSpec): spec = v
         elif type(v).__name__ == "LightevalTaskConfig": spec = TaskSpec.from_lighteval(v)
-        elif name is None: raise TaskError(f"tasks: a list must hold TaskSpec or LightevalTaskConfig objects, got {type(v).__name__}")
+        elif name is None:
+            raise TaskError(f"tasks: a list must hold TaskSpec or LightevalTaskConfig objects, got {type(v).__name__}")
         else: spec = TaskSpec.from_dict(name, v, root=root)
         if name is not None and spec.name != name: spec = dataclasses.replace(spec, name=name)
         if spec.name in out: raise TaskError(f"task {spec.name!r} is defined twice")
@@ -347,7 +385,8 @@ class PromptFunction:
         s = self.spec
         query = s.prompt.format(**line)
         if s.type == "multiple_choice":
-            return Doc(query=query, choices=list(line[s.choices_field]), gold_index=int(line[s.gold_field]), task_name=task_name or s.name)
+            return Doc(query=query, choices=list(line[s.choices_field]), gold_index=int(line[s.gold_field]),
+                       task_name=task_name or s.name)
         refs = line[s.gold_field]
         refs = [refs] if isinstance(refs, str) else list(refs)
         return Doc(query=query, choices=refs, gold_index=list(range(len(refs))), task_name=task_name or s.name)

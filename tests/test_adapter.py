@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
-from himerge.adapter import (AdapterError, AdapterWriter, LoraFactors, check_adapter_output, default_rank, exact_factors,
-                             truncated_factors, write_adapter)
+from himerge.adapter import (AdapterError, AdapterWriter, LoraFactors, check_adapter_output, default_rank,
+                             exact_factors, truncated_factors, write_adapter)
 from himerge.contributions import combine_deltas
 from himerge.deltas import compute_deltas
 from himerge.errors import InputError
-from himerge.sources import SourceSet, resolve_sources
+from himerge.sources import resolve_sources
+
+torch.set_num_threads(1)
 
 REL_TOL = 1e-6
 
@@ -36,7 +36,7 @@ def tiny_model(arch: str, tie=False):
 
 
 def make_adapter(root: Path, arch: str, name: str, seed: int, **lora) -> str:
-    "A PEFT adapter of the tiny `arch` base with every trainable tensor random (lora_B non-zero), saved under root/name."
+    "A PEFT adapter of the tiny `arch` base, every trainable tensor random (lora_B non-zero), saved under root/name."
     from peft import LoraConfig, get_peft_model
     if not (root / "base").exists(): tiny_model(arch).save_pretrained(root / "base")
     with warnings.catch_warnings():
@@ -48,7 +48,8 @@ def make_adapter(root: Path, arch: str, name: str, seed: int, **lora) -> str:
             if p.requires_grad: p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (p if "modules_to_save" in n else 0))
     model.save_pretrained(root / name)
     path = root / name / "adapter_config.json"
-    cfg = json.loads(path.read_text()); cfg["base_model_name_or_path"] = str(root / "base"); path.write_text(json.dumps(cfg))
+    cfg = json.loads(path.read_text()); cfg["base_model_name_or_path"] = str(root / "base")
+    path.write_text(json.dumps(cfg))
     return str(root / name)
 
 
@@ -102,20 +103,23 @@ EXACT_CASES = {
                                    lambda layer: [0.5, 0.0 if layer == 1 else 0.5]),
     "ranks-rslora-patterns": ("llama", [dict(r=4, lora_alpha=8, target_modules="all-linear", rank_pattern={"q_proj": 2},
                                              alpha_pattern={"layers.1.mlp.down_proj": 3}),
-                                        dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "k_proj", "down_proj"],
+                                        dict(r=8, lora_alpha=4, use_rslora=True,
+                                             target_modules=["q_proj", "k_proj", "down_proj"],
                                              rank_pattern={"layers.0.self_attn.k_proj": 3})],
                               lambda layer: [1.0, 0.25]),
     "embedding-and-modules_to_save": ("llama", [dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"],
                                                      modules_to_save=["lm_head"]),
                                                 dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "v_proj"])],
                                       lambda layer: [0.6, 0.4]),
-    "qwen2-lora_bias-on-some-modules": ("qwen2", [dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"], lora_bias=True),
-                                                  dict(r=4, lora_alpha=8, target_modules=["v_proj"])],
+    "qwen2-lora_bias-on-some-modules": ("qwen2",
+                                        [dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"], lora_bias=True),
+                                         dict(r=4, lora_alpha=8, target_modules=["v_proj"])],
                                         lambda layer: [1.0, 1.0]),
-    "gpt2-conv1d-fan_in_fan_out-lora_bias": ("gpt2", [dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
-                                                           lora_bias=True),
-                                                      dict(r=2, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
-                                                           lora_bias=True)],
+    "gpt2-conv1d-fan_in_fan_out-lora_bias": ("gpt2",
+                                             [dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
+                                                   fan_in_fan_out=True, lora_bias=True),
+                                              dict(r=2, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                                   fan_in_fan_out=True, lora_bias=True)],
                                              lambda layer: [0.5, 2.0]),
     "gpt2-embedding": ("gpt2", [dict(r=4, lora_alpha=8, target_modules=["wte", "c_attn"], fan_in_fan_out=True),
                                 dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)],
@@ -133,7 +137,8 @@ def test_exact_adapter_equals_the_linear_merge(tmp_path, case):
     assert_peft_gives(tmp_path, tmp_path / "out", delta)
     assert report["max_error"] == 0 and set(r["kind"] for r in report["records"].values()) <= {"exact", "bias", "full"}
     cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["base_model_name_or_path"] == str(tmp_path / "base")
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
+    assert cfg["base_model_name_or_path"] == str(tmp_path / "base")
     assert cfg["lora_alpha"] == cfg["r"] and cfg["alpha_pattern"] == cfg["rank_pattern"] and not cfg["use_rslora"]
     # each module's rank is the sum of the ranks of the sources that change it with a non-zero weight
     factors = [LoraFactors(s) for s in sset.sources]
@@ -144,7 +149,8 @@ def test_exact_adapter_equals_the_linear_merge(tmp_path, case):
                 if any(name in f.modules for f in factors):
                     expected = sum(f.rank(name) for f, wi in zip(factors, w) if wi != 0 and name in f.modules)
                     assert report["records"][name]["rank"] == expected, name
-    if case.startswith("ranks"): assert len(set(r["rank"] for r in report["records"].values())) > 1 and cfg["rank_pattern"]
+    if case.startswith("ranks"):
+        assert len(set(r["rank"] for r in report["records"].values())) > 1 and cfg["rank_pattern"]
     if case.startswith("gpt2-conv1d"): assert cfg["fan_in_fan_out"] and cfg["lora_bias"]
     if case.startswith("embedding"): assert cfg["modules_to_save"] == ["lm_head"]
 
@@ -160,8 +166,9 @@ def predicted_error(S, k):
     return (S[k:].double().square().sum().sqrt() / S.double().square().sum().sqrt()).item()
 
 
-@pytest.mark.parametrize("method,shape,k", [("full", (96, 400), 8), ("full", (400, 96), 30), ("lowrank", (512, 1024), 16),
-                                            ("auto", (512, 1024), 64)])
+@pytest.mark.parametrize("method,shape,k",
+                         [("full", (96, 400), 8), ("full", (400, 96), 30), ("lowrank", (512, 1024), 16),
+                          ("auto", (512, 1024), 64)])
 def test_truncation_error_is_the_predicted_one(method, shape, k):
     S = 0.95 ** torch.arange(float(min(shape)))
     delta = known_spectrum(*shape, S)
@@ -214,7 +221,8 @@ def test_truncated_adapter_loads_and_reproduces_delta_k(tmp_path):
 
 def test_default_rank_is_the_sum_capped(tmp_path):
     assert default_rank([8, 16]) == 24 and default_rank([64, 64]) == 64 and default_rank([16, 16], shape=(20, 50)) == 20
-    srcs = [make_adapter(tmp_path, "llama", f"a{i}", seed=i, r=r, lora_alpha=r, target_modules=["o_proj"]) for i, r in enumerate((3, 5))]
+    srcs = [make_adapter(tmp_path, "llama", f"a{i}", seed=i, r=r, lora_alpha=r, target_modules=["o_proj"])
+            for i, r in enumerate((3, 5))]
     sset = resolve_sources(srcs, base=str(tmp_path / "base"))
     merged_layer, _ = merged_delta(sset, lambda layer: [1.0, 1.0])
     report = write_adapter(tmp_path / "out", sset, merged_layer)
@@ -246,12 +254,14 @@ def test_refuses_adapters_of_different_bases(tmp_path):
     b = make_adapter(tmp_path, "llama", "b", seed=2, r=4, lora_alpha=8, target_modules=["q_proj"])
     tiny_model("llama").save_pretrained(tmp_path / "other-base")
     path = Path(b) / "adapter_config.json"
-    cfg = json.loads(path.read_text()); cfg["base_model_name_or_path"] = str(tmp_path / "other-base"); path.write_text(json.dumps(cfg))
+    cfg = json.loads(path.read_text()); cfg["base_model_name_or_path"] = str(tmp_path / "other-base")
+    path.write_text(json.dumps(cfg))
     sset = resolve_sources([a, b], base=str(tmp_path / "base"), override_base=True)
     with pytest.raises(AdapterError, match="'a' and 'b' declare different bases"): check_adapter_output(sset)
 
 
-@pytest.mark.parametrize("field,value,message", [("use_dora", True, "DoRA"), ("alora_invocation_tokens", [1, 2], "activated LoRA")])
+@pytest.mark.parametrize("field,value,message",
+                         [("use_dora", True, "DoRA"), ("alora_invocation_tokens", [1, 2], "activated LoRA")])
 def test_refuses_non_additive_adapters(tmp_path, field, value, message):
     a = make_adapter(tmp_path, "llama", "a", seed=1, r=4, lora_alpha=8, target_modules=["q_proj"])
     sset = resolve_sources([a], base=str(tmp_path / "base"))
@@ -270,7 +280,8 @@ def test_refuses_a_tensor_an_adapter_cannot_carry(tmp_path):
     a = make_adapter(tmp_path, "llama", "a", seed=1, r=4, lora_alpha=8, target_modules=["q_proj"])
     sset = resolve_sources([a], base=str(tmp_path / "base"))
     merged_layer = lambda layer: {"model.layers.0.input_layernorm.weight": torch.ones(32)} if layer == 0 else {}
-    with pytest.raises(AdapterError, match="'model.layers.0.input_layernorm.weight': changed by the merge, but neither"):
+    with pytest.raises(AdapterError,
+                       match="'model.layers.0.input_layernorm.weight': changed by the merge, but neither"):
         write_adapter(tmp_path / "out", sset, merged_layer, rank=4)
     assert not (tmp_path / "out").exists()
 
@@ -293,7 +304,8 @@ def test_dry_run_check_does_not_import_torch():
 
 
 def test_embedding_base_copy_must_be_the_base(tmp_path):
-    "PEFT saves a targeted embedding's own weight (base_layer); it is checked against the base, not written as a change."
+    """PEFT saves a targeted embedding's own weight (base_layer); it is checked against the base, not written as a
+    change."""
     from safetensors.torch import load_file, save_file
     a = make_adapter(tmp_path, "llama", "a", seed=1, r=4, lora_alpha=8, target_modules=["embed_tokens"])
     file = Path(a) / "adapter_model.safetensors"
@@ -307,4 +319,5 @@ def test_embedding_base_copy_must_be_the_base(tmp_path):
     tensors[copy] = tensors[copy] + 1
     save_file(tensors, str(file), metadata={"format": "pt"})
     with pytest.raises(AdapterError, match="saved copy .* differs from the base's 'model.embed_tokens.weight'"):
-        write_adapter(tmp_path / "bad", resolve_sources([a], base=str(tmp_path / "base")), merged_layer, weights=lambda layer: [1.0])
+        write_adapter(tmp_path / "bad", resolve_sources([a], base=str(tmp_path / "base")), merged_layer,
+                      weights=lambda layer: [1.0])

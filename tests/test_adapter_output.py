@@ -26,12 +26,14 @@ def lora_world(root: Path, n: int = 2):
     Qwen2ForCausalLM(cfg).save_pretrained(root / "base")
     for k in range(n):
         torch.manual_seed(k + 1)
-        model = get_peft_model(Qwen2ForCausalLM.from_pretrained(root / "base"), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        model = get_peft_model(Qwen2ForCausalLM.from_pretrained(root / "base"),
+                               LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
         for name, param in model.named_parameters():
             if "lora_B" in name: param.normal_(0, 0.05)
         model.save_pretrained(root / f"a{k}")
         cfg_path = root / f"a{k}" / "adapter_config.json"
-        cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "base_model_name_or_path": str(root / "base")}))
+        cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()),
+                                        "base_model_name_or_path": str(root / "base")}))
     return [str(root / f"a{k}") for k in range(n)]
 
 
@@ -49,16 +51,21 @@ def assert_same_model(got: dict, want: dict, tol=1e-6):
         assert (got[name] - tensor).abs().max().item() <= tol * scale, name
 
 
-@pytest.mark.parametrize("method,options", [("task_arithmetic", {}), ("task_arithmetic", {"lamb": 0.7}), ("linear", {})])
+@pytest.mark.parametrize("method,options",
+                         [("task_arithmetic", {}), ("task_arithmetic", {"lamb": 0.7}), ("linear", {})])
 def test_exact_methods_equal_the_merged_model(tmp_path, method, options):
     sources = lora_world(tmp_path)
-    config = dict(base=str(tmp_path / "base"), sources=[dict(path=sources[0], scale=0.8), dict(path=sources[1], scale=0.5)],
+    config = dict(base=str(tmp_path / "base"),
+                  sources=[dict(path=sources[0], scale=0.8), dict(path=sources[1], scale=0.5)],
                   method=method, options=options, dtype="float32")
     model = merge(config, out=tmp_path / "model", progress=False)
-    adapter = merge({**config, "options": {**options, "output_format": "adapter"}}, out=tmp_path / "adapter", progress=False)
+    adapter = merge({**config, "options": {**options, "output_format": "adapter"}}, out=tmp_path / "adapter",
+                    progress=False)
     assert adapter.report["adapter"]["exact"] and adapter.report["adapter"]["max_relative_error"] == 0
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists() and not (tmp_path / "adapter" / "model.safetensors").exists()
-    assert_same_model(merged_by_peft(tmp_path / "adapter", tmp_path / "base"), load_file(model.output / "model.safetensors"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "adapter" / "model.safetensors").exists()
+    assert_same_model(merged_by_peft(tmp_path / "adapter", tmp_path / "base"),
+                      load_file(model.output / "model.safetensors"))
     assert adapter.report["adapter"]["rank"] == 8                                    # two rank-4 sources, stacked
 
 
@@ -94,11 +101,15 @@ def test_full_checkpoint_refused_at_dry_run(tmp_path):
 def test_hi_merging_with_drops_and_scalings_is_exact(tmp_path):
     "With p = 1 and density_factor 1, every resolution edit is a drop or a rescaling: the adapter is exact."
     cfg = demo_config(tmp_path / "adapter")
-    cfg["options"] = {"test_scores": False, "density_factor": 1.0, "cache_dir": str(tmp_path / "cache"), "output_format": "adapter"}
+    cfg["options"] = {"test_scores": False, "density_factor": 1.0, "cache_dir": str(tmp_path / "cache"),
+                      "output_format": "adapter"}
     result = merge(cfg, out=tmp_path / "adapter", progress=False)
     assert result.report["decisions"], "the zoo's merge resolves some layers"
     assert result.report["adapter"]["exact"]
-    model = merge({**cfg, "options": {**cfg["options"], "output_format": "model"}}, out=tmp_path / "model", progress=False)
+    model = merge({**cfg, "options": {**cfg["options"], "output_format": "model"}}, out=tmp_path / "model",
+                  progress=False)
     assert model.report["decisions"] == result.report["decisions"]
-    assert_same_model(merged_by_peft(tmp_path / "adapter", Path(cfg["base"])), load_file(model.output / "model.safetensors"), 1e-5)
-    assert result.report["scores"]["validation"]["merged"] == pytest.approx(model.report["scores"]["validation"]["merged"], abs=1e-6)
+    assert_same_model(merged_by_peft(tmp_path / "adapter", Path(cfg["base"])),
+                      load_file(model.output / "model.safetensors"), 1e-5)
+    merged_score = model.report["scores"]["validation"]["merged"]
+    assert result.report["scores"]["validation"]["merged"] == pytest.approx(merged_score, abs=1e-6)

@@ -85,7 +85,8 @@ def test_slerp_through_merge_matches_mergekit(tmp_path):
         (tmp_path / who).mkdir()
         save_file({n: INPUTS[f"{who}/{n}"].contiguous() for n in NAMES}, str(tmp_path / who / "model.safetensors"))
         (tmp_path / who / "config.json").write_text(json.dumps(CONFIG))
-    result = merge(dict(base=str(tmp_path / "base"), sources=[str(tmp_path / "s0"), str(tmp_path / "s1")], method="slerp",
-                        options={"t": CASES["slerp"]["parameters"]["t"]}, dtype="float32"), out=tmp_path / "out", progress=False)
+    config = dict(base=str(tmp_path / "base"), sources=[str(tmp_path / "s0"), str(tmp_path / "s1")], method="slerp",
+                  options={"t": CASES["slerp"]["parameters"]["t"]}, dtype="float32")
+    result = merge(config, out=tmp_path / "out", progress=False)
     got, want = load_file(str(result.output / "model.safetensors")), load_file(str(FIXTURES / "slerp.safetensors"))
     for name in NAMES: torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)

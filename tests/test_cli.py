@@ -7,7 +7,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_version_matches_package():
-    out = subprocess.run([str(Path(sys.executable).parent / "himerge"), "--version"], capture_output=True, text=True, check=True)
+    out = subprocess.run([str(Path(sys.executable).parent / "himerge"), "--version"], capture_output=True, text=True,
+                         check=True)
     assert out.stdout.strip() == f"himerge {himerge.__version__}"
 
 

@@ -44,7 +44,8 @@ class LinearEvaluator:
         self.model, self.w, self.calls, self.fail_after = model, weights, 0, fail_after
 
     def feature(self):
-        return np.array([self.model.model.layers[l].self_attn.q_proj.weight.double().mean().item() for l in range(N_LAYERS)])
+        return np.array([self.model.model.layers[layer].self_attn.q_proj.weight.double().mean().item()
+                         for layer in range(N_LAYERS)])
 
     def score(self, task):
         self.calls += 1
@@ -56,13 +57,14 @@ class LinearEvaluator:
 @pytest.fixture
 def setup():
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=N_LAYERS,
-                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=N_LAYERS, num_attention_heads=2,
+                                         num_key_value_heads=1)).eval()
     q = "model.layers.{}.self_attn.q_proj.weight"
     shape = model.model.layers[0].self_attn.q_proj.weight.shape
-    # Source a moves layer means by +0.1·(l+1), source b by -0.05 + 0.02·l: known per-layer effects.
-    per_source = [{l: {q.format(l): torch.full(shape, 0.1 * (l + 1))} for l in range(N_LAYERS)},
-                  {l: {q.format(l): torch.full(shape, -0.05 + 0.02 * l)} for l in range(N_LAYERS)}]
+    # Source a moves layer means by +0.1·(layer+1), source b by -0.05 + 0.02·layer: known per-layer effects.
+    per_source = [{layer: {q.format(layer): torch.full(shape, 0.1 * (layer + 1))} for layer in range(N_LAYERS)},
+                  {layer: {q.format(layer): torch.full(shape, -0.05 + 0.02 * layer)} for layer in range(N_LAYERS)}]
     rng = np.random.default_rng(0)
     weights = {"ta": np.abs(rng.normal(size=(5, N_LAYERS))), "tb": -np.abs(rng.normal(size=(5, N_LAYERS)))}
     return model, InMemoryDeltas(model, per_source), weights
@@ -75,7 +77,8 @@ def analysis(model, deltas, evaluator, cache=None):
 
 
 def shifts(source):
-    return np.array([0.1 * (l + 1) for l in range(N_LAYERS)]) if source == 0 else np.array([-0.05 + 0.02 * l for l in range(N_LAYERS)])
+    layers = np.arange(N_LAYERS)
+    return 0.1 * (layers + 1) if source == 0 else -0.05 + 0.02 * layers
 
 
 def test_alpha_beta_gamma_match_closed_form(setup, tmp_path):
@@ -88,18 +91,20 @@ def test_alpha_beta_gamma_match_closed_form(setup, tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     gain = {"ta": (w["ta"] @ shifts(0)).mean(), "tb": (w["tb"] @ shifts(1)).mean()}
     assert gain["ta"] > 0 and gain["tb"] > 0
-    for l in range(N_LAYERS):
+    for layer in range(N_LAYERS):
         for state, task, shift in [("source:a", "ta", shifts(0)), ("source:b", "tb", shifts(1)),
-                                   ("pre_merge", "ta", shifts(0) + shifts(1)), ("pre_merge", "tb", shifts(0) + shifts(1))]:
-            row = res.table[(res.table.state == state) & (res.table.layer == l) & (res.table.task == task)].iloc[0]
-            expected = (w[task][:, l] * shift[l]).mean() / gain[task]   # linear: α = β = the layer's own effect
+                                   ("pre_merge", "ta", shifts(0) + shifts(1)),
+                                   ("pre_merge", "tb", shifts(0) + shifts(1))]:
+            row = res.table[(res.table.state == state) & (res.table.layer == layer) & (res.table.task == task)].iloc[0]
+            expected = (w[task][:, layer] * shift[layer]).mean() / gain[task]   # linear: α = β = the layer's own effect
             assert row.alpha == pytest.approx(expected, rel=1e-4, abs=1e-7)
             assert row.beta == pytest.approx(expected, rel=1e-4, abs=1e-7)
             assert row.c == pytest.approx(2 * expected, rel=1e-4, abs=1e-7)
         for src, task, other in [("a", "ta", 1), ("b", "tb", 0)]:
-            g = res.gamma[(res.gamma.source == src) & (res.gamma.layer == l)].iloc[0].gamma
+            g = res.gamma[(res.gamma.source == src) & (res.gamma.layer == layer)].iloc[0].gamma
             # γ_m = c(m) − c(G) = −(the other source's layer effect on m's task), doubled (α + β).
-            assert g == pytest.approx(-2 * (w[task][:, l] * shifts(other)[l]).mean() / gain[task], rel=1e-4, abs=1e-7)
+            assert g == pytest.approx(-2 * (w[task][:, layer] * shifts(other)[layer]).mean() / gain[task], rel=1e-4,
+                                      abs=1e-7)
     assert res.evaluations["done"] == engine.n_evaluations() == 4 * 2 * N_LAYERS + 3 * 2
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
-from himerge.deltas import Deltas, TensorStore, compute_deltas, layer_of, reconstruct
+from himerge.deltas import TensorStore, compute_deltas, layer_of, reconstruct
 from himerge.sources import resolve_sources
+
+torch.set_num_threads(1)
 
 ATOL = 1e-6
 
@@ -37,10 +37,13 @@ LORA_CASES = {
     "llama-rslora-patterns": ("llama", False, dict(r=4, lora_alpha=8, use_rslora=True, target_modules="all-linear",
                                                    rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6},
                                                    alpha_pattern={"v_proj": 3, "layers.0.mlp.up_proj": 20})),
-    "llama-embedding-modules_to_save": ("llama", False, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"],
+    "llama-embedding-modules_to_save": ("llama", False,
+                                        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"],
                                                              modules_to_save=["lm_head"])),
     "qwen2-tied": ("qwen2", True, dict(r=8, lora_alpha=16, target_modules="all-linear")),
-    "mistral-rslora": ("mistral", False, dict(r=4, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "k_proj", "o_proj", "gate_proj"])),
+    "mistral-rslora": ("mistral", False,
+                       dict(r=4, lora_alpha=4, use_rslora=True,
+                            target_modules=["q_proj", "k_proj", "o_proj", "gate_proj"])),
     "gpt2-fan_in_fan_out-lora_bias": ("gpt2", True, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
                                                          fan_in_fan_out=True, lora_bias=True)),
     "gpt2-embedding": ("gpt2", True, dict(r=4, lora_alpha=8, target_modules=["wte", "c_attn"], fan_in_fan_out=True)),
@@ -63,7 +66,8 @@ def lora_pair(root: Path, arch: str, tie: bool, lora_kwargs: dict, seed=1):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05 + (p if "modules_to_save" in n else 0))
     model.save_pretrained(root / "adapter")
     path = root / "adapter" / "adapter_config.json"
-    ac = json.loads(path.read_text()); ac["base_model_name_or_path"] = str(root / "base"); path.write_text(json.dumps(ac))
+    ac = json.loads(path.read_text()); ac["base_model_name_or_path"] = str(root / "base")
+    path.write_text(json.dumps(ac))
     return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
 
 
@@ -73,13 +77,14 @@ def test_lora_delta_equals_merge_and_unload(tmp_path, case):
     merged = lora_pair(tmp_path, arch, tie, kw)
     with compute_deltas(resolve_sources([str(tmp_path / "adapter")])) as deltas:
         rebuilt = reconstruct(deltas, 0)
-        changed = {n for l in deltas.layers for n in deltas.source_layer(0, l)}
+        changed = {n for layer in deltas.layers for n in deltas.source_layer(0, layer)}
         assert deltas.unassigned == []
     from safetensors import safe_open
     with safe_open(str(tmp_path / "base" / "model.safetensors"), "pt") as h: saved_names = set(h.keys())
     assert set(rebuilt) == saved_names  # every checkpoint tensor, tied lm_head not duplicated
     for n, w in rebuilt.items():
-        assert torch.allclose(w, merged[n], atol=ATOL, rtol=0), f"{case}: {n} differs by {(w - merged[n]).abs().max():.3g}"
+        assert torch.allclose(w, merged[n], atol=ATOL, rtol=0), \
+            f"{case}: {n} differs by {(w - merged[n]).abs().max():.3g}"
     # the delta is exactly the set of tensors PEFT changed (no silent drops, no spurious zeros)
     from safetensors.torch import load_file
     base = load_file(tmp_path / "base" / "model.safetensors")
@@ -93,7 +98,8 @@ def test_lora_delta_equals_merge_and_unload(tmp_path, case):
         from safetensors import safe_open
         with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as h:
             rank = lambda m: h.get_slice(f"base_model.model.model.{m}.lora_A.weight").get_shape()[0]
-            assert [rank("layers.0.self_attn.q_proj"), rank("layers.1.mlp.down_proj"), rank("layers.0.mlp.down_proj")] == [2, 6, 4]
+            assert [rank("layers.0.self_attn.q_proj"), rank("layers.1.mlp.down_proj"),
+                    rank("layers.0.mlp.down_proj")] == [2, 6, 4]
 
 
 def full_pair(root: Path, arch="qwen2", tie=True, shard=None, extra_tied_head=False):
@@ -110,7 +116,8 @@ def full_pair(root: Path, arch="qwen2", tie=True, shard=None, extra_tied_head=Fa
     saved = {k: v for f in files for k, v in load_file(f).items()}
     if extra_tied_head:  # some checkpoints store the tied head as well: it must not count as a second delta
         assert len(files) == 1
-        save_file({**saved, "lm_head.weight": saved["model.embed_tokens.weight"].clone()}, str(files[0]), metadata={"format": "pt"})
+        save_file({**saved, "lm_head.weight": saved["model.embed_tokens.weight"].clone()}, str(files[0]),
+                  metadata={"format": "pt"})
     return saved, files
 
 
@@ -120,24 +127,28 @@ def test_full_checkpoint_rebuilds_exactly(tmp_path, shard, extra_head):
     if shard: assert len(files) > 2 and (tmp_path / "ft" / "model.safetensors.index.json").exists()
     with compute_deltas(resolve_sources([str(tmp_path / "ft")], base=str(tmp_path / "base"))) as deltas:
         assert "lm_head" not in deltas.layers  # tied: the embedding is the only copy
-        names = [n for l in deltas.layers for n in deltas.names(l)]
+        names = [n for layer in deltas.layers for n in deltas.names(layer)]
         assert len(names) == len(set(names)) == len(saved)
         rebuilt = reconstruct(deltas, 0)
         for n, w in saved.items():
             assert torch.equal(rebuilt[n].to(torch.bfloat16), w), n
         emb = deltas.source_layer(0, "embed")
         assert list(emb) == ["model.embed_tokens.weight"]
-        assert torch.equal(emb["model.embed_tokens.weight"], saved["model.embed_tokens.weight"].float() - deltas.base_layer("embed")["model.embed_tokens.weight"])
+        name = "model.embed_tokens.weight"
+        assert torch.equal(emb[name], saved[name].float() - deltas.base_layer("embed")[name])
 
 
 def test_layer_of_naming_schemes():
     llama = {"num_hidden_layers": 2}
-    assert [layer_of(n, llama) for n in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-                                          "model.layers.1.mlp.down_proj.weight", "model.norm.weight", "lm_head.weight")] == ["embed", 0, 1, "norm", "lm_head"]
+    names = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+             "model.layers.1.mlp.down_proj.weight", "model.norm.weight", "lm_head.weight")
+    assert [layer_of(n, llama) for n in names] == ["embed", 0, 1, "norm", "lm_head"]
     gpt2 = {"n_layer": 2}
-    assert [layer_of(n, gpt2) for n in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.1.attn.c_attn.bias",
-                                         "transformer.ln_f.weight")] == ["embed", "embed", 1, "norm"]
-    assert layer_of("model.layers.7.mlp.up_proj.weight", llama) is None  # beyond the declared blocks: reported, not guessed
+    names = ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.1.attn.c_attn.bias",
+             "transformer.ln_f.weight")
+    assert [layer_of(n, gpt2) for n in names] == ["embed", "embed", 1, "norm"]
+    # beyond the declared blocks: reported, not guessed
+    assert layer_of("model.layers.7.mlp.up_proj.weight", llama) is None
     assert layer_of("model.vision_tower.patch.weight", llama) is None
 
 
@@ -150,12 +161,14 @@ def test_source_layer_streams_one_layer(tmp_path, monkeypatch):
     reads = []
     original = TensorStore.get
     monkeypatch.setattr(TensorStore, "get", lambda self, name: (reads.append(name), original(self, name))[1])
-    sset = resolve_sources([str(tmp_path / "l" / "adapter"), str(tmp_path / "f" / "ft")], base=str(tmp_path / "l" / "base"))
+    sset = resolve_sources([str(tmp_path / "l" / "adapter"), str(tmp_path / "f" / "ft")],
+                           base=str(tmp_path / "l" / "base"))
     with compute_deltas(sset) as deltas:
         assert reads == []  # building the Deltas reads headers only
         cfg = deltas.config
-        layer_of_read = lambda n: layer_of(n.removeprefix("base_model.model.").replace(".lora_A", "").replace(".lora_B", "")
-                                           .replace(".lora_embedding_A", ".weight").replace(".lora_embedding_B", ".weight"), cfg)
+        target = lambda n: (n.removeprefix("base_model.model.").replace(".lora_A", "").replace(".lora_B", "")
+                            .replace(".lora_embedding_A", ".weight").replace(".lora_embedding_B", ".weight"))
+        layer_of_read = lambda n: layer_of(target(n), cfg)
         for layer in deltas.layers:
             for i in range(deltas.n_sources):
                 reads.clear()
@@ -173,14 +186,16 @@ def test_source_layer_streams_one_layer(tmp_path, monkeypatch):
 
 
 def test_tied_head_stored_in_the_base_too_is_counted_once(tmp_path):
-    "A tied checkpoint that also stores lm_head.weight (an explicit copy of the embedding) must not yield a second delta."
+    """A tied checkpoint that also stores lm_head.weight (an explicit copy of the embedding) must not yield a second
+    delta."""
     from safetensors.torch import load_file, save_file
     saved, files = full_pair(tmp_path, extra_tied_head=True)
     base_file = tmp_path / "base" / "model.safetensors"
     base = load_file(base_file)
-    save_file({**base, "lm_head.weight": base["model.embed_tokens.weight"].clone()}, str(base_file), metadata={"format": "pt"})
+    save_file({**base, "lm_head.weight": base["model.embed_tokens.weight"].clone()}, str(base_file),
+              metadata={"format": "pt"})
     with compute_deltas(resolve_sources([str(tmp_path / "ft")], base=str(tmp_path / "base"))) as deltas:
-        names = [n for l in deltas.layers for n in deltas.source_layer(0, l)]
+        names = [n for layer in deltas.layers for n in deltas.source_layer(0, layer)]
         assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
 
 
@@ -196,10 +211,10 @@ def test_a_full_pass_does_not_keep_every_input_file_mapped(tmp_path):
     cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], num_hidden_layers=4, tie_word_embeddings=False)
     g = torch.Generator().manual_seed(0)
     shapes = {"model.embed_tokens.weight": (4096, 512), "model.norm.weight": (512,), "lm_head.weight": (4096, 512)}
-    for l in range(4):
-        shapes |= {f"model.layers.{l}.self_attn.{p}_proj.weight": (512, 512) for p in "qkvo"}
-        shapes |= {f"model.layers.{l}.mlp.{p}_proj.weight": (1024, 512) for p in ("gate", "up")}
-        shapes[f"model.layers.{l}.mlp.down_proj.weight"] = (512, 1024)
+    for layer in range(4):
+        shapes |= {f"model.layers.{layer}.self_attn.{p}_proj.weight": (512, 512) for p in "qkvo"}
+        shapes |= {f"model.layers.{layer}.mlp.{p}_proj.weight": (1024, 512) for p in ("gate", "up")}
+        shapes[f"model.layers.{layer}.mlp.down_proj.weight"] = (512, 1024)
     for d in ("base", "ft"):
         (tmp_path / d).mkdir()
         (tmp_path / d / "config.json").write_text(json.dumps(cfg))

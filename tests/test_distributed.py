@@ -6,7 +6,6 @@ reported once, not once per rank."""
 import json, os, subprocess, sys, textwrap
 from pathlib import Path
 
-import pytest
 import yaml
 
 from himerge.merge import demo_config, merge
@@ -30,7 +29,8 @@ def config_file(tmp_path, name: str, **options) -> Path:
 
 
 def launch(tmp_path, cfg: Path, out: Path, extra_path=None, timeout=600):
-    return subprocess.run(TORCHRUN + ["-m", "himerge", "merge", str(cfg), "--out", str(out), "--quiet"], capture_output=True,
+    return subprocess.run(TORCHRUN + ["-m", "himerge", "merge", str(cfg), "--out", str(out), "--quiet"],
+                          capture_output=True,
                           text=True, env=environment(tmp_path, extra_path), timeout=timeout, cwd=tmp_path)
 
 
@@ -41,7 +41,8 @@ def test_two_processes_merge_exactly_as_one(tmp_path):
     shared = json.loads((tmp_path / "two" / "himerge_report.json").read_text())
     for key in ("gamma", "contributions", "classes", "decisions", "scores"):
         assert shared[key] == single[key], key
-    assert (tmp_path / "two" / "model.safetensors").read_bytes() == (tmp_path / "one" / "model.safetensors").read_bytes()
+    two, one = ((tmp_path / folder / "model.safetensors").read_bytes() for folder in ("two", "one"))
+    assert two == one
     assert shared["evaluations"]["done"] == single["evaluations"]["done"]     # every evaluation ran once, on some rank
     assert run.stdout.count("merged model written to") == 1                      # rank 0 alone reports
 
@@ -90,10 +91,12 @@ def test_a_single_process_run_stays_single(tmp_path):
         from himerge.merge import merge
         from himerge.zoo import load_zoo
         zoo = load_zoo()
-        merge(dict(base=str(zoo.base), sources=[str(p) for p in list(zoo.adapters.values())[:2]], method="task_arithmetic"),
+        sources = [str(p) for p in list(zoo.adapters.values())[:2]]
+        merge(dict(base=str(zoo.base), sources=sources, method="task_arithmetic"),
               out={str(tmp_path / 'out')!r}, progress=False)
         print("distributed module:", "himerge.distributed" in sys.modules, "group:", dist.is_initialized())
     """)
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment(tmp_path), timeout=600)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment(tmp_path),
+                         timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "distributed module: False group: False" in run.stdout

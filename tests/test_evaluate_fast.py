@@ -31,7 +31,8 @@ def same_responses(ours, theirs):
     if len(ours) != len(theirs): return f"{len(ours)} responses against {len(theirs)}"
     for k, (a, b) in enumerate(zip(ours, theirs)):
         for f in vars(b):
-            if not eq(getattr(a, f), getattr(b, f)): return f"response {k}, field {f}: {getattr(a, f)!r} != {getattr(b, f)!r}"
+            if not eq(getattr(a, f), getattr(b, f)):
+                return f"response {k}, field {f}: {getattr(a, f)!r} != {getattr(b, f)!r}"
     return None
 
 
@@ -51,24 +52,28 @@ def tiny(tmp_path_factory):
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\d+|[A-Za-z]+|\S"), behavior="isolated")  # gaps are tokens too
     tok.decoder = decoders.Fuse()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>").save_pretrained(tmp / "tok")
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>",
+                            pad_token="<eos>").save_pretrained(tmp / "tok")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=64)).eval()
     rng = np.random.default_rng(0)
     rows = []
     for k in range(37):  # not a multiple of the batch size: the last batch is short
         terms = [str(int(x)) for x in rng.integers(0, 10, 1 + k % 4)]  # prompts of 1 to 4 numbers
         total = sum(int(t) for t in terms)
         choices = [str(total), f"{total} + 1", f"{total % 7} = {total % 5} + 2", "3"]  # 1, 3 and 5 tokens
-        rows.append({"question": " + ".join(terms) + " =", "choices": choices, "label": k % 4, "answer": f"{total} + 1"})
+        rows.append({"question": " + ".join(terms) + " =", "choices": choices, "label": k % 4,
+                     "answer": f"{total} + 1"})
     (tmp / "sums").mkdir()
     (tmp / "sums" / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tasks = load_tasks({
         "sums_mc": {"data": str(tmp / "sums"), "type": "multiple_choice", "prompt": "Question: {question}\nAnswer:",
                     "choices_field": "choices", "gold_field": "label"},
         "sums_gen": {"data": str(tmp / "sums"), "type": "generative", "prompt": "Question: {question}\nAnswer:",
-                     "gold_field": "answer", "metric": "rougeL", "generation_size": 6, "stop_sequences": ["\n", "= ="]}})
+                     "gold_field": "answer", "metric": "rougeL", "generation_size": 6,
+                     "stop_sequences": ["\n", "= ="]}})
     return model, tmp / "tok", tasks
 
 

@@ -69,10 +69,10 @@ def test_linear_in_scale(t, p, lam):
 def layered(draw):
     "A fake Deltas: 1-3 layers of 1-3 named tensors, 1-2 sources."
     n_layers, n_sources = draw(st.integers(1, 3)), draw(st.integers(1, 2))
-    shapes = {l: {f"layers.{l}.{c}": draw(st.integers(1, 12)) for c in "qkv"[:draw(st.integers(1, 3))]}
-              for l in range(n_layers)}
-    per_source = [{l: {n: torch.tensor(draw(st.lists(values, min_size=s, max_size=s)))
-                       for n, s in shapes[l].items()} for l in shapes} for _ in range(n_sources)]
+    shapes = {layer: {f"layers.{layer}.{c}": draw(st.integers(1, 12)) for c in "qkv"[:draw(st.integers(1, 3))]}
+              for layer in range(n_layers)}
+    per_source = [{layer: {n: torch.tensor(draw(st.lists(values, min_size=s, max_size=s)))
+                       for n, s in shapes[layer].items()} for layer in shapes} for _ in range(n_sources)]
     return FakeDeltas(shapes, per_source)
 
 
@@ -80,21 +80,21 @@ class FakeDeltas:
     "In-memory stand-in with the interface of himerge.deltas.Deltas."
     def __init__(self, shapes, per_source):
         self.layers, self.per_source = list(shapes), per_source
-        self.base = {l: {n: torch.zeros(s) for n, s in shapes[l].items()} for l in shapes}
+        self.base = {layer: {n: torch.zeros(s) for n, s in shapes[layer].items()} for layer in shapes}
         self.source_names = [f"s{i}" for i in range(len(per_source))]
-    def base_layer(self, l): return self.base[l]
-    def names(self, l): return list(self.base[l])
-    def source_layer(self, i, l): return {n: t.clone() for n, t in self.per_source[i][l].items()}
+    def base_layer(self, layer): return self.base[layer]
+    def names(self, layer): return list(self.base[layer])
+    def source_layer(self, i, layer): return {n: t.clone() for n, t in self.per_source[i][layer].items()}
 
 
 def brute_force(deltas, i, p, lam, layers):
     "Prune source i jointly over `layers` (layers in order, tensors by sorted name, flat index) by sorting."
-    names = [(l, n) for l in layers for n in sorted(deltas.per_source[i][l])]
-    flat = torch.cat([deltas.per_source[i][l][n].reshape(-1) for l, n in names])
+    names = [(layer, n) for layer in layers for n in sorted(deltas.per_source[i][layer])]
+    flat = torch.cat([deltas.per_source[i][layer][n].reshape(-1) for layer, n in names])
     mask = reference_keep(flat, reference_count(flat.numel(), p))
     out, at = {}, 0
-    for l, n in names:
-        t = deltas.per_source[i][l][n]
+    for layer, n in names:
+        t = deltas.per_source[i][layer][n]
         m = mask[at:at + t.numel()].view(t.shape)
         out[n] = torch.where(m, t * lam, torch.zeros(()))
         at += t.numel()
@@ -109,18 +109,18 @@ def test_layer_and_model_scope_equal_brute_force(fake, data):
     for scope in ("layer", "model"):
         pdl = ProcessedDeltas(fake, density=ps, scale=lams, scope=scope)
         for i in range(len(fake.source_names)):
-            got = {n: t for l in pdl.layers for n, t in pdl.source_layer(i, l).items()}
+            got = {n: t for layer in pdl.layers for n, t in pdl.source_layer(i, layer).items()}
             if scope == "model":
                 want = brute_force(fake, i, ps[i], lams[i], fake.layers)
             else:
                 want = {}
-                for l in fake.layers: want.update(brute_force(fake, i, ps[i], lams[i], [l]))
+                for layer in fake.layers: want.update(brute_force(fake, i, ps[i], lams[i], [layer]))
             assert got.keys() == want.keys()
             for n in got: assert torch.equal(got[n], want[n]), (scope, i, n)
             total = sum(int((got[n] != 0).sum()) for n in got)
             assert total <= (reference_count(sum(t.numel() for t in got.values()), ps[i]) if scope == "model"
-                             else sum(reference_count(sum(t.numel() for t in fake.per_source[i][l].values()), ps[i])
-                                      for l in fake.layers))
+                             else sum(reference_count(sum(t.numel() for t in fake.per_source[i][layer].values()), ps[i])
+                                      for layer in fake.layers))
 
 
 @SETTINGS

@@ -1,4 +1,5 @@
-"""Every way a base and its sources can fail to fit stops before any weight is loaded, with an error naming the culprit."""
+"""Every way a base and its sources can fail to fit stops before any weight is loaded, with an error naming the
+culprit."""
 import json
 import re
 import shutil
@@ -7,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
 from safetensors.torch import load_file, save_file
 
 from himerge.deltas import compute_deltas
 from himerge.errors import InputError
 from himerge.sources import SourceError, resolve_sources
 from himerge.tasks import TaskError
+
+torch.set_num_threads(1)
 
 
 def tiny_llama(seed=0, **over):
@@ -73,14 +74,16 @@ def test_full_missing_and_extra_tensor_named(zoo, tmp_path):
     rewrite(ft / "model.safetensors", lambda t: {k: v for k, v in t.items() if k != "model.norm.weight"})
     with pytest.raises(SourceError, match=re.escape("'model.norm.weight' of the base is missing")):
         resolve_sources([str(ft)], base=str(zoo / "base"))
-    rewrite(ft / "model.safetensors", lambda t: {**t, "model.norm.weight": torch.ones(32), "model.extra.weight": torch.ones(3)})
+    rewrite(ft / "model.safetensors",
+            lambda t: {**t, "model.norm.weight": torch.ones(32), "model.extra.weight": torch.ones(3)})
     with pytest.raises(SourceError, match=re.escape("'model.extra.weight' [3] does not exist in the base")):
         resolve_sources([str(ft)], base=str(zoo / "base"))
 
 
 def test_architecture_mismatch_named(zoo, tmp_path):
     ft = copy(zoo, "full", tmp_path)
-    cfg = json.loads((ft / "config.json").read_text()); cfg["model_type"] = "qwen2"; (ft / "config.json").write_text(json.dumps(cfg))
+    cfg = json.loads((ft / "config.json").read_text()); cfg["model_type"] = "qwen2"
+    (ft / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(SourceError, match="model_type 'qwen2' differs from the base's 'llama'"):
         resolve_sources([str(ft)], base=str(zoo / "base"))
 
@@ -108,13 +111,15 @@ def test_missing_target_module_named(zoo, tmp_path):
     ad = copy(zoo, "lora", tmp_path)
     rewrite(ad / "adapter_model.safetensors",
             lambda t: {k.replace("layers.1.self_attn.q_proj", "layers.1.self_attn.qkv_proj"): v for k, v in t.items()})
-    with pytest.raises(SourceError, match=re.escape("targets 'model.layers.1.self_attn.qkv_proj.weight', which is not in the base")):
+    with pytest.raises(SourceError,
+                       match=re.escape("targets 'model.layers.1.self_attn.qkv_proj.weight', which is not in the base")):
         resolve_sources([str(ad)])
 
 
 def test_dora_refused(zoo, tmp_path):
     from peft import LoraConfig, get_peft_model
-    get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)).save_pretrained(tmp_path / "dora")
+    get_peft_model(tiny_llama(),
+                   LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)).save_pretrained(tmp_path / "dora")
     set_declared(tmp_path / "dora", str(zoo / "base"))
     with pytest.raises(SourceError, match="DoRA.*not an additive delta") as e:
         resolve_sources([str(tmp_path / "dora")])
@@ -156,7 +161,8 @@ def test_sharded_index_naming_missing_shard(zoo, tmp_path):
     shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
     assert len(shards) > 2
     shards[1].unlink()
-    with pytest.raises(SourceError, match=re.escape(f"shard {shards[1].name} named in model.safetensors.index.json is missing")):
+    with pytest.raises(SourceError,
+                       match=re.escape(f"shard {shards[1].name} named in model.safetensors.index.json is missing")):
         resolve_sources([str(tmp_path / "sharded")], base=str(zoo / "base"))
 
 
@@ -190,7 +196,8 @@ def test_errors_about_the_base_say_base(zoo):
 
 def test_every_error_here_is_an_input_error():
     "The CLI prints InputErrors as one line; these are the user's to fix."
-    assert issubclass(SourceError, InputError) and issubclass(TaskError, InputError) and issubclass(InputError, ValueError)
+    assert issubclass(SourceError, InputError) and issubclass(TaskError, InputError)
+    assert issubclass(InputError, ValueError)
 
 
 # --- found while writing these tests: allow_pickle=True must not switch the safetensors checks off ---
@@ -204,7 +211,8 @@ def test_allow_pickle_keeps_shape_checks_for_safetensors_sources(zoo, tmp_path):
 
 
 def test_allowed_pickle_source_gives_deltas_or_a_clear_error(zoo, tmp_path):
-    "A pickle checkpoint the user allowed either yields deltas or fails naming the limitation, never 'set allow_pickle'."
+    """A pickle checkpoint the user allowed either yields deltas or fails naming the limitation, never 'set
+    allow_pickle'."""
     ft = tmp_path / "pickled"; ft.mkdir()
     shutil.copy(zoo / "full" / "config.json", ft)
     torch.save(load_file(zoo / "full" / "model.safetensors"), ft / "pytorch_model.bin")
@@ -245,5 +253,6 @@ def test_allowed_pickle_adapter_is_checked_against_its_config_when_loaded(zoo, t
     (ad / "adapter_model.safetensors").unlink()
     set_declared(ad, str(zoo / "base"), r=6)
     sset = resolve_sources([str(ad)], allow_pickle=True)   # nothing readable yet
-    with pytest.raises(SourceError, match=r"adapter_config\.json gives module '[^']+' rank 6 \(r\), but its tensors have rank 4"):
+    with pytest.raises(SourceError,
+                       match=r"adapter_config\.json gives module '[^']+' rank 6 \(r\), but its tensors have rank 4"):
         compute_deltas(sset)

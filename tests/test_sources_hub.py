@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
 from himerge.deltas import compute_deltas, reconstruct
 from himerge.sources import SourceError, resolve_sources
+
+torch.set_num_threads(1)
 
 ORG = "himerge-offline-test-org"
 BASE_ID, LORA_ID, OTHER_ID = f"{ORG}/tiny-qwen2", f"{ORG}/tiny-qwen2-lora", f"{ORG}/tiny-qwen2-copy"
@@ -58,7 +58,8 @@ def hub(tmp_path_factory):
                 if "lora_" in n: p.copy_(torch.randn(p.shape, generator=g) * 0.05)
         model.save_pretrained(work / f"lora-{branch}")
         cfg_path = work / f"lora-{branch}" / "adapter_config.json"
-        cfg = json.loads(cfg_path.read_text()); cfg["base_model_name_or_path"] = BASE_ID; cfg_path.write_text(json.dumps(cfg))
+        cfg = json.loads(cfg_path.read_text()); cfg["base_model_name_or_path"] = BASE_ID
+        cfg_path.write_text(json.dumps(cfg))
     for branch in ("main", "v2"):
         reloaded = PeftModel.from_pretrained(Qwen2ForCausalLM.from_pretrained(work / "base"), work / f"lora-{branch}")
         merged[branch] = {k: v.detach().clone() for k, v in reloaded.merge_and_unload().state_dict().items()}
@@ -87,7 +88,8 @@ def assert_equals_peft(sset, merged):
         rebuilt = reconstruct(deltas, 0)
     assert rebuilt and set(rebuilt) <= set(merged)
     for n, w in rebuilt.items():
-        assert torch.allclose(w, merged[n], atol=1e-6, rtol=0), f"{n} differs from merge_and_unload by {(w - merged[n]).abs().max():.3g}"
+        assert torch.allclose(w, merged[n], atol=1e-6, rtol=0), \
+            f"{n} differs from merge_and_unload by {(w - merged[n]).abs().max():.3g}"
 
 
 def test_hub_id_resolves_with_declared_base_and_commit_shas(offline):
