@@ -16,7 +16,7 @@ from .methods import MergeMethod, OptionError, get_method, option, options_table
 
 # %% auto #0
 __all__ = ['DTYPES', 'CONFIG_FIELDS', 'SOURCE_FIELDS', 'AUTO', 'ConfigError', 'RunOptions', 'SourceConfig', 'MergeConfig',
-           'load_config', 'resolved_paths']
+           'prefix_bytes', 'load_config', 'resolved_paths']
 
 # %% ../nbs/08b_config.ipynb #10e69d52
 class ConfigError(InputError):
@@ -32,6 +32,8 @@ class RunOptions:
                                    "~/.cache/himerge/evaluations)")
     max_shard_size: str = option("1GB", "largest safetensors shard of the saved model (a shard is buffered in memory)")
     tokenizer: str | None = option(None, "tokenizer path or Hub id (default: the base's)")
+    prefix_cache: str = option("1GiB", "memory for the hidden states that log-likelihood probes reuse from a pass "
+                               "already run ('off': every probe runs every block)")
     auto_grid: list = option([0.2, 0.4, 0.6, 0.8, 1.0], "values tried for a density or scale given as 'auto'",
                              low=0, high=1, low_open=True)
     auto_budget: int = option(25, "most evaluations the search for one source's 'auto' density and scale may spend",
@@ -147,9 +149,16 @@ def _options(options, method: MergeMethod) -> tuple:
         own = parse_options(method.options, {**({k: getattr(own, k) for k in legacy} if own else {}),
                                              **{k: v for k, v in options.items() if k in method_names}})
     except OptionError as e: raise ConfigError(str(e)) from None
-    try: parse_size(run.max_shard_size)   # a size the writer cannot read would only fail after the whole merge
+    try:
+        parse_size(run.max_shard_size)   # a size the writer cannot read would only fail after the whole merge
+        prefix_bytes(run)
     except InputError as e: raise ConfigError(str(e)) from None
     return run, own
+
+def prefix_bytes(run: RunOptions) -> int:
+    "The bytes `options.prefix_cache` allows (0 when 'off')."
+    off = str(run.prefix_cache).strip().lower() in ("off", "0", "none", "false")
+    return 0 if off else parse_size(run.prefix_cache, field="options.prefix_cache")
 
 # %% ../nbs/08b_config.ipynb #cee943e3
 def _check_counts(method: MergeMethod, sources: list, own):

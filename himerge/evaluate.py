@@ -138,7 +138,10 @@ def _loglikelihood_tokens(wrapper, docs: list, rolling=False) -> list:
             if prepared is None:
                 responses.extend(TransformersModel._loglikelihood_tokens(wrapper, batch)); continue
             input_ids, positions, tokens, mask, per_doc, lengths = (x.to(wrapper.device) if torch.is_tensor(x) else x for x in prepared)
-            logprobs = F.log_softmax(wrapper.model(input_ids).logits, dim=-1)
+            forward = wrapper.__dict__.get("prefix_forward")   # a `himerge.prefix.PrefixForward`, if the scorer gave one
+            # The docs of a batch live as long as the evaluator: their ids name the batch across probes.
+            logits = forward(input_ids, batch_key=tuple(id(d) for d in batch)) if forward else wrapper.model(input_ids).logits
+            logprobs = F.log_softmax(logits, dim=-1)
             read = logprobs[torch.arange(len(positions), device=logprobs.device)[:, None], positions]  # [choices, width, vocab]
             picked = read.gather(2, tokens.unsqueeze(-1)).squeeze(-1)
             # Each choice's sum over its own tokens, in LightEval's order, so the float32 results are identical.
@@ -327,6 +330,12 @@ class Evaluator:
         per_sample = np.array([float(o[metric.metric_name]) for o in outputs], dtype=np.float64)
         return TaskScore(task=task, metric=self.tasks[task].metric, score=float(per_sample.mean()), per_sample=per_sample,
                          n=len(per_sample), seconds=time.perf_counter() - t0, model_seconds=float(sum(model_time)))
+
+    def use_prefix(self, forward):
+        "Run log-likelihood batches through `forward` (a `himerge.prefix.PrefixForward` of this model), or None."
+        if forward is not None and forward.model is not self.model:
+            raise ValueError("the prefix forward wraps another model than this evaluator's")
+        self.wrapper.__dict__["prefix_forward"] = forward
 
     def score_all(self) -> dict:
         "Scores of every task, by name."

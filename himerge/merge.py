@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .config import ConfigError, MergeConfig, load_config, resolved_paths
+from .config import ConfigError, MergeConfig, load_config, prefix_bytes, resolved_paths
 from .methods import Counts, MergeContext, MergeMethod, non_default
 from .output import check_output, discard, is_himerge_output, staging_dir, REPORT_FILE
 from .scoring import check_device, resolve_tokenizer
@@ -262,7 +262,8 @@ def open_run(p: Plan, progress=True, group=None):
                 runtime = {"compute_dtype": str(computes).removeprefix("torch.")}
                 run.scorer = lighteval_scorer(model, MemoDeltas(deltas, LayerMemo()), p.tasks, p.tokenizer,
                                               device=input_device(model, p.device), batch_size=r.batch_size,
-                                              cache=run.cache, progress=bar, runtime=runtime, group=group)
+                                              cache=run.cache, progress=bar, runtime=runtime, group=group,
+                                              prefix_bytes=prefix_bytes(r))
         yield run
     finally:
         bar.close()
@@ -418,6 +419,11 @@ def build_report(p: Plan, run: Run, merged, scores: dict, files: list) -> dict:
     cache = run.cache
     report["evaluations"] = dict(done=cache.done if cache else 0, reused=cache.reused if cache else 0,
                                  planned=p.total_evaluations)
+    prefix = run.scorer.prefix if run.scorer is not None else None
+    if prefix is not None:   # how much of the block passes the prefix reuse saved
+        stats = prefix.stats
+        report["evaluations"]["block_passes"] = dict(run=stats["blocks_run"], skipped=stats["blocks_skipped"],
+                                                     evicted=stats["evicted"])
     return report
 
 # %% ../nbs/09_merge.ipynb #ad7f0d2f

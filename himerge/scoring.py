@@ -6,7 +6,7 @@ Docs: https://himerge.github.io/himerge/scoring.html.md"""
 
 # %% ../nbs/06c_scoring.ipynb #a0abc233
 from __future__ import annotations
-import time
+import logging, time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -15,11 +15,13 @@ import numpy as np
 from .cache import EvalCache, fingerprint
 from .errors import InputError
 
+log = logging.getLogger(__name__)
+
 # %% auto #0
-__all__ = ['PROBE_KINDS', 'SHARED_ROUND', 'COMPUTE_DTYPES', 'TOKENIZER_PATTERNS', 'LayerEditor', 'State', 'base_state', 'Probe',
-           'Scorer', 'run', 'score', 'means', 'stored_dtype', 'compute_dtype', 'compute_in', 'load_model',
-           'input_device', 'DeviceError', 'check_device', 'TokenizerError', 'resolve_tokenizer', 'check_loaded',
-           'lighteval_scorer']
+__all__ = ['log', 'PROBE_KINDS', 'SHARED_ROUND', 'COMPUTE_DTYPES', 'TOKENIZER_PATTERNS', 'LayerEditor', 'State', 'base_state',
+           'Probe', 'Scorer', 'run', 'score', 'means', 'prefix_forward', 'unit_keys', 'describe_weights',
+           'stored_dtype', 'compute_dtype', 'compute_in', 'load_model', 'input_device', 'DeviceError', 'check_device',
+           'TokenizerError', 'resolve_tokenizer', 'check_loaded', 'lighteval_scorer']
 
 # %% ../nbs/06c_scoring.ipynb #b5d163c2
 def _offload_slot(model, name: str):
@@ -136,7 +138,16 @@ def _layer_names(layer_delta: dict) -> list: return list(layer_delta)
 class Scorer:
     "Score probes of weight states on tasks, on one loaded model, through the evaluation cache."
     def __init__(self, model, base, evaluator_for, *, cache: EvalCache | None = None, task_key=None, progress=None,
-                 group=None):
+                 group=None, prefix_bytes: int = 0):
+        """Args:
+            model: the loaded base model.
+            base: the base's layers (`layers`, `base_layer(layer)`, and `names(layer)` for prefix reuse).
+            evaluator_for: split -> an evaluator (`score(task) -> TaskScore`).
+            cache: the evaluation cache (default: in memory).
+            task_key: (task, split) -> the text naming the task's data and settings in the cache.
+            progress: anything with update(n).
+            group: a `himerge.distributed.Group` to share the scoring with.
+            prefix_bytes: memory for the hidden states that probes reuse (0: every probe runs every block)."""
         self.model, self.base, self.editor = model, base, LayerEditor(model)
         self._evaluator_for, self.evaluators = evaluator_for, {}
         self.cache = cache if cache is not None else EvalCache()
@@ -147,10 +158,14 @@ class Scorer:
         self.layers = list(base.layers)
         self.holding = {}                     # layer -> (state digest, tensor names) the model holds there
         self.model_seconds, self.writes = 0.0, 0
+        self.prefix = prefix_forward(model, base, prefix_bytes)   # None: no reuse
+        self._blocks_of = {}                  # layer -> the blocks its tensors sit in
 
     def evaluator(self, split: str):
-        "The evaluator of `split`, made on first use."
-        if split not in self.evaluators: self.evaluators[split] = self._evaluator_for(split)
+        "The evaluator of `split`, made on first use (given the prefix reuse, if it can take it)."
+        if split not in self.evaluators:
+            evaluator = self.evaluators[split] = self._evaluator_for(split)
+            if self.prefix is not None and hasattr(evaluator, "use_prefix"): evaluator.use_prefix(self.prefix)
         return self.evaluators[split]
 
     def key(self, probe: Probe, task: str, split: str) -> str:
@@ -219,6 +234,7 @@ def _score_items(self, items: list, order: list) -> dict:
         for j in order:
             probe, task, split = items[j]
             self.hold(probe)
+            if self.prefix is not None: describe_weights(self, probe)
             t0 = time.perf_counter()
             per_sample = np.asarray(self.evaluator(split).score(task).per_sample, dtype=float)
             seconds = time.perf_counter() - t0
@@ -258,6 +274,45 @@ def means(per_sample: dict) -> dict:
     return {task: float(np.mean(v)) for task, v in per_sample.items()}
 
 Scorer.run, Scorer.score = run, score
+
+# %% ../nbs/06c_scoring.ipynb #b194c8c6
+def prefix_forward(model, base, max_bytes: int):
+    "A `PrefixForward` of `model` within `max_bytes`; None if off (0), or if the blocks or layer names are unknown."
+    if not max_bytes: return None
+    from himerge.prefix import PrefixError, PrefixForward
+    if not hasattr(base, "names"): return None      # a layer's tensor names say which block it sits in
+    try: return PrefixForward(model, max_bytes)
+    except PrefixError as e:
+        log.warning("probes run every block: %s", e)
+        return None
+
+def _blocks(self, layer) -> frozenset:
+    "The blocks the tensors of `layer` sit in; -1 stands for any tensor outside the blocks."
+    if layer not in self._blocks_of:
+        index = self.prefix.blocks.index_of
+        self._blocks_of[layer] = frozenset(-1 if index(n) is None else index(n) for n in self.base.names(layer))
+    return self._blocks_of[layer]
+
+def unit_keys(self) -> list:
+    "What the model holds, for the prefix cache: a key for what is outside the blocks, then one key per block."
+    keys = [[] for _ in range(len(self.prefix.blocks) + 1)]
+    for layer, (digest, _) in self.holding.items():
+        for block in _blocks(self, layer): keys[block + 1].append((str(layer), digest))
+    return [tuple(sorted(k)) for k in keys]
+
+def describe_weights(self, probe: Probe):
+    "Give the prefix cache the weights the model holds for `probe`, and the blocks whose input it should keep."
+    from himerge.prefix import prefix_chain
+    state = probe.state.digest
+    if state != self._prefix_state:                 # a new state: the last one's inputs serve nobody now
+        base = set(prefix_chain([()] * (len(self.prefix.blocks) + 1)))
+        self.prefix.cache.drop(lambda batch, block, prefix: prefix in base)
+        self._prefix_state = state
+    record_at = "all" if probe.kind == "full" else range(min(_blocks(self, probe.layer)) + 1)
+    self.prefix.set_weights(unit_keys(self), record_at)
+
+Scorer._prefix_state = None
+Scorer.unit_keys = unit_keys
 
 # %% ../nbs/06c_scoring.ipynb #7a46ecf2
 SHARED_ROUND = 4   # evaluations per rank between two gatherings: what a failure can lose
@@ -420,7 +475,7 @@ def check_loaded(model, who: str = "base"):
 
 # %% ../nbs/06c_scoring.ipynb #31efb2bd
 def lighteval_scorer(model, base, tasks: dict, tokenizer, *, device="cpu", batch_size=32, cache=None, progress=None,
-                     runtime: dict | None = None, group=None) -> Scorer:
+                     runtime: dict | None = None, group=None, prefix_bytes: int = 2**30) -> Scorer:
     """A `Scorer` whose evaluators run LightEval on `tasks`, one evaluator per split.
 
     Args:
@@ -433,7 +488,8 @@ def lighteval_scorer(model, base, tasks: dict, tokenizer, *, device="cpu", batch
         cache: the evaluation cache.
         progress: a progress bar (anything with update(n)).
         runtime: settings that change scores (compute dtype, ...), folded into the task keys.
-        group: a process group to share the scoring with."""
+        group: a process group to share the scoring with.
+        prefix_bytes: memory for the hidden states that log-likelihood probes reuse (0: none)."""
     from himerge.cache import task_key
     from himerge.evaluate import Evaluator
     runtime = {"batch_size": batch_size, "device": str(device).split(":")[0], **(runtime or {})}
@@ -446,4 +502,5 @@ def lighteval_scorer(model, base, tasks: dict, tokenizer, *, device="cpu", batch
         if (task, split) not in keys: keys[(task, split)] = task_key(spec(task, split), runtime)
         return keys[(task, split)]
     make = lambda split: Evaluator(model, tokenizer, {t: spec(t, split) for t in tasks}, device=device, batch_size=batch_size)
-    return Scorer(model, base, make, cache=cache, task_key=key, progress=progress, group=group)
+    return Scorer(model, base, make, cache=cache, task_key=key, progress=progress, group=group,
+                  prefix_bytes=prefix_bytes)
