@@ -226,10 +226,14 @@ def gamma_table(report, key: str = "gamma") -> str:
     actions = {}
     for d in sorted(report.get("decisions") or [], key=lambda d: d.get("order", 0)):
         actions.setdefault(str(d["layer"]), []).append(f"{d.get('order')}. {d.get('action')}")
+    z = (report.get("resolution") or {}).get("conflict_z") or 0
+    counted = {str(k): set(v) for k, v in (report.get("impaired") or {}).items()} if z and key == "gamma" else None
     def cell(g):
         if g is None: return None
         text = pm(g.get("gamma"), g.get("gamma_se"))
-        return f"**{text}**" if g.get("significant") and (g.get("gamma") or 0) > 0 else text
+        if g.get("significant") and (g.get("gamma") or 0) > 0: text = f"**{text}**"
+        noise = counted is not None and (g.get("gamma") or 0) > 0 and g["source"] not in counted.get(str(g["layer"]), ())
+        return f"{text} (noise)" if noise else text   # positive, but within z·se: the class did not count it
     rows = [[layer] + [cell(by.get((layer, n))) for n in names]
             + [classes.get(layer), "; ".join(actions.get(layer, [])) or "kept"] for layer in layers]
     return md_table(["layer"] + [f"γ {n}" for n in names] + ["class", "action"], rows)
@@ -243,6 +247,12 @@ def conflict_summary(report) -> str:
     text = f"Layers by conflict class: {counts}. " if counts else ""
     text += f"Significant conflicts: {significant} (layer, source) pair{'s' * (significant != 1)}."
     resolution = report.get("resolution") or {}
+    z = resolution.get("conflict_z") or 0
+    if z and report.get("impaired") is not None:   # the classes counted only γ above z standard errors
+        positive = sum(1 for g in report.get("gamma") or [] if (g.get("gamma") or 0) > 0)
+        counted = sum(len(v) for v in report["impaired"].values())
+        text += (f" The classes count a source as impaired only where γ > {z:g}·se(γ): {counted} of the {positive} "
+                 f"positive γ were counted; the others are marked (noise) in the table.")
     if resolution.get("stopped"):
         text += f" Resolution stopped: {resolution['stopped']}"
         text += f" ({resolution['evaluations']} evaluations)." if resolution.get("evaluations") is not None else "."
