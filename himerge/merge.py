@@ -506,6 +506,7 @@ class MergeResult:
         from himerge.compare import comparison_table
         return comparison_table(rows, owner).drop(columns="mean normalised")
 
+# %% ../nbs/09_merge.ipynb #8efead16
 def join_launched(device):
     "The process group of a job a launcher (torchrun, accelerate launch) started as several processes; None otherwise."
     import os
@@ -541,10 +542,12 @@ def leave_group(group, wait: bool = True):
     if wait: dist.barrier()
     leave()
 
+# %% ../nbs/09_merge.ipynb #604a4a30
 class Interrupted(KeyboardInterrupt):
     "A merge stopped by the user (Ctrl-C); `resume_hint` says what was saved and how to resume."
     def __init__(self, resume_hint: str): super().__init__(resume_hint); self.resume_hint = resume_hint
 
+# %% ../nbs/09_merge.ipynb #af11f31d
 def merge(config, *, out=None, force=False, dry_run=False, device=None, progress=True):
     """Merge the sources of `config` (a dict, a YAML path or a `MergeConfig`); a `MergeResult` (a `Plan` if `dry_run`).
 
