@@ -37,30 +37,33 @@ def loglikelihood_part(args):
     base = {name: p.detach().clone() for name, p in params.items()}
     gen = torch.Generator().manual_seed(1)
     delta = {s: {name: 0.02 * b.std() * torch.randn(b.shape, generator=gen) for name, b in base.items()} for s in ("source", "pre_merge")}
-    by_block = [[n for n in params if blocks.index_of(n) == l] for l in range(L)]
+    by_block = [[n for n in params if blocks.index_of(n) == block] for block in range(L)]
     held = ["base"] * L
 
     def hold(units):
         "Write into each block whose state changes the base's or a state's weights (in place, from the kept base)."
-        for l, (now, want) in enumerate(zip(held, units)):
+        for block, (now, want) in enumerate(zip(held, units)):
             if now == want: continue
-            for name in by_block[l]: params[name].copy_(base[name] if want == "base" else base[name] + delta[want][name])
-            held[l] = want
+            for name in by_block[block]:
+                params[name].copy_(base[name] if want == "base" else base[name] + delta[want][name])
+            held[block] = want
 
     def schedule():
         yield "reference", ["base"] * L, "all"
         for s in ("source", "pre_merge"):
             yield "reference", [s] * L, "all"
-            for l in range(L): yield "addition", ["base"] * l + [s] + ["base"] * (L - l - 1), ()
-            for l in range(L): yield "deletion", [s] * l + ["base"] + [s] * (L - l - 1), ()
+            for block in range(L): yield "addition", ["base"] * block + [s] + ["base"] * (L - block - 1), ()
+            for block in range(L): yield "deletion", [s] * block + ["base"] + [s] * (L - block - 1), ()
             yield "forget", [s] * L, ()
 
     gen_ids = torch.Generator().manual_seed(2)
     batches = [torch.randint(0, 512, (args.batch_size, args.tokens), generator=gen_ids) for _ in range(args.batches)]
-    for ids in batches: model(ids)  # warm-up: the first forwards of a process are slower, and would be counted for the peer only
+    # warm-up: the first forwards of a process are slower, and would be counted for the peer only
+    for ids in batches: model(ids)
     pf = PrefixForward(model)
     plain_s, cached_s, passes_plain, passes_cached = {}, {}, {}, {}
-    plain_cpu, cached_cpu = {}, {}  # process CPU time: less sensitive than wall time to other processes on a shared machine
+    # process CPU time: less sensitive than wall time to other processes on a shared machine
+    plain_cpu, cached_cpu = {}, {}
     evaluations, compared, peak = {}, 0, 0
     t_start = time.perf_counter()
     for n, (kind, units, record_at) in enumerate(schedule()):

@@ -232,7 +232,8 @@ def gamma_table(report, key: str = "gamma") -> str:
         if g is None: return None
         text = pm(g.get("gamma"), g.get("gamma_se"))
         if g.get("significant") and (g.get("gamma") or 0) > 0: text = f"**{text}**"
-        noise = counted is not None and (g.get("gamma") or 0) > 0 and g["source"] not in counted.get(str(g["layer"]), ())
+        positive = (g.get("gamma") or 0) > 0
+        noise = counted is not None and positive and g["source"] not in counted.get(str(g["layer"]), ())
         return f"{text} (noise)" if noise else text   # positive, but within z·se: the class did not count it
     rows = [[layer] + [cell(by.get((layer, n))) for n in names]
             + [classes.get(layer), "; ".join(actions.get(layer, [])) or "kept"] for layer in layers]

@@ -6,9 +6,9 @@ Docs: https://himerge.github.io/himerge/evaluate.html.md"""
 
 # %% ../nbs/06_evaluate.ipynb #ba58b848
 from __future__ import annotations
-import functools, logging, os, tempfile, time
+import functools, logging, tempfile, time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +57,8 @@ def _lighteval_classes():
         def get_model_sha(self): return ""
 
     class ReusableTransformersModel(TransformersModel):
-        "LightEval's wrapper, scoring the same documents many times: weight-independent work done once, no progress bars."
+        """LightEval's wrapper, scoring the same documents many times: weight-independent work done once, no progress
+        bars."""
         @property
         def disable_tqdm(self): return True  # one evaluation is one step of a longer progress
 
@@ -77,7 +78,8 @@ def _lighteval_classes():
 
 @contextmanager
 def quiet_lighteval(level=logging.ERROR):
-    "Silence LightEval's per-call log lines (batch sizes, split inference) and transformers' generation-flag notices within the block."
+    """Silence LightEval's per-call log lines (batch sizes, split inference) and transformers' generation-flag notices
+    within the block."""
     # Only loggers whose level changes are touched: every `setLevel` clears the cache of every logger in the process
     # (about 0.5 ms with transformers loaded), and a long analysis enters this block once and each evaluation again.
     logs = [log for log in map(logging.getLogger, ("lighteval", "transformers")) if log.level != level]
@@ -89,7 +91,8 @@ def quiet_lighteval(level=logging.ERROR):
 
 # %% ../nbs/06_evaluate.ipynb #bf259c1b
 def _loglikelihood_batch(wrapper, batch: list):
-    "The weight-independent parts of a log-likelihood batch, once per batch: input ids, the positions and tokens to read, per-doc tensors."
+    """The weight-independent parts of a log-likelihood batch, once per batch: input ids, the positions and tokens to
+    read, per-doc tensors."""
     import torch
     from torch.nn.utils.rnn import pad_sequence
     memo = wrapper.__dict__.setdefault("_ll_memo", {})
@@ -112,11 +115,13 @@ def _loglikelihood_batch(wrapper, batch: list):
     per_doc = [(torch.tensor(c[0], dtype=torch.long),
                 pad_sequence([torch.tensor(x, dtype=torch.long) for x in k], batch_first=True, padding_value=-1), len(k))
                for c, k in zip(contexts, continuations)]
-    memo[key] = (batch, (prepared.input_ids, pad(positions), pad(tokens), mask, per_doc, [len(t) for t in tokens]))  # the docs kept: their ids stay unique
+    # the docs kept: their ids stay unique
+    memo[key] = (batch, (prepared.input_ids, pad(positions), pad(tokens), mask, per_doc, [len(t) for t in tokens]))
     return memo[key][1]
 
 def _loglikelihood_tokens(wrapper, docs: list, rolling=False) -> list:
-    "LightEval's `_loglikelihood_tokens` with the same batches and responses: prepared batches reused, one gather per batch."
+    """LightEval's `_loglikelihood_tokens` with the same batches and responses: prepared batches reused, one gather per
+    batch."""
     import torch, torch.nn.functional as F
     from lighteval.data import LoglikelihoodDataset
     from lighteval.models.model_output import ModelResponse
@@ -138,11 +143,13 @@ def _loglikelihood_tokens(wrapper, docs: list, rolling=False) -> list:
             if prepared is None:
                 responses.extend(TransformersModel._loglikelihood_tokens(wrapper, batch)); continue
             input_ids, positions, tokens, mask, per_doc, lengths = (x.to(wrapper.device) if torch.is_tensor(x) else x for x in prepared)
-            forward = wrapper.__dict__.get("prefix_forward")   # a `himerge.prefix.PrefixForward`, if the scorer gave one
+            # a `himerge.prefix.PrefixForward`, if the scorer gave one
+            forward = wrapper.__dict__.get("prefix_forward")
             # The docs of a batch live as long as the evaluator: their ids name the batch across probes.
             logits = forward(input_ids, batch_key=tuple(id(d) for d in batch)) if forward else wrapper.model(input_ids).logits
             logprobs = F.log_softmax(logits, dim=-1)
-            read = logprobs[torch.arange(len(positions), device=logprobs.device)[:, None], positions]  # [choices, width, vocab]
+            # [choices, width, vocab]
+            read = logprobs[torch.arange(len(positions), device=logprobs.device)[:, None], positions]
             picked = read.gather(2, tokens.unsqueeze(-1)).squeeze(-1)
             # Each choice's sum over its own tokens, in LightEval's order, so the float32 results are identical.
             sums = picked[:, 0].tolist() if max(lengths) == 1 else [picked[r, :k].sum().item() for r, k in enumerate(lengths)]
@@ -177,7 +184,8 @@ def _decoded_once_criteria():
     return DecodedOnceEOSCriteria
 
 def _generation_batch(wrapper, batch: list, max_allowed: int) -> dict:
-    "The weight-independent parts of a generation batch, once per batch: prompts' tokens and mask, stop sequences, counts."
+    """The weight-independent parts of a generation batch, once per batch: prompts' tokens and mask, stop sequences,
+    counts."""
     memo = wrapper.__dict__.setdefault("_gen_memo", {})
     key = (tuple(id(d) for d in batch), max_allowed)
     if key in memo: return memo[key][1]
@@ -217,7 +225,8 @@ def _generate_batch(wrapper, b: dict) -> list:
     return responses
 
 def _padded_greedy_until(wrapper, docs: list) -> list:
-    "LightEval's `_padded_greedy_until` with the same batches and responses: prepared batches reused, stop checks decoded once."
+    """LightEval's `_padded_greedy_until` with the same batches and responses: prepared batches reused, stop checks
+    decoded once."""
     from lighteval.data import GenerativeTaskDataset
     from lighteval.models.transformers.transformers_model import STARTING_BATCH_SIZE, TransformersModel
     if wrapper.accelerator is not None or any(d.num_samples != 1 for d in docs):
@@ -270,7 +279,8 @@ class Evaluator:
         self.tasks = self._normalize_tasks(tasks)
         self.model, self.device = model, str(device)
         placed = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
-        if len(placed) <= 1:   # one device: the evaluator must be on it (accelerate's hooks move inputs for a spread model)
+        # one device: the evaluator must be on it (accelerate's hooks move inputs for a spread model)
+        if len(placed) <= 1:
             dev = next(model.parameters()).device
             asked = torch.device(self.device)
             if asked != dev and not (dev.type == asked.type and asked.index is None):
@@ -290,12 +300,15 @@ class Evaluator:
         finally:
             torch.set_grad_enabled(grad)
             model.train(was_training)
-        self.wrapper._cache = None  # LightEval's sample cache is keyed on the config, not the weights: stale after edits
-        if not fast_paths:  # LightEval's own methods, unchanged (a peer for benchmarks, and a way out if LightEval changes)
+        # LightEval's sample cache is keyed on the config, not the weights: stale after edits
+        self.wrapper._cache = None
+        # LightEval's own methods, unchanged (a peer for benchmarks, and a way out if LightEval changes)
+        if not fast_paths:
             from lighteval.models.transformers.transformers_model import TransformersModel
             for name in ("_loglikelihood_tokens", "_padded_greedy_until"):
                 setattr(self.wrapper, name, getattr(TransformersModel, name).__get__(self.wrapper))
-        with quiet_lighteval():  # building docs warns that few-shot examples come from the evaluation split: we use none
+        # building docs warns that few-shot examples come from the evaluation split: we use none
+        with quiet_lighteval():
             self.docs = {name: build_docs(spec) for name, spec in self.tasks.items()}
             self.metrics = {name: to_lighteval(spec).metrics[0] for name, spec in self.tasks.items()}
 

@@ -21,10 +21,10 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'Plan', 'auto_grid', 'count_evaluations', 'memory_estimate', 'protected_inputs', 'check_task_rows', 'plan',
-           'units_of', 'Run', 'open_run', 'choose_auto', 'run_method', 'write_adapter_first', 'reference_states',
-           'score_models', 'source_record', 'portable_config', 'task_data', 'build_report', 'write_output',
-           'adapter_record', 'MergeResult', 'join_launched', 'group_device', 'agreed', 'leave_group', 'Interrupted',
-           'merge', 'demo_config', 'conflict_table', 'demo']
+           'units_of', 'Run', 'open_run', 'memo_bytes', 'release_model', 'choose_auto', 'run_method',
+           'write_adapter_first', 'reference_states', 'score_models', 'source_record', 'portable_config', 'task_data',
+           'build_report', 'write_output', 'adapter_record', 'MergeResult', 'join_launched', 'group_device', 'agreed',
+           'leave_group', 'Interrupted', 'merge', 'demo_config', 'conflict_table', 'demo']
 
 # %% ../nbs/09_merge.ipynb #39c52680
 @dataclass
@@ -229,6 +229,7 @@ class Run:
     densities: list = field(default_factory=list)   # each source's p and λ, 'auto' ones chosen
     scales: list = field(default_factory=list)
     grids: list = field(default_factory=list)       # the searches that chose them (GridResult)
+    block_passes: dict | None = None                # what prefix reuse ran and skipped, kept when the model goes
 
 @contextmanager
 def _timed(run: Run, name: str):
@@ -260,14 +261,37 @@ def open_run(p: Plan, progress=True, group=None):
                 run.cache = EvalCache(p.cache_dir if main else None)   # rank 0's cache is the job's
                 computes = getattr(model, "himerge_compute_dtype", model.dtype)
                 runtime = {"compute_dtype": str(computes).removeprefix("torch.")}
-                run.scorer = lighteval_scorer(model, MemoDeltas(deltas, LayerMemo()), p.tasks, p.tokenizer,
+                memo = LayerMemo(memo_bytes(p.memory))
+                run.scorer = lighteval_scorer(model, MemoDeltas(deltas, memo), p.tasks, p.tokenizer,
                                               device=input_device(model, p.device), batch_size=r.batch_size,
                                               cache=run.cache, progress=bar, runtime=runtime, group=group,
                                               prefix_bytes=prefix_bytes(r))
+                del model                         # the scorer holds it; `release_model` lets it go
         yield run
     finally:
         bar.close()
         deltas.close()
+
+
+
+def memo_bytes(memory: dict) -> int:
+    """Memory for the layers read during the analysis (base layers and deltas, float32): at least two of the largest
+    (a layer and its delta), else an eighth of the model, at most 1 GiB. A small model keeps a small cache."""
+    largest = memory.get("delta", 0)
+    return int(min(2**30, max(2 * largest, memory.get("model", 0) // 8)))
+
+def release_model(run: Run):
+    "Let the model, its evaluators and the layer cache go once every score is known: writing does not need them."
+    import gc
+    if run.scorer is None: return
+    prefix = run.scorer.prefix
+    if prefix is not None:
+        stats = prefix.stats
+        run.block_passes = dict(run=stats["blocks_run"], skipped=stats["blocks_skipped"], evicted=stats["evicted"])
+    for evaluator in run.scorer.evaluators.values():
+        if hasattr(evaluator, "close"): evaluator.close()
+    run.scorer = None
+    gc.collect()                                  # the evaluators' wrappers hold the model in reference cycles
 
 # %% ../nbs/09_merge.ipynb #41caf0da
 def choose_auto(p: Plan, run: Run):
@@ -419,11 +443,8 @@ def build_report(p: Plan, run: Run, merged, scores: dict, files: list) -> dict:
     cache = run.cache
     report["evaluations"] = dict(done=cache.done if cache else 0, reused=cache.reused if cache else 0,
                                  planned=p.total_evaluations)
-    prefix = run.scorer.prefix if run.scorer is not None else None
-    if prefix is not None:   # how much of the block passes the prefix reuse saved
-        stats = prefix.stats
-        report["evaluations"]["block_passes"] = dict(run=stats["blocks_run"], skipped=stats["blocks_skipped"],
-                                                     evicted=stats["evicted"])
+    if run.block_passes is not None:   # how much of the block passes the prefix reuse saved
+        report["evaluations"]["block_passes"] = run.block_passes
     return report
 
 # %% ../nbs/09_merge.ipynb #ad7f0d2f
@@ -576,6 +597,7 @@ def merge(config, *, out=None, force=False, dry_run=False, device=None, progress
                     tmp = staging_dir(p.output) if writer else Path(tempfile.mkdtemp(prefix="himerge-adapter-"))
                     adapter, merged = write_adapter_first(p, run, merged, tmp)
                 scores = score_models(p, run, merged)
+                release_model(run)            # the output is written from the base's files, not from the model
                 run.timings["total_s"] = time.perf_counter() - t0
                 report = write_output(p, run, merged, scores, force, tmp, adapter) if writer else None
                 if not writer and tmp is not None: discard(tmp)      # another rank's copy, only read back to score

@@ -21,7 +21,8 @@ __all__ = ['DEFAULT_MAX_BYTES', 'PrefixError', 'n_blocks_of', 'Blocks', 'find_bl
 
 # %% ../nbs/06a_prefix.ipynb #6233760f
 class PrefixError(InputError):
-    "A model whose decoder blocks cannot be found, or stored hidden states that do not fit the forward they are given to."
+    """A model whose decoder blocks cannot be found, or stored hidden states that do not fit the forward they are given
+    to."""
 
 def n_blocks_of(config) -> int | None:
     "The number of decoder blocks a transformers config declares (its text config's for a multimodal model)."
@@ -75,7 +76,8 @@ def _with_hidden(args, kwargs, hidden):
 _TUPLE_OUTPUT: dict = {}  # block class -> whether its forward returned a tuple when we saw it run
 
 def _returns_tuple(block) -> bool:
-    "Whether `block` returns `(hidden_states, ...)` rather than the tensor: as seen when it ran, else as its annotation says."
+    """Whether `block` returns `(hidden_states, ...)` rather than the tensor: as seen when it ran, else as its
+    annotation says."""
     if type(block) in _TUPLE_OUTPUT: return _TUPLE_OUTPUT[type(block)]
     note = inspect.signature(type(block).forward).return_annotation
     return str(note).lower().replace("typing.", "").startswith("tuple")
@@ -87,7 +89,8 @@ def _note_output(block, args, output):
 # %% ../nbs/06a_prefix.ipynb #8c473d16
 @contextmanager
 def recording(blocks: Blocks, at, store=None):
-    "Within the `with`, each forward records the hidden states entering blocks `at`: into the dict yielded, or through `store(index, tensor)`."
+    """Within the `with`, each forward records the hidden states entering blocks `at`: into the dict yielded, or
+    through `store(index, tensor)`."""
     seen = {}
     store = store or seen.__setitem__
     def hook(index):
@@ -175,7 +178,8 @@ class _Entry:
     tick: int     # recency
 
 def _gap(entries: dict, key, entry: _Entry) -> int:
-    "The blocks a probe would run again without this entry: its distance to the nearest entry kept below it in its prefix."
+    """The blocks a probe would run again without this entry: its distance to the nearest entry kept below it in its
+    prefix."""
     batch, block, _ = key
     for below in range(block - 1, 0, -1):
         if (batch, below, entry.chain[below]) in entries: return block - below
@@ -187,7 +191,8 @@ def _priority(cache, key) -> tuple:
     return (_gap(cache._entries, key, e) if cache.policy == "spread" else 0, e.tick)
 
 def _evict(cache):
-    "Drop entries, lowest priority first, until the cache is within its budget. Heap items out of date are pushed back corrected."
+    """Drop entries, lowest priority first, until the cache is within its budget. Heap items out of date are pushed
+    back corrected."""
     heap = cache._heap
     while cache.bytes > cache.max_bytes and heap:
         *old, key = heapq.heappop(heap)
@@ -219,7 +224,8 @@ class PrefixCache:
         return None if e is None else e.hidden
 
     def deepest(self, batch, chain) -> tuple:
-        "`(block, hidden states)` of the deepest block whose prefix `chain[block]` is stored for `batch`, or `(0, None)`."
+        """`(block, hidden states)` of the deepest block whose prefix `chain[block]` is stored for `batch`, or `(0,
+        None)`."""
         for block in range(len(chain) - 1, 0, -1) if batch in self._by_batch else ():
             hidden = self.get(batch, block, chain[block])
             if hidden is not None: return block, hidden
@@ -259,7 +265,8 @@ def _check_same(logits, full, start):
                              f"{(full.float() - logits.float()).abs().max().item():.3g}): the unit keys do not describe the weights")
 
 class PrefixForward:
-    "`model(input_ids, **kwargs).logits`, started at the deepest block whose input is stored for this batch and these weights below."
+    """`model(input_ids, **kwargs).logits`, started at the deepest block whose input is stored for this batch and these
+    weights below."""
     def __init__(self, model, max_bytes: int = DEFAULT_MAX_BYTES, store_device=None, policy: str = "spread", verify: bool = False):
         self.model, self.blocks = model, find_blocks(model)
         self.cache = PrefixCache(max_bytes, store_device, policy)
@@ -268,7 +275,8 @@ class PrefixForward:
         self.counts = dict(calls=0, hits=0, misses=0, blocks_run=0, blocks_skipped=0, recorded=0)
 
     def set_weights(self, unit_keys, record_at=()):
-        "Describe the weights the model holds now: a key for the embeddings, then one per block; record at `record_at` (or 'all')."
+        """Describe the weights the model holds now: a key for the embeddings, then one per block; record at
+        `record_at` (or 'all')."""
         n = len(self.blocks)
         if len(unit_keys) != n + 1:
             raise ValueError(f"{len(unit_keys)} unit keys for a model of {n} blocks: give one for the embeddings and one per block")
@@ -278,7 +286,8 @@ class PrefixForward:
         self._chain, self._record_at = prefix_chain(unit_keys), tuple(sorted(set(record_at) - {0}))
 
     def __call__(self, input_ids, batch_key=None, **kwargs):
-        "The logits of `model(input_ids, **kwargs)`, run from the deepest stored input of this batch under the current weights."
+        """The logits of `model(input_ids, **kwargs)`, run from the deepest stored input of this batch under the
+        current weights."""
         if self._chain is None: raise RuntimeError("call set_weights(unit_keys) before the first forward")
         if self.model.training: raise RuntimeError("prefix reuse needs the model in eval mode: dropout makes hidden states random")
         batch = batch_key if batch_key is not None else batch_fingerprint(input_ids, **kwargs)
@@ -297,7 +306,8 @@ class PrefixForward:
         return logits
 
     def forget(self, unit_keys, keep=()) -> int:
-        "Drop the inputs stored under the prefixes of `unit_keys`, except those shared with the weights in `keep`; how many went."
+        """Drop the inputs stored under the prefixes of `unit_keys`, except those shared with the weights in `keep`;
+        how many went."""
         mine, kept = set(prefix_chain(unit_keys)), {p for other in keep for p in prefix_chain(other)}
         return self.cache.drop(lambda batch, block, prefix: prefix not in mine or prefix in kept)
 

@@ -7,8 +7,8 @@ Docs: https://himerge.github.io/himerge/scoring.html.md"""
 # %% ../nbs/06c_scoring.ipynb #a0abc233
 from __future__ import annotations
 import logging, time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -241,7 +241,8 @@ def _score_items(self, items: list, order: list) -> dict:
             self.model_seconds += seconds
             _store(self, items[j], per_sample, seconds)
             out[j] = (per_sample, seconds)
-            if self.group is None: self.seconds[(task, split)] = seconds   # a shared job learns costs from gathered results
+            # a shared job learns costs from gathered results
+            if self.group is None: self.seconds[(task, split)] = seconds
             if self.progress is not None: self.progress.update(1)
     finally:
         self.restore()
@@ -364,8 +365,8 @@ def compute_dtype(option: str, stored: str, device: str) -> str:
     return stored if str(device).split(":")[0] in ("cuda", "mps") else "float32"
 
 def compute_in(model, dtype):
-    "Make `model` compute in `dtype` while its weights stay stored as they are: each module converts its own weights around its forward."
-    import torch
+    """Make `model` compute in `dtype` while its weights stay stored as they are: each module converts its own weights
+    around its forward."""
     def up(module, args):
         saved = [(p, p.data) for p in module.parameters(recurse=False) if p.is_floating_point() and p.dtype != dtype]
         for p, data in saved: p.data = data.to(dtype)
@@ -389,7 +390,6 @@ def load_model(path, device="cpu", trust_remote_code=False, dtype="auto", device
         dtype: the compute dtype option: auto, float32, bfloat16 or float16.
         device_map: None (all on `device`), or accelerate's placement such as "auto"."""
     import json, torch
-    from pathlib import Path
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     config = json.loads((Path(path) / "config.json").read_text())
@@ -444,8 +444,8 @@ class TokenizerError(InputError):
 TOKENIZER_PATTERNS = ["tokenizer*", "*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 
 def resolve_tokenizer(spec, who: str = "options.tokenizer", trust_remote_code: bool = False) -> str:
-    "A local folder holding a tokenizer that loads, from a folder or a Hub id (tokenizer files only); else a `TokenizerError`."
-    from pathlib import Path
+    """A local folder holding a tokenizer that loads, from a folder or a Hub id (tokenizer files only); else a
+    `TokenizerError`."""
     folder = Path(str(spec)).expanduser()
     if not folder.exists():
         try:

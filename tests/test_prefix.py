@@ -76,12 +76,14 @@ def schedule(n_blocks, states=("a", "g")):
     yield ["base"] * n_blocks, "all", False
     for s in states:
         yield [s] * n_blocks, "all", False
-        for l in range(n_blocks): yield ["base"] * l + [s] + ["base"] * (n_blocks - l - 1), (), False
-        for l in range(n_blocks): yield [s] * l + ["base"] + [s] * (n_blocks - l - 1), (), l == n_blocks - 1
+        for block in range(n_blocks): yield ["base"] * block + [s] + ["base"] * (n_blocks - block - 1), (), False
+        for block in range(n_blocks):
+            yield [s] * block + ["base"] + [s] * (n_blocks - block - 1), (), block == n_blocks - 1
 
 
 def run_schedule(model, pf, batches):
-    "Every forward of the schedule through `pf` (verify=True checks each hit against the full forward), weights edited in place."
+    """Every forward of the schedule through `pf` (verify=True checks each hit against the full forward), weights
+    edited in place."""
     blocks = find_blocks(model)
     params = {n: p for n, p in model.named_parameters() if blocks.index_of(n) is not None}
     base = {n: p.detach().clone() for n, p in params.items()}
@@ -152,7 +154,8 @@ def test_accelerate_hooks(tmp_path):
         with recording(blocks, range(N_BLOCKS)) as entering: assert torch.equal(model(ids, attention_mask=mask).logits, full)
         for start in range(N_BLOCKS):
             assert torch.equal(run_from(model, start, entering[start], ids, blocks, attention_mask=mask), full), (name, start)
-        assert all(hasattr(b, "_hf_hook") or name.startswith("cpu-offload") for b in blocks.modules)  # hooks put back in place
+        # hooks put back in place
+        assert all(hasattr(b, "_hf_hook") or name.startswith("cpu-offload") for b in blocks.modules)
 
 
 def test_accelerate_hooks_schedule():
@@ -177,7 +180,8 @@ class TupleBlock(nn.Module):
 
 
 class TupleModel(nn.Module):
-    "A toy decoder whose loop reads element 0 of each block's output and a block attribute, and passes hidden states by keyword."
+    """A toy decoder whose loop reads element 0 of each block's output and a block attribute, and passes hidden states
+    by keyword."""
     def __init__(self, n_blocks=4, width=8, vocab=16):
         super().__init__()
         self.config = SimpleNamespace(num_hidden_layers=n_blocks)

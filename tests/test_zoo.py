@@ -1,4 +1,5 @@
-"Integration tests of the shipped zoo (himerge/zoo_data): it loads offline, its parts load with the libraries, it stays small."
+"""Integration tests of the shipped zoo (himerge/zoo_data): it loads offline, its parts load with the libraries, it
+stays small."""
 import json, os, tempfile, time
 from pathlib import Path
 
@@ -63,7 +64,8 @@ def test_sizes(zoo):
 
 
 def test_evidence_margins(zoo):
-    "The shipped evidence states the zoo's promises: each adapter gains >= 0.25 on its own task; some merged pair loses part of a gain."
+    """The shipped evidence states the zoo's promises: each adapter gains >= 0.25 on its own task; some merged pair
+    loses part of a gain."""
     for split in ("validation", "test"):
         ev = zoo.evidence["scores"][split]
         for t in zoo.tasks: assert ev[f"lora-{t}"][t] - ev["base"][t] >= 0.25, (split, t)
