@@ -48,7 +48,14 @@ def grid_points(grid: dict) -> list:
 
 # %% ../nbs/09a_compare.ipynb #21cf4b9f
 def point_config(cfg: MergeConfig, method: str, point: dict, test_scores: bool) -> dict:
-    "The config dict of `cfg` merged by `method` at grid `point` (test scores on or off)."
+    """The config dict of `cfg` merged by `method` at grid `point` (test scores on or off).
+
+    Args:
+        cfg: the validated config of the merge being compared.
+        method: the registered method to merge with.
+        point: one grid point: option values, and `density`/`scale` (or `auto`) for every source.
+        test_scores: whether the run scores test as well as validation.
+    """
     m = METHODS[method]
     allowed = {f.name for f in dataclasses.fields(RunOptions)} | {f.name for f in dataclasses.fields(m.options)}
     d = cfg.to_dict()

@@ -64,26 +64,26 @@ SOURCE_FIELDS = ("path", "task", "density", "scale", "name")
 @dataclass
 class SourceConfig:
     "One source of a merge."
-    path: str
-    task: str | None = None
-    density: float = 1.0
-    scale: float = 1.0
-    name: str | None = None
+    path: str                   # a local folder or a Hub id `org/name[@revision]`
+    task: str | None = None     # the task this source was fine-tuned for (a key of `tasks`)
+    density: float = 1.0        # p: the fraction of the delta's entries kept by magnitude, or 'auto'
+    scale: float = 1.0          # λ: the factor the pruned delta is scaled by, or 'auto'
+    name: str | None = None     # the name reports use (default: derived from the path)
 
 @dataclass
 class MergeConfig:
     "A validated merge config."
-    sources: list
-    base: str | None = None
+    sources: list                               # the `SourceConfig` of each fine-tuned source
+    base: str | None = None                     # the base model (default: the one the adapters declare)
     tasks: dict = field(default_factory=dict)   # task name -> task spec dict (see the tasks notebook)
-    method: str = "hi-merging"
+    method: str = "hi-merging"                  # a registered merge method's name
     options: dict = field(default_factory=dict) # as written: run options and the method's options
-    dtype: str = "auto"
-    output: str = "./merged"
+    dtype: str = "auto"                         # the dtype the merged weights are saved in
+    output: str = "./merged"                    # the folder the merged model is written to
     root: str | None = None                     # the folder relative paths are resolved against
     config_file: str | None = None              # the YAML file it was read from, if any
-    run: RunOptions = field(default_factory=RunOptions)
-    method_options: object = None
+    run: RunOptions = field(default_factory=RunOptions)    # the typed run options, validated
+    method_options: object = None               # the method's typed options dataclass, validated
 
     @property
     def merge_method(self) -> MergeMethod: return get_method(self.method)

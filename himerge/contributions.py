@@ -24,7 +24,17 @@ __all__ = ['log', 'states_for', 'LayerMemo', 'MemoDeltas', 'paired', 'NoGainErro
 # %% ../nbs/07_contributions.ipynb #f8da4c6a
 def states_for(deltas, source_names: list, *, combine: str = "sum", merged=None, edits_key=None,
                base_key: str = "", source_keys: list | None = None) -> list:
-    "One `State` per source alone and the pre-merge `G` (last)."
+    """One `State` per source alone and the pre-merge `G` (last).
+
+    Args:
+        deltas: the sources' processed deltas (the sources alone are read from it).
+        source_names: the sources' names, in order.
+        combine: how the pre-merge combines the deltas: 'sum' or 'ties'.
+        merged: the deltas the pre-merge is built from, when they differ from `deltas` (resolved ones).
+        edits_key: a cache key of the edits `merged` carries, so edited pre-merges are cached apart.
+        base_key: the base's cache key.
+        source_keys: each source's cache key (default: the names).
+    """
     merged = deltas if merged is None else merged
     keys = list(source_keys) if source_keys is not None else list(source_names)
     states = [State(f"source:{n}", (lambda layer, i=i: deltas.source_layer(i, layer)),
@@ -88,7 +98,7 @@ class Contributions:
     gamma: object            # pandas DataFrame: layer, source, gamma, gamma_se, significant
     gains: dict              # task -> P(m) - P(F) of the source owning the task (1.0 without normalisation)
     evaluations: dict        # done, reused, model_seconds, seconds
-    layers: list = field(default_factory=list)
+    layers: list = field(default_factory=list)  # the layers (or units) analysed, in order
 
     def gamma_matrix(self):
         "γ as a layers × sources table."
@@ -114,6 +124,20 @@ class ContributionAnalysis:
     def __init__(self, scorer: Scorer, deltas, source_names: list, source_tasks: list, *, layers=None,
                  combine="sum", normalize="gain", base_key: str = "", source_keys: list | None = None,
                  memo_bytes: int = 2**30, progress=False):
+        """
+        Args:
+            scorer: the `Scorer` that scores weight states on the tasks.
+            deltas: the sources' processed deltas.
+            source_names: the sources' names, in order.
+            source_tasks: each source's task.
+            layers: the layers (or units) to analyse (default: every layer some source changes).
+            combine: how the pre-merge combines the deltas: 'sum' or 'ties'.
+            normalize: 'gain' divides contributions by each source's own gain over the base; 'none' keeps raw scores.
+            base_key: the base's cache key.
+            source_keys: each source's cache key (default: the names).
+            memo_bytes: the byte budget of the memo of combined layer deltas.
+            progress: show a progress bar.
+        """
         if normalize not in ("gain", "none"): raise ValueError(f"normalize: {normalize!r} is not 'gain' or 'none'")
         if combine not in COMBINES: raise ValueError(f"combine: {combine!r} is not one of {COMBINES}")
         self.scorer, self.deltas, self.names, self.tasks = scorer, deltas, list(source_names), list(source_tasks)
@@ -166,7 +190,14 @@ ContributionAnalysis.references, ContributionAnalysis.probes, ContributionAnalys
 
 # %% ../nbs/07_contributions.ipynb #7bcc1c63
 def _tables(self, states, ref_scores: dict, probe_scores: dict, gains: dict) -> tuple:
-    "(the α/β/c table, the γ table) from per-sample scores."
+    """(the α/β/c table, the γ table) from per-sample scores.
+
+    Args:
+        states: the analysed states (the sources alone, then the pre-merge).
+        ref_scores: state name -> task -> per-sample scores of the whole state (and of the base).
+        probe_scores: (state name, "delete" or "add", layer) -> task -> per-sample scores of that probe.
+        gains: task -> the owning source's gain over the base, the normaliser.
+    """
     import pandas as pd
     base = ref_scores["base"]
     rows, contrib = [], {}
@@ -244,11 +275,11 @@ Contributions.figures = lambda self: {"gamma_heatmap.png": plot_gamma(self)}
 @dataclass
 class GridResult:
     "Validation scores of one source over a grid of densities (rows) and scales (columns)."
-    source: str
-    task: str
+    source: str              # the source's name
+    task: str                # the source's task, the one scored
     table: object            # pandas DataFrame: index density, columns scale
     best: tuple              # (density, scale)
-    evaluations: dict = field(default_factory=dict)
+    evaluations: dict = field(default_factory=dict)   # done and reused evaluations of the search
 
     def to_record(self) -> dict:
         "The grid as a JSON-ready record, for a merge's report and card."

@@ -30,16 +30,16 @@ __all__ = ['log', 'Plan', 'auto_grid', 'count_evaluations', 'memory_estimate', '
 @dataclass
 class Plan:
     "What a merge will do, known before any weight is loaded."
-    config: MergeConfig
-    method: MergeMethod
+    config: MergeConfig        # the validated config
+    method: MergeMethod        # the registered method it names
     sources: object            # himerge.sources.SourceSet
     tasks: dict                # task name -> TaskSpec (analysis split), the tasks the sources name
-    output: Path
+    output: Path               # the output folder, checked
     layers: list               # the layers some source changes: the ones contribution analysis probes
     evaluations: dict          # stage -> number of task evaluations (upper bounds are labelled "at most")
     inputs: dict = field(default_factory=dict)   # what the output may not touch: name -> path
-    cache_dir: Path | None = None
-    device: str = "cpu"
+    cache_dir: Path | None = None                # the evaluation cache's folder (None: no cache)
+    device: str = "cpu"                          # where the base is placed
     tokenizer: str | None = None                 # a local folder holding the tokenizer the tasks use
     rows: dict = field(default_factory=dict)     # (task, split) -> rows scored
     memory: dict = field(default_factory=dict)   # expected bytes: the model as held, the largest layer delta
@@ -94,7 +94,14 @@ _BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2,
 
 def memory_estimate(deltas, layers: list, compute_option: str, device: str) -> dict:
     """Bytes: the base as held (`model`), the largest layer converted to the compute dtype (`layer`), the largest layer
-    delta in float32 (`delta`); and the stored and compute dtypes."""
+    delta in float32 (`delta`); and the stored and compute dtypes.
+
+    Args:
+        deltas: the sources' deltas (their headers give the sizes; nothing is loaded).
+        layers: the layers the merge changes.
+        compute_option: the `compute_dtype` option (auto, float32, bfloat16, float16).
+        device: the device the base is placed on.
+    """
     import math
     from himerge.scoring import compute_dtype, stored_dtype
     headers = deltas.base_store.headers()
@@ -112,7 +119,14 @@ def _gb(n: int) -> str: return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.
 
 # %% ../nbs/09_merge.ipynb #987f1176
 def protected_inputs(cfg: MergeConfig, sources, tasks: dict, cache_dir) -> dict:
-    "name -> path of everything a merge reads, which its output may not be, hold or lie inside."
+    """name -> path of everything a merge reads, which its output may not be, hold or lie inside.
+
+    Args:
+        cfg: the validated config (its file, and the tokenizer it names).
+        sources: the resolved `SourceSet` (the base and each source's folder).
+        tasks: task name -> TaskSpec (their data folders).
+        cache_dir: the evaluation cache's folder, if any.
+    """
     inputs = {"the base": sources.base.path}
     inputs.update({f"source {s.name!r}": s.path for s in sources.sources})
     inputs.update({f"the data of task {name!r}": spec.data_dir for name, spec in tasks.items()
@@ -220,14 +234,14 @@ Plan.__str__ = _plan_text
 class Run:
     "The open resources of a merge being executed."
     deltas: object             # himerge.deltas.Deltas
-    base_key: str
-    source_keys: list
+    base_key: str              # the base's cache key
+    source_keys: list          # each source's cache key
     scorer: object = None      # himerge.scoring.Scorer, when there are tasks
     cache: object = None       # himerge.cache.EvalCache
-    progress: object = None
-    timings: dict = field(default_factory=dict)
+    progress: object = None    # the run's progress bar, if shown
+    timings: dict = field(default_factory=dict)     # stage -> seconds
     densities: list = field(default_factory=list)   # each source's p and λ, 'auto' ones chosen
-    scales: list = field(default_factory=list)
+    scales: list = field(default_factory=list)      # each source's λ, 'auto' ones chosen
     grids: list = field(default_factory=list)       # the searches that chose them (GridResult)
     block_passes: dict | None = None                # what prefix reuse ran and skipped, kept when the model goes
 
@@ -326,7 +340,14 @@ def run_method(p: Plan, run: Run):
 
 # %% ../nbs/09_merge.ipynb #be875281
 def write_adapter_first(p: Plan, run: Run, merged, tmp: Path):
-    "Write the merge as an adapter into `tmp`; return (the adapter's summary, the merge as the adapter reads back)."
+    """Write the merge as an adapter into `tmp`; return (the adapter's summary, the merge as the adapter reads back).
+
+    Args:
+        p: the plan.
+        run: the open run (its deltas).
+        merged: the method's `Merged`.
+        tmp: the staging folder.
+    """
     from himerge.adapter import write_adapter
     from himerge.cache import content_key
     from himerge.deltas import compute_deltas
@@ -422,7 +443,15 @@ def _base_license(base):
     return None
 
 def build_report(p: Plan, run: Run, merged, scores: dict, files: list) -> dict:
-    "The report of a finished merge (JSON-ready)."
+    """The report of a finished merge (JSON-ready).
+
+    Args:
+        p: the plan.
+        run: the finished run (timings, chosen densities and scales, grids).
+        merged: the method's `Merged` (its records).
+        scores: split -> model -> task -> mean score (from `score_models`).
+        files: the files written, relative to the output folder.
+    """
     cfg = p.config
     report = dict(himerge_version=__version__, method=cfg.method,
                   created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -503,10 +532,10 @@ def adapter_record(summary: dict) -> dict:
 @dataclass
 class MergeResult:
     "What a merge produced."
-    output: Path
-    report: dict
-    plan: Plan
-    records: dict = field(default_factory=dict)
+    output: Path               # the folder written
+    report: dict               # the report, as saved in himerge_report.json
+    plan: Plan                 # the plan it executed
+    records: dict = field(default_factory=dict)   # the method's records (contributions, resolution, ...)
 
     @property
     def contributions(self): return self.records.get("contributions")

@@ -57,7 +57,14 @@ def _check_number(value, m: dict, where: str):
     if bad: raise OptionError(f"{where}: {value!r} is not {_describe(m)}")
 
 def check_value(value, m: dict, kind, where: str):
-    "`value` checked against a field's metadata `m` and annotated type `kind`, as that type (an int given: a float)."
+    """`value` checked against a field's metadata `m` and annotated type `kind`, as that type (an int given: a float).
+
+    Args:
+        value: the value the config gives.
+        m: the field's metadata, as `option` writes it (choices, range, per_source).
+        kind: the field's annotated type (`float`, `int | None`, `str`, ...).
+        where: the config path of the value, for errors (`options.density_factor`).
+    """
     args = typing.get_args(kind)
     allows_none = kind is type(None) or type(None) in args
     if value is None:
@@ -133,19 +140,18 @@ def no_evaluations(counts: Counts, options) -> dict:
 @dataclass(frozen=True)
 class MergeMethod:
     "A merge method: its name, typed options, needs, planned evaluations and merger."
-    name: str
+    name: str                        # what the config's `method` says
     summary: str                     # one line: what it computes, for listings and the card
     options: type                    # dataclass of typed options (see `option`)
     merger: str                      # "module:function" building the merge from a MergeContext
     needs_tasks: bool = False        # every source must name its task
-    min_sources: int = 1
-    max_sources: int | None = None
+    min_sources: int = 1             # the fewest sources it merges
+    max_sources: int | None = None   # the most sources it merges (None: any number)
     default_density: float = 1.0     # a source's density when the config gives none
     evaluations: Callable = no_evaluations   # (Counts, options) -> {stage: task evaluations}
     reference: str = ""              # where the method comes from
     validate: Callable | None = None # (sources, options) -> None: checks only this method can make, OptionError if not
-    # the grid a fair comparison searches: name -> values (see himerge.compare)
-    search: dict = field(default_factory=dict)
+    search: dict = field(default_factory=dict)  # the grid a fair comparison searches (see himerge.compare)
 
     def build(self, context):
         "Run the merger on `context`; return its `Merged`."
@@ -163,8 +169,8 @@ class MergeContext:
     options: object         # the method's options dataclass
     run: object             # the run options (seed, ...)
     layers: list            # the layers some source changes
-    base_key: str = ""      # cache keys: the base's, and each source's files
-    source_keys: list = field(default_factory=list)
+    base_key: str = ""      # the base's cache key (its files)
+    source_keys: list = field(default_factory=list)  # each source's cache key (its files)
     scorer: object = None   # himerge.scoring.Scorer when the merge has tasks
 
 @dataclass
@@ -242,7 +248,14 @@ class TaskArithmeticOptions:
     lamb: float = option(1.0, "factor on the merged delta, applied last (mergekit's lambda)", low=0, low_open=True)
 
 def source_state_key(source_key, density: float, scale: float, scope: str):
-    "A source's cache key after Stage 1: its files, density, scale and scope (its files alone when p = λ = 1)."
+    """A source's cache key after Stage 1: its files, density, scale and scope (its files alone when p = λ = 1).
+
+    Args:
+        source_key: the key of the source's files.
+        density: p, the fraction of entries kept.
+        scale: λ, the factor on the pruned delta.
+        scope: where the top-p threshold is taken (tensor, layer, delta).
+    """
     if density == 1 and scale == 1: return source_key
     return {"delta": source_key, "density": density, "scale": scale, "scope": scope}
 

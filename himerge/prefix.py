@@ -142,7 +142,16 @@ def starting_at(blocks: Blocks, start: int, hidden):
         for h in handles: h.remove()
 
 def run_from(model, start: int, hidden, input_ids, blocks: Blocks | None = None, **kwargs):
-    "The logits of `model(input_ids, **kwargs)`, computed from the hidden states `hidden` entering block `start`."
+    """The logits of `model(input_ids, **kwargs)`, computed from the hidden states `hidden` entering block `start`.
+
+    Args:
+        model: the causal LM.
+        start: the index of the first block to run.
+        hidden: the hidden states entering block `start`, as a full forward would compute them.
+        input_ids: the batch's token ids (the model still needs them for positions and the mask).
+        blocks: the model's blocks, if already found.
+        **kwargs: the rest of the model's arguments (attention_mask, ...).
+    """
     blocks = blocks or find_blocks(model)
     with starting_at(blocks, start, hidden): return model(input_ids, **kwargs).logits
 
@@ -232,7 +241,14 @@ class PrefixCache:
         return 0, None
 
     def put(self, batch, block: int, chain, hidden) -> bool:
-        "Store the hidden states entering `block` of `batch` under the prefix `chain[block]`; whether they are kept."
+        """Store the hidden states entering `block` of `batch` under the prefix `chain[block]`; whether they are kept.
+
+        Args:
+            batch: the batch's key (the same tokens give the same key).
+            block: the index of the block the hidden states enter.
+            chain: the prefix keys of the weights: `chain[block]` names the embeddings and every block below `block`.
+            hidden: the hidden states to store.
+        """
         key = (batch, block, chain[block])
         nbytes = hidden.numel() * hidden.element_size()
         if key in self._entries or block == 0 or nbytes > self.max_bytes: return key in self._entries
@@ -267,7 +283,16 @@ def _check_same(logits, full, start):
 class PrefixForward:
     """`model(input_ids, **kwargs).logits`, started at the deepest block whose input is stored for this batch and these
     weights below."""
-    def __init__(self, model, max_bytes: int = DEFAULT_MAX_BYTES, store_device=None, policy: str = "spread", verify: bool = False):
+    def __init__(self, model, max_bytes: int = DEFAULT_MAX_BYTES, store_device=None, policy: str = "spread",
+                 verify: bool = False):
+        """
+        Args:
+            model: the causal LM whose forward passes are shortened.
+            max_bytes: the byte budget of the stored hidden states.
+            store_device: where the hidden states are kept (default: where they are computed).
+            policy: what is evicted first: 'spread' (keeps depths evenly spaced) or 'lru'.
+            verify: also run the full forward and check the logits are the same (for tests).
+        """
         self.model, self.blocks = model, find_blocks(model)
         self.cache = PrefixCache(max_bytes, store_device, policy)
         self.verify = verify

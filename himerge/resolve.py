@@ -88,15 +88,15 @@ class ResolvedDeltas:
 @dataclass
 class Decision:
     "One resolved layer."
-    order: int
-    layer: object
-    cls: str
-    gamma: dict
-    total_conflict: float
-    action: str
+    order: int                 # 1 for the first layer resolved, and so on
+    layer: object              # the layer (or unit) resolved
+    cls: str                   # severe / partial / mutual
+    gamma: dict                # source name -> γ at this layer when it was resolved
+    total_conflict: float      # Γ: the sum of the positive γ
+    action: str                # what was done, in words
     edits: dict = field(default_factory=dict)        # source name -> LayerEdit description
-    score_before: dict = field(default_factory=dict)
-    score_after: dict = field(default_factory=dict)
+    score_before: dict = field(default_factory=dict) # task -> validation score before the step
+    score_after: dict = field(default_factory=dict)  # task -> validation score after the step
 
     def record(self) -> dict:
         d = asdict(self); d["class"] = d.pop("cls"); return d
@@ -104,14 +104,14 @@ class Decision:
 @dataclass
 class Resolution:
     "The result of conflict resolution: the resolved deltas, every decision, and each layer's class."
-    deltas: ResolvedDeltas
-    decisions: list
+    deltas: ResolvedDeltas # the processed deltas with every layer edit applied
+    decisions: list        # the `Decision` of each resolved layer, in order
     classes: dict          # layer -> severe / partial / mutual (from the γ used when the layer was visited)
     stopped: str           # why the loop ended
-    evaluations: int = 0
+    evaluations: int = 0   # task evaluations the resolution spent scoring and re-measuring
     contributions: object = None  # the last Contributions measured (the input one if never re-measured)
-    remeasured: bool = False
-    conflict_z: float = 0.0
+    remeasured: bool = False      # whether contributions were re-measured after each step
+    conflict_z: float = 0.0       # z of the noise-aware rule (0: the paper's γ > 0)
     impaired: dict = field(default_factory=dict)   # layer -> sources counted as impaired (γ > z·se)
 
     def to_report(self) -> dict:
@@ -137,7 +137,26 @@ def _layer_errors(contributions, layer) -> dict:
 def resolve(contributions, processed, source_names: list, source_tasks: list, density: list, scale: list, *,
             density_factor=0.5, scale_factor=0.5, remeasure="never", budget=None, score=None, measure=None,
             scope="tensor", evals_per_score=None, evals_per_measure=None, conflict_z=0.0) -> Resolution:
-    "Resolve conflicts layer by layer, most conflicted first (Hi-Merging's Stage 4)."
+    """Resolve conflicts layer by layer, most conflicted first (Hi-Merging's Stage 4).
+
+    Args:
+        contributions: the `Contributions` of the sources and the pre-merge (γ per layer and source).
+        processed: the sources' deltas after Stage 1 (pruned and scaled).
+        source_names: the sources' names, in order.
+        source_tasks: each source's task.
+        density: p of each source, from Stage 1.
+        scale: λ of each source, from Stage 1.
+        density_factor: partial conflict: the factor on p of the dominating sources' layer delta.
+        scale_factor: partial conflict: the factor on λ of the dominating sources' layer delta.
+        remeasure: 'never', or 'after_each' to re-measure the contributions after each step (needs `measure`).
+        budget: the most task evaluations the loop may spend (None: no limit).
+        score: the resolved deltas -> {task: validation score}, to record each step's effect (None: not scored).
+        measure: the resolved deltas -> new `Contributions`, for `remeasure`.
+        scope: where the top-p threshold is taken when a layer is pruned again (tensor, layer, delta).
+        evals_per_score: evaluations one `score` call costs (default: the number of distinct tasks).
+        evals_per_measure: evaluations one `measure` call costs.
+        conflict_z: a source is impaired at a layer only if γ > z·se(γ) (0: the paper's rule).
+    """
     if remeasure not in ("never", "after_each"):
         raise ValueError(f"remeasure: {remeasure!r} is not 'never' or 'after_each'")
     if remeasure == "after_each" and measure is None:
