@@ -7,11 +7,13 @@
     probe writing one block's weights in place and putting them back. Every forward runs twice, interleaved: plain
     (`model(input_ids).logits`, the peer) and through `PrefixForward`; their logits must be identical (torch.equal).
     Printed: block passes, and forward wall and process CPU time, with the cache as a ratio of those without, for the
-    probes, the reference passes and the whole schedule, and seconds per evaluation both ways. Target (issue 15): probe compute <= 0.55x.
+    probes, the reference passes and the whole schedule, and seconds per evaluation both ways. Target (issue 15): probe
+    compute <= 0.55x.
 (b) Generative tasks: would reusing the prompt's prefill pay? For prompts of 20-60 tokens and 8-16 new tokens,
     greedy `generate` with a KV cache; the prefill (one forward over the prompt) is timed alone, in the same run.
-    Printed: prefill's share of generation time (wall, and process CPU time), and the share prefix reuse could save at most (the prefill of
-    blocks below the probed one: on average (L-1)/(2L) of it, counting no cost for restoring their KV cache).
+    Printed: prefill's share of generation time (wall, and process CPU time), and the share prefix reuse could save at
+    most (the prefill of blocks below the probed one: on average (L-1)/(2L) of it, counting no cost for restoring their
+    KV cache).
 
 Run: python bench/bench_prefix.py [--blocks 24] [--batches 2] [--batch-size 4] [--tokens 24] [--threads 2] [--part all]
 """
@@ -22,8 +24,9 @@ def build(blocks: int, seed: int = 0):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=896, intermediate_size=4864, num_hidden_layers=blocks, num_attention_heads=14,
-                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=896, intermediate_size=4864, num_hidden_layers=blocks,
+                      num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True)
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -36,7 +39,8 @@ def loglikelihood_part(args):
     params = {name: p for name, p in model.named_parameters() if blocks.index_of(name) is not None}
     base = {name: p.detach().clone() for name, p in params.items()}
     gen = torch.Generator().manual_seed(1)
-    delta = {s: {name: 0.02 * b.std() * torch.randn(b.shape, generator=gen) for name, b in base.items()} for s in ("source", "pre_merge")}
+    delta = {s: {name: 0.02 * b.std() * torch.randn(b.shape, generator=gen) for name, b in base.items()}
+             for s in ("source", "pre_merge")}
     by_block = [[n for n in params if blocks.index_of(n) == block] for block in range(L)]
     held = ["base"] * L
 
@@ -73,7 +77,9 @@ def loglikelihood_part(args):
         pf.set_weights(["embed"] + units, record_at)
         run_before = pf.stats["blocks_run"]
         for ids in batches:
-            c0, t0 = time.process_time(), time.perf_counter(); full = model(ids).logits; c1, t1 = time.process_time(), time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
+            full = model(ids).logits
+            c1, t1 = time.process_time(), time.perf_counter()
             mine = pf(ids); c2, t2 = time.process_time(), time.perf_counter()
             if not torch.equal(full, mine): raise SystemExit(f"logits differ: {kind} probe {n}, units {units}")
             compared += 1
@@ -92,17 +98,20 @@ def loglikelihood_part(args):
     probes = ("addition", "deletion")
     total = lambda d, kinds: sum(d[k] for k in kinds)
     every = ("reference",) + probes
-    print(f"(a) log-likelihood probes: {L} blocks, {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, float32, "
-          f"{args.batches} batches of {args.batch_size} x {args.tokens} tokens, {torch.get_num_threads()} threads")
+    parameters = sum(p.numel() for p in model.parameters()) / 1e9
+    print(f"(a) log-likelihood probes: {L} blocks, {parameters:.2f}B parameters, float32, {args.batches} batches of "
+          f"{args.batch_size} x {args.tokens} tokens, {torch.get_num_threads()} threads")
     print(f"    evaluations: {evaluations}; forwards compared: {compared}, all logits identical (torch.equal)")
     print(f"    cache peak {peak / 2**20:.1f} MiB, {pf.stats['entries']} entries at the end; {pf.stats}")
-    for label, kinds in (("probes (addition + deletion)", probes), ("reference passes", ("reference",)), ("whole schedule", every)):
+    for label, kinds in (("probes (addition + deletion)", probes), ("reference passes", ("reference",)),
+                         ("whole schedule", every)):
         bp, bc = total(passes_plain, kinds), total(passes_cached, kinds)
         tp, tc = total(plain_s, kinds), total(cached_s, kinds)
         cp, cc = total(plain_cpu, kinds), total(cached_cpu, kinds)
         ev = total(evaluations, kinds)
-        print(f"    {label:28s} block passes {bc:5d} / {bp:5d} = {bc / bp:.3f}x   wall {tc:7.1f} s / {tp:7.1f} s = {tc / tp:.3f}x"
-              f"   CPU {cc:7.1f} s / {cp:7.1f} s = {cc / cp:.3f}x   s per evaluation {tc / ev:5.2f} (cache) vs {tp / ev:5.2f} (plain)")
+        print(f"    {label:28s} block passes {bc:5d} / {bp:5d} = {bc / bp:.3f}x"
+              f"   wall {tc:7.1f} s / {tp:7.1f} s = {tc / tp:.3f}x   CPU {cc:7.1f} s / {cp:7.1f} s = {cc / cp:.3f}x"
+              f"   s per evaluation {tc / ev:5.2f} (cache) vs {tp / ev:5.2f} (plain)")
 
 
 def generation_part(args):
@@ -111,8 +120,10 @@ def generation_part(args):
     model.generation_config.temperature = None
     L = model.config.num_hidden_layers
     gen = torch.Generator().manual_seed(3)
-    print(f"(b) generation: {L} blocks, greedy, KV cache on, {torch.get_num_threads()} threads; median of {args.repeats} runs")
-    print("    batch  prompt  new   prefill s   generate s   prefill share (wall / CPU)   at most saved by prefix reuse")
+    print(f"(b) generation: {L} blocks, greedy, KV cache on, {torch.get_num_threads()} threads; "
+          f"median of {args.repeats} runs")
+    print("    batch  prompt  new   prefill s   generate s   prefill share (wall / CPU)   "
+          "at most saved by prefix reuse")
     median = lambda xs: sorted(xs)[len(xs) // 2]
     model(torch.randint(3, 512, (1, 8)), use_cache=True)  # warm-up
     for batch in args.gen_batches:
@@ -125,14 +136,15 @@ def generation_part(args):
                     c0, t0 = time.process_time(), time.perf_counter()
                     model(ids, attention_mask=mask, use_cache=True)
                     c1, t1 = time.process_time(), time.perf_counter()
-                    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                         pad_token_id=0, eos_token_id=None)
+                    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                         do_sample=False, pad_token_id=0, eos_token_id=None)
                     c2, t2 = time.process_time(), time.perf_counter()
                     assert out.shape[1] == prompt + new
                     pre.append(t1 - t0); full.append(t2 - t1); pre_cpu.append(c1 - c0); full_cpu.append(c2 - c1)
                 p, g = median(pre), median(full)
                 share, share_cpu = p / g, median(pre_cpu) / median(full_cpu)
-                print(f"    {batch:5d}  {prompt:6d}  {new:3d}   {p:9.3f}   {g:10.3f}   {share:12.3f} / {share_cpu:5.3f}   "
+                print(f"    {batch:5d}  {prompt:6d}  {new:3d}   {p:9.3f}   {g:10.3f}   "
+                      f"{share:12.3f} / {share_cpu:5.3f}   "
                       f"{share_cpu * (L - 1) / (2 * L):13.3f}", flush=True)
 
 

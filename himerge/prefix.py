@@ -100,7 +100,8 @@ def recording(blocks: Blocks, at, store=None):
     try:
         for index in sorted(set(at)):
             block = blocks.modules[index]
-            handles += [block.register_forward_pre_hook(hook(index), with_kwargs=True), block.register_forward_hook(_note_output)]
+            handles += [block.register_forward_pre_hook(hook(index), with_kwargs=True),
+                        block.register_forward_hook(_note_output)]
         yield seen
     finally:
         for h in handles: h.remove()
@@ -127,13 +128,16 @@ def starting_at(blocks: Blocks, start: int, hidden):
     def substitute(module, args, kwargs):
         current = _hidden_of(args, kwargs)
         if current.shape != hidden.shape or current.dtype != hidden.dtype:
-            raise PrefixError(f"block {start}: the stored hidden states are {tuple(hidden.shape)} {hidden.dtype}, this forward's "
-                              f"are {tuple(current.shape)} {current.dtype}: another batch, or the model changed dtype")
-        # A copy, on the device of the tensor it replaces: a block that writes into its input cannot change what is stored.
+            raise PrefixError(f"block {start}: the stored hidden states are {tuple(hidden.shape)} {hidden.dtype}, this "
+                              f"forward's are {tuple(current.shape)} {current.dtype}: another batch, or the model "
+                              "changed dtype")
+        # A copy, on the device of the tensor it replaces: a block that writes into its input cannot change what is
+        # stored.
         return _with_hidden(args, kwargs, hidden.to(current.device, copy=True))
     first, skipped = blocks.modules[start], list(blocks.modules[:start])
     as_tuple = _returns_tuple(first)
-    handles = [first.register_forward_pre_hook(substitute, with_kwargs=True, prepend=True), first.register_forward_hook(_note_output)]
+    handles = [first.register_forward_pre_hook(substitute, with_kwargs=True, prepend=True),
+               first.register_forward_hook(_note_output)]
     try:
         for i, block in enumerate(skipped): blocks.modules[i] = _PassThrough(block, as_tuple)
         yield
@@ -257,7 +261,8 @@ class PrefixCache:
         self._by_batch.setdefault(batch, set()).add(key)
         self.bytes += nbytes
         # This entry, and those above it in the same prefix (their gap shrank), enter the heap with current priorities.
-        for other in [k for k in self._by_batch[batch] if k[1] >= block and self._entries[k].chain[block] == chain[block]]:
+        above = [k for k in self._by_batch[batch] if k[1] >= block and self._entries[k].chain[block] == chain[block]]
+        for other in above:
             heapq.heappush(self._heap, (*_priority(self, other), other))
         _evict(self)
         return key in self._entries
@@ -277,8 +282,9 @@ class PrefixCache:
 def _check_same(logits, full, start):
     "Raise if a forward from block `start` did not give the full forward's logits."
     if not torch.equal(full, logits):
-        raise AssertionError(f"the forward from block {start} gave other logits than the full forward (largest difference "
-                             f"{(full.float() - logits.float()).abs().max().item():.3g}): the unit keys do not describe the weights")
+        difference = (full.float() - logits.float()).abs().max().item()
+        raise AssertionError(f"the forward from block {start} gave other logits than the full forward (largest "
+                             f"difference {difference:.3g}): the unit keys do not describe the weights")
 
 class PrefixForward:
     """`model(input_ids, **kwargs).logits`, started at the deepest block whose input is stored for this batch and these
@@ -304,7 +310,8 @@ class PrefixForward:
         `record_at` (or 'all')."""
         n = len(self.blocks)
         if len(unit_keys) != n + 1:
-            raise ValueError(f"{len(unit_keys)} unit keys for a model of {n} blocks: give one for the embeddings and one per block")
+            raise ValueError(f"{len(unit_keys)} unit keys for a model of {n} blocks: give one for the embeddings and "
+                             "one per block")
         record_at = range(n) if isinstance(record_at, str) and record_at == "all" else record_at
         wrong = [b for b in record_at if not (isinstance(b, int) and 0 <= b < n)]
         if wrong: raise ValueError(f"record_at: {wrong} are not block indices of a model of {n} blocks")
@@ -314,7 +321,8 @@ class PrefixForward:
         """The logits of `model(input_ids, **kwargs)`, run from the deepest stored input of this batch under the
         current weights."""
         if self._chain is None: raise RuntimeError("call set_weights(unit_keys) before the first forward")
-        if self.model.training: raise RuntimeError("prefix reuse needs the model in eval mode: dropout makes hidden states random")
+        if self.model.training:
+            raise RuntimeError("prefix reuse needs the model in eval mode: dropout makes hidden states random")
         batch = batch_key if batch_key is not None else batch_fingerprint(input_ids, **kwargs)
         chain, cache, counts = self._chain, self.cache, self.counts
         start, hidden = cache.deepest(batch, chain)
@@ -343,5 +351,5 @@ class PrefixForward:
         "The counts, the entries evicted and held, bytes held and allowed, and the share of block passes run."
         c, cache = self.counts, self.cache
         total = c["blocks_run"] + c["blocks_skipped"]
-        return {**c, "evicted": cache.evicted, "entries": len(cache), "bytes": cache.bytes, "max_bytes": cache.max_bytes,
-                "run_share": c["blocks_run"] / total if total else float("nan")}
+        return {**c, "evicted": cache.evicted, "entries": len(cache), "bytes": cache.bytes,
+                "max_bytes": cache.max_bytes, "run_share": c["blocks_run"] / total if total else float("nan")}

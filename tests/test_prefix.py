@@ -29,7 +29,8 @@ FAMILIES = {
     "mistral": lambda: MistralForCausalLM(MistralConfig(**SMALL)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL)),
     # sliding-window attention in blocks 1-3: the model picks each block's mask by its position in the loop
-    "qwen2-sliding": lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=3, max_window_layers=1)),
+    "qwen2-sliding": lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=3,
+                                                          max_window_layers=1)),
     "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=N_BLOCKS, n_head=4, n_positions=64)),
 }
 
@@ -66,7 +67,8 @@ def test_from_every_block_identical(family, dtype, masked):
         weight.add_(torch.randn_like(weight))  # the probe changes block `start`; the blocks below are as recorded
         ours, full = run_from(model, start, entering[start], ids, blocks, **kwargs), model(ids, **kwargs).logits
         weight.copy_(saved)
-        assert torch.equal(ours, full), f"{family} {dtype} from block {start}: max diff {(ours.float() - full.float()).abs().max()}"
+        difference = (ours.float() - full.float()).abs().max()
+        assert torch.equal(ours, full), f"{family} {dtype} from block {start}: max diff {difference}"
         # and the substitution is real: other hidden states give other logits
         assert not torch.equal(run_from(model, start, entering[start] * 2, ids, blocks, **kwargs), full)
 
@@ -139,8 +141,8 @@ def placements(tmp_path):
     device_map = {"model.embed_tokens": "cpu", **{f"model.layers.{i}": "cpu" for i in range(N_BLOCKS)},
                   "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
     yield "hooks-on-all-cpu", dispatch_model(model_of("llama"), device_map, force_hooks=True)
-    yield "blocks-on-disk", dispatch_model(model_of("llama"), {**device_map, "model.layers.1": "disk", "model.layers.2": "disk"},
-                                           offload_dir=str(tmp_path))
+    on_disk = {**device_map, "model.layers.1": "disk", "model.layers.2": "disk"}
+    yield "blocks-on-disk", dispatch_model(model_of("llama"), on_disk, offload_dir=str(tmp_path))
     yield "cpu-offload-meta-params", cpu_offload(model_of("llama"), execution_device="cpu")
 
 
@@ -151,9 +153,11 @@ def test_accelerate_hooks(tmp_path):
     for name, model in placements(tmp_path):
         blocks = find_blocks(model)
         assert blocks.name == "model.layers"
-        with recording(blocks, range(N_BLOCKS)) as entering: assert torch.equal(model(ids, attention_mask=mask).logits, full)
+        with recording(blocks, range(N_BLOCKS)) as entering:
+            assert torch.equal(model(ids, attention_mask=mask).logits, full)
         for start in range(N_BLOCKS):
-            assert torch.equal(run_from(model, start, entering[start], ids, blocks, attention_mask=mask), full), (name, start)
+            logits = run_from(model, start, entering[start], ids, blocks, attention_mask=mask)
+            assert torch.equal(logits, full), (name, start)
         # hooks put back in place
         assert all(hasattr(b, "_hf_hook") or name.startswith("cpu-offload") for b in blocks.modules)
 
