@@ -18,7 +18,7 @@ from .scoring import Probe, State, Scorer, base_state, means
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'states_for', 'LayerMemo', 'MemoDeltas', 'paired', 'NoGainError', 'Contributions', 'records',
+__all__ = ['log', 'states_for', 'LayerMemo', 'MemoDeltas', 'memo_budget', 'paired', 'NoGainError', 'Contributions', 'records',
            'ContributionAnalysis', 'plot_gamma', 'GridResult', 'choose_density_scale']
 
 # %% ../nbs/07_contributions.ipynb #f8da4c6a
@@ -79,6 +79,11 @@ class MemoDeltas:
         if attr.startswith("_") or attr in ("deltas", "memo"): raise AttributeError(attr)
         return getattr(self.deltas, attr)
 
+def memo_budget(model, share: float = 1 / 8, most: int = 2**30) -> int:
+    "A memo's byte budget sized to `model`: `share` of its parameters' bytes, at most `most` (`most` if no model)."
+    if model is None: return most
+    return int(min(most, share * sum(p.numel() * p.element_size() for p in model.parameters())))
+
 # %% ../nbs/07_contributions.ipynb #02b8e1f4
 def paired(diff: np.ndarray) -> tuple:
     "Mean and standard error of a vector of per-sample differences."
@@ -123,7 +128,7 @@ class ContributionAnalysis:
     "Per-layer contribution analysis of N processed sources and their pre-merge."
     def __init__(self, scorer: Scorer, deltas, source_names: list, source_tasks: list, *, layers=None,
                  combine="sum", normalize="gain", base_key: str = "", source_keys: list | None = None,
-                 memo_bytes: int = 2**30, progress=False):
+                 memo_bytes: int | None = None, progress=False):
         """
         Args:
             scorer: the `Scorer` that scores weight states on the tasks.
@@ -135,7 +140,8 @@ class ContributionAnalysis:
             normalize: 'gain' divides contributions by each source's own gain over the base; 'none' keeps raw scores.
             base_key: the base's cache key.
             source_keys: each source's cache key (default: the names).
-            memo_bytes: the byte budget of the memo of combined layer deltas.
+            memo_bytes: the byte budget of the memo of combined layer deltas (default: `memo_budget` of the
+                scorer's model, an eighth of it).
             progress: show a progress bar.
         """
         if normalize not in ("gain", "none"): raise ValueError(f"normalize: {normalize!r} is not 'gain' or 'none'")
@@ -143,6 +149,7 @@ class ContributionAnalysis:
         self.scorer, self.deltas, self.names, self.tasks = scorer, deltas, list(source_names), list(source_tasks)
         self.layers = list(deltas.layers if layers is None else layers)
         self.all_tasks = list(dict.fromkeys(self.tasks))
+        if memo_bytes is None: memo_bytes = memo_budget(getattr(scorer, "model", None))
         self.combine, self.normalize, self.memo_bytes, self.progress = combine, normalize, memo_bytes, progress
         self.base_key, self.source_keys = base_key, source_keys
 

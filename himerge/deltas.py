@@ -258,7 +258,10 @@ class Deltas:
         readers = [source_reader(s, self.base_store, self._by_layer, self.layers, self.config, self.allow_pickle)
                    for s in self.sources]
         self._readers, self._touched = [r for r, _ in readers], [t for _, t in readers]
-        self._cache = {}
+        self._cache = {}                                      # (source, layer) -> (deltas, bytes)
+        sizes = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2}
+        base_bytes = sum(math.prod(h.shape) * sizes.get(h.dtype, 1) for h in self.base_store.headers().values())
+        self.cache_bytes = base_bytes // 8                    # other sources' last layers: an eighth of the base
 
     @property
     def n_sources(self) -> int: return len(self.sources)
@@ -271,13 +274,22 @@ class Deltas:
         "The base's float32 tensors of `layer`."
         return {n: self.base_store.get(n) for n in self._by_layer.get(layer, [])}
 
+    def base_tensor(self, name: str):
+        "The base's float32 tensor `name` (a layer one tensor at a time, for a writer that needs no more)."
+        return self.base_store.get(name)
+
     def source_layer(self, i: int, layer) -> dict:
         "Source `i`'s float32 deltas in `layer` (only the tensors it changes)."
         key = (i, layer)
         if key not in self._cache:
-            self._cache = {k: v for k, v in self._cache.items() if k[0] != i}  # keep one layer per source
-            self._cache[key] = self._readers[i](layer)
-        return dict(self._cache[key])
+            self._cache = {k: v for k, v in self._cache.items() if k[0] != i}  # one layer per source at most
+            delta = self._readers[i](layer)
+            size = sum(t.numel() * t.element_size() for t in delta.values())
+            # The layer just read is kept; other sources' last layers only while they fit in `cache_bytes`.
+            while self._cache and sum(b for _, b in self._cache.values()) + size > self.cache_bytes:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = (delta, size)
+        return dict(self._cache[key][0])
 
     def changed_layers(self, i: int | None = None) -> list:
         "The layers source `i` changes (any source if `i` is None), known from the files' headers."

@@ -15,22 +15,40 @@ import numpy as np
 from .tasks import TaskSpec, TaskError, to_lighteval, load_tasks
 
 # %% auto #0
-__all__ = ['TESTED_LIGHTEVAL', 'TaskScore', 'lighteval_tested', 'quiet_lighteval', 'build_docs', 'Evaluator']
+__all__ = ['LIGHTEVAL_MODULES', 'TESTED_LIGHTEVAL', 'TaskScore', 'import_lighteval', 'lighteval_tested', 'quiet_lighteval',
+           'build_docs', 'Evaluator']
 
 # %% ../nbs/06_evaluate.ipynb #e73d0619
 @dataclass
 class TaskScore:
     "The score of one task: mean of the per-sample metric, the per-sample array (row order), and timings."
-    task: str
-    metric: str
-    score: float
-    per_sample: np.ndarray
-    n: int
-    seconds: float
-    model_seconds: float = float("nan")
+    task: str                # the task's name
+    metric: str              # the metric's name, as the task gives it
+    score: float             # the mean of `per_sample`
+    per_sample: np.ndarray   # the metric of each sample, in the split's row order
+    n: int                   # how many samples were scored
+    seconds: float           # the call's wall time
+    model_seconds: float = float("nan")   # the time inside the model's forward calls (the rest is overhead)
 
     def __repr__(self):
         return f"TaskScore({self.task!r}, {self.metric}={self.score:.4f}, n={self.n}, {self.seconds*1000:.0f} ms)"
+
+# %% ../nbs/06_evaluate.ipynb #a1d9bf48
+LIGHTEVAL_MODULES = ("lighteval.metrics", "lighteval.tasks.lighteval_task",
+                     "lighteval.models.transformers.transformers_model")
+
+@functools.cache
+def import_lighteval():
+    "Import `LIGHTEVAL_MODULES` once, in a thread of its own, so that no import-time traceback pins the caller's stack."
+    import importlib, threading
+    failed = []
+    def run():
+        try:
+            for name in LIGHTEVAL_MODULES: importlib.import_module(name)
+        except BaseException as e: failed.append(e)
+    thread = threading.Thread(target=run, name="himerge-import-lighteval", daemon=True)
+    thread.start(); thread.join()
+    if failed: raise failed[0]
 
 # %% ../nbs/06_evaluate.ipynb #10f2a513
 TESTED_LIGHTEVAL = ("0.13",)   # release lines whose private methods the fast paths below replace, tested
@@ -102,7 +120,8 @@ def _loglikelihood_batch(wrapper, batch: list):
     for doc in batch:
         c, k = wrapper.tok_encode_pair(wrapper.prompt_manager.prepare_prompt(doc), doc.choices, pairwise=True)
         contexts.append(c); continuations.append(k)
-    prepared = wrapper.prepare_batch_logprob(tokenized_contexts=contexts, tokenized_continuations=continuations, max_context=None)
+    prepared = wrapper.prepare_batch_logprob(tokenized_contexts=contexts, tokenized_continuations=continuations,
+                                             max_context=None)
     positions, tokens = [], []
     for row, cont in enumerate(k for doc_conts in continuations for k in doc_conts):
         start = prepared.input_lengths[row] - len(cont) - 1
@@ -113,7 +132,8 @@ def _loglikelihood_batch(wrapper, batch: list):
     pad = lambda rows: torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
     mask = torch.tensor([[True] * len(t) + [False] * (width - len(t)) for t in tokens])
     per_doc = [(torch.tensor(c[0], dtype=torch.long),
-                pad_sequence([torch.tensor(x, dtype=torch.long) for x in k], batch_first=True, padding_value=-1), len(k))
+                pad_sequence([torch.tensor(x, dtype=torch.long) for x in k], batch_first=True, padding_value=-1),
+                len(k))
                for c, k in zip(contexts, continuations)]
     # the docs kept: their ids stay unique
     memo[key] = (batch, (prepared.input_ids, pad(positions), pad(tokens), mask, per_doc, [len(t) for t in tokens]))
@@ -126,7 +146,8 @@ def _loglikelihood_tokens(wrapper, docs: list, rolling=False) -> list:
     from lighteval.data import LoglikelihoodDataset
     from lighteval.models.model_output import ModelResponse
     from lighteval.models.transformers.transformers_model import STARTING_BATCH_SIZE, TransformersModel
-    if rolling or wrapper.accelerator is not None: return TransformersModel._loglikelihood_tokens(wrapper, docs, rolling)
+    if rolling or wrapper.accelerator is not None:
+        return TransformersModel._loglikelihood_tokens(wrapper, docs, rolling)
     dataset = LoglikelihoodDataset(requests=docs, num_dataset_splits=1)
     starting, responses = STARTING_BATCH_SIZE, []
     for split in dataset.splits_iterator():
@@ -134,7 +155,8 @@ def _loglikelihood_tokens(wrapper, docs: list, rolling=False) -> list:
         c0, k0 = wrapper.tok_encode_pair(wrapper.prompt_manager.prepare_prompt(split[0]), split[0].choices,
                                          pairwise=wrapper.pairwise_tokenization)
         longest = max(min(wrapper.max_length, len(c0[0] + k0[0]) - 1), 1)
-        size = wrapper._get_batch_size(override_bs=wrapper.config.batch_size, max_input_length=longest, starting_batch_size=starting)
+        size = wrapper._get_batch_size(override_bs=wrapper.config.batch_size, max_input_length=longest,
+                                       starting_batch_size=starting)
         starting = size * 2
         size = max(1, round(size // max(len(d.choices) for d in split) / 8) * 8)
         for i in range(0, len(split), size):
@@ -142,17 +164,20 @@ def _loglikelihood_tokens(wrapper, docs: list, rolling=False) -> list:
             prepared = _loglikelihood_batch(wrapper, batch)
             if prepared is None:
                 responses.extend(TransformersModel._loglikelihood_tokens(wrapper, batch)); continue
-            input_ids, positions, tokens, mask, per_doc, lengths = (x.to(wrapper.device) if torch.is_tensor(x) else x for x in prepared)
+            input_ids, positions, tokens, mask, per_doc, lengths = (x.to(wrapper.device) if torch.is_tensor(x) else x
+                                                                    for x in prepared)
             # a `himerge.prefix.PrefixForward`, if the scorer gave one
             forward = wrapper.__dict__.get("prefix_forward")
             # The docs of a batch live as long as the evaluator: their ids name the batch across probes.
-            logits = forward(input_ids, batch_key=tuple(id(d) for d in batch)) if forward else wrapper.model(input_ids).logits
+            logits = (forward(input_ids, batch_key=tuple(id(d) for d in batch)) if forward
+                      else wrapper.model(input_ids).logits)
             logprobs = F.log_softmax(logits, dim=-1)
             # [choices, width, vocab]
             read = logprobs[torch.arange(len(positions), device=logprobs.device)[:, None], positions]
             picked = read.gather(2, tokens.unsqueeze(-1)).squeeze(-1)
             # Each choice's sum over its own tokens, in LightEval's order, so the float32 results are identical.
-            sums = picked[:, 0].tolist() if max(lengths) == 1 else [picked[r, :k].sum().item() for r, k in enumerate(lengths)]
+            sums = (picked[:, 0].tolist() if max(lengths) == 1
+                    else [picked[r, :k].sum().item() for r, k in enumerate(lengths)])
             greedy = ((read.argmax(-1) == tokens) | ~mask).all(-1).tolist()
             row = 0
             for context, continuation, n in per_doc:
@@ -197,9 +222,11 @@ def _generation_batch(wrapper, batch: list, max_allowed: int) -> dict:
     if size > wrapper.max_length: new = 1  # LightEval's rule: a context that fills the model leaves one token
     elif new is None: new = wrapper.max_length - size
     else: new = max(1, min(wrapper.max_length - size, new))
-    memo[key] = (batch, dict(input_ids=tokenized["input_ids"], mask=tokenized["attention_mask"], stop=stop, max_new_tokens=new,
-                             input_tokens=tokenized["input_ids"].tolist(), truncated=[max(len(c) - size, 0) for c in contexts],
-                             padded=(tokenized["attention_mask"] == 0).sum(1).tolist()))  # the docs kept: their ids stay unique
+    # the docs kept: their ids stay unique
+    memo[key] = (batch, dict(input_ids=tokenized["input_ids"], mask=tokenized["attention_mask"], stop=stop,
+                             max_new_tokens=new, input_tokens=tokenized["input_ids"].tolist(),
+                             truncated=[max(len(c) - size, 0) for c in contexts],
+                             padded=(tokenized["attention_mask"] == 0).sum(1).tolist()))
     return memo[key][1]
 
 def _generate_batch(wrapper, b: dict) -> list:
@@ -212,15 +239,17 @@ def _generate_batch(wrapper, b: dict) -> list:
     criteria = [_decoded_once_criteria()(s, wrapper.tokenizer, shape, texts) for s in b["stop"]]
     config = wrapper.generation_config_dict.copy()
     tk = wrapper.tokenizer
-    config.update(max_new_tokens=b["max_new_tokens"], pad_token_id=tk.pad_token_id if tk.pad_token_id else tk.eos_token_id,
-                  eos_token_id=tk.eos_token_id, num_return_sequences=1, output_logits=False, renormalize_logits=True)
+    config.update(max_new_tokens=b["max_new_tokens"],
+                  pad_token_id=tk.pad_token_id if tk.pad_token_id else tk.eos_token_id, eos_token_id=tk.eos_token_id,
+                  num_return_sequences=1, output_logits=False, renormalize_logits=True)
     if config["temperature"] == 0: config["do_sample"] = False
     generated = wrapper.model.generate(input_ids=input_ids, attention_mask=mask, stopping_criteria=criteria, **config)
     generated = generated.sequences[:, input_ids.size(1):]
     responses = []
     for i, text in enumerate(wrapper.tok_decode(generated)):
         for term in b["stop"]: text = text.split(term)[0]
-        responses.append(ModelResponse(text=[text], output_tokens=[generated[i]], logits=None, input_tokens=b["input_tokens"][i],
+        responses.append(ModelResponse(text=[text], output_tokens=[generated[i]], logits=None,
+                                       input_tokens=b["input_tokens"][i],
                                        truncated_tokens_count=b["truncated"][i], padded_tokens_count=b["padded"][i]))
     return responses
 
@@ -241,7 +270,8 @@ def _padded_greedy_until(wrapper, docs: list) -> list:
         else:
             first = len(wrapper.tokenizer(wrapper.prompt_manager.prepare_prompt(split[0]))["input_ids"])
             max_allowed = min(first + split[0].generation_size, wrapper.max_length)
-        size = wrapper._get_batch_size(override_bs=wrapper.config.batch_size, max_input_length=max_allowed, starting_batch_size=starting)
+        size = wrapper._get_batch_size(override_bs=wrapper.config.batch_size, max_input_length=max_allowed,
+                                       starting_batch_size=starting)
         starting = size * 2
         for i in range(0, len(split), size):
             batch = [split[j] for j in range(i, min(i + size, len(split)))]
@@ -269,7 +299,17 @@ class Evaluator:
     "Score an in-memory transformers model on tasks through LightEval: documents built once, model run per call."
     def __init__(self, model, tokenizer_path, tasks, device="cpu", batch_size=32, max_length=None, chat_template=False,
                  fast_paths=True):
+        """Args:
+            model: the loaded transformers model; its weights may change between calls.
+            tokenizer_path: a local folder holding its tokenizer.
+            tasks: the tasks: a dict name -> TaskSpec, or anything `load_tasks` reads (one LightEval config too).
+            device: where inputs go: the model's device (for a model spread by accelerate, its first module's).
+            batch_size: LightEval's batch size.
+            max_length: the longest input in tokens (None: the model's).
+            chat_template: wrap prompts in the tokenizer's chat template.
+            fast_paths: replace LightEval's scoring methods by the faster ones above (same answers)."""
         import torch
+        import_lighteval()
         grad = torch.is_grad_enabled()
         try:
             from lighteval.metrics import apply_metric
@@ -284,7 +324,8 @@ class Evaluator:
             dev = next(model.parameters()).device
             asked = torch.device(self.device)
             if asked != dev and not (dev.type == asked.type and asked.index is None):
-                raise ValueError(f"the model is on {dev}, the evaluator was asked for device {self.device!r}: move the model first")
+                raise ValueError(f"the model is on {dev}, the evaluator was asked for device {self.device!r}: "
+                                 "move the model first")
         if fast_paths and not lighteval_tested():
             _warn_untested(); fast_paths = False
         tokenizer_path = Path(tokenizer_path)
@@ -315,7 +356,8 @@ class Evaluator:
     @staticmethod
     def _normalize_tasks(tasks) -> dict:
         if isinstance(tasks, (TaskSpec,)) or type(tasks).__name__ == "LightevalTaskConfig": tasks = [tasks]
-        out = load_tasks(tasks) if not isinstance(tasks, dict) or not all(isinstance(v, TaskSpec) for v in tasks.values()) else dict(tasks)
+        specs = isinstance(tasks, dict) and all(isinstance(v, TaskSpec) for v in tasks.values())
+        out = dict(tasks) if specs else load_tasks(tasks)
         if not out: raise TaskError("no tasks given to the evaluator")
         return out
 
@@ -325,7 +367,8 @@ class Evaluator:
 
     def score(self, task: str) -> TaskScore:
         "Score the model's current weights on `task`: mean and per-sample metric (row order)."
-        if task not in self.tasks: raise KeyError(f"task {task!r} is not one of this evaluator's tasks {list(self.tasks)}")
+        if task not in self.tasks:
+            raise KeyError(f"task {task!r} is not one of this evaluator's tasks {list(self.tasks)}")
         torch, model = self._torch, self.model
         t0 = time.perf_counter()
         docs, metric = self.docs[task], self.metrics[task]
@@ -341,8 +384,9 @@ class Evaluator:
             if was_training: model.train()
         outputs = self._apply_metric(responses=responses, docs=docs, metrics=[metric])
         per_sample = np.array([float(o[metric.metric_name]) for o in outputs], dtype=np.float64)
-        return TaskScore(task=task, metric=self.tasks[task].metric, score=float(per_sample.mean()), per_sample=per_sample,
-                         n=len(per_sample), seconds=time.perf_counter() - t0, model_seconds=float(sum(model_time)))
+        return TaskScore(task=task, metric=self.tasks[task].metric, score=float(per_sample.mean()),
+                         per_sample=per_sample, n=len(per_sample), seconds=time.perf_counter() - t0,
+                         model_seconds=float(sum(model_time)))
 
     def use_prefix(self, forward):
         "Run log-likelihood batches through `forward` (a `himerge.prefix.PrefixForward` of this model), or None."

@@ -21,10 +21,10 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'Plan', 'auto_grid', 'count_evaluations', 'memory_estimate', 'protected_inputs', 'check_task_rows', 'plan',
-           'units_of', 'Run', 'open_run', 'memo_bytes', 'release_model', 'choose_auto', 'run_method',
-           'write_adapter_first', 'reference_states', 'score_models', 'source_record', 'portable_config', 'task_data',
-           'build_report', 'write_output', 'adapter_record', 'MergeResult', 'join_launched', 'group_device', 'agreed',
-           'leave_group', 'Interrupted', 'merge', 'demo_config', 'conflict_table', 'demo']
+           'units_of', 'Run', 'open_run', 'release_model', 'LoadedBase', 'return_freed_memory', 'choose_auto',
+           'run_method', 'write_adapter_first', 'reference_states', 'score_models', 'source_record', 'portable_config',
+           'task_data', 'build_report', 'write_output', 'adapter_record', 'MergeResult', 'join_launched',
+           'group_device', 'agreed', 'leave_group', 'Interrupted', 'merge', 'demo_config', 'conflict_table', 'demo']
 
 # %% ../nbs/09_merge.ipynb #39c52680
 @dataclass
@@ -256,7 +256,6 @@ def open_run(p: Plan, progress=True, group=None):
     "The deltas, keys, model and scorer of plan `p` (scoring shared with `group`, if any), closed when the block ends."
     from himerge.cache import EvalCache, source_key
     from himerge.deltas import compute_deltas
-    from himerge.contributions import LayerMemo, MemoDeltas
     from tqdm.auto import tqdm
     deltas = units_of(compute_deltas(p.sources), p.config)
     total = p.total_evaluations + len(deltas.layers)     # evaluations, then one step per layer written
@@ -266,6 +265,7 @@ def open_run(p: Plan, progress=True, group=None):
               densities=[s.density for s in p.config.sources], scales=[s.scale for s in p.config.sources])
     try:
         if p.tasks:
+            return_freed_memory()                 # many layer-sized buffers come and go from here on
             from himerge.scoring import check_loaded, input_device, lighteval_scorer, load_model
             log.info("loading the base %s on %s", p.sources.base.name, p.device)
             with _timed(run, "load_s"):
@@ -275,8 +275,7 @@ def open_run(p: Plan, progress=True, group=None):
                 run.cache = EvalCache(p.cache_dir if main else None)   # rank 0's cache is the job's
                 computes = getattr(model, "himerge_compute_dtype", model.dtype)
                 runtime = {"compute_dtype": str(computes).removeprefix("torch.")}
-                memo = LayerMemo(memo_bytes(p.memory))
-                run.scorer = lighteval_scorer(model, MemoDeltas(deltas, memo), p.tasks, p.tokenizer,
+                run.scorer = lighteval_scorer(model, LoadedBase(model, deltas), p.tasks, p.tokenizer,
                                               device=input_device(model, p.device), batch_size=r.batch_size,
                                               cache=run.cache, progress=bar, runtime=runtime, group=group,
                                               prefix_bytes=prefix_bytes(r))
@@ -287,12 +286,6 @@ def open_run(p: Plan, progress=True, group=None):
         deltas.close()
 
 
-
-def memo_bytes(memory: dict) -> int:
-    """Memory for the layers read during the analysis (base layers and deltas, float32): at least two of the largest
-    (a layer and its delta), else an eighth of the model, at most 1 GiB. A small model keeps a small cache."""
-    largest = memory.get("delta", 0)
-    return int(min(2**30, max(2 * largest, memory.get("model", 0) // 8)))
 
 def release_model(run: Run):
     "Let the model, its evaluators and the layer cache go once every score is known: writing does not need them."
@@ -306,6 +299,51 @@ def release_model(run: Run):
         if hasattr(evaluator, "close"): evaluator.close()
     run.scorer = None
     gc.collect()                                  # the evaluators' wrappers hold the model in reference cycles
+    return_freed_memory(trim=True)
+
+# %% ../nbs/09_merge.ipynb #97874d6b
+from collections.abc import Mapping
+
+class _LoadedLayer(Mapping):
+    "name -> a float32 CPU copy of a loaded tensor, made on each read."
+    def __init__(self, tensors: dict): self.tensors = tensors
+    def __getitem__(self, name):
+        import torch
+        return self.tensors[name].to(device="cpu", dtype=torch.float32, copy=True)
+    def __iter__(self): return iter(self.tensors)
+    def __len__(self): return len(self.tensors)
+
+class LoadedBase:
+    """The base's layers (`layers`, `names`, `base_layer`) read from the tensors `model` loaded, not from the files
+    of `deltas`; anything else is `deltas`'."""
+    def __init__(self, model, deltas):
+        self.deltas = deltas
+        headers = deltas.base_store.headers() if getattr(deltas, "base_store", None) is not None else {}
+        self.loaded = {n: t for n, t in model.state_dict().items()   # the tensors as loaded, shared, never copied
+                       if t.device.type != "meta" and (n not in headers or tuple(t.shape) == tuple(headers[n].shape))}
+
+    def base_layer(self, layer):
+        """The base's float32 tensors of `layer` (on the CPU), as the files hold them: a mapping that makes each copy
+        when it is read, so that a caller going tensor by tensor holds one at a time."""
+        names = self.deltas.names(layer)
+        if not all(n in self.loaded for n in names): return self.deltas.base_layer(layer)
+        return _LoadedLayer({n: self.loaded[n] for n in names})
+
+    def __getattr__(self, attr):  # layers, names, ... are the deltas'
+        if attr.startswith("_") or attr in ("deltas", "loaded"): raise AttributeError(attr)
+        return getattr(self.deltas, attr)
+
+def return_freed_memory(trim: bool = False):
+    """Make the C heap hand freed layer-sized buffers back to the system: buffers of 4 MiB or more get mappings of
+    their own, unmapped when freed (glibc's M_MMAP_THRESHOLD, which otherwise grows to 32 MiB, so that freed layers
+    stayed inside the heap, counted in the process's memory); with `trim`, the heap's free memory is released now.
+    Elsewhere than glibc, nothing."""
+    import ctypes, ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 4 * 2**20)                 # M_MMAP_THRESHOLD
+        if trim: libc.malloc_trim(0)
+    except (OSError, AttributeError): pass
 
 # %% ../nbs/09_merge.ipynb #41caf0da
 def choose_auto(p: Plan, run: Run):

@@ -30,28 +30,53 @@ def parse_size(size, field: str = "options.max_shard_size") -> int:
             return int(float(s[: -len(unit)]) * _UNITS[unit])
     raise OutputError(f"{field}: cannot read {size!r} as a size (e.g. '5GB' or '500MiB')")
 
+_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+                       "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+
 class ShardWriter:
-    "Write tensors to safetensors shards of at most `max_bytes`, then the index when closed."
+    """Write tensors to safetensors shards of at most `max_bytes`, then the index when closed; one tensor in memory at
+    a time."""
     def __init__(self, folder, max_bytes: int):
         self.folder, self.max_bytes = Path(folder), max_bytes
-        self.pending, self.pending_bytes, self.shards, self.total = {}, 0, [], 0
+        self.shards, self.total = [], 0
+        self._data, self._entries, self._bytes = None, {}, 0   # the open shard: its tensor bytes, header, size
 
     def add(self, name: str, tensor):
-        "Add one tensor; a full shard is written first."
+        "Add one tensor: its bytes go to disk now (a full shard is finished first)."
+        import torch
         size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes: self._flush()
-        self.pending[name] = tensor.contiguous(); self.pending_bytes += size; self.total += size
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype not in _SAFETENSORS_DTYPES: raise OutputError(f"tensor {name!r}: safetensors has no dtype {dtype}")
+        # Tensors lie back to back: one that would start off its dtype's alignment begins a new shard.
+        if self._entries and (self._bytes + size > self.max_bytes or self._bytes % tensor.element_size()):
+            self._flush()
+        if self._data is None: self._data = open(self._path(".data"), "wb")
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        self._data.write(flat.view(torch.uint8).numpy().data)     # little-endian, as safetensors stores it
+        self._entries[name] = dict(dtype=_SAFETENSORS_DTYPES[dtype], shape=list(tensor.shape),
+                                   data_offsets=[self._bytes, self._bytes + size])
+        self._bytes += size; self.total += size
+
+    def _path(self, suffix: str) -> Path: return self.folder / f"shard-{len(self.shards):05d}{suffix}"
 
     def _flush(self):
-        from safetensors.torch import save_file
-        tmp = self.folder / f"shard-{len(self.shards):05d}.tmp"
-        save_file(self.pending, str(tmp), metadata={"format": "pt"})
-        self.shards.append((tmp, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        "Finish the open shard: the header, known now, then the tensor bytes copied after it."
+        if self._data is None: self._data = open(self._path(".data"), "wb")   # an empty model: an empty shard
+        self._data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)                         # the tensor bytes start 8-byte aligned
+        data, tmp = self._path(".data"), self._path(".tmp")
+        with open(tmp, "wb") as out, open(data, "rb") as src:
+            out.write(len(header).to_bytes(8, "little")); out.write(header)
+            shutil.copyfileobj(src, out, 16 * 2**20)
+        data.unlink()
+        self.shards.append((tmp, list(self._entries)))
+        self._data, self._entries, self._bytes = None, {}, 0
 
     def close(self) -> list:
         "Name the shards as transformers does, write the index if there are several; return the file names."
-        if self.pending or not self.shards: self._flush()
+        if self._entries or not self.shards: self._flush()
         n = len(self.shards)
         if n == 1:
             self.shards[0][0].rename(self.folder / "model.safetensors")
@@ -91,8 +116,11 @@ def write_model(folder: Path, deltas, merged_layer, base, dtype: str = "auto", m
     target = getattr(torch, dtype_name)
     writer = ShardWriter(folder, parse_size(max_shard_size))
     for layer in deltas.layers:
-        base_tensors, delta = deltas.base_layer(layer), merged_layer(layer)
-        for name, t in base_tensors.items():
+        delta = merged_layer(layer)
+        # one base tensor at a time when the deltas can read them so, else the whole layer
+        tensors = ((n, deltas.base_tensor(n)) for n in deltas.names(layer)) if hasattr(deltas, "base_tensor") \
+            else deltas.base_layer(layer).items()
+        for name, t in tensors:
             writer.add(name, (t + delta[name] if name in delta else t).to(target))
         if progress is not None: progress.update(1)
     for name, t in getattr(deltas, "unassigned_tensors", lambda: {})().items():
