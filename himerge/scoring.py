@@ -356,11 +356,11 @@ def _cost(self, item) -> float:
     return seconds * (_depth_share(self, probe) if reuses else 1.0)
 
 def _units(self, items: list, missing: list) -> list:
-    "The `missing` items in units: one state's probes of one kind on one split, in visit order."
+    "The `missing` items in units: one state's probes on one split, in visit order."
     units = {}
     for j in _visit_order(self, items, missing):
         probe, task, split = items[j]
-        units.setdefault((probe.state.digest, probe.kind, split), []).append(j)
+        units.setdefault((probe.state.digest, split), []).append(j)
     return list(units.values())
 
 def _run_shared(self, items: list) -> dict:
