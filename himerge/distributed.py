@@ -10,16 +10,17 @@ import datetime, os
 from dataclasses import dataclass
 
 # %% auto #0
-__all__ = ['Group', 'launched', 'join', 'rank_device', 'leave', 'broadcast', 'gather', 'agree', 'assign', 'split_units']
+__all__ = ['Group', 'launched', 'join', 'rank_device', 'leave', 'broadcast', 'gather', 'agree', 'assign', 'split_units',
+           'rebalance']
 
 # %% ../nbs/06d_distributed.ipynb #aacc9177
 @dataclass(frozen=True)
 class Group:
     "This process's place in a job of several: its rank, the number of ranks, its rank on its node, the backend."
-    rank: int
-    world: int
-    local_rank: int
-    backend: str
+    rank: int        # this process's rank, 0 to world - 1 (rank 0 keeps the cache and writes)
+    world: int       # how many processes share the job
+    local_rank: int  # this process's rank on its node: its GPU is cuda:local_rank
+    backend: str     # the collectives' backend: nccl between GPUs, gloo on CPUs
 
     @property
     def main(self) -> bool: return self.rank == 0
@@ -77,7 +78,15 @@ def assign(costs: list, world: int) -> list:
     return owner
 
 def split_units(units: list, costs: list, world: int, item_cost) -> tuple:
-    "Halve the costliest units (keeping their order) until there are at least 2 per rank or none can be split."
+    """Halve the costliest units (keeping their order) until there are at least 2 per rank or none can be split.
+
+    Args:
+        units: lists of items that belong together, each in the order it is scored.
+        costs: the expected cost of each unit.
+        world: how many ranks share the units.
+        item_cost: item -> its expected cost (to cost the halves).
+
+    Returns (units, costs), the units split."""
     units, costs = [list(u) for u in units], list(costs)
     while units and len(units) < 2 * world:
         big = max(range(len(units)), key=lambda u: (costs[u] if len(units[u]) > 1 else -1, -u))
@@ -87,3 +96,29 @@ def split_units(units: list, costs: list, world: int, item_cost) -> tuple:
         units[big:big + 1] = [first, second]
         costs[big:big + 1] = [sum(map(item_cost, first)), sum(map(item_cost, second))]
     return units, costs
+
+# %% ../nbs/06d_distributed.ipynb #ef9a602d
+def rebalance(queues: list, item_cost, min_gain: float = 0.0) -> list:
+    """Move work between the ranks' queues (lists of units, each a list of items) until the longest cannot shrink by
+    `min_gain`: whole units from the back of a queue, or the second half of a queue's only unit. Changes `queues`
+    in place and returns it."""
+    while True:
+        loads = [sum(item_cost(item) for unit in queue for item in unit) for queue in queues]
+        if not loads: return queues
+        hi = max(range(len(queues)), key=lambda r: (loads[r], -r))
+        lo = min(range(len(queues)), key=lambda r: (loads[r], r))
+        queue = queues[hi]
+        if len(queue) >= 2: piece = queue[-1]
+        elif queue and len(queue[0]) >= 2: piece = queue[0][len(queue[0]) // 2:]
+        else: return queues
+        cost = sum(map(item_cost, piece))
+        if loads[hi] - max(loads[lo] + cost, loads[hi] - cost) < max(min_gain, 1e-12):
+            if len(queue) >= 2 and len(piece) >= 2:          # the back unit is too big to move whole: move half of it
+                piece = piece[len(piece) // 2:]
+                cost = sum(map(item_cost, piece))
+                if loads[hi] - max(loads[lo] + cost, loads[hi] - cost) < max(min_gain, 1e-12): return queues
+                del queue[-1][-len(piece):]
+            else: return queues
+        elif len(queue) >= 2: queue.pop()
+        else: del queue[0][-len(piece):]
+        queues[lo].append(list(piece))

@@ -58,12 +58,14 @@ class LayerEditor:
                 if name not in self.params: raise KeyError(f"tensor {name!r} is not a parameter of the loaded model")
                 param = self.params[name]
                 if param.shape != value.shape:
-                    raise ValueError(f"tensor {name!r}: the model has shape {tuple(param.shape)}, the edit {tuple(value.shape)}")
+                    raise ValueError(f"tensor {name!r}: the model has shape {tuple(param.shape)}, "
+                                     f"the edit {tuple(value.shape)}")
                 slot = _offload_slot(self.model, name) if param.device.type == "meta" else None
                 if slot is not None:
                     weights, key = slot
                     old = weights[key]
-                    self.loaded.setdefault(("map", id(weights), key), (lambda t, w=weights, k=key: _map_set(w, k, t), old))
+                    restore = lambda t, w=weights, k=key: _map_set(w, k, t)
+                    self.loaded.setdefault(("map", id(weights), key), (restore, old))
                     _map_set(weights, key, value.to(dtype=old.dtype, device=old.device, copy=True))
                     continue
                 self.loaded.setdefault(id(param), (lambda t, p=param: setattr(p, "data", t), param.data))
@@ -119,7 +121,8 @@ class Probe:
 
     def __post_init__(self):
         if self.kind not in PROBE_KINDS: raise ValueError(f"probe kind {self.kind!r} is not one of {PROBE_KINDS}")
-        if (self.kind == "full") != (self.layer is None): raise ValueError("a full probe has no layer; add and delete probes have one")
+        if (self.kind == "full") != (self.layer is None):
+            raise ValueError("a full probe has no layer; add and delete probes have one")
 
     def holds(self, layer) -> bool:
         "Whether the model holds the state's delta at `layer` in this probe."
@@ -127,7 +130,8 @@ class Probe:
 
     def record(self) -> dict:
         "What the cache stores beside the score, to say what was measured."
-        return {"state": self.state.name, "probe": self.kind, **({"layer": self.layer} if self.layer is not None else {})}
+        layer = {"layer": self.layer} if self.layer is not None else {}
+        return {"state": self.state.name, "probe": self.kind, **layer}
 
     def key(self) -> dict:
         return {"weights": self.state.key, "probe": self.kind, "layer": None if self.layer is None else str(self.layer)}
@@ -154,7 +158,9 @@ class Scorer:
         self.task_key = task_key or (lambda task, split: f"{task}|{split}")
         self.progress = progress              # anything with update(n): one step per score measured or found on disk
         self.group = group                    # a himerge.distributed.Group: the scores are shared among its ranks
-        self.seconds = {}                     # (task, split) -> seconds of its last evaluation: the cost of the next
+        self.timing = {}                      # (task, split) -> (seconds of an evaluation running every block,
+                                              #                   whether it reuses prefixes)
+        self.shared = dict(rounds=0, busy_s=0.0, wait_s=0.0)   # a shared job: gatherings, seconds scoring, waiting
         self.layers = list(base.layers)
         self.holding = {}                     # layer -> (state digest, tensor names) the model holds there
         self.model_seconds, self.writes = 0.0, 0
@@ -227,22 +233,27 @@ def _cached(self, items: list) -> dict:
         if self.progress is not None and not seen: self.progress.update(1)
     return got
 
-def _score_items(self, items: list, order: list) -> dict:
-    "Score `items[j]` for each j of `order`, in that order, writing each probe's weights; index -> (scores, seconds)."
-    out = {}
+def _score_items(self, items: list, order: list, stop=None) -> dict:
+    """Score `items[j]` for each j of `order`, in that order, writing each probe's weights; index -> (scores, seconds,
+    share of the blocks run, or None without prefix reuse). `stop(j, seconds so far)`, if given, ends the call
+    before item j (never before the first)."""
+    out, t_start = {}, time.perf_counter()
     try:
         for j in order:
+            if stop is not None and out and stop(j, time.perf_counter() - t_start): break
             probe, task, split = items[j]
             self.hold(probe)
             if self.prefix is not None: describe_weights(self, probe)
+            evaluator = self.evaluator(split)     # made (and its library imported) before the clock starts
+            counts = dict(self.prefix.counts) if self.prefix is not None else None
             t0 = time.perf_counter()
-            per_sample = np.asarray(self.evaluator(split).score(task).per_sample, dtype=float)
+            per_sample = np.asarray(evaluator.score(task).per_sample, dtype=float)
             seconds = time.perf_counter() - t0
             self.model_seconds += seconds
             _store(self, items[j], per_sample, seconds)
-            out[j] = (per_sample, seconds)
+            out[j] = (per_sample, seconds, _share_run(self, counts))
             # a shared job learns costs from gathered results
-            if self.group is None: self.seconds[(task, split)] = seconds
+            if self.group is None: _learn(self, items[j], *out[j][1:])
             if self.progress is not None: self.progress.update(1)
     finally:
         self.restore()
@@ -259,7 +270,7 @@ def run(self, requests: list) -> list:
     if self.group is None:
         got = _cached(self, items)
         missing = [j for j in range(len(items)) if j not in got]
-        got.update({j: scores for j, (scores, _) in _score_items(self, items, _visit_order(self, items, missing)).items()})
+        got.update({j: out[0] for j, out in _score_items(self, items, _visit_order(self, items, missing)).items()})
     else:
         got = _run_shared(self, items)
     results = [dict() for _ in requests]
@@ -316,40 +327,80 @@ Scorer._prefix_state = None
 Scorer.unit_keys = unit_keys
 
 # %% ../nbs/06c_scoring.ipynb #7a46ecf2
-SHARED_ROUND = 4   # evaluations per rank between two gatherings: what a failure can lose
+SHARED_ROUND = 8   # a round's length, in expected evaluations: the most a failure loses, and a rank may wait
+
+def _share_run(self, counts) -> float | None:
+    "The share of the block passes that the evaluation since `counts` ran (None if it made no prefix forward)."
+    if counts is None: return None
+    calls = self.prefix.counts["calls"] - counts["calls"]
+    if not calls: return None                       # generation, or no prefix path: every block ran
+    return (self.prefix.counts["blocks_run"] - counts["blocks_run"]) / (calls * len(self.prefix.blocks))
+
+def _learn(self, item, seconds: float, share):
+    "Learn a task's cost from one evaluation: its seconds as those of every block (mean with what was known)."
+    _, task, split = item
+    full = seconds / max(share if share is not None else 1.0, 1 / 64)
+    known = self.timing.get((task, split))
+    self.timing[(task, split)] = ((full + known[0]) / 2 if known else full, share is not None)
+
+def _depth_share(self, probe: Probe) -> float:
+    "The expected share of the blocks a probe runs when its task reuses prefixes: from the block below its layer."
+    if self.prefix is None or probe.kind == "full": return 1.0
+    n, first = len(self.prefix.blocks), min(_blocks(self, probe.layer))   # -1: a tensor outside the blocks
+    return (n - max(first - 1, 0)) / n
 
 def _cost(self, item) -> float:
-    "Expected seconds of one evaluation (1 until the task has been timed)."
+    "Expected seconds of one evaluation (1 per block share until the task has been timed)."
     probe, task, split = item
-    return self.seconds.get((task, split), 1.0)
+    seconds, reuses = self.timing.get((task, split), (1.0, True))
+    return seconds * (_depth_share(self, probe) if reuses else 1.0)
 
-def _run_shared(self, items: list) -> dict:
-    "Scores of every item, each computed by one rank, known to all."
-    import math
-    from himerge.distributed import assign, broadcast, gather, split_units
-    group = self.group
-    known = broadcast(group, {j: v.tolist() for j, v in _cached(self, items).items()} if group.main else None)
-    got = {j: np.asarray(v, dtype=float) for j, v in known.items()}
-    missing = [j for j in range(len(items)) if j not in got]
+def _units(self, items: list, missing: list) -> list:
+    "The `missing` items in units: one state's probes on one split, in visit order."
     units = {}
     for j in _visit_order(self, items, missing):
         probe, task, split = items[j]
-        units.setdefault((probe.state.digest, probe.kind, split, task), []).append(j)
-    units = list(units.values())
-    units, costs = split_units(units, [sum(_cost(self, items[j]) for j in u) for u in units], group.world,
-                               lambda j: _cost(self, items[j]))
+        units.setdefault((probe.state.digest, split), []).append(j)
+    return list(units.values())
+
+def _run_shared(self, items: list) -> dict:
+    "Scores of every item, each computed by one rank, known to all."
+    from himerge.distributed import assign, broadcast, gather, rebalance, split_units
+    group, shared = self.group, self.shared
+    t0 = time.perf_counter()
+    known = broadcast(group, {j: v.tolist() for j, v in _cached(self, items).items()} if group.main else None)
+    shared["wait_s"] += time.perf_counter() - t0
+    got = {j: np.asarray(v, dtype=float) for j, v in known.items()}
+    missing = [j for j in range(len(items)) if j not in got]
+    cost = lambda j: _cost(self, items[j])
+    units = _units(self, items, missing)
+    units, costs = split_units(units, [sum(map(cost, unit)) for unit in units], group.world, cost)
     owner = assign(costs, group.world)
-    lists = [[j for unit, rank in zip(units, owner) if rank == r for j in unit] for r in range(group.world)]
-    rounds = max((math.ceil(len(todo) / SHARED_ROUND) for todo in lists), default=0)
-    for k in range(rounds):
-        mine = _score_items(self, items, lists[group.rank][k * SHARED_ROUND:(k + 1) * SHARED_ROUND])
-        for part in gather(group, {j: (v.tolist(), secs) for j, (v, secs) in mine.items()}):
-            for j, (values, secs) in part.items():
+    queues = [[unit for unit, rank in zip(units, owner) if rank == r] for r in range(group.world)]
+    while any(queues):
+        loads = [sum(cost(j) for unit in queue for j in unit) for queue in queues]
+        mean = sum(loads) / sum(len(unit) for queue in queues for unit in queue)
+        span = min(SHARED_ROUND * mean, max(max(loads) / 3, mean))    # shorter rounds near the end
+        t0 = time.perf_counter()
+        mine = _score_items(self, items, [j for unit in queues[group.rank] for j in unit],
+                            stop=lambda j, spent: spent + cost(j) / 2 > span)
+        t1 = time.perf_counter()
+        parts = gather(group, {j: (v.tolist(), secs, share) for j, (v, secs, share) in mine.items()})
+        shared["busy_s"] += t1 - t0; shared["wait_s"] += time.perf_counter() - t1; shared["rounds"] += 1
+        for rank, part in enumerate(parts):
+            for j, (values, secs, share) in part.items():
                 if j not in mine:
                     _store(self, items[j], values, secs)
                     if self.progress is not None: self.progress.update(1)
                 got[j] = np.asarray(values, dtype=float)
-                self.seconds[(items[j][1], items[j][2])] = secs   # the same updates, in the same order, on every rank
+                _learn(self, items[j], secs, share)   # the same updates, in the same order, on every rank
+            done = len(part)                          # a rank scores its queue from the front
+            while done:
+                unit = queues[rank][0]
+                taken = min(done, len(unit))
+                del unit[:taken]; done -= taken
+                if not unit: queues[rank].pop(0)
+        rebalance(queues, cost, min_gain=mean)
     return got
 
 # %% ../nbs/06c_scoring.ipynb #c87312bf
@@ -425,16 +476,19 @@ def check_device(device) -> str:
     import torch
     if device is None: return "cpu"
     try: dev = torch.device(device)
-    except (RuntimeError, TypeError): raise DeviceError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:N, mps)") from None
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:N, mps)") from None
     if dev.type == "cpu": return "cpu"
     if dev.type == "cuda":
-        if not torch.cuda.is_available(): raise DeviceError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
         n = torch.cuda.device_count()
         if dev.index is not None and dev.index >= n:
             raise DeviceError(f"--device {device}: no such GPU; this machine has {n} (cuda:0 to cuda:{n - 1})")
         return str(dev)
     if dev.type == "mps":
-        if not torch.backends.mps.is_available(): raise DeviceError(f"--device {device}: MPS is not available on this machine")
+        if not torch.backends.mps.is_available():
+            raise DeviceError(f"--device {device}: MPS is not available on this machine")
         return "mps"
     raise DeviceError(f"--device {device}: himerge runs on cpu, cuda or mps, not {dev.type}")
 
@@ -460,7 +514,8 @@ def resolve_tokenizer(spec, who: str = "options.tokenizer", trust_remote_code: b
         AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TokenizerError(f"{who} {spec}: no tokenizer loads from {folder} ({first}); give one with options.tokenizer") from None
+        raise TokenizerError(f"{who} {spec}: no tokenizer loads from {folder} ({first}); "
+                             "give one with options.tokenizer") from None
     return str(folder)
 
 def check_loaded(model, who: str = "base"):
@@ -470,8 +525,8 @@ def check_loaded(model, who: str = "base"):
     for name, tensor in model.state_dict().items():
         found = nonfinite(tensor)
         if found is not None:
-            raise SourceError(f"{who}: tensor {name!r} holds {found[0]} NaN and {found[1]} infinite value(s) after loading; "
-                              "its scores would be meaningless")
+            raise SourceError(f"{who}: tensor {name!r} holds {found[0]} NaN and {found[1]} infinite value(s) "
+                              "after loading; its scores would be meaningless")
 
 # %% ../nbs/06c_scoring.ipynb #31efb2bd
 def lighteval_scorer(model, base, tasks: dict, tokenizer, *, device="cpu", batch_size=32, cache=None, progress=None,
@@ -495,12 +550,14 @@ def lighteval_scorer(model, base, tasks: dict, tokenizer, *, device="cpu", batch
     runtime = {"batch_size": batch_size, "device": str(device).split(":")[0], **(runtime or {})}
     specs = {}
     def spec(task, split):
-        if (task, split) not in specs: specs[(task, split)] = tasks[task] if tasks[task].split == split else tasks[task].with_split(split)
+        if (task, split) not in specs:
+            specs[(task, split)] = tasks[task] if tasks[task].split == split else tasks[task].with_split(split)
         return specs[(task, split)]
     keys = {}
     def key(task, split):
         if (task, split) not in keys: keys[(task, split)] = task_key(spec(task, split), runtime)
         return keys[(task, split)]
-    make = lambda split: Evaluator(model, tokenizer, {t: spec(t, split) for t in tasks}, device=device, batch_size=batch_size)
+    make = lambda split: Evaluator(model, tokenizer, {t: spec(t, split) for t in tasks}, device=device,
+                                   batch_size=batch_size)
     return Scorer(model, base, make, cache=cache, task_key=key, progress=progress, group=group,
                   prefix_bytes=prefix_bytes)
