@@ -11,40 +11,52 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['TASKS', 'PROMPT', 'LETTERS', 'SPLITS', 'RECIPE', 'LORA', 'make_row', 'make_splits', 'task_specs', 'build_tokenizer',
-           'build_base_model', 'row_text', 'encode_pairs', 'train', 'build_zoo', 'Zoo', 'path', 'load_zoo',
-           'demo_sources', 'measure_evidence', 'contents', 'size_bytes', 'evidence_table', 'pair_gain_kept']
+__all__ = ['DOMAINS', 'RULES', 'TASKS', 'SKILLS', 'PROMPT', 'SPLITS', 'MODEL', 'RECIPE', 'LORA', 'make_row', 'make_splits',
+           'task_specs', 'vocabulary', 'build_tokenizer', 'build_base_model', 'row_text', 'encode_pairs', 'train',
+           'build_zoo', 'Zoo', 'path', 'load_zoo', 'demo_sources', 'measure_evidence', 'contents', 'size_bytes',
+           'evidence_table', 'pair_gain_kept']
 
 # %% ../nbs/00_zoo.ipynb #92b43bc8
-TASKS = {  # name -> (type, input length range)
-    "last": ("multiple_choice", (4, 4)),
-    "next": ("generative", (3, 3)),
-    "prev": ("generative", (3, 3)),
+DOMAINS = dict(lower=list(string.ascii_lowercase),                                # `a` .. `z`
+               upnum=list(string.ascii_uppercase) + [str(i) for i in range(26)])  # `A` .. `Z` and `0` .. `25`
+RULES = dict(last=lambda x: x[-1:], first=lambda x: x[:1], swap=lambda x: x[1:] + x[:1])  # swap: rotate left by one
+TASKS = {  # name -> (type, rule, domain, input length range)
+    "last": ("multiple_choice", "last", "lower", (4, 4)),
+    "swap": ("generative", "swap", "upnum", (4, 4)),
+}
+SKILLS = {  # pre-training prompt word -> (rule, domains, input length range): the tasks' rules under other words
+    "final": ("last", ("lower", "upnum"), (3, 5)),
+    "rotate": ("swap", ("lower", "upnum"), (3, 5)),
+    "first": ("first", ("lower", "upnum"), (3, 5)),
 }
 PROMPT = "Question: {question}\nAnswer:"
-LETTERS = string.ascii_lowercase
-SPLITS = dict(train=2000, validation=48, test=64)
+SPLITS = dict(train=2000, validation=64, test=128)
 
-def make_row(task: str, letters: list) -> dict:
-    "One example of `task` on the input `letters`."
-    q = f"{task} {' '.join(letters)}"
-    if task == "last":  # choices in alphabetical order, so the position of the gold choice tells nothing
-        choices = sorted(letters)
-        return dict(question=q, choices=[f" {c}" for c in choices], answer=choices.index(letters[-1]))
-    if task == "next": ans = [LETTERS[(LETTERS.index(c) + 1) % 26] for c in letters]
-    elif task == "prev": ans = [LETTERS[(LETTERS.index(c) - 1) % 26] for c in letters]
-    elif task == "copy": ans = letters
-    else: raise ValueError(f"unknown zoo task {task!r}")
+def _recipe_of(word: str) -> tuple:
+    "(type, rule, domain, input length range) of a task or pre-training skill."
+    if word in TASKS: return TASKS[word]
+    if word in SKILLS: return ("generative", *SKILLS[word])
+    raise ValueError(f"unknown zoo task {word!r}")
+
+def make_row(task: str, items: list) -> dict:
+    "One example of the task or skill `task` on the input `items`."
+    ttype, rule, _, _ = _recipe_of(task)
+    q, ans = f"{task} {' '.join(items)}", RULES[rule](list(items))
+    if ttype == "multiple_choice":  # choices in sorted order, so the position of the gold choice tells nothing
+        choices = sorted(items)
+        return dict(question=q, choices=[f" {c}" for c in choices], answer=choices.index(ans[0]))
     return dict(question=q, answer=" ".join(ans))
 
 def make_splits(task: str, rng: random.Random, sizes: dict) -> dict:
     "Rows of `task` for each split, with no input shared between splits."
-    lo, hi = TASKS.get(task, ("generative", (3, 5)))[1]
+    _, _, domains, (lo, hi) = _recipe_of(task)
+    domains = (domains,) if isinstance(domains, str) else domains
     taken, out = set(), {}
     for split, k in sizes.items():
         rows = []
         while len(rows) < k:
-            x = tuple(rng.sample(LETTERS, rng.randint(lo, hi)))
+            domain = domains[0] if len(domains) == 1 else rng.choice(domains)
+            x = tuple(rng.sample(DOMAINS[domain], rng.randint(lo, hi)))
             if x not in taken: taken.add(x); rows.append(make_row(task, list(x)))
         out[split] = rows
     return out
@@ -53,44 +65,66 @@ def make_splits(task: str, rng: random.Random, sizes: dict) -> dict:
 def task_specs() -> dict:
     "The zoo's tasks.yaml content."
     specs = {}
-    for name, (ttype, _) in TASKS.items():
+    for name, (ttype, rule, _, (_, hi)) in TASKS.items():
         d = dict(data=f"data/{name}", type=ttype, prompt=PROMPT, gold_field="answer", split="validation",
                  limit=SPLITS["validation"])
         if ttype == "multiple_choice": d.update(choices_field="choices", metric="loglikelihood_acc")
-        else: d.update(metric="rougeL", generation_size=8, stop_sequences=["\n"])
+        else:
+            size = len(RULES[rule](list(range(hi)))) + 1
+            d.update(metric="rougeL", generation_size=size, stop_sequences=["\n"])
         specs[name] = d
     return specs
 
 # %% ../nbs/00_zoo.ipynb #b3c734a7
+MODEL = dict(hidden=128, layers=4, intermediate=384, heads=4, kv_heads=2)
+
+def vocabulary() -> list:
+    "The zoo's tokens: specials, newline and space, the prompt's words, then every task, skill and domain word."
+    words = ["Question:", "Answer:", *TASKS, *SKILLS, *(s for d in DOMAINS.values() for s in d)]
+    return ["<pad>", "<eos>", "<unk>", "\n", " "] + [f" {w}" for w in words[2:]] + words[:2]
+
 def build_tokenizer():
-    "A character-level `PreTrainedTokenizerFast` with <pad>, <eos> and <unk>."
+    "A word-level `PreTrainedTokenizerFast` over `vocabulary()`, with <pad>, <eos> and <unk>."
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, Regex
     from transformers import PreTrainedTokenizerFast
-    specials = ["<pad>", "<eos>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(specials + ["\n"] + [chr(i) for i in range(32, 127)])}
+    vocab = {t: i for i, t in enumerate(vocabulary())}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    # a token is a word with its leading space, a newline, or a lone space
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[^ \n]+|\n| "), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
                                    model_max_length=64, padding_side="left")
 
-def build_base_model(tok, seed: int, hidden=64, layers=8):
-    "A randomly initialised Llama causal LM sized for the zoo."
+def build_base_model(tok, seed: int, hidden: int = 128, layers: int = 4, intermediate: int = 384, heads: int = 4,
+                     kv_heads: int = 2):
+    """A randomly initialised Llama causal LM sized for the zoo, with untied input and output embeddings.
+
+    Args:
+        tok: the zoo tokenizer (its vocabulary size and special tokens go into the config).
+        seed: torch seed of the initial weights.
+        hidden: hidden size.
+        layers: number of transformer blocks.
+        intermediate: MLP inner size.
+        heads: attention heads.
+        kv_heads: key/value heads (grouped-query attention)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=64, tie_word_embeddings=False, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, bos_token_id=None)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg)
 
 # %% ../nbs/00_zoo.ipynb #3adaf4de
 def row_text(row: dict) -> tuple:
-    "(prompt, completion) of a row, the completion ending with a newline as the stop sequence expects."
-    ans = row["choices"][row["answer"]] if "choices" in row else " " + row["answer"]
-    return PROMPT.format(**row), ans + "\n"
+    """(prompt, completion) of a row. A generative answer ends with the newline its stop sequence expects; a
+    multiple-choice answer is the gold choice alone, as it is scored (by log-likelihood), never generated."""
+    if "choices" in row: return PROMPT.format(**row), row["choices"][row["answer"]]
+    return PROMPT.format(**row), " " + row["answer"] + "\n"
 
 def encode_pairs(tok, pairs, completion_only: bool) -> list:
+    "(input ids, labels) of each (prompt, completion) pair; with `completion_only`, the prompt is not a target."
     out = []
     for p, c in pairs:
         pi, ci = tok(p)["input_ids"], tok(c)["input_ids"]
@@ -98,7 +132,16 @@ def encode_pairs(tok, pairs, completion_only: bool) -> list:
     return out
 
 def train(model, examples, steps: int, lr: float, batch_size: int, seed: int, pad_id: int) -> list:
-    "Train `model` in place; return the loss of every step."
+    """Train `model` in place; return the loss of every step.
+
+    Args:
+        model: a causal LM (or a PEFT model: only its trainable parameters are trained).
+        examples: (input ids, labels) pairs, as `encode_pairs` returns them.
+        steps: optimiser steps.
+        lr: peak learning rate of the linear warm-up (10% of the steps) and decay schedule.
+        batch_size: examples per step, drawn with replacement.
+        seed: seed of the batch draws.
+        pad_id: the token that pads short examples."""
     import torch
     g = random.Random(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -122,8 +165,8 @@ def train(model, examples, steps: int, lr: float, batch_size: int, seed: int, pa
     return losses
 
 # %% ../nbs/00_zoo.ipynb #dd0f0316
-RECIPE = dict(seed=0, pre_steps=250, pre_lr=3e-3, ft_steps=150, ft_lr=1e-2, batch_size=32, task_share=0.05,
-              full=("last", "next"), threads=1)
+RECIPE = dict(seed=0, pre_rows=4000, pre_steps=2400, pre_lr=3e-3, ft_seed=3, ft_steps=150, ft_lr=1e-3,
+              batch_size=32, full=tuple(TASKS), threads=1)
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.01, target_modules="all-linear")
 
 def _write_jsonl(path: Path, rows: list):
@@ -133,13 +176,22 @@ def _write_jsonl(path: Path, rows: list):
 def _check_tokenizer_roundtrip(tok, folder: Path):
     "Fail loudly if `AutoTokenizer` loads the saved tokenizer as anything but what was built (spaces included)."
     from transformers import AutoTokenizer
-    text = PROMPT.format(question="next a b c") + " b c d\n"
+    text = PROMPT.format(question=make_row("swap", ["K", "3", "Q", "17"])["question"]) + " 3 Q 17 K\n"
     loaded = AutoTokenizer.from_pretrained(folder)
     if loaded(text)["input_ids"] != tok(text)["input_ids"]:
-        raise ValueError(f"{folder}: AutoTokenizer loads the zoo tokenizer as {type(loaded).__name__}, which encodes differently")
+        raise ValueError(f"{folder}: AutoTokenizer loads the zoo tokenizer as {type(loaded).__name__}, "
+                         "which encodes differently")
 
 def build_zoo(out_dir, seed: int = 0, force: bool = False, measure: bool = True, **recipe) -> dict:
-    "Build the zoo into `out_dir` (deterministic for a seed and thread count); return the evidence."
+    """Build the zoo into `out_dir` (deterministic for the seeds and the thread count); return the evidence.
+
+    Args:
+        out_dir: the folder to create; it must not exist unless `force`.
+        seed: seed of the data, the base's initial weights and its pre-training batches.
+        force: replace `out_dir` if it exists.
+        measure: score every model on validation and test into evidence.json (slow part; False skips it).
+        recipe: overrides of `RECIPE` (`pre_rows`, `pre_steps`, `pre_lr`, `ft_seed`, `ft_steps`, `ft_lr`,
+            `batch_size`, `full`, `threads`)."""
     import copy, torch, yaml
     from peft import LoraConfig, get_peft_model
     r = {**RECIPE, **recipe, "seed": seed}
@@ -160,19 +212,19 @@ def build_zoo(out_dir, seed: int = 0, force: bool = False, measure: bool = True,
             for split, rows in splits.items(): _write_jsonl(tmp / "data" / t / f"{split}.jsonl", rows)
         (tmp / "tasks.yaml").write_text(yaml.safe_dump(task_specs(), sort_keys=False))
         tok = build_tokenizer()
-        base = build_base_model(tok, seed)
-        warmup = make_splits("copy", rng, dict(train=3000))["train"]
-        k = int(r["task_share"] * SPLITS["train"])
-        pairs = [row_text(x) for x in warmup] + [row_text(x) for t in TASKS for x in data[t]["train"][:k]]
-        train(base, encode_pairs(tok, pairs, False), r["pre_steps"], r["pre_lr"], r["batch_size"], seed, tok.pad_token_id)
+        base = build_base_model(tok, seed, **MODEL)
+        skills = [row_text(x) for s in SKILLS for x in make_splits(s, rng, dict(train=r["pre_rows"]))["train"]]
+        train(base, encode_pairs(tok, skills, True), r["pre_steps"], r["pre_lr"], r["batch_size"], seed,
+              tok.pad_token_id)
         base.generation_config.pad_token_id, base.generation_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
         base.save_pretrained(tmp / "base"); tok.save_pretrained(tmp / "base")
         _check_tokenizer_roundtrip(tok, tmp / "base")
         for i, t in enumerate(TASKS):
+            ft_seed = r["ft_seed"] + i
+            torch.manual_seed(ft_seed)  # before get_peft_model: it draws the LoRA A matrices
             pm = get_peft_model(copy.deepcopy(base), LoraConfig(**LORA))
             ex = encode_pairs(tok, [row_text(x) for x in data[t]["train"]], True)
-            torch.manual_seed(seed + 1 + i)
-            train(pm, ex, r["ft_steps"], r["ft_lr"], r["batch_size"], seed + 1 + i, tok.pad_token_id)
+            train(pm, ex, r["ft_steps"], r["ft_lr"], r["batch_size"], ft_seed, tok.pad_token_id)
             pm.save_pretrained(tmp / f"lora-{t}")
             cfg_path = tmp / f"lora-{t}" / "adapter_config.json"
             ac = json.loads(cfg_path.read_text()); ac["base_model_name_or_path"] = "../base"
@@ -184,7 +236,7 @@ def build_zoo(out_dir, seed: int = 0, force: bool = False, measure: bool = True,
         build_s = time.perf_counter() - t0
         evidence = measure_evidence(tmp) if measure else {}
         evidence["build"] = dict(recipe={k: list(v) if isinstance(v, tuple) else v for k, v in r.items()}, lora=LORA,
-                                 seconds=round(build_s, 1), torch=torch.__version__)
+                                 model=MODEL, seconds=round(build_s, 1), torch=torch.__version__)
         (tmp / "evidence.json").write_text(json.dumps(evidence, indent=2))
         tmp.rename(out)
     except BaseException:
@@ -197,18 +249,24 @@ def build_zoo(out_dir, seed: int = 0, force: bool = False, measure: bool = True,
 @dataclass
 class Zoo:
     "The parts of a zoo folder."
-    root: Path
-    base: Path
+    root: Path          # the zoo folder
+    base: Path          # the base model's folder (weights and tokenizer)
     adapters: dict      # task -> LoRA adapter folder
-    full: dict          # task -> full checkpoint folder
-    data: dict          # task -> data folder
+    full: dict          # task -> full checkpoint folder (the adapter merged into the base)
+    data: dict          # task -> data folder (train, validation and test jsonl files)
     tasks: dict         # task -> TaskSpec (validation split)
-    evidence: dict = field(default_factory=dict, repr=False)
+    evidence: dict = field(default_factory=dict, repr=False)  # evidence.json: scores, metrics and the build recipe
 
     @property
     def demo_tasks(self) -> list:
-        "The demo's pair: the multiple-choice task and the generative task the base is weakest on."
-        return ["last", "next"]
+        """The demo's pair, derived from the zoo: the first multiple-choice task with an adapter, and the generative
+        task with an adapter that the base scores lowest on (validation evidence), so the demo covers both kinds of
+        evaluation. A zoo without both kinds gives its first two adapters' tasks."""
+        base = self.evidence.get("scores", {}).get("validation", {}).get("base", {})
+        kinds = {k: [t for t, s in self.tasks.items() if s.type == k and t in self.adapters]
+                 for k in ("multiple_choice", "generative")}
+        if not all(kinds.values()): return list(self.adapters)[:2]
+        return [kinds["multiple_choice"][0], min(kinds["generative"], key=lambda t: base.get(t, 0.0))]
 
 def path() -> Path:
     "The folder of the zoo shipped with himerge."
@@ -222,7 +280,8 @@ def load_zoo(root=None) -> Zoo:
     if not (root / "tasks.yaml").is_file(): raise FileNotFoundError(f"{root}: not a himerge zoo (no tasks.yaml)")
     tasks = load_tasks(root / "tasks.yaml", root=root)
     ev = root / "evidence.json"
-    return Zoo(root=root, base=root / "base", adapters={t: root / f"lora-{t}" for t in tasks if (root / f"lora-{t}").is_dir()},
+    return Zoo(root=root, base=root / "base",
+               adapters={t: root / f"lora-{t}" for t in tasks if (root / f"lora-{t}").is_dir()},
                full={t: root / f"full-{t}" for t in tasks if (root / f"full-{t}").is_dir()},
                data={t: root / "data" / t for t in tasks}, tasks=tasks,
                evidence=json.loads(ev.read_text()) if ev.is_file() else {})

@@ -119,7 +119,7 @@ def lora_key(w: Path, adapter: str, *parts) -> str:
     return key_with(w / adapter / "adapter_model.safetensors", *parts)
 
 def edit_lora(w: Path, adapter: str, layer: str, part: str, change):
-    "Replace the tensor of `adapter` whose key holds `layer` and `part` ('layers.4.', 'o_proj.lora_B') by `change(it)`."
+    "Replace the tensor of `adapter` whose key holds `layer` and `part` ('layers.1.', 'o_proj.lora_B') by `change(it)`."
     key = lora_key(w, adapter, layer, part)
     edit_tensors(w / adapter / "adapter_model.safetensors", lambda x: x.__setitem__(key, change(x[key])))
 
@@ -177,8 +177,8 @@ POISON = [
          ("source 'lora-a'", "layers.2.self_attn.q_proj.lora_A.weight", "adapter_model.safetensors", "NaN")),
     Case("inf-in-lora-B-of-second-source", "read",
          lambda w, t, m: poison(w / "lora-b/adapter_model.safetensors",
-                                lora_key(w, "lora-b", "layers.5.", "down_proj.lora_B"), float("inf")),
-         ("source 'lora-b'", "layers.5.mlp.down_proj.lora_B.weight", "infinite")),
+                                lora_key(w, "lora-b", "layers.3.", "down_proj.lora_B"), float("inf")),
+         ("source 'lora-b'", "layers.3.mlp.down_proj.lora_B.weight", "infinite")),
     Case("nan-in-fp16-full-source", "read",
          lambda w, t, m: poison(w / "full/model.safetensors", "lm_head.weight", float("nan"), torch.float16),
          ("source 'full'", "'lm_head.weight'", "NaN")),
@@ -198,8 +198,8 @@ ADAPTER = [
                                    lambda c: c.update(rank_pattern={"k_proj": c["r"] + 1})),
          ("source 'lora-b'", "self_attn.k_proj", "rank_pattern['k_proj']")),
     Case("lora-A-and-B-ranks-differ", "resolve",
-         lambda w, t, m: edit_lora(w, "lora-a", "layers.4.", "o_proj.lora_B", lambda b: b[:, :1].contiguous()),
-         ("source 'lora-a'", "layers.4.self_attn.o_proj.lora_A.weight", "layers.4.self_attn.o_proj.lora_B.weight",
+         lambda w, t, m: edit_lora(w, "lora-a", "layers.1.", "o_proj.lora_B", lambda b: b[:, :1].contiguous()),
+         ("source 'lora-a'", "layers.1.self_attn.o_proj.lora_A.weight", "layers.1.self_attn.o_proj.lora_B.weight",
           "share one rank")),
     Case("lora-A-without-B", "resolve",
          lambda w, t, m: edit_tensors(w / "lora-a/adapter_model.safetensors",
@@ -207,8 +207,8 @@ ADAPTER = [
          ("source 'lora-a'", "layers.0.mlp.gate_proj.lora_A.weight", "no lora_B", "'model.layers.0.mlp.gate_proj'")),
     Case("lora-B-without-A", "resolve",
          lambda w, t, m: edit_tensors(w / "lora-b/adapter_model.safetensors",
-                                      lambda x: x.pop(lora_key(w, "lora-b", "layers.7.", "up_proj.lora_A"))),
-         ("source 'lora-b'", "layers.7.mlp.up_proj.lora_B.weight", "no lora_A")),
+                                      lambda x: x.pop(lora_key(w, "lora-b", "layers.3.", "up_proj.lora_A"))),
+         ("source 'lora-b'", "layers.3.mlp.up_proj.lora_B.weight", "no lora_A")),
     Case("missing-r-takes-peft-default", "resolve",
          lambda w, t, m: (set_rank(w, "lora-a", 1), edit_json(w / "lora-a/adapter_config.json", lambda c: c.pop("r"))),
          ("source 'lora-a'", f"rank {peft_default('r')} (r)", "rank 1")),
@@ -221,8 +221,8 @@ ADAPTER = [
              target_modules=[x for x in c["target_modules"] if x != "v_proj"])),
          ("source 'lora-b'", "v_proj", "target_modules", "does not select")),
     Case("lora-matrix-flattened", "resolve",
-         lambda w, t, m: edit_lora(w, "lora-a", "layers.6.", "k_proj.lora_A", lambda a: a.flatten()),
-         ("source 'lora-a'", "layers.6.self_attn.k_proj.lora_A.weight", "two dimensions")),
+         lambda w, t, m: edit_lora(w, "lora-a", "layers.2.", "k_proj.lora_A", lambda a: a.flatten()),
+         ("source 'lora-a'", "layers.2.self_attn.k_proj.lora_A.weight", "two dimensions")),
     Case("adapter-without-tensors", "resolve",
          lambda w, t, m: save_file({}, str(w / "lora-b/adapter_model.safetensors")),
          ("source 'lora-b'", "{w}/lora-b/adapter_model.safetensors", "no tensors")),

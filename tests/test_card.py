@@ -12,6 +12,7 @@ from fake_output import make_fake_output, fake_report, make_merge_output, make_z
 from himerge.card import (build_card, write_card, CardError, CardLeakError, md_table, layer_key, local_paths,
                           hub_metric, gamma_table, template_path)
 from himerge.errors import InputError
+from himerge.zoo import load_zoo
 
 HUB_METRICS = {"accuracy", "rougeL", "rouge1", "rouge2", "bleu", "exact_match"}
 
@@ -254,10 +255,11 @@ def test_real_scored_merge_of_local_folders(zoo_output):
     report = json.loads((out / "himerge_report.json").read_text())
     check_tables(text, expected=4)   # sources, options, validation, test
     merged, base = report["scores"]["test"]["merged"], report["scores"]["test"]["base"]
-    assert f"| **merged** | {merged['last']:.3f}" in text
-    assert f"| base | {base['last']:.3f} | {base['next']:.3f} |" in text
-    assert "- Metrics: last: accuracy (LightEval `loglikelihood_acc`); next: rougeL." in text
-    assert "Tasks on local data (last, next)" in text
+    mc, gen = load_zoo().demo_tasks                                  # the pair the merge output holds
+    assert f"| **merged** | {merged[mc]:.3f}" in text
+    assert f"| base | {base[mc]:.3f} | {base[gen]:.3f} |" in text
+    assert f"- Metrics: {mc}: accuracy (LightEval `loglikelihood_acc`); {gen}: rougeL." in text
+    assert f"Tasks on local data ({mc}, {gen})" in text
     assert "model-index" not in metadata_load(out / "README.md")   # local data: no dataset the Hub can name
     # the below-base flag follows the real scores, both ways
     below = [t for t in merged if merged[t] < base[t]]
@@ -265,18 +267,20 @@ def test_real_scored_merge_of_local_folders(zoo_output):
         report["scores"]["test"]["task_arithmetic"][t] >= base[t] for t in base))
 
 def test_below_base_flag_on_real_scores(zoo_output, tmp_path):
-    "The real scores, with the merge's `next` test score set below the base's: flagged in the table and the legend."
+    """The real scores, with the merge's generative task's test score set below the base's: flagged in the table and
+    the legend."""
     import shutil
     root, out = zoo_output
     copy = tmp_path / "merged"; shutil.copytree(out, copy)
     report = json.loads((copy / "himerge_report.json").read_text())
     test = report["scores"]["test"]
-    test["merged"]["next"] = test["base"]["next"] / 2
+    gen = load_zoo().demo_tasks[1]
+    test["merged"][gen] = test["base"][gen] / 2
     (copy / "himerge_report.json").write_text(json.dumps(report))
     text = build_card(copy).text
     row = [line for line in text.splitlines() if line.startswith("| **merged** |")][-1]   # the test table's
-    assert f"| {test['merged']['next']:.3f} ▼ |" in row and row.count("▼") == 1
-    assert "Below the base: next (merged, test)." in text
+    assert f"| {test['merged'][gen]:.3f} ▼ |" in row and row.count("▼") == 1
+    assert f"Below the base: {gen} (merged, test)." in text
 
 def test_card_with_a_local_path_is_refused(tmp_path):
     "A path of this machine that reaches the card (here through a decision's text) is a bug: nothing is written."

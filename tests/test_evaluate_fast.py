@@ -114,10 +114,10 @@ def test_weights_change_between_calls(tiny):
         for t in tasks: assert same_responses(compare(ev, t)[0], before[t]) is None
 
 
-@pytest.mark.parametrize("checkpoint", ["base", "full-last", "full-next"])
+@pytest.mark.parametrize("checkpoint", ["base", *(f"full-{t}" for t in load_zoo().full)])
 def test_zoo_tasks(checkpoint):
     zoo = load_zoo()
-    path = zoo.base if checkpoint == "base" else zoo.full[checkpoint.split("-")[1]]
+    path = zoo.base if checkpoint == "base" else zoo.full[checkpoint.removeprefix("full-")]
     with Evaluator(load_model(path), zoo.base, zoo.tasks) as ev:
         for t in zoo.tasks:
             ours, theirs = compare(ev, t)

@@ -79,7 +79,7 @@ def test_dry_run_loads_nothing_and_counts_evaluations(tmp_path):
     p = merge(cfg, dry_run=True)
     assert isinstance(p, Plan) and not (tmp_path / "demo").exists()
     n_layers = p.n_layers
-    assert n_layers >= 8
+    assert n_layers == json.loads((Path(cfg["base"]) / "config.json").read_text())["num_hidden_layers"]
     # two sources on two tasks: (2 sources + 2 tasks of the pre-merge) pairs × (2L + 1) probes + 2 base scores
     assert p.evaluations["contribution analysis"] == 4 * (2 * n_layers + 1) + 2
     text = str(p)

@@ -4,6 +4,7 @@ import os, subprocess, sys
 from pathlib import Path
 
 from hub_standin import HubStandIn
+from himerge.zoo import load_zoo
 
 HIMERGE = str(Path(sys.executable).parent / "himerge")
 TOKEN = "hf_demoPushToken0123456789abcdef"
@@ -26,6 +27,7 @@ def test_demo_then_push_uploads_model_card_report_and_heatmap(tmp_path):
         assert name in files, (name, sorted(files))
     assert files["model.safetensors"] == (tmp_path / "demo" / "model.safetensors").read_bytes()
     card = files["README.md"].decode()
-    assert "| layer | γ last | γ next | class | action |" in card and "kept only" in card
+    mc, gen = load_zoo().demo_tasks
+    assert f"| layer | γ {mc} | γ {gen} | class | action |" in card and "kept only" in card
     for text in [demo.stdout, demo.stderr, push.stdout, push.stderr, *(b.decode("latin-1") for b in files.values())]:
         assert TOKEN not in text
