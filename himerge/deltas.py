@@ -16,10 +16,10 @@ from .sources import (SourceError, SourceSet, TensorHeader, adapter_module, adap
                              file_headers, lora_rank, peft_default, target_tensor, weight_files)
 
 # %% auto #0
-__all__ = ['LAYER_GROUPS_FIRST', 'LAYER_GROUPS_LAST', 'GRANULARITIES', 'n_blocks', 'layer_of', 'lora_scaling', 'lora_delta',
-           'nonfinite', 'check_finite', 'load_pickle_weights', 'TensorStore', 'group_layers', 'full_reader',
-           'lora_modules', 'lora_reader', 'source_reader', 'Deltas', 'compute_deltas', 'reconstruct', 'unit_of',
-           'UnitDeltas']
+__all__ = ['DTYPE_BYTES', 'LAYER_GROUPS_FIRST', 'LAYER_GROUPS_LAST', 'GRANULARITIES', 'n_blocks', 'layer_of', 'lora_scaling',
+           'lora_delta', 'nonfinite', 'check_finite', 'load_pickle_weights', 'stored_bytes', 'TensorStore',
+           'group_layers', 'full_reader', 'lora_modules', 'lora_reader', 'source_reader', 'Deltas', 'compute_deltas',
+           'reconstruct', 'unit_of', 'UnitDeltas']
 
 # %% ../nbs/02_deltas.ipynb #49bab315
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer|decoder_layers)\.(\d+)\.")
@@ -104,6 +104,14 @@ def load_pickle_weights(file, who: str) -> dict:
 
 # %% ../nbs/02_deltas.ipynb #aca0fc9e
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+# bytes per element, by safetensors' dtype name
+DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
+
+def stored_bytes(headers: dict) -> int:
+    "The bytes of the tensors whose headers are given, as stored (a dtype not listed counts 4 bytes an element)."
+    return sum(math.prod(h.shape) * DTYPE_BYTES.get(h.dtype, 4) for h in headers.values())
+
 
 class TensorStore:
     """Named tensors of weight files, read one at a time and checked for NaN/inf; a safetensors file is mapped only
@@ -141,6 +149,8 @@ class TensorStore:
         floating = t.is_floating_point()
         t = t.float()
         return check_finite(t, self.who, name, file) if floating else t
+
+
 
 # %% ../nbs/02_deltas.ipynb #3bbfd481
 LAYER_GROUPS_FIRST, LAYER_GROUPS_LAST = ("embed",), ("norm", "lm_head")
@@ -259,9 +269,8 @@ class Deltas:
                    for s in self.sources]
         self._readers, self._touched = [r for r, _ in readers], [t for _, t in readers]
         self._cache = {}                                      # (source, layer) -> (deltas, bytes)
-        sizes = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2}
-        base_bytes = sum(math.prod(h.shape) * sizes.get(h.dtype, 1) for h in self.base_store.headers().values())
-        self.cache_bytes = base_bytes // 8                    # other sources' last layers: an eighth of the base
+        # other sources' last layers: an eighth of the base
+        self.cache_bytes = stored_bytes(self.base_store.headers()) // 8
 
     @property
     def n_sources(self) -> int: return len(self.sources)

@@ -90,8 +90,6 @@ def count_evaluations(cfg: MergeConfig, n_layers: int) -> dict:
     return {k: v for k, v in ev.items() if v}
 
 # %% ../nbs/09_merge.ipynb #569a8abc
-_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
 def memory_estimate(deltas, layers: list, compute_option: str, device: str) -> dict:
     """Bytes: the base as held (`model`), the largest layer converted to the compute dtype (`layer`), the largest layer
     delta in float32 (`delta`); and the stored and compute dtypes.
@@ -103,13 +101,14 @@ def memory_estimate(deltas, layers: list, compute_option: str, device: str) -> d
         device: the device the base is placed on.
     """
     import math
+    from himerge.deltas import stored_bytes
     from himerge.scoring import compute_dtype, stored_dtype
     headers = deltas.base_store.headers()
     stored = stored_dtype(deltas.config)
     compute = compute_dtype(compute_option, stored, device)
     width = {"float32": 4, "bfloat16": 2, "float16": 2}
     numel = lambda names: sum(math.prod(headers[n].shape) for n in names if n in headers)
-    model = sum(math.prod(h.shape) * _BYTES.get(h.dtype, 4) for h in headers.values())
+    model = stored_bytes(headers)
     biggest = max((numel(deltas.names(layer)) for layer in deltas.layers), default=0)
     delta = max((numel(deltas.names(layer)) for layer in layers), default=0) * 4
     return dict(model=model, layer=biggest * width[compute] if compute != stored else 0, delta=delta,
