@@ -12,7 +12,13 @@ Two starts are timed:
 - warm: the same command with LightEval imported before the merge starts, in both runs, so that the method's time is
   the probes' and resolution's alone, as in a job whose probes take hours. The target is read on this one.
 
-Run: python bench/bench_distributed.py [--repeats 1] [--start cold warm]
+Two workloads:
+- zoo: the demo pair on the zoo (46 evaluations of about 0.1 s): synchronisation and start-up dominate;
+- scale (`--workload scale`): bench_scale.py's 24-block ~0.36B Llama (random bf16 weights, two LoRA sources on four
+  blocks, computed in float32), Hi-Merging on `--rows` rows of two tasks, so that each evaluation takes seconds, as
+  the probes of the models people merge do.
+
+Run: python bench/bench_distributed.py [--workload zoo scale] [--repeats 1] [--start cold warm] [--rows 8]
 """
 import argparse, json, os, subprocess, sys, tempfile
 from pathlib import Path
@@ -35,11 +41,24 @@ def run(cmd: list, env: dict) -> None:
     if proc.returncode: raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
 
 
-def merge_report(launcher: list, env: dict) -> dict:
-    "The report of the demo merge (validation only) run by `launcher`, with a fresh cache."
+def zoo_config(out: Path) -> dict:
+    "The zoo's demo merge."
     from himerge.merge import demo_config
+    return demo_config(out)
+
+
+def scale_config(root: Path, rows: int):
+    "A function out -> the merge config of bench_scale.py's model (built once into `root`)."
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_scale import build, config
+    tasks, *_ = build(root, 24, rows)
+    return lambda out: yaml.safe_load(config(root, tasks, "auto", "out").read_text()) | {"output": str(out)}
+
+
+def merge_report(launcher: list, env: dict, make_config) -> dict:
+    "The report of the merge `make_config(out)` (validation only) run by `launcher`, with a fresh cache."
     with tempfile.TemporaryDirectory() as d:
-        cfg = demo_config(Path(d) / "out")
+        cfg = make_config(Path(d) / "out")
         cfg["options"] = {**cfg["options"], "test_scores": False, "cache_dir": str(Path(d) / "cache")}
         path = Path(d) / "merge.yaml"
         path.write_text(yaml.safe_dump(cfg))
@@ -51,14 +70,25 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--start", nargs="+", choices=["cold", "warm"], default=["cold", "warm"])
+    ap.add_argument("--workload", nargs="+", choices=["zoo", "scale"], default=["zoo", "scale"])
+    ap.add_argument("--rows", type=int, default=8, help="rows per task of the scale workload")
     args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as root:
+        for workload in args.workload:
+            print(f"workload {workload}:", flush=True)
+            make = zoo_config if workload == "zoo" else scale_config(Path(root), args.rows)
+            compare(args, make)
+
+
+def compare(args, make_config):
+    "Time the merge of `make_config` on 1 and 2 processes, both starts, and print the ratios."
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg"}
     times = {(start, n): [] for start in args.start for n in (1, 2)}
     reports = {}
     for r in range(args.repeats):
         for (start, n) in times:                     # alternated, so that a change of load hits both alike
-            report = merge_report(LAUNCHERS[(start, n)], env)
+            report = merge_report(LAUNCHERS[(start, n)], env, make_config)
             times[(start, n)].append(report["timings"]["method_s"])
             reports[(start, n)] = report
             print(f"run {r + 1}, {start} start, {n} process{'es' if n > 1 else ''}: method (analysis + resolution) "

@@ -305,14 +305,17 @@ MERGEKIT_ARGS = {
 # %% ../nbs/04_baselines.ipynb #ebd9f531
 COMBINES = ("sum", "ties")
 
-def combine_deltas(per_source: list[dict], how: str = "sum") -> dict:
-    "Combine the layer deltas of several sources (each name -> float32 tensor) into one delta per tensor name."
+def combine_deltas(per_source: list[dict], how: str = "sum"):
+    """Combine the layer deltas of several sources (each name -> float32 tensor) into one delta per tensor name: a
+    `himerge.deltas.LazyLayer`, each tensor combined when it is read."""
+    from himerge.deltas import LazyLayer
     if how not in COMBINES: raise BaselineError(f"combine: {how!r} is not one of {COMBINES}")
-    names = list(dict.fromkeys(n for d in per_source for n in d))
-    out = {}
-    for n in names:
-        present = [d[n] for d in per_source if n in d]
-        if len(present) == 1: out[n] = present[0].clone()
-        elif how == "sum": out[n] = sum(present[1:], present[0].clone())
-        else: out[n] = ties(present, [1.0] * len(present))
-    return out
+    def combine(name):
+        having = [d for d in per_source if name in d]
+        if len(having) > 1 and how == "ties":
+            return ties([d[name] for d in having], [1.0] * len(having))
+        out = having[0][name].clone()
+        for d in having[1:]:                    # in place, each source's tensor read when it is added
+            tensor = d[name]; out += tensor; del tensor
+        return out
+    return LazyLayer(dict.fromkeys(n for d in per_source for n in d), combine)

@@ -32,8 +32,9 @@ class RunOptions:
                                    "~/.cache/himerge/evaluations)")
     max_shard_size: str = option("1GB", "largest safetensors shard of the saved model (a shard is buffered in memory)")
     tokenizer: str | None = option(None, "tokenizer path or Hub id (default: the base's)")
-    prefix_cache: str = option("1GiB", "memory for the hidden states that log-likelihood probes reuse from a pass "
-                               "already run ('off': every probe runs every block)")
+    prefix_cache: str = option("auto", "memory for the hidden states that log-likelihood probes reuse from a pass "
+                               "already run: a size, 'auto' (an eighth of the model's bytes) or 'off' (every probe "
+                               "runs every block)")
     auto_grid: list = option([0.2, 0.4, 0.6, 0.8, 1.0], "values tried for a density or scale given as 'auto'",
                              low=0, high=1, low_open=True)
     auto_budget: int = option(25, "most evaluations the search for one source's 'auto' density and scale may spend",
@@ -151,14 +152,17 @@ def _options(options, method: MergeMethod) -> tuple:
     except OptionError as e: raise ConfigError(str(e)) from None
     try:
         parse_size(run.max_shard_size)   # a size the writer cannot read would only fail after the whole merge
-        prefix_bytes(run)
+        prefix_bytes(run, 0)
     except InputError as e: raise ConfigError(str(e)) from None
     return run, own
 
-def prefix_bytes(run: RunOptions) -> int:
-    "The bytes `options.prefix_cache` allows (0 when 'off')."
-    off = str(run.prefix_cache).strip().lower() in ("off", "0", "none", "false")
-    return 0 if off else parse_size(run.prefix_cache, field="options.prefix_cache")
+def prefix_bytes(run: RunOptions, model_bytes: int) -> int:
+    """The bytes `options.prefix_cache` allows: 0 when 'off'; for 'auto', an eighth of `model_bytes` (the cache
+    counts on top of the model, so a fixed size would cost a small model several times its own size)."""
+    value = str(run.prefix_cache).strip().lower()
+    if value in ("off", "0", "none", "false"): return 0
+    if value == "auto": return model_bytes // 8
+    return parse_size(run.prefix_cache, field="options.prefix_cache")
 
 # %% ../nbs/08b_config.ipynb #cee943e3
 def _check_counts(method: MergeMethod, sources: list, own):

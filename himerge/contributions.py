@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .baselines import COMBINES, combine_deltas
+from .deltas import LazyLayer
 from .errors import InputError
 from .scoring import Probe, State, Scorer, base_state, means
 
@@ -46,7 +47,7 @@ def states_for(deltas, source_names: list, *, combine: str = "sum", merged=None,
 
 # %% ../nbs/07_contributions.ipynb #806a2a85
 class LayerMemo:
-    "Least-recently-used memo of layer dicts (name -> tensor) within a byte budget."
+    "Least-recently-used memo of tensors, or of layer dicts (name -> tensor), within a byte budget."
     def __init__(self, max_bytes: int = 2**30):
         from collections import OrderedDict
         self.max_bytes, self.bytes, self.hits, self.misses = int(max_bytes), 0, 0, 0
@@ -60,11 +61,14 @@ class LayerMemo:
             return self._items[key][0]
         self.misses += 1
         value = compute()
-        size = sum(t.numel() * t.element_size() for t in value.values())
+        tensors = value.values() if isinstance(value, dict) else [value]
+        size = sum(t.numel() * t.element_size() for t in tensors)
         if size <= self.max_bytes:
             self._items[key] = (value, size); self.bytes += size
             while self.bytes > self.max_bytes: self.bytes -= self._items.popitem(last=False)[1][1]
         return value
+
+    def __contains__(self, key): return key in self._items
 
 class MemoDeltas:
     "A deltas object (`layers`, `base_layer`, `source_layer`) whose layer reads go through a `LayerMemo`."
@@ -74,7 +78,14 @@ class MemoDeltas:
     # One base per analysis (the loaded model), so wrappers of the pre-merge and of the sources share its layers.
     def base_layer(self, layer): return self.memo.get(("base", layer), lambda: self.deltas.base_layer(layer))
     def source_layer(self, i: int, layer):
-        return self.memo.get((id(self.deltas), i, layer), lambda: self.deltas.source_layer(i, layer))
+        key = (id(self.deltas), i, layer)
+        if key in self.memo: return self.memo.get(key, None)            # a whole layer kept earlier
+        if not getattr(self.deltas, "costly", lambda i, layer: True)(i, layer):
+            return self.deltas.source_layer(i, layer)                    # recomputing costs what keeping saves
+        delta = self.deltas.source_layer(i, layer)
+        if isinstance(delta, LazyLayer):                                 # kept tensor by tensor, as they are read
+            return LazyLayer(delta, lambda name: self.memo.get(key + (name,), lambda: delta[name]))
+        return self.memo.get(key, lambda: delta)
     def __getattr__(self, attr):  # layers, source_names, ... are the wrapped deltas'
         if attr.startswith("_") or attr in ("deltas", "memo"): raise AttributeError(attr)
         return getattr(self.deltas, attr)

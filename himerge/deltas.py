@@ -8,6 +8,7 @@ Docs: https://himerge.github.io/himerge/deltas.html.md"""
 from __future__ import annotations
 import math, re, warnings
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -18,8 +19,8 @@ from .sources import (SourceError, SourceSet, TensorHeader, adapter_module, adap
 # %% auto #0
 __all__ = ['DTYPE_BYTES', 'LAYER_GROUPS_FIRST', 'LAYER_GROUPS_LAST', 'GRANULARITIES', 'n_blocks', 'layer_of', 'lora_scaling',
            'lora_delta', 'nonfinite', 'check_finite', 'load_pickle_weights', 'stored_bytes', 'TensorStore',
-           'group_layers', 'full_reader', 'lora_modules', 'lora_reader', 'source_reader', 'Deltas', 'compute_deltas',
-           'reconstruct', 'unit_of', 'UnitDeltas']
+           'group_layers', 'LazyLayer', 'map_layer', 'full_reader', 'lora_modules', 'lora_reader', 'source_reader',
+           'Deltas', 'compute_deltas', 'reconstruct', 'unit_of', 'UnitDeltas']
 
 # %% ../nbs/02_deltas.ipynb #49bab315
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer|decoder_layers)\.(\d+)\.")
@@ -59,11 +60,11 @@ def lora_delta(parts: dict, config: dict, module: str) -> dict:
     s = lora_scaling(config, module)
     out = {}
     if "lora_A" in parts:
-        d = (parts["lora_B"].float() @ parts["lora_A"].float()) * s
+        d = (parts["lora_B"].float() @ parts["lora_A"].float()).mul_(s)   # in place: one layer-sized tensor
         out[module + ".weight"] = d.T.contiguous() if config.get("fan_in_fan_out") else d
         if "lora_B.bias" in parts: out[module + ".bias"] = parts["lora_B.bias"].float() * s
     elif "lora_embedding_A" in parts:
-        d = (parts["lora_embedding_B"].float() @ parts["lora_embedding_A"].float()) * s
+        d = (parts["lora_embedding_B"].float() @ parts["lora_embedding_A"].float()).mul_(s)
         out[module + ".weight"] = d.T.contiguous()
     return out
 
@@ -173,6 +174,24 @@ def group_layers(names, config: dict) -> tuple:
     return by_layer, layers, unassigned, tied
 
 # %% ../nbs/02_deltas.ipynb #c711a3cc
+class LazyLayer(Mapping):
+    "A layer's tensors, name -> tensor, each computed by `compute(name)` when it is read and never kept."
+    def __init__(self, names, compute):
+        self.names, self._compute = list(names), compute
+        self._known = set(self.names)
+    def __getitem__(self, name):
+        if name not in self._known: raise KeyError(name)
+        return self._compute(name)
+    def __contains__(self, name): return name in self._known
+    def __iter__(self): return iter(self.names)
+    def __len__(self): return len(self.names)
+    def __repr__(self): return f"LazyLayer({self.names})"
+
+def map_layer(layer: Mapping, fn) -> LazyLayer:
+    "A `LazyLayer` of `fn(name, tensor)` for each tensor of `layer`, computed when read."
+    return LazyLayer(layer, lambda name: fn(name, layer[name]))
+
+# %% ../nbs/02_deltas.ipynb #530f3b98
 def full_reader(src, store: TensorStore, base_store: TensorStore, by_layer: dict, tied: bool):
     """A function layer -> {tensor: source − base} for full checkpoint `src` read through `store`.
 
@@ -185,11 +204,10 @@ def full_reader(src, store: TensorStore, base_store: TensorStore, by_layer: dict
     extra = [k for k in store.keys() if k not in base_store and not (tied and k == "lm_head.weight")]
     if extra: raise SourceError(f"{src.who}: tensor {extra[0]!r} is not in the base")
     def read(layer):
-        out = {}
-        for n in by_layer.get(layer, []):
-            if n not in store: raise SourceError(f"{src.who}: tensor {n!r} of the base is missing")
-            out[n] = store.get(n) - base_store.get(n)
-        return out
+        names = by_layer.get(layer, [])
+        missing = [n for n in names if n not in store]
+        if missing: raise SourceError(f"{src.who}: tensor {missing[0]!r} of the base is missing")
+        return LazyLayer(names, lambda n: store.get(n) - base_store.get(n))
     return read
 
 # %% ../nbs/02_deltas.ipynb #d0e9d9d7
@@ -221,16 +239,21 @@ def lora_reader(src, store: TensorStore, base_store: TensorStore, by_layer: dict
         check_lora(src, {k: h.shape for k, h in base_store.headers().items()}, headers=store.headers())
     modules, saved = lora_modules(src, store.keys(), config)
     def read(layer):
-        out = {}
-        for module, keys in modules.get(layer, {}).items():
-            for name, d in lora_delta({role: store.get(k) for role, k in keys.items()}, src.config, module).items():
-                if nonfinite(d): raise SourceError(f"{src.who}: the LoRA delta of {name!r} (lora_B @ lora_A × scaling) "
-                                                   "overflows float32: the adapter's values are too large to be real "
-                                                   "weights")
-                out[name] = d
-        for target, key in saved.get(layer, {}).items():
-            out[target] = out.get(target, 0) + store.get(key) - base_store.get(target)
-        return {n: out[n] for n in by_layer.get(layer, []) if n in out}
+        by_target = {target_tensor(module, role): module                 # base tensor -> the module changing it
+                     for module, keys in modules.get(layer, {}).items() for role in keys}
+        kept = saved.get(layer, {})
+        def compute(name):
+            out = 0
+            if name in by_target:
+                module = by_target[name]
+                parts = {role: store.get(k) for role, k in modules[layer][module].items()}
+                out = lora_delta(parts, src.config, module)[name]
+                if nonfinite(out): raise SourceError(f"{src.who}: the LoRA delta of {name!r} (lora_B @ lora_A × "
+                                                     "scaling) overflows float32: the adapter's values are too large "
+                                                     "to be real weights")
+            if name in kept: out = out + store.get(kept[name]) - base_store.get(name)
+            return out
+        return LazyLayer([n for n in by_layer.get(layer, []) if n in by_target or n in kept], compute)
     return read, set(modules) | set(saved)
 
 # %% ../nbs/02_deltas.ipynb #6e4c0805
@@ -268,9 +291,6 @@ class Deltas:
         readers = [source_reader(s, self.base_store, self._by_layer, self.layers, self.config, self.allow_pickle)
                    for s in self.sources]
         self._readers, self._touched = [r for r, _ in readers], [t for _, t in readers]
-        self._cache = {}                                      # (source, layer) -> (deltas, bytes)
-        # other sources' last layers: an eighth of the base
-        self.cache_bytes = stored_bytes(self.base_store.headers()) // 8
 
     @property
     def n_sources(self) -> int: return len(self.sources)
@@ -287,18 +307,9 @@ class Deltas:
         "The base's float32 tensor `name` (a layer one tensor at a time, for a writer that needs no more)."
         return self.base_store.get(name)
 
-    def source_layer(self, i: int, layer) -> dict:
-        "Source `i`'s float32 deltas in `layer` (only the tensors it changes)."
-        key = (i, layer)
-        if key not in self._cache:
-            self._cache = {k: v for k, v in self._cache.items() if k[0] != i}  # one layer per source at most
-            delta = self._readers[i](layer)
-            size = sum(t.numel() * t.element_size() for t in delta.values())
-            # The layer just read is kept; other sources' last layers only while they fit in `cache_bytes`.
-            while self._cache and sum(b for _, b in self._cache.values()) + size > self.cache_bytes:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = (delta, size)
-        return dict(self._cache[key][0])
+    def source_layer(self, i: int, layer) -> LazyLayer:
+        "Source `i`'s float32 deltas in `layer` (only the tensors it changes), each computed when read."
+        return self._readers[i](layer)
 
     def changed_layers(self, i: int | None = None) -> list:
         "The layers source `i` changes (any source if `i` is None), known from the files' headers."
@@ -311,7 +322,7 @@ class Deltas:
 
     def close(self):
         "Drop the file handles."
-        self.base_store = None; self._readers = []; self._cache = {}
+        self.base_store = None; self._readers = []
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
 
@@ -356,9 +367,9 @@ class UnitDeltas:
 
     def names(self, layer) -> list:
         return list(self._names[layer]) if layer in self._names else self.deltas.names(layer)
-    def _pick(self, tensors: dict, layer) -> dict:
+    def _pick(self, tensors, layer) -> LazyLayer:
         keep = set(self._names[layer])
-        return {n: t for n, t in tensors.items() if n in keep}
+        return LazyLayer([n for n in tensors if n in keep], tensors.__getitem__)
     def base_layer(self, layer) -> dict:
         if layer not in self._block: return self.deltas.base_layer(layer)
         return self._pick(self.deltas.base_layer(self._block[layer]), layer)

@@ -274,10 +274,11 @@ def open_run(p: Plan, progress=True, group=None):
                 run.cache = EvalCache(p.cache_dir if main else None)   # rank 0's cache is the job's
                 computes = getattr(model, "himerge_compute_dtype", model.dtype)
                 runtime = {"compute_dtype": str(computes).removeprefix("torch.")}
+                model_bytes = sum(param.numel() * param.element_size() for param in model.parameters())
                 run.scorer = lighteval_scorer(model, LoadedBase(model, deltas), p.tasks, p.tokenizer,
                                               device=input_device(model, p.device), batch_size=r.batch_size,
                                               cache=run.cache, progress=bar, runtime=runtime, group=group,
-                                              prefix_bytes=prefix_bytes(r))
+                                              prefix_bytes=prefix_bytes(r, model_bytes))
                 del model                         # the scorer holds it; `release_model` lets it go
         yield run
     finally:
@@ -304,8 +305,9 @@ def release_model(run: Run):
 from collections.abc import Mapping
 
 class _LoadedLayer(Mapping):
-    "name -> a float32 CPU copy of a loaded tensor, made on each read."
-    def __init__(self, tensors: dict): self.tensors = tensors
+    """name -> a float32 CPU copy of a loaded tensor, made on each read; `stored` holds the loaded tensors themselves,
+    uncopied, for a writer that adds into them (`himerge.scoring.sum_in`)."""
+    def __init__(self, tensors: dict): self.tensors = self.stored = tensors
     def __getitem__(self, name):
         import torch
         return self.tensors[name].to(device="cpu", dtype=torch.float32, copy=True)
@@ -333,14 +335,15 @@ class LoadedBase:
         return getattr(self.deltas, attr)
 
 def return_freed_memory(trim: bool = False):
-    """Make the C heap hand freed layer-sized buffers back to the system: buffers of 4 MiB or more get mappings of
-    their own, unmapped when freed (glibc's M_MMAP_THRESHOLD, which otherwise grows to 32 MiB, so that freed layers
-    stayed inside the heap, counted in the process's memory); with `trim`, the heap's free memory is released now.
-    Elsewhere than glibc, nothing."""
+    """Make the C heap hand freed tensors back to the system: buffers of 1 MiB or more get mappings of their own,
+    unmapped when freed (glibc's M_MMAP_THRESHOLD, which otherwise grows to 32 MiB, so that freed layers and
+    activations stayed inside the heap, counted in the process's memory: on bench_scale.py's bf16 run the heap kept
+    72 MiB with a 4 MiB threshold, 27 MiB with 1 MiB, at the same speed); with `trim`, the heap's free memory is
+    released now. Elsewhere than glibc, nothing."""
     import ctypes, ctypes.util
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 4 * 2**20)                 # M_MMAP_THRESHOLD
+        libc.mallopt(-3, 2**20)                     # M_MMAP_THRESHOLD
         if trim: libc.malloc_trim(0)
     except (OSError, AttributeError): pass
 

@@ -212,17 +212,19 @@ def per_tensor(context: MergeContext, method_name: str) -> Merged:
     fn = getattr(importlib.import_module(module), function)
     kwargs, deltas, n = dataclasses.asdict(context.options), context.deltas, len(context.names)
     uses_base, seed = method_name in PER_TENSOR_BASE, context.run.seed
-    def layer_delta(layer) -> dict:
+    def layer_delta(layer):
+        "The merged layer, each tensor merged when it is read (its seed is its name's: the order does not matter)."
+        from himerge.deltas import LazyLayer
         per_source = [deltas.source_layer(i, layer) for i in range(n)]
         base = deltas.base_layer(layer) if uses_base else {}
-        out = {}
-        for name in dict.fromkeys(t for d in per_source for t in d):
-            ref = next(d[name] for d in per_source if name in d)
-            tensors = [d.get(name, torch.zeros_like(ref)) for d in per_source]
+        def merge_tensor(name):
+            tensors = [d[name] if name in d else None for d in per_source]
+            ref = next(t for t in tensors if t is not None)
+            tensors = [torch.zeros_like(ref) if t is None else t for t in tensors]
             extra = {"base": base[name]} if uses_base else {}
-            out[name] = fn(tensors, list(context.scales), densities=list(context.densities),
-                           generator=torch.Generator().manual_seed(_tensor_seed(seed, name)), **extra, **kwargs)
-        return out
+            return fn(tensors, list(context.scales), densities=list(context.densities),
+                      generator=torch.Generator().manual_seed(_tensor_seed(seed, name)), **extra, **kwargs)
+        return LazyLayer(dict.fromkeys(t for d in per_source for t in d), merge_tensor)
     key = {"method": method_name, "options": kwargs, "seed": seed, "base": context.base_key,
            "sources": context.source_keys, "densities": list(context.densities), "scales": list(context.scales)}
     linear = None
@@ -266,13 +268,14 @@ def processed_key(context: MergeContext, scope: str) -> list:
 def task_arithmetic_merger(context: MergeContext) -> Merged:
     "Σ_m λ_m · prune(δ_m, p_m), times `lamb`."
     from himerge.baselines import combine_deltas
+    from himerge.deltas import map_layer
     from himerge.prune import ProcessedDeltas
     from himerge.scoring import State
     opts = context.options
     processed = ProcessedDeltas(context.deltas, density=context.densities, scale=context.scales, scope=opts.prune_scope)
     def layer_delta(layer):
         merged = combine_deltas([processed.source_layer(i, layer) for i in range(len(context.names))], "sum")
-        return merged if opts.lamb == 1 else {n: t * opts.lamb for n, t in merged.items()}
+        return merged if opts.lamb == 1 else map_layer(merged, lambda n, t: t * opts.lamb)
     key = {"method": "task_arithmetic", "base": context.base_key, "sources": processed_key(context, opts.prune_scope),
            "lamb": opts.lamb}
     weights = [s * opts.lamb for s in context.scales]

@@ -198,12 +198,15 @@ class ProcessedDeltas:
         return getattr(self.deltas, attr)
 
     def source_layer(self, i: int, layer) -> dict:
-        "Source `i`'s processed delta in `layer` (name -> float32 tensor, only the tensors it changes)."
+        """Source `i`'s processed delta in `layer` (name -> float32 tensor, only the tensors it changes): computed
+        tensor by tensor as it is read in tensor scope; the whole layer at once in layer and model scope."""
+        from himerge.deltas import map_layer
         delta = self.deltas.source_layer(i, layer)
         p, lam, src = self.density[i], self.scale[i], self.source_names[i]
-        if p == 1: return {n: t * lam for n, t in delta.items()}
+        if p == 1: return delta if lam == 1 else map_layer(delta, lambda n, t: t * lam)   # read-only downstream
         if self.scope == "tensor":
-            return {n: prune_scale(t, p, lam, rounding=self.rounding, source=src, name=n) for n, t in delta.items()}
+            return map_layer(delta, lambda n, t: prune_scale(t, p, lam, rounding=self.rounding, source=src, name=n))
+        delta = dict(delta)                     # one threshold over the layer: every tensor is needed
         if self.scope == "layer":
             return prune_scale_group(delta, p, lam, rounding=self.rounding, source=src)
         th, ties_left, out = self.thresholds()[i], self._ties_before[i].get(layer, 0), {}
@@ -213,6 +216,10 @@ class ProcessedDeltas:
             ties_left -= used
             out[n] = _apply(delta[n], mask, lam)
         return {n: out[n] for n in delta}
+
+    def costly(self, i: int, layer) -> bool:
+        "Whether reading source `i`'s `layer` selects entries (a top-p over a tensor or more), worth memoising."
+        return self.density[i] < 1
 
     def _stream(self, i):
         "Source i's delta tensors in the fixed order: layers in model order, tensors by sorted name."

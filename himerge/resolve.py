@@ -59,15 +59,22 @@ class ResolvedDeltas:
         return ResolvedDeltas(self.processed, {**self.edits, (source, layer): edit}, self.scope)
 
     def source_layer(self, source: int, layer) -> dict:
-        delta = self.processed.source_layer(source, layer)
         edit = self.edits.get((source, layer))
+        if edit is not None and edit.kind == "zero": return {}
+        delta = self.processed.source_layer(source, layer)
         if edit is None: return delta
-        if edit.kind == "zero": return {}
         from himerge.prune import prune_scale
-        if self.scope == "tensor":
-            return {n: prune_scale(t, edit.density, edit.scale) for n, t in delta.items()}
+        if self.scope == "tensor":                # a tensor when it is read, like the processed deltas
+            from himerge.deltas import map_layer
+            return map_layer(delta, lambda n, t: prune_scale(t, edit.density, edit.scale))
         from himerge.prune import prune_scale_group
-        return prune_scale_group(delta, edit.density, edit.scale)
+        return prune_scale_group(dict(delta), edit.density, edit.scale)
+
+    def costly(self, source: int, layer) -> bool:
+        "Whether reading `layer` of `source` prunes (worth a memo): a re-pruning edit, or pruned processed deltas."
+        edit = self.edits.get((source, layer))
+        if edit is not None: return edit.kind == "reprune" and edit.density < 1
+        return getattr(self.processed, "costly", lambda i, layer: True)(source, layer)
 
     def linear_weights(self, layer):
         "[w_m] when every source's resolved delta of `layer` is its processed delta times w_m (dropped: 0), else None."

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'PROBE_KINDS', 'SHARED_ROUND', 'COMPUTE_DTYPES', 'TOKENIZER_PATTERNS', 'LayerEditor', 'State', 'base_state',
-           'Probe', 'Scorer', 'run', 'score', 'means', 'prefix_forward', 'unit_keys', 'describe_weights',
+           'Probe', 'Scorer', 'sum_in', 'run', 'score', 'means', 'prefix_forward', 'unit_keys', 'describe_weights',
            'stored_dtype', 'compute_dtype', 'compute_in', 'load_model', 'input_device', 'DeviceError', 'check_device',
            'TokenizerError', 'resolve_tokenizer', 'check_loaded', 'lighteval_scorer']
 
@@ -50,8 +50,14 @@ class LayerEditor:
         self.dtype = getattr(model, "himerge_compute_dtype", None)   # set by `compute_in`: write in the compute dtype
         self.loaded = {}                                   # key -> (restore function, the loaded tensor)
 
-    def write(self, values: dict):
-        "Make the model hold `values` (name -> tensor), converted to each parameter's (compute) dtype and device."
+    def target_dtype(self, name: str):
+        "The dtype an edit of `name` is held in: the compute dtype for a floating-point weight, else its own."
+        param = self.params[name]
+        return self.dtype if (self.dtype is not None and param.is_floating_point()) else param.dtype
+
+    def write(self, values: dict, owned: bool = False):
+        """Make the model hold `values` (name -> tensor), converted to each parameter's (compute) dtype and device;
+        with `owned`, the caller hands the tensors over and one already in that dtype and device is not copied."""
         import torch
         with torch.no_grad():
             for name, value in values.items():
@@ -69,9 +75,8 @@ class LayerEditor:
                     _map_set(weights, key, value.to(dtype=old.dtype, device=old.device, copy=True))
                     continue
                 self.loaded.setdefault(id(param), (lambda t, p=param: setattr(p, "data", t), param.data))
-                dtype = self.dtype if (self.dtype is not None and param.is_floating_point()) else param.dtype
-                new = value.to(device=param.device, dtype=dtype)
-                param.data = new.clone() if new is value else new   # never alias the caller's tensor
+                new = value.to(device=param.device, dtype=self.target_dtype(name))
+                param.data = new.clone() if new is value and not owned else new   # never alias the caller's tensor
 
     def reset(self, names=None):
         "Put the loaded tensors back into `names` (every edited parameter if None)."
@@ -179,6 +184,19 @@ class Scorer:
         return fingerprint({"probe": probe.key(), "task": self.task_key(task, split)})
 
 # %% ../nbs/06c_scoring.ipynb #67f3b839
+def sum_in(base, delta, dtype, chunk_bytes: int = 2**22):
+    """`base + delta`, added in float32 and returned in `dtype` on `base`'s device, a few rows at a time: the same
+    values as `(base.float() + delta).to(dtype)` without a float32 temporary of the whole tensor."""
+    import torch
+    delta = delta.to(base.device)
+    if delta.dim() < 2 or delta.numel() * 4 <= chunk_bytes: return (base.to(torch.float32) + delta).to(dtype)
+    out = torch.empty(delta.shape, dtype=dtype, device=base.device)
+    rows = max(1, chunk_bytes // (delta[0].numel() * 4))
+    for start in range(0, delta.shape[0], rows):
+        out[start:start + rows] = base[start:start + rows].to(torch.float32) + delta[start:start + rows]
+    return out
+
+# %% ../nbs/06c_scoring.ipynb #5dc61c4f
 def _hold(self, probe: Probe):
     "Make the model hold `probe`'s weights, writing only the layers that change."
     state = probe.state
@@ -190,7 +208,10 @@ def _hold(self, probe: Probe):
         if have[0] is not None: self.editor.reset(have[1])
         if delta:
             base = self.base.base_layer(layer)
-            self.editor.write({n: base[n] + v for n, v in delta.items()})
+            stored = getattr(base, "stored", base)    # the tensors as loaded, when the base offers them uncopied
+            for name in delta:                    # one tensor at a time, never the whole layer
+                self.editor.write({name: sum_in(stored[name], delta[name], self.editor.target_dtype(name))},
+                                  owned=True)
             self.holding[layer] = (want, _layer_names(delta)); self.writes += 1
         else:
             self.holding.pop(layer, None)
@@ -417,17 +438,26 @@ def compute_dtype(option: str, stored: str, device: str) -> str:
 
 def compute_in(model, dtype):
     """Make `model` compute in `dtype` while its weights stay stored as they are: each module converts its own weights
-    around its forward."""
+    around its forward, into buffers that the next module of the same shape reuses (`model.himerge_buffers`)."""
+    import torch
+    free = {}                                  # (shape, device) -> converted-weight buffers not in use
     def up(module, args):
-        saved = [(p, p.data) for p in module.parameters(recurse=False) if p.is_floating_point() and p.dtype != dtype]
-        for p, data in saved: p.data = data.to(dtype)
+        saved = []
+        for p in module.parameters(recurse=False):
+            if not p.is_floating_point() or p.dtype == dtype: continue
+            pool = free.get((tuple(p.shape), p.device))
+            buffer = pool.pop() if pool else torch.empty(p.shape, dtype=dtype, device=p.device)
+            buffer.copy_(p.data)
+            saved.append((p, p.data, buffer)); p.data = buffer
         module.__dict__.setdefault("_himerge_stored", []).append(saved)
     def down(module, args, output):
-        for p, data in module.__dict__["_himerge_stored"].pop(): p.data = data
+        for p, data, buffer in module.__dict__["_himerge_stored"].pop():
+            p.data = data
+            free.setdefault((tuple(buffer.shape), buffer.device), []).append(buffer)
     for module in model.modules():
         if any(True for _ in module.parameters(recurse=False)):
             module.register_forward_pre_hook(up); module.register_forward_hook(down)
-    model.himerge_compute_dtype = dtype
+    model.himerge_compute_dtype, model.himerge_buffers = dtype, free
     return model
 
 # %% ../nbs/06c_scoring.ipynb #6240a118
