@@ -14,11 +14,15 @@ Two starts are timed:
 
 Two workloads:
 - zoo: the demo pair on the zoo (46 evaluations of about 0.1 s): synchronisation and start-up dominate;
+- zoo-rows (`--workload zoo-rows`): the same pair on `--zoo-rows` rows per task taken from the zoo's training
+  split (512 by default, against the 64 of its validation split), so that evaluations, not synchronisation, take
+  the time, while the model stays small enough to be compute-bound;
 - scale (`--workload scale`): bench_scale.py's 24-block ~0.36B Llama (random bf16 weights, two LoRA sources on four
   blocks, computed in float32), Hi-Merging on `--rows` rows of two tasks, so that each evaluation takes seconds, as
   the probes of the models people merge do.
 
-Run: python bench/bench_distributed.py [--workload zoo scale] [--repeats 1] [--start cold warm] [--rows 8]
+Run: python bench/bench_distributed.py [--workload zoo zoo-rows scale] [--repeats 1] [--start cold warm]
+     [--rows 8] [--zoo-rows 512]
 """
 import argparse, json, os, subprocess, sys, tempfile
 from pathlib import Path
@@ -47,6 +51,24 @@ def zoo_config(out: Path) -> dict:
     return demo_config(out)
 
 
+def zoo_rows_config(root: Path, rows: int):
+    "A function out -> the demo merge with `rows` rows per task, from the zoo's training split, as validation."
+    from himerge.merge import demo_config
+    from himerge.zoo import load_zoo
+    zoo = load_zoo()
+    for task in zoo.demo_tasks:
+        folder = root / "zoo-rows" / task
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = (zoo.data[task] / "train.jsonl").read_text().splitlines()[:rows]
+        (folder / "validation.jsonl").write_text("\n".join(lines) + "\n")
+    def make(out: Path) -> dict:
+        cfg = demo_config(out)
+        for task in cfg["tasks"]:
+            cfg["tasks"][task] = {**cfg["tasks"][task], "data": str(root / "zoo-rows" / task), "limit": rows}
+        return cfg
+    return make
+
+
 def scale_config(root: Path, rows: int):
     "A function out -> the merge config of bench_scale.py's model (built once into `root`)."
     sys.path.insert(0, str(Path(__file__).parent))
@@ -70,13 +92,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--start", nargs="+", choices=["cold", "warm"], default=["cold", "warm"])
-    ap.add_argument("--workload", nargs="+", choices=["zoo", "scale"], default=["zoo", "scale"])
+    ap.add_argument("--workload", nargs="+", choices=["zoo", "zoo-rows", "scale"], default=["zoo", "zoo-rows", "scale"])
     ap.add_argument("--rows", type=int, default=8, help="rows per task of the scale workload")
+    ap.add_argument("--zoo-rows", type=int, default=512, help="rows per task of the zoo-rows workload")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as root:
         for workload in args.workload:
             print(f"workload {workload}:", flush=True)
-            make = zoo_config if workload == "zoo" else scale_config(Path(root), args.rows)
+            make = {"zoo": lambda: zoo_config, "zoo-rows": lambda: zoo_rows_config(Path(root), args.zoo_rows),
+                    "scale": lambda: scale_config(Path(root), args.rows)}[workload]()
             compare(args, make)
 
 

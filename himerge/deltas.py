@@ -291,6 +291,7 @@ class Deltas:
         readers = [source_reader(s, self.base_store, self._by_layer, self.layers, self.config, self.allow_pickle)
                    for s in self.sources]
         self._readers, self._touched = [r for r, _ in readers], [t for _, t in readers]
+        self._checked = set()                                 # (source, layer) read once and found sound
 
     @property
     def n_sources(self) -> int: return len(self.sources)
@@ -308,8 +309,14 @@ class Deltas:
         return self.base_store.get(name)
 
     def source_layer(self, i: int, layer) -> LazyLayer:
-        "Source `i`'s float32 deltas in `layer` (only the tensors it changes), each computed when read."
-        return self._readers[i](layer)
+        """Source `i`'s float32 deltas in `layer` (only the tensors it changes), each computed when read. The first
+        read of a layer computes each tensor once and lets it go: a bad tensor is named here, where a reader of the
+        layer expects it, not in whatever later stage first reads that tensor."""
+        delta = self._readers[i](layer)
+        if (i, layer) not in self._checked:
+            for name in delta: delta[name]
+            self._checked.add((i, layer))
+        return delta
 
     def changed_layers(self, i: int | None = None) -> list:
         "The layers source `i` changes (any source if `i` is None), known from the files' headers."

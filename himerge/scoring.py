@@ -184,9 +184,15 @@ class Scorer:
         return fingerprint({"probe": probe.key(), "task": self.task_key(task, split)})
 
 # %% ../nbs/06c_scoring.ipynb #67f3b839
-def sum_in(base, delta, dtype, chunk_bytes: int = 2**22):
+def sum_in(base, delta, dtype, chunk_bytes: int = 2**20):
     """`base + delta`, added in float32 and returned in `dtype` on `base`'s device, a few rows at a time: the same
-    values as `(base.float() + delta).to(dtype)` without a float32 temporary of the whole tensor."""
+    values as `(base.float() + delta).to(dtype)` without a float32 temporary of the whole tensor.
+
+    Args:
+        base: the base tensor, as loaded (any dtype and device).
+        delta: its float32 delta.
+        dtype: the dtype of the result (the dtype the model holds edits in).
+        chunk_bytes: the float32 bytes added at a time."""
     import torch
     delta = delta.to(base.device)
     if delta.dim() < 2 or delta.numel() * 4 <= chunk_bytes: return (base.to(torch.float32) + delta).to(dtype)

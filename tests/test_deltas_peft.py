@@ -153,8 +153,8 @@ def test_layer_of_naming_schemes():
 
 
 def test_source_layer_streams_one_layer(tmp_path, monkeypatch):
-    """source_layer reads nothing until a tensor is read, then only what that tensor needs, from the layer asked
-    for; nothing is kept, so reading it again reads again."""
+    """source_layer reads the layer asked for once (to name a bad tensor then), and afterwards nothing until a tensor
+    is read, then only what that tensor needs; nothing is kept, so reading it again reads again."""
     lora_pair(tmp_path / "l", "llama", False, LORA_CASES["llama-embedding-modules_to_save"][2])
     full_pair(tmp_path / "f", arch="llama", tie=False, shard="20KB")
     import shutil
@@ -172,6 +172,9 @@ def test_source_layer_streams_one_layer(tmp_path, monkeypatch):
                             .replace(".base_layer.", "."))             # a saved copy of a targeted embedding
         for layer in deltas.layers:
             for i in range(deltas.n_sources):
+                reads.clear()
+                deltas.source_layer(i, layer)                       # the first read checks every tensor
+                assert {layer_of(target(n), cfg) for n in reads} <= {layer}
                 reads.clear()
                 d = deltas.source_layer(i, layer)
                 assert reads == []                                  # names only: nothing read yet
