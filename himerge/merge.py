@@ -340,14 +340,10 @@ def return_freed_memory(trim: bool = False):
     activations stayed inside the heap, counted in the process's memory: on bench_scale.py's bf16 run the heap kept
     72 MiB with a 4 MiB threshold, 27 MiB with 1 MiB; the peak fell by 0.014x the model from 1 MiB to 256 KiB, at
     the same speed); with `trim`, the heap's free memory is released now. Elsewhere than glibc, nothing."""
-    import ctypes, ctypes.util
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 2**18)                     # M_MMAP_THRESHOLD
-    except (OSError, AttributeError): pass
-    if trim:
-        from himerge.scoring import trim_heap
-        trim_heap()
+    from himerge.scoring import libc, trim_heap
+    try: libc().mallopt(-3, 2**18)                  # M_MMAP_THRESHOLD
+    except AttributeError: pass                     # no C library, or not glibc
+    if trim: trim_heap()
 
 # %% ../nbs/09_merge.ipynb #41caf0da
 def choose_auto(p: Plan, run: Run):

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'PROBE_KINDS', 'SHARED_ROUND', 'COMPUTE_DTYPES', 'TOKENIZER_PATTERNS', 'LayerEditor', 'State', 'base_state',
-           'Probe', 'Scorer', 'trim_heap', 'sum_in', 'run', 'score', 'means', 'prefix_forward', 'unit_keys',
+           'Probe', 'Scorer', 'libc', 'trim_heap', 'sum_in', 'run', 'score', 'means', 'prefix_forward', 'unit_keys',
            'describe_weights', 'stored_dtype', 'compute_dtype', 'compute_in', 'load_model', 'input_device',
            'DeviceError', 'check_device', 'TokenizerError', 'resolve_tokenizer', 'check_loaded', 'lighteval_scorer']
 
@@ -184,13 +184,21 @@ class Scorer:
         return fingerprint({"probe": probe.key(), "task": self.task_key(task, split)})
 
 # %% ../nbs/06c_scoring.ipynb #01120ae8
+from functools import cache
+
+@cache
+def libc():
+    "The C library, looked up once (finding it costs about 2 ms), or None where there is none to load."
+    import ctypes, ctypes.util
+    try: return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError: return None
+
 def trim_heap():
     """Hand the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing). Between probes it
     returns what the last evaluation's small buffers left in the heap: on bench_scale.py's bf16 run, the heap at the
     peak went from 48 to 38 MiB, at the same speed."""
-    import ctypes, ctypes.util
-    try: ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError): pass
+    try: libc().malloc_trim(0)
+    except AttributeError: pass                # no C library, or not glibc
 
 # %% ../nbs/06c_scoring.ipynb #67f3b839
 def sum_in(base, delta, dtype, chunk_bytes: int = 2**20):
