@@ -21,6 +21,9 @@ Two workloads:
   blocks, computed in float32), Hi-Merging on `--rows` rows of two tasks, so that each evaluation takes seconds, as
   the probes of the models people merge do.
 
+The machine's speed moves by a third from one minute to the next (other machines share its host), so each
+configuration's best of `--repeats` runs, alternated, is compared: use 2 or 3 for a figure to quote.
+
 Run: python bench/bench_distributed.py [--workload zoo zoo-rows scale] [--repeats 1] [--start cold warm]
      [--rows 8] [--zoo-rows 512]
 """

@@ -10,8 +10,8 @@ import datetime, os
 from dataclasses import dataclass
 
 # %% auto #0
-__all__ = ['Group', 'launched', 'join', 'rank_device', 'leave', 'broadcast', 'gather', 'agree', 'assign', 'split_units',
-           'rebalance']
+__all__ = ['Group', 'launched', 'join', 'rank_device', 'leave', 'broadcast', 'gather', 'agree', 'Exchange', 'assign',
+           'split_units', 'rebalance']
 
 # %% ../nbs/06d_distributed.ipynb #aacc9177
 @dataclass(frozen=True)
@@ -68,13 +68,44 @@ def agree(group: Group, error: str | None) -> list:
     "(rank, error) of every rank that could not go on, on every rank."
     return [(rank, e) for rank, e in enumerate(gather(group, error)) if e is not None]
 
+# %% ../nbs/06d_distributed.ipynb #d511006b
+class Exchange:
+    "Every rank's `obj`, gathered in the background: `poll()` says whether it has arrived, `result()` waits for it."
+    def __init__(self, group: Group, obj):
+        import threading
+        self.group, self._out, self._error = group, [None] * group.world, None
+        self._thread = threading.Thread(target=self._gather, args=(obj,), name="himerge-exchange", daemon=True)
+        self._thread.start()
+
+    def _gather(self, obj):
+        import torch, torch.distributed as dist
+        try:
+            if self.group.backend == "nccl": torch.cuda.set_device(self.group.local_rank)   # a thread's own setting
+            dist.all_gather_object(self._out, obj)
+        except BaseException as e:  # handed to the caller by result()
+            self._error = e
+
+    def poll(self) -> bool:
+        "Whether every rank's object has arrived (never waits)."
+        return not self._thread.is_alive()
+
+    def result(self) -> list:
+        "Every rank's object, in rank order (waits for the slowest rank)."
+        self._thread.join()
+        if self._error is not None: raise self._error
+        return self._out
+
 # %% ../nbs/06d_distributed.ipynb #89da301d
-def assign(costs: list, world: int) -> list:
-    "The rank of each unit: units by decreasing cost, each to the rank with the least work so far (ties: lowest rank)."
+def assign(costs: list, world: int, kinds: list | None = None) -> list:
+    """The rank of each unit: units by decreasing cost, each to the rank with the least work so far; among ranks
+    with as much, the one with the fewest units of its kind (`kinds[u]`, its tasks, say), then the lowest rank."""
     loads, owner = [0.0] * world, [0] * len(costs)
+    kinds = kinds if kinds is not None else [None] * len(costs)
+    held = [dict() for _ in range(world)]               # rank -> kind -> units of that kind it holds
     for unit in sorted(range(len(costs)), key=lambda u: (-costs[u], u)):
-        rank = min(range(world), key=lambda r: (loads[r], r))
+        rank = min(range(world), key=lambda r: (loads[r], held[r].get(kinds[unit], 0), r))
         owner[unit], loads[rank] = rank, loads[rank] + costs[unit]
+        held[rank][kinds[unit]] = held[rank].get(kinds[unit], 0) + 1
     return owner
 
 def split_units(units: list, costs: list, world: int, item_cost) -> tuple:
@@ -98,27 +129,37 @@ def split_units(units: list, costs: list, world: int, item_cost) -> tuple:
     return units, costs
 
 # %% ../nbs/06d_distributed.ipynb #ef9a602d
-def rebalance(queues: list, item_cost, min_gain: float = 0.0) -> list:
+def rebalance(queues: list, item_cost, min_gain: float = 0.0, taken: list | None = None, move_cost=None) -> list:
     """Move work between the ranks' queues (lists of units, each a list of items) until the longest cannot shrink by
-    `min_gain`: whole units from the back of a queue, or the second half of a queue's only unit. Changes `queues`
-    in place and returns it."""
+    `min_gain`: whole units from the back of a queue, or the second half of a queue's only unit.
+
+    Args:
+        queues: each rank's queue, a list of units (lists of items in the order they are scored).
+        item_cost: item -> its expected cost.
+        min_gain: the least a move must shorten the longest load by.
+        taken: the expected cost of the work each rank has already taken on (it counts in its load, never moves).
+        move_cost: piece -> what the rank receiving it pays beyond the items' costs (work the piece's first item
+            no longer shares with the items before it).
+
+    Changes `queues` in place and returns it."""
+    taken = list(taken) if taken is not None else [0.0] * len(queues)
+    extra = move_cost or (lambda piece: 0.0)
+    def gain(loads, hi, lo, piece):
+        cost = sum(map(item_cost, piece))
+        return loads[hi] - max(loads[lo] + cost + extra(piece), loads[hi] - cost)
     while True:
-        loads = [sum(item_cost(item) for unit in queue for item in unit) for queue in queues]
+        loads = [t + sum(item_cost(item) for unit in queue for item in unit) for t, queue in zip(taken, queues)]
         if not loads: return queues
         hi = max(range(len(queues)), key=lambda r: (loads[r], -r))
         lo = min(range(len(queues)), key=lambda r: (loads[r], r))
         queue = queues[hi]
-        if len(queue) >= 2: piece = queue[-1]
-        elif queue and len(queue[0]) >= 2: piece = queue[0][len(queue[0]) // 2:]
-        else: return queues
-        cost = sum(map(item_cost, piece))
-        if loads[hi] - max(loads[lo] + cost, loads[hi] - cost) < max(min_gain, 1e-12):
-            if len(queue) >= 2 and len(piece) >= 2:          # the back unit is too big to move whole: move half of it
-                piece = piece[len(piece) // 2:]
-                cost = sum(map(item_cost, piece))
-                if loads[hi] - max(loads[lo] + cost, loads[hi] - cost) < max(min_gain, 1e-12): return queues
-                del queue[-1][-len(piece):]
-            else: return queues
-        elif len(queue) >= 2: queue.pop()
-        else: del queue[0][-len(piece):]
+        if not queue: return queues
+        unit = queue[-1]                                     # the back unit, or half of it if it is too big to move
+        whole = len(queue) >= 2 or len(unit) == 1
+        piece = unit[:] if whole else unit[len(unit) // 2:]
+        if whole and len(unit) >= 2 and gain(loads, hi, lo, piece) < max(min_gain, 1e-12):
+            piece = unit[len(unit) // 2:]
+        if gain(loads, hi, lo, piece) < max(min_gain, 1e-12): return queues
+        del unit[len(unit) - len(piece):]
+        if not unit: queue.pop()
         queues[lo].append(list(piece))

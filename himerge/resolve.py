@@ -143,7 +143,7 @@ def _layer_errors(contributions, layer) -> dict:
 
 def resolve(contributions, processed, source_names: list, source_tasks: list, density: list, scale: list, *,
             density_factor=0.5, scale_factor=0.5, remeasure="never", budget=None, score=None, measure=None,
-            scope="tensor", evals_per_score=None, evals_per_measure=None, conflict_z=0.0) -> Resolution:
+            scope="tensor", evals_per_score=None, evals_per_measure=None, conflict_z=0.0, score_all=None) -> Resolution:
     """Resolve conflicts layer by layer, most conflicted first (Hi-Merging's Stage 4).
 
     Args:
@@ -163,6 +163,8 @@ def resolve(contributions, processed, source_names: list, source_tasks: list, de
         evals_per_score: evaluations one `score` call costs (default: the number of distinct tasks).
         evals_per_measure: evaluations one `measure` call costs.
         conflict_z: a source is impaired at a layer only if γ > z·se(γ) (0: the paper's rule).
+        score_all: a list of resolved deltas -> their scores, in one call, used instead of `score` when no decision
+            depends on a score (`remeasure='never'`), so that a shared job spreads every step's scoring over its ranks.
     """
     if remeasure not in ("never", "after_each"):
         raise ValueError(f"remeasure: {remeasure!r} is not 'never' or 'after_each'")
@@ -178,7 +180,10 @@ def resolve(contributions, processed, source_names: list, source_tasks: list, de
     current = contributions
     rule = lambda c, layer: (_layer_gammas(c, layer), _layer_errors(c, layer), conflict_z)   # γ, se and z of a layer
     classes = {layer: classify(*rule(current, layer)) for layer in layers}
-    before = score(resolved) if score is not None else {}   # the pre-merge: the analysis measured it, it costs nothing
+    # Without re-measuring, no decision depends on a score: every step is scored at the end, in one call.
+    deferred = remeasure == "never" and (score is not None or score_all is not None)
+    steps = [resolved]                                # the deltas before the first step, then after each
+    before = score(resolved) if score is not None and not deferred else {}  # the pre-merge: measured, it costs nothing
     stopped = "no conflict left"
     while True:
         pending = [(total_conflict(*rule(current, layer)), layer) for layer in layers if layer not in visited]
@@ -210,7 +215,8 @@ def resolve(contributions, processed, source_names: list, source_tasks: list, de
         for m, e in edits.items(): resolved = resolved.with_edit(index[m], layer, e)
         visited.add(layer)
         after = {}
-        if score is not None:
+        if deferred: steps.append(resolved); spent += evals_per_score
+        elif score is not None:
             after = score(resolved); spent += evals_per_score
         log.info("resolved layer %s (%s conflict, Γ = %.3f): %s", layer, cls, g_total, action)
         decisions.append(Decision(len(decisions) + 1, layer, cls, gammas, g_total, action,
@@ -218,6 +224,10 @@ def resolve(contributions, processed, source_names: list, source_tasks: list, de
         before = after
         if remeasure == "after_each":
             current = measure(resolved); spent += evals_per_measure
+    if deferred and decisions:
+        scores = score_all(steps) if score_all is not None else [score(r) for r in steps]
+        for decision, before, after in zip(decisions, scores, scores[1:]):
+            decision.score_before, decision.score_after = before, after
     for layer in layers:  # layers never visited keep their class from the last γ seen
         if layer not in visited: classes[layer] = classify(*rule(current, layer))
     hurt = {layer: impaired(*rule(current, layer)) for layer in layers}
@@ -244,7 +254,8 @@ def hi_merging(context):
         scope=opts.prune_scope, score=(lambda r: analysis.score_merged(r, r.key())) if opts.score_decisions else None,
         measure=lambda r: analysis.run(merged=r, edits_key=r.key()),
         evals_per_score=n_tasks, evals_per_measure=n_tasks * (2 * len(contributions.layers) + 1),
-        conflict_z=opts.conflict_z)
+        conflict_z=opts.conflict_z,
+        score_all=(lambda steps: analysis.scores_merged(steps)) if opts.score_decisions else None)
     final = resolution.deltas
     state = analysis.states(final, final.key())[-1]
     return Merged(state, records=dict(contributions=contributions, resolution=resolution),

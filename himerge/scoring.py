@@ -164,7 +164,8 @@ class Scorer:
         self.progress = progress              # anything with update(n): one step per score measured or found on disk
         self.group = group                    # a himerge.distributed.Group: the scores are shared among its ranks
         self.timing = {}                      # (task, split) -> (seconds of an evaluation running every block,
-                                              #                   whether it reuses prefixes)
+                                              #   share of the skippable blocks it skips, None if it reuses none)
+        self.shares = {}                      # (task, split, kind, layer) -> share of the blocks a probe ran
         self.shared = dict(rounds=0, busy_s=0.0, wait_s=0.0)   # a shared job: gatherings, seconds scoring, waiting
         self.layers = list(base.layers)
         self.holding = {}                     # layer -> (state digest, tensor names) the model holds there
@@ -277,14 +278,13 @@ def _cached(self, items: list) -> dict:
         if self.progress is not None and not seen: self.progress.update(1)
     return got
 
-def _score_items(self, items: list, order: list, stop=None) -> dict:
+def _score_items(self, items: list, order: list, restore: bool = True) -> dict:
     """Score `items[j]` for each j of `order`, in that order, writing each probe's weights; index -> (scores, seconds,
-    share of the blocks run, or None without prefix reuse). `stop(j, seconds so far)`, if given, ends the call
-    before item j (never before the first)."""
-    out, t_start = {}, time.perf_counter()
+    share of the blocks run, or None without prefix reuse). With `restore` the loaded weights are put back at the
+    end; a caller that scores more soon may keep them (and puts them back itself)."""
+    out = {}
     try:
         for j in order:
-            if stop is not None and out and stop(j, time.perf_counter() - t_start): break
             probe, task, split = items[j]
             trim_heap()                           # the last evaluation's activations, freed, back to the system
             self.hold(probe)
@@ -301,7 +301,7 @@ def _score_items(self, items: list, order: list, stop=None) -> dict:
             if self.group is None: _learn(self, items[j], *out[j][1:])
             if self.progress is not None: self.progress.update(1)
     finally:
-        self.restore()
+        if restore: self.restore()
     return out
 
 def run(self, requests: list) -> list:
@@ -372,7 +372,7 @@ Scorer._prefix_state = None
 Scorer.unit_keys = unit_keys
 
 # %% ../nbs/06c_scoring.ipynb #7a46ecf2
-SHARED_ROUND = 8   # a round's length, in expected evaluations: the most a failure loses, and a rank may wait
+SHARED_ROUND = 8   # a round's most expected evaluations: a failure loses at most two rounds
 
 def _share_run(self, counts) -> float | None:
     "The share of the block passes that the evaluation since `counts` ran (None if it made no prefix forward)."
@@ -382,11 +382,20 @@ def _share_run(self, counts) -> float | None:
     return (self.prefix.counts["blocks_run"] - counts["blocks_run"]) / (calls * len(self.prefix.blocks))
 
 def _learn(self, item, seconds: float, share):
-    "Learn a task's cost from one evaluation: its seconds as those of every block (mean with what was known)."
-    _, task, split = item
+    """Learn a task's cost from one evaluation: its seconds as those of every block, and how much of what a prefix
+    could skip it skipped (each a mean with what was known); the share of the blocks run at the probe's layer."""
+    probe, task, split = item
     full = seconds / max(share if share is not None else 1.0, 1 / 64)
-    known = self.timing.get((task, split))
-    self.timing[(task, split)] = ((full + known[0]) / 2 if known else full, share is not None)
+    known_full, known_reuse = self.timing.get((task, split), (None, None))
+    reuse = None                                    # no prefix forward: every block runs at every depth
+    if share is not None:
+        self.shares[(task, split, probe.kind, probe.layer)] = share
+        could = 1 - _depth_share(self, probe)      # the share a probe this deep skips when every prefix is kept
+        # A prefix cache within its budget keeps the inputs of some blocks only: learn how much of `could` it skips.
+        seen = min(max((1 - share) / could, 0.0), 1.0) if could > 0 else None
+        prior = 1.0 if known_reuse is None else known_reuse        # until a probe says otherwise: every prefix kept
+        reuse = prior if seen is None else seen if known_reuse is None else (seen + known_reuse) / 2
+    self.timing[(task, split)] = ((full + known_full) / 2 if known_full is not None else full, reuse)
 
 def _depth_share(self, probe: Probe) -> float:
     "The expected share of the blocks a probe runs when its task reuses prefixes: from the block below its layer."
@@ -395,10 +404,13 @@ def _depth_share(self, probe: Probe) -> float:
     return (n - max(first - 1, 0)) / n
 
 def _cost(self, item) -> float:
-    "Expected seconds of one evaluation (1 per block share until the task has been timed)."
+    """Expected seconds of one evaluation: the share of the blocks the last probe of its kind and layer ran, else
+    the share its depth and the task's reuse so far suggest (1 per block share, every prefix kept, until timed)."""
     probe, task, split = item
-    seconds, reuses = self.timing.get((task, split), (1.0, True))
-    return seconds * (_depth_share(self, probe) if reuses else 1.0)
+    seconds, reuse = self.timing.get((task, split), (1.0, 1.0))
+    if reuse is None: return seconds
+    share = self.shares.get((task, split, probe.kind, probe.layer))
+    return seconds * (share if share is not None else 1 - reuse * (1 - _depth_share(self, probe)))
 
 def _units(self, items: list, missing: list) -> list:
     "The `missing` items in units: one state's probes on one split, in visit order."
@@ -408,9 +420,24 @@ def _units(self, items: list, missing: list) -> list:
         units.setdefault((probe.state.digest, split), []).append(j)
     return list(units.values())
 
+def _commit(self, queue: list, cost, span: float) -> list:
+    "The items at the front of `queue` (a list of units) whose expected seconds fill `span` (at least one)."
+    chosen, spent = [], 0.0
+    for j in (j for unit in queue for j in unit):
+        if chosen and spent + cost(j) / 2 > span: break
+        chosen.append(j); spent += cost(j)
+    return chosen
+
+def _take_front(queue: list, taken: list):
+    "Remove the items `taken` from the front of `queue` (a list of units), where the rank that owns it took them."
+    for j in taken:
+        if queue[0][0] != j: raise RuntimeError(f"shared scoring out of step: item {j} is not next in its queue")
+        del queue[0][0]
+        if not queue[0]: queue.pop(0)
+
 def _run_shared(self, items: list) -> dict:
     "Scores of every item, each computed by one rank, known to all."
-    from himerge.distributed import assign, broadcast, gather, rebalance, split_units
+    from himerge.distributed import Exchange, assign, broadcast, rebalance, split_units
     group, shared = self.group, self.shared
     t0 = time.perf_counter()
     known = broadcast(group, {j: v.tolist() for j, v in _cached(self, items).items()} if group.main else None)
@@ -420,32 +447,42 @@ def _run_shared(self, items: list) -> dict:
     cost = lambda j: _cost(self, items[j])
     units = _units(self, items, missing)
     units, costs = split_units(units, [sum(map(cost, unit)) for unit in units], group.world, cost)
-    owner = assign(costs, group.world)
+    owner = assign(costs, group.world, kinds=[tuple(sorted({items[j][1] for j in unit})) for unit in units])
+    # A moved piece's first probe runs the blocks below it again: about a full pass more than its estimate.
+    full = lambda j: self.timing.get((items[j][1], items[j][2]), (1.0, 1.0))[0]
+    move_cost = lambda piece: max(full(piece[0]) - cost(piece[0]), 0.0)
     queues = [[unit for unit, rank in zip(units, owner) if rank == r] for r in range(group.world)]
-    while any(queues):
-        loads = [sum(cost(j) for unit in queue for j in unit) for queue in queues]
-        mean = sum(loads) / sum(len(unit) for queue in queues for unit in queue)
-        span = min(SHARED_ROUND * mean, max(max(loads) / 3, mean))    # shorter rounds near the end
-        t0 = time.perf_counter()
-        mine = _score_items(self, items, [j for unit in queues[group.rank] for j in unit],
-                            stop=lambda j, spent: spent + cost(j) / 2 > span)
-        t1 = time.perf_counter()
-        parts = gather(group, {j: (v.tolist(), secs, share) for j, (v, secs, share) in mine.items()})
-        shared["busy_s"] += t1 - t0; shared["wait_s"] += time.perf_counter() - t1; shared["rounds"] += 1
-        for rank, part in enumerate(parts):
-            for j, (values, secs, share) in part.items():
-                if j not in mine:
-                    _store(self, items[j], values, secs)
-                    if self.progress is not None: self.progress.update(1)
-                got[j] = np.asarray(values, dtype=float)
-                _learn(self, items[j], secs, share)   # the same updates, in the same order, on every rank
-            done = len(part)                          # a rank scores its queue from the front
-            while done:
-                unit = queues[rank][0]
-                taken = min(done, len(unit))
-                del unit[:taken]; done -= taken
-                if not unit: queues[rank].pop(0)
-        rebalance(queues, cost, min_gain=mean)
+    mine, outstanding = {}, True        # scores of my last commitment, not yet sent; whether any rank has work
+    try:
+        while outstanding:
+            loads = [sum(cost(j) for unit in queue for j in unit) for queue in queues]
+            n_left = sum(len(unit) for queue in queues for unit in queue)
+            mean = sum(loads) / n_left if n_left else 0.0
+            span = min(SHARED_ROUND * mean, max(max(loads) / 3, mean))    # shorter rounds near the end
+            promise = _commit(self, queues[group.rank], cost, span)
+            # Send what I scored and what I will score next; score it while the gathering goes on.
+            exchange = Exchange(group, dict(scores={j: (v.tolist(), secs, share) for j, (v, secs, share)
+                                                    in mine.items()}, promise=promise))
+            t0 = time.perf_counter()
+            mine = _score_items(self, items, promise, restore=False)
+            t1 = time.perf_counter()
+            parts = exchange.result()
+            shared["busy_s"] += t1 - t0; shared["wait_s"] += time.perf_counter() - t1; shared["rounds"] += 1
+            for rank, part in enumerate(parts):   # the same updates, in the same order, on every rank
+                for j, (values, secs, share) in part["scores"].items():
+                    if rank != group.rank:
+                        _store(self, items[j], values, secs)
+                        if self.progress is not None: self.progress.update(1)
+                    got[j] = np.asarray(values, dtype=float)
+                    _learn(self, items[j], secs, share)
+                _take_front(queues[rank], part["promise"])
+            outstanding = any(part["promise"] for part in parts) or any(queues)
+            rebalance(queues, cost, min_gain=mean / 20, taken=[sum(map(cost, part["promise"])) for part in parts],
+                      move_cost=move_cost)
+    finally:
+        self.restore()
+    lost = [j for j in range(len(items)) if j not in got]
+    if lost: raise RuntimeError(f"shared scoring lost {len(lost)} evaluations, the first {items[lost[0]][1]!r}")
     return got
 
 # %% ../nbs/06c_scoring.ipynb #c87312bf

@@ -1,4 +1,5 @@
-"""Contribution probes shared by several processes, started by torchrun as a user would (gloo, on this CPU).
+"""Contribution probes shared by several processes, started by torchrun as a user would (gloo, on this CPU), and the
+exchange their results travel by.
 
 The zoo's Hi-Merging with two processes gives the same γ, decisions, scores and written model as one process; a
 rank that fails ends the job naming the rank, and the next run resumes from rank 0's cache; an input error is
@@ -100,3 +101,35 @@ def test_a_single_process_run_stays_single(tmp_path):
                          timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "distributed module: False group: False" in run.stdout
+
+
+def _exchange_rank(rank: int, store_path: str, results):
+    import time
+    import torch.distributed as dist
+    from himerge.distributed import Exchange, Group
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        group = Group(rank, 2, rank, "gloo")
+        if rank == 1: time.sleep(2.0)                    # rank 1 is busy: rank 0's exchange must not block
+        exchange = Exchange(group, {"rank": rank, "scores": [rank] * 3})
+        arrived_at_once = exchange.poll()
+        gathered = exchange.result()
+        again = Exchange(group, rank * 10).result()       # the next exchange keeps the order of the collectives
+        results.put((rank, arrived_at_once, gathered, again))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_exchange_gathers_without_blocking(tmp_path):
+    "Two gloo processes: an exchange returns at once while the other rank is still busy, then gathers both objects."
+    import torch.multiprocessing as mp
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    ranks = [context.Process(target=_exchange_rank, args=(rank, str(tmp_path / "store"), results)) for rank in (0, 1)]
+    for process in ranks: process.start()
+    got = dict((rank, rest) for rank, *rest in (results.get(timeout=120) for _ in ranks))
+    for process in ranks: process.join(timeout=60)
+    assert [process.exitcode for process in ranks] == [0, 0]
+    both = [{"rank": 0, "scores": [0, 0, 0]}, {"rank": 1, "scores": [1, 1, 1]}]
+    assert got[0] == [False, both, [0, 10]]         # rank 0 had to wait for rank 1: poll said so without waiting
+    assert got[1][1:] == [both, [0, 10]]
