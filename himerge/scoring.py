@@ -372,7 +372,8 @@ Scorer._prefix_state = None
 Scorer.unit_keys = unit_keys
 
 # %% ../nbs/06c_scoring.ipynb #7a46ecf2
-SHARED_ROUND = 8   # a round's most expected evaluations: a failure loses at most two rounds
+SHARED_ROUND = 2   # a round's most expected evaluations: short, since no rank waits for a gathering, so that
+                   # the queues are rebalanced often; a failure loses at most two rounds
 
 def _share_run(self, counts) -> float | None:
     "The share of the block passes that the evaluation since `counts` ran (None if it made no prefix forward)."
@@ -420,20 +421,20 @@ def _units(self, items: list, missing: list) -> list:
         units.setdefault((probe.state.digest, split), []).append(j)
     return list(units.values())
 
-def _commit(self, queue: list, cost, span: float) -> list:
-    "The items at the front of `queue` (a list of units) whose expected seconds fill `span` (at least one)."
+def _commit(self, queue: list, cost, span: float, skip=()) -> list:
+    "The items at the front of `queue` (units), but those in `skip`, whose expected seconds fill `span` (at least one)."
     chosen, spent = [], 0.0
-    for j in (j for unit in queue for j in unit):
+    for j in (j for unit in queue for j in unit if j not in skip):
         if chosen and spent + cost(j) / 2 > span: break
         chosen.append(j); spent += cost(j)
     return chosen
 
-def _take_front(queue: list, taken: list):
-    "Remove the items `taken` from the front of `queue` (a list of units), where the rank that owns it took them."
-    for j in taken:
-        if queue[0][0] != j: raise RuntimeError(f"shared scoring out of step: item {j} is not next in its queue")
-        del queue[0][0]
-        if not queue[0]: queue.pop(0)
+def _drop(queues: list, taken):
+    "Remove the items `taken` from the queues (lists of units), wherever they are, and the units left empty."
+    taken = set(taken)
+    for queue in queues:
+        for unit in queue: unit[:] = [j for j in unit if j not in taken]
+        queue[:] = [unit for unit in queue if unit]
 
 def _run_shared(self, items: list) -> dict:
     "Scores of every item, each computed by one rank, known to all."
@@ -452,30 +453,39 @@ def _run_shared(self, items: list) -> dict:
     full = lambda j: self.timing.get((items[j][1], items[j][2]), (1.0, 1.0))[0]
     move_cost = lambda piece: max(full(piece[0]) - cost(piece[0]), 0.0)
     queues = [[unit for unit, rank in zip(units, owner) if rank == r] for r in range(group.world)]
-    mine, outstanding = {}, True        # scores of my last commitment, not yet sent; whether any rank has work
+    mine, ahead, outstanding = {}, [], True   # my scores not yet sent; those beyond my promise; any work left
+    scored_here = set()                       # every item this rank scored (its cache has them)
     try:
         while outstanding:
             loads = [sum(cost(j) for unit in queue for j in unit) for queue in queues]
             n_left = sum(len(unit) for queue in queues for unit in queue)
             mean = sum(loads) / n_left if n_left else 0.0
             span = min(SHARED_ROUND * mean, max(max(loads) / 3, mean))    # shorter rounds near the end
-            promise = _commit(self, queues[group.rank], cost, span)
+            promise = _commit(self, queues[group.rank], cost, span, skip=set(ahead))
             # Send what I scored and what I will score next; score it while the gathering goes on.
             exchange = Exchange(group, dict(scores={j: (v.tolist(), secs, share) for j, (v, secs, share)
-                                                    in mine.items()}, promise=promise))
+                                                    in mine.items()}, promise=promise, ahead=ahead))
             t0 = time.perf_counter()
             mine = _score_items(self, items, promise, restore=False)
+            # Still ahead of a rank? Go on down my queue until the gathering arrives, rather than wait. What rebalance
+            # moves meanwhile may then be scored twice; the first result gathered stands.
+            sent, ahead = set(promise) | set(ahead), []
+            for j in (j for unit in queues[group.rank] for j in unit if j not in sent and j not in got):
+                if exchange.poll(): break
+                mine.update(_score_items(self, items, [j], restore=False)); ahead.append(j)
+            scored_here.update(mine)
             t1 = time.perf_counter()
             parts = exchange.result()
             shared["busy_s"] += t1 - t0; shared["wait_s"] += time.perf_counter() - t1; shared["rounds"] += 1
             for rank, part in enumerate(parts):   # the same updates, in the same order, on every rank
                 for j, (values, secs, share) in part["scores"].items():
-                    if rank != group.rank:
+                    if j in got: continue
+                    if j not in scored_here:
                         _store(self, items[j], values, secs)
                         if self.progress is not None: self.progress.update(1)
                     got[j] = np.asarray(values, dtype=float)
                     _learn(self, items[j], secs, share)
-                _take_front(queues[rank], part["promise"])
+                _drop(queues, part["ahead"] + part["promise"])
             outstanding = any(part["promise"] for part in parts) or any(queues)
             rebalance(queues, cost, min_gain=mean / 20, taken=[sum(map(cost, part["promise"])) for part in parts],
                       move_cost=move_cost)

@@ -133,3 +133,76 @@ def test_exchange_gathers_without_blocking(tmp_path):
     both = [{"rank": 0, "scores": [0, 0, 0]}, {"rank": 1, "scores": [1, 1, 1]}]
     assert got[0] == [False, both, [0, 10]]         # rank 0 had to wait for rank 1: poll said so without waiting
     assert got[1][1:] == [both, [0, 10]]
+
+
+class _BlockLayers:
+    "A tiny model's blocks as layers, read from a copy of its loaded weights."
+    def __init__(self, model):
+        self.weights = {k: v.clone() for k, v in model.state_dict().items()}
+        self.layers = [0, 1, 2]
+
+    def base_layer(self, layer):
+        return {k: v for k, v in self.weights.items() if k.startswith(f"model.layers.{layer}.")}
+
+
+class _BlockMeans:
+    "Per-sample scores: the mean q-projection weight of each block (any wrong weight shows); `pause` s per call."
+    def __init__(self, model, pause: float):
+        self.model, self.pause, self.calls = model, pause, 0
+
+    def score(self, task):
+        import time
+        self.calls += 1
+        time.sleep(self.pause)
+        layers = self.model.model.layers
+        per = [block.self_attn.q_proj.weight.float().mean().item() + (task == "qa") for block in layers]
+        return type("TaskScore", (), {"per_sample": per})()
+
+
+def _block_scoring(rank: int | None, store_path: str | None = None, results=None):
+    "Score three states' probes on two tasks: alone (rank None), or as one of two gloo ranks, rank 1 slow."
+    import torch
+    import torch.distributed as dist
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from himerge.distributed import Group
+    from himerge.scoring import Probe, Scorer, State
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    name = "model.layers.{}.self_attn.q_proj.weight"
+    shape = model.model.layers[0].self_attn.q_proj.weight.shape
+    states = [State(f"source:{s}", lambda layer, s=s: {name.format(layer): torch.full(shape, s + 1.0)}, {"s": s})
+              for s in range(3)]
+    requests = [(Probe(state, kind, layer), ["mc", "qa"], "validation")
+                for state in states for kind in ("add", "delete") for layer in range(3)]
+    group = None
+    if rank is not None:
+        dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+        group = Group(rank, 2, rank, "gloo")
+    try:
+        evaluator = _BlockMeans(model, pause=0.1 if rank == 1 else 0.0)
+        scorer = Scorer(model, _BlockLayers(model), lambda split: evaluator, group=group)
+        scores = [{task: values.tolist() for task, values in result.items()} for result in scorer.run(requests)]
+        out = (scores, scorer.cache.done, evaluator.calls)
+        if results is None: return out
+        results.put((rank, *out))
+    finally:
+        if rank is not None: dist.destroy_process_group()
+
+
+def test_shared_scoring_with_a_slow_rank_matches_one_process(tmp_path):
+    """Rank 1 takes 0.1 s an evaluation, rank 0 none: rank 0 runs ahead of its promises and takes rank 1's work, and
+    every score is still the single process's, each counted once in rank 0's cache."""
+    import torch.multiprocessing as mp
+    alone, alone_done, _ = _block_scoring(None)
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    ranks = [context.Process(target=_block_scoring, args=(rank, str(tmp_path / "store"), results)) for rank in (0, 1)]
+    for process in ranks: process.start()
+    got = {rank: rest for rank, *rest in (results.get(timeout=300) for _ in ranks)}
+    for process in ranks: process.join(timeout=60)
+    assert [process.exitcode for process in ranks] == [0, 0]
+    for rank in (0, 1):
+        assert got[rank][0] == alone, rank
+    assert got[0][1] == alone_done == 36                   # 18 probes × 2 tasks, each stored once by rank 0
+    assert got[0][2] > got[1][2]                           # the fast rank scored more than the slow one
