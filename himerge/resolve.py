@@ -182,6 +182,7 @@ def resolve(contributions, processed, source_names: list, source_tasks: list, de
     classes = {layer: classify(*rule(current, layer)) for layer in layers}
     # Without re-measuring, no decision depends on a score: every step is scored at the end, in one call.
     deferred = remeasure == "never" and (score is not None or score_all is not None)
+    if score is None and score_all is not None: score = lambda r: score_all([r])[0]   # re-measuring: one at a time
     steps = [resolved]                                # the deltas before the first step, then after each
     before = score(resolved) if score is not None and not deferred else {}  # the pre-merge: measured, it costs nothing
     stopped = "no conflict left"
