@@ -13,12 +13,13 @@ from typing import Callable
 from .errors import InputError
 
 # %% auto #0
-__all__ = ['METHODS', 'PER_TENSOR', 'PER_TENSOR_BASE', 'PER_TENSOR_LINEAR', 'SCOPES', 'ROUNDING', 'LAMB', 'OptionError', 'option',
-           'check_value', 'parse_options', 'options_table', 'non_default', 'Counts', 'no_evaluations', 'MergeMethod',
-           'MergeContext', 'Merged', 'register', 'get_method', 'per_tensor', 'TaskArithmeticOptions',
-           'source_state_key', 'processed_key', 'task_arithmetic_merger', 'SignElectionOptions', 'TiesOptions',
-           'DareLinearOptions', 'DareTiesOptions', 'BreadcrumbsOptions', 'DellaOptions', 'LinearOptions', 'check_della',
-           'SlerpOptions', 'HiMergingOptions', 'hi_merging_evaluations']
+__all__ = ['METHODS', 'PER_TENSOR', 'PER_TENSOR_BASE', 'PER_TENSOR_LINEAR', 'SCOPES', 'ROUNDING', 'LAMB', 'SPECTRA',
+           'OptionError', 'option', 'check_value', 'parse_options', 'options_table', 'non_default', 'Counts',
+           'no_evaluations', 'MergeMethod', 'MergeContext', 'Merged', 'register', 'get_method', 'per_tensor',
+           'TaskArithmeticOptions', 'source_state_key', 'processed_key', 'task_arithmetic_merger',
+           'SignElectionOptions', 'TiesOptions', 'DareLinearOptions', 'DareTiesOptions', 'BreadcrumbsOptions',
+           'DellaOptions', 'LinearOptions', 'check_della', 'SlerpOptions', 'TsvOptions', 'IsoCOptions', 'IsoCtsOptions',
+           'KnotsOptions', 'HiMergingOptions', 'hi_merging_evaluations']
 
 # %% ../nbs/08a_methods.ipynb #6b63a656
 class OptionError(InputError):
@@ -386,6 +387,63 @@ PER_TENSOR_BASE.add("slerp")
 register(MergeMethod("slerp", "SLERP: spherical interpolation between two models at fraction t", SlerpOptions,
                      _per_tensor_merger("slerp"), min_sources=2, max_sources=2,
                      reference="Shoemake 1985; mergekit's slerp", search={"t": [0.3, 0.5, 0.7]}))
+
+# %% ../nbs/08a_methods.ipynb #4c4ad4ae
+SPECTRA = ("numerical_rank", "full")
+_spectrum = lambda: option("numerical_rank", "singular directions used: at most each matrix's numerical rank "
+                           "(right for LoRA deltas) or all min(m, n), as the papers", choices=SPECTRA)
+_alpha = lambda: option(1.0, "factor on the merged delta, applied last (the papers' alpha)", **LAMB)
+
+@dataclass
+class TsvOptions:
+    "Options of TSV-M."
+    spectrum: str = _spectrum()
+    lamb: float = _alpha()
+
+@dataclass
+class IsoCOptions:
+    "Options of Iso-C."
+    spectrum: str = _spectrum()
+    lamb: float = _alpha()
+
+@dataclass
+class IsoCtsOptions:
+    "Options of Iso-CTS."
+    common_fraction: float = option(0.8, "share of the directions taken from the summed deltas (the common "
+                                    "subspace); the rest are the sources' own", low=0, high=1)
+    spectrum: str = _spectrum()
+    lamb: float = _alpha()
+
+_LAMBS = [0.5, 1.0, 1.5, 2.0]
+for _name, _summary, _options, _search, _reference in [
+        ("tsv", "TSV-M: each source's top singular directions, concatenated and orthogonalised", TsvOptions,
+         {"lamb": _LAMBS}, "Gargiulo et al. 2025, Task Singular Vectors (CVPR)"),
+        ("iso_c", "Iso-C: the summed deltas' SVD with every singular value set to their mean", IsoCOptions,
+         {"lamb": _LAMBS}, "Marczak et al. 2025, No Task Left Behind (ICML)"),
+        ("iso_cts", "Iso-CTS: the sum's common directions plus each source's own, orthogonalised, isotropic",
+         IsoCtsOptions, {"lamb": _LAMBS, "common_fraction": [0.5, 0.8]},
+         "Marczak et al. 2025, No Task Left Behind (ICML)")]:
+    PER_TENSOR[_name] = f"himerge.svd_merging:{_name}"
+    register(MergeMethod(_name, _summary, _options, _per_tensor_merger(_name), reference=_reference,
+                         search=_search))
+
+# %% ../nbs/08a_methods.ipynb #5088a77f
+@dataclass
+class KnotsOptions:
+    "Options of KnOTS."
+    inner: str = option("ties", "the merge of the coordinates in the shared basis", choices=("ties", "dare_ties"))
+    majority: str = _majority()
+    sign_on: str = _sign_on("raw")
+    divide: str = _divide("count", ("count", "weight", "none"))
+    rounding: str = _rounding()
+    rescale: bool | str = _rescale()
+    lamb: float = _lamb()
+
+PER_TENSOR["knots"] = "himerge.knots:knots"
+register(MergeMethod("knots", "KnOTS: one SVD of the sources' updates side by side, TIES or DARE-TIES on their "
+                     "coordinates in that shared basis", KnotsOptions, _per_tensor_merger("knots"),
+                     default_density=0.5, reference="Stoica et al. 2025, Model merging with SVD to tie the KnOTS "
+                     "(ICLR)", search={"density": [0.3, 0.5, 0.7], "scale": [0.6, 1.0]}))
 
 # %% ../nbs/08a_methods.ipynb #e4b343c3
 @dataclass
