@@ -16,9 +16,9 @@ __all__ = ['REPORT', 'CONFIG', 'HEATMAP', 'CARD', 'PAPER_URL', 'HUB_METRIC', 'RO
            'CardError', 'CardLeakError', 'read_report', 'local_name', 'hub_metric', 'hub_dataset', 'final_scores',
            'eval_results', 'is_adapter', 'hub_models', 'card_data', 'md_table', 'pm', 'layer_key', 'source_link',
            'sources_table', 'applied_options', 'score_cell', 'score_table', 'gamma_table', 'conflict_summary',
-           'decisions_table', 'contributions_table', 'grid_table', 'grid_title', 'adapter_section', 'reproduce_config',
-           'local_paths', 'check_no_local_paths', 'template_path', 'default_model_name', 'method_info',
-           'card_variables', 'build_card', 'is_himerge_card', 'write_card']
+           'decisions_table', 'contributions_table', 'auto_section', 'grid_table', 'grid_title', 'adapter_section',
+           'reproduce_config', 'local_paths', 'check_no_local_paths', 'template_path', 'default_model_name',
+           'method_info', 'card_variables', 'build_card', 'is_himerge_card', 'write_card']
 
 # %% ../nbs/10_card.ipynb #ee7a7ff5
 REPORT, CONFIG, HEATMAP, CARD = "himerge_report.json", "himerge_config.yaml", "gamma_heatmap.png", "README.md"
@@ -280,6 +280,19 @@ def contributions_table(report) -> str | None:
                     [[c["layer"], c["state"], c["task"], pm(c.get("alpha"), c.get("alpha_se")),
                       pm(c.get("beta"), c.get("beta_se")), pm(c.get("c"), c.get("c_se"))] for c in rows])
 
+# %% ../nbs/10_card.ipynb #9db73057
+def auto_section(report) -> dict | None:
+    "{chosen, why, table, skipped} of a `method: auto` merge, for the template; None for any other merge."
+    auto = report.get("auto")
+    if not auto: return None
+    point = lambda p: ", ".join(f"{k} = {v}" for k, v in p.items()) or "defaults"
+    rows = [[f"**{r['method']}**" if r["method"] == auto["chosen"] else r["method"], point(r["point"]),
+             r.get("validation_gain_kept"), r.get("test_gain_kept"), r["evaluations"], f"{r['seconds']:.1f}"]
+            for r in auto["methods"]]
+    table = md_table(["method", "best point (validation)", "gain kept, validation", "gain kept, test", "evaluations",
+                      "seconds"], rows)
+    return dict(chosen=auto["chosen"], why=auto["why"], table=table, skipped=len(auto.get("skipped") or []))
+
 # %% ../nbs/10_card.ipynb #b28fc6a6
 def grid_table(grid: dict) -> str:
     "The scores of one source's (p, λ) search: one row per density, one column per scale, the best pair in bold."
@@ -415,6 +428,7 @@ def card_variables(output_dir, report, model_name: str) -> dict:
         gamma_table=gamma_table(report) if analysed else None,
         gamma_final_table=gamma_table(report, "gamma_final") if report.get("gamma_final") else None,
         decisions_table=decisions_table(report), contributions_table=contributions_table(report),
+        auto=auto_section(report),
         config_file=CONFIG, config_yaml=reproduce_config(output_dir, report))
 
 # %% ../nbs/10_card.ipynb #9dc9bf38

@@ -6,11 +6,11 @@ Docs: https://himerge.github.io/himerge/compare.html.md"""
 
 # %% ../nbs/09a_compare.ipynb #fd3c233e
 from __future__ import annotations
-import dataclasses, itertools, tempfile
+import dataclasses, itertools, tempfile, time
 from pathlib import Path
 
 from .config import MergeConfig, RunOptions, load_config
-from .methods import METHODS
+from .methods import METHODS, NOT_COMPARED
 
 # %% auto #0
 __all__ = ['gain_kept', 'mean_gain_kept', 'comparison_table', 'grid_points', 'point_config', 'Comparison', 'compare_methods']
@@ -76,13 +76,15 @@ class Comparison:
     chosen: dict        # method -> the grid point chosen on validation
     searched: dict      # method -> [(point, mean gain kept on validation)]
     evaluations: dict   # method -> task evaluations the search and the final test scores ran
+    seconds: dict = dataclasses.field(default_factory=dict)   # method -> wall time of its search and final merge
 
 def compare_methods(config, methods=None, grids=None, out_root=None, progress=False) -> Comparison:
     """Merge `config` with each method at each point of its grid; choose on validation, report test.
 
     Args:
         config: a merge config (dict, YAML path or MergeConfig) with a task for every source.
-        methods: method names (default: every registered method that takes this many sources).
+        methods: method names (default: every registered method that takes this many sources, but `auto`, itself a
+            comparison, and `layerwise_search`, a search with its own budget).
         grids: method -> grid, replacing the registry's `search` for that method.
         out_root: where the merged models go (default: a temporary folder).
         progress: show each merge's progress bar."""
@@ -91,10 +93,10 @@ def compare_methods(config, methods=None, grids=None, out_root=None, progress=Fa
     root = Path(out_root) if out_root else Path(tempfile.mkdtemp(prefix="himerge-compare-"))
     n = len(cfg.sources)
     fits = lambda e: e.min_sources <= n and (e.max_sources is None or n <= e.max_sources)
-    names = methods or [m for m, e in METHODS.items() if fits(e)]
-    rows, chosen, searched, spent, owner = {"validation": {}, "test": {}}, {}, {}, {}, {}
+    names = methods or [m for m, e in METHODS.items() if fits(e) and m not in NOT_COMPARED]
+    rows, chosen, searched, spent, owner, seconds = {"validation": {}, "test": {}}, {}, {}, {}, {}, {}
     for name in names:
-        results = []
+        results, t0 = [], time.perf_counter()
         for k, point in enumerate(grid_points(grids.get(name, {}))):
             d = point_config(cfg, name, point, test_scores=False)
             result = merge(MergeConfig.from_dict(d, root=cfg.root), out=root / f"{name}-{k}", force=True,
@@ -108,8 +110,10 @@ def compare_methods(config, methods=None, grids=None, out_root=None, progress=Fa
                       out=root / name, force=True, progress=progress)
         chosen[name], searched[name] = results[best][0], [(p, v) for p, v, _ in results]
         spent[name] = sum(done for _, _, done in results) + final.report["evaluations"]["done"]
+        seconds[name] = time.perf_counter() - t0
         for split, sc in final.report["scores"].items():
             rows[split].setdefault("base", sc["base"])
             for s in final.report["sources"]: rows[split].setdefault(f"source {s['name']}", sc["sources"][s["name"]])
             rows[split][name] = sc["merged"]
-    return Comparison({split: comparison_table(r, owner) for split, r in rows.items() if r}, chosen, searched, spent)
+    return Comparison({split: comparison_table(r, owner) for split, r in rows.items() if r}, chosen, searched, spent,
+                      seconds)

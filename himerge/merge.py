@@ -83,7 +83,7 @@ def count_evaluations(cfg: MergeConfig, n_layers: int) -> dict:
     if not n_tasks: return {}
     searched = [auto_grid(cfg.run, s.density, s.scale) for s in cfg.sources if AUTO in (s.density, s.scale)]
     ev = {"auto density and scale (at most)": sum(len(d) * len(s) for d, s in searched)} if searched else {}
-    ev.update(method.evaluations(Counts(n, n_tasks, n_layers), cfg.method_options))
+    ev.update(method.evaluations(Counts(n, n_tasks, n_layers, cfg.run.test_scores), cfg.method_options))
     ev["validation scores"] = (n + 2) * n_tasks - _shared_validation(cfg, n_tasks)
     if cfg.run.test_scores:
         ev["test scores"] = (n + 2 + (n > 1)) * n_tasks - (n_tasks if _plain_sum_is_merge(cfg) and n > 1 else 0)

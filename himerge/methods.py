@@ -6,7 +6,7 @@ Docs: https://himerge.github.io/himerge/methods.html.md"""
 
 # %% ../nbs/08a_methods.ipynb #db5c80b8
 from __future__ import annotations
-import dataclasses, importlib, math, typing
+import dataclasses, importlib, itertools, math, typing
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -14,12 +14,14 @@ from .errors import InputError
 
 # %% auto #0
 __all__ = ['METHODS', 'PER_TENSOR', 'PER_TENSOR_BASE', 'PER_TENSOR_LINEAR', 'SCOPES', 'ROUNDING', 'LAMB', 'SPECTRA',
-           'OptionError', 'option', 'check_value', 'parse_options', 'options_table', 'non_default', 'Counts',
-           'no_evaluations', 'MergeMethod', 'MergeContext', 'Merged', 'register', 'get_method', 'per_tensor',
+           'NOT_COMPARED', 'OptionError', 'option', 'check_value', 'parse_options', 'options_table', 'non_default',
+           'Counts', 'no_evaluations', 'MergeMethod', 'MergeContext', 'Merged', 'register', 'get_method', 'per_tensor',
            'TaskArithmeticOptions', 'source_state_key', 'processed_key', 'task_arithmetic_merger',
            'SignElectionOptions', 'TiesOptions', 'DareLinearOptions', 'DareTiesOptions', 'BreadcrumbsOptions',
            'DellaOptions', 'LinearOptions', 'check_della', 'SlerpOptions', 'TsvOptions', 'IsoCOptions', 'IsoCtsOptions',
-           'KnotsOptions', 'HiMergingOptions', 'hi_merging_evaluations']
+           'KnotsOptions', 'AutoOptions', 'auto_candidates', 'auto_points', 'point_cost', 'check_auto',
+           'auto_evaluations', 'LayerwiseSearchOptions', 'layerwise_evaluations', 'HiMergingOptions',
+           'hi_merging_evaluations']
 
 # %% ../nbs/08a_methods.ipynb #6b63a656
 class OptionError(InputError):
@@ -133,6 +135,7 @@ class Counts:
     sources: int
     tasks: int
     layers: int
+    test_scores: bool = False   # whether the run scores the test split at the end
 
 def no_evaluations(counts: Counts, options) -> dict:
     "A method that decides without scoring anything."
@@ -415,13 +418,14 @@ class IsoCtsOptions:
     lamb: float = _alpha()
 
 _LAMBS = [0.5, 1.0, 1.5, 2.0]
+_ISO_LAMBS = [1.0, 2.0, 3.0, 4.0]   # the isotropic spectrum shrinks a low-rank sum: see the note above
 for _name, _summary, _options, _search, _reference in [
         ("tsv", "TSV-M: each source's top singular directions, concatenated and orthogonalised", TsvOptions,
          {"lamb": _LAMBS}, "Gargiulo et al. 2025, Task Singular Vectors (CVPR)"),
         ("iso_c", "Iso-C: the summed deltas' SVD with every singular value set to their mean", IsoCOptions,
-         {"lamb": _LAMBS}, "Marczak et al. 2025, No Task Left Behind (ICML)"),
+         {"lamb": _ISO_LAMBS}, "Marczak et al. 2025, No Task Left Behind (ICML)"),
         ("iso_cts", "Iso-CTS: the sum's common directions plus each source's own, orthogonalised, isotropic",
-         IsoCtsOptions, {"lamb": _LAMBS, "common_fraction": [0.5, 0.8]},
+         IsoCtsOptions, {"lamb": _ISO_LAMBS, "common_fraction": [0.5, 0.8]},
          "Marczak et al. 2025, No Task Left Behind (ICML)")]:
     PER_TENSOR[_name] = f"himerge.svd_merging:{_name}"
     register(MergeMethod(_name, _summary, _options, _per_tensor_merger(_name), reference=_reference,
@@ -444,6 +448,78 @@ register(MergeMethod("knots", "KnOTS: one SVD of the sources' updates side by si
                      "coordinates in that shared basis", KnotsOptions, _per_tensor_merger("knots"),
                      default_density=0.5, reference="Stoica et al. 2025, Model merging with SVD to tie the KnOTS "
                      "(ICLR)", search={"density": [0.3, 0.5, 0.7], "scale": [0.6, 1.0]}))
+
+# %% ../nbs/08a_methods.ipynb #62905059
+NOT_COMPARED = ("auto", "layerwise_search")   # a comparison of comparisons, and a search with its own budget
+
+@dataclass
+class AutoOptions:
+    "Options of `method: auto`."
+    methods: str = option("all", "the methods compared: all (every method that takes this many sources, but "
+                          "layerwise_search), or their names separated by commas")
+    budget: int | None = option(None, "most validation evaluations the comparison may spend (none: every point of "
+                                "every grid)", low=1)
+
+def _fits(m: MergeMethod, n: int) -> bool: return m.min_sources <= n and (m.max_sources is None or n <= m.max_sources)
+
+def auto_candidates(options: AutoOptions, n_sources: int) -> list:
+    "The methods `options.methods` names, or every method that takes `n_sources` sources."
+    if options.methods == "all":
+        return [m for m, e in METHODS.items() if m not in NOT_COMPARED and _fits(e, n_sources)]
+    return [m.strip() for m in options.methods.split(",") if m.strip()]
+
+def auto_points(name: str) -> list:
+    "The grid points of method `name` the comparison visits (its `search` without the per-source 'auto' axis)."
+    grid = {k: v for k, v in METHODS[name].search.items() if k != "auto"}
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+def point_cost(name: str, counts: Counts) -> int:
+    "Planned validation evaluations of one grid point of `name`: its own, then one score per task."
+    m = METHODS[name]
+    return sum(m.evaluations(counts, m.options()).values()) + counts.tasks
+
+def check_auto(sources: list, options: AutoOptions) -> None:
+    "Every method `options.methods` names is registered, comparable, and takes this many sources."
+    for name in auto_candidates(options, len(sources)):
+        if name not in METHODS or name in NOT_COMPARED:
+            known = [m for m in METHODS if m not in NOT_COMPARED]
+            raise OptionError(f"options.methods: {name!r} is not one of {', '.join(known)}")
+        if not _fits(METHODS[name], len(sources)):
+            raise OptionError(f"options.methods: {name} does not merge {len(sources)} sources")
+
+def auto_evaluations(counts: Counts, options: AutoOptions) -> dict:
+    "Planned evaluations of `method: auto`: every grid point on validation (to the budget), each best on test."
+    names = auto_candidates(options, counts.sources)
+    validation = sum(point_cost(n, counts) * len(auto_points(n)) for n in names)
+    if options.budget is not None: validation = min(validation, options.budget)
+    ev = {"method comparison, validation (at most)": validation}
+    if counts.test_scores: ev["method comparison, test"] = len(names) * counts.tasks
+    return ev
+
+register(MergeMethod("auto", "every method's grid scored on validation, the best one merged; all their scores "
+                     "reported", AutoOptions, "himerge.auto:auto_merger", needs_tasks=True, min_sources=2,
+                     evaluations=auto_evaluations, validate=check_auto,
+                     reference="himerge: the fair comparison of 09a_compare, inside one merge"))
+
+# %% ../nbs/08a_methods.ipynb #3b289bd8
+@dataclass
+class LayerwiseSearchOptions:
+    "Options of the layer-wise search."
+    budget: int | None = option(None, "most validation evaluations the search may spend (none: what Hi-Merging "
+                                "plans for the same merge)", low=1)
+    sigma: float = option(0.3, "CMA-ES's initial step size on the scales", low=0, low_open=True)
+    max_scale: float = option(2.0, "the largest scale a (layer, source) pair may get", low=0, low_open=True)
+
+def layerwise_evaluations(counts: Counts, options: LayerwiseSearchOptions) -> dict:
+    "Planned evaluations of the layer-wise search: its budget, in whole candidates (one evaluation per task)."
+    budget = options.budget or sum(hi_merging_evaluations(counts, HiMergingOptions()).values())
+    return {"layerwise search (validation)": max(1, budget // counts.tasks) * counts.tasks}
+
+register(MergeMethod("layerwise_search", "per-layer, per-source scales found by CMA-ES on validation, at "
+                     "Hi-Merging's evaluation budget", LayerwiseSearchOptions, "himerge.layerwise:layerwise_search",
+                     needs_tasks=True, evaluations=layerwise_evaluations,
+                     reference="Akiba et al. 2025, Evolutionary optimization of model merging recipes; "
+                               "mergekit-evolve"))
 
 # %% ../nbs/08a_methods.ipynb #e4b343c3
 @dataclass
