@@ -13,7 +13,8 @@ from .config import MergeConfig, RunOptions, load_config
 from .methods import METHODS
 
 # %% auto #0
-__all__ = ['gain_kept', 'mean_gain_kept', 'comparison_table', 'grid_points', 'point_config', 'Comparison', 'compare_methods']
+__all__ = ['PEERS', 'gain_kept', 'mean_gain_kept', 'comparison_table', 'grid_points', 'point_config', 'Comparison',
+           'compare_methods']
 
 # %% ../nbs/09a_compare.ipynb #53fb1406
 def gain_kept(score, base, source) -> float | None:
@@ -45,6 +46,9 @@ def grid_points(grid: dict) -> list:
     "Every combination of a grid's values, as dicts (one empty point for an empty grid)."
     names = list(grid)
     return [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
+
+# %% ../nbs/09a_compare.ipynb #141f200f
+PEERS = ["tsv", "iso_c", "iso_cts", "knots", "layerwise_search"]   # the 2025 peers: the second table below
 
 # %% ../nbs/09a_compare.ipynb #21cf4b9f
 def point_config(cfg: MergeConfig, method: str, point: dict, test_scores: bool) -> dict:
