@@ -58,7 +58,9 @@ def _shared_validation(cfg: MergeConfig, n_tasks: int) -> int:
     # then an upper bound
     if cfg.method != "hi-merging" or any("auto" in (s.density, s.scale) for s in cfg.sources): return 0
     unprocessed = sum(1 for s in cfg.sources if s.density == 1 and s.scale == 1)  # a source alone, on its own task
-    return n_tasks + unprocessed + (n_tasks if cfg.method_options.score_decisions else 0)
+    # the merge the decisions scored, unless it is written as an adapter: then the adapter read back is scored anew
+    merged = n_tasks if cfg.method_options.score_decisions and cfg.run.output_format != "adapter" else 0
+    return n_tasks + unprocessed + merged
 
 def _plain_sum_is_merge(cfg: MergeConfig) -> bool:
     "Whether the merge is the plain sum of the deltas (then its test score is the reference's)."
@@ -266,7 +268,7 @@ def open_run(p: Plan, progress=True, group=None):
         if p.tasks:
             return_freed_memory()                 # many layer-sized buffers come and go from here on
             from himerge.scoring import check_loaded, input_device, lighteval_scorer, load_model
-            log.info("loading the base %s on %s", p.sources.base.name, p.device)
+            log.info("loading the base model %r on %s", p.sources.base.name, p.device)
             with _timed(run, "load_s"):
                 r = p.config.run
                 model = load_model(p.sources.base.path, p.device, r.trust_remote_code, r.compute_dtype, r.device_map)
@@ -371,9 +373,10 @@ def run_method(p: Plan, run: Run):
                            run.scorer)
     log.info("%s of %d sources", p.method.name, len(context.names))
     with _timed(run, "method_s"): merged = p.method.build(context)
-    if run.progress is not None:   # the method's upper bounds are settled: the rest is exact
+    if run.progress is not None:   # the method's upper bounds are settled: the steps it did not need are skipped
         rest = p.evaluations.get("validation scores", 0) + p.evaluations.get("test scores", 0) + len(run.deltas.layers)
-        run.progress.total = run.progress.n + rest; run.progress.refresh()
+        unused = (run.progress.total or 0) - run.progress.n - rest
+        if unused > 0: run.progress.update(unused)      # the total stays the plan's, as the bar first showed it
     return merged
 
 # %% ../nbs/09_merge.ipynb #be875281
