@@ -137,6 +137,15 @@ def protected_inputs(cfg: MergeConfig, sources, tasks: dict, cache_dir) -> dict:
     if cfg.run.tokenizer and Path(cfg.run.tokenizer).expanduser().exists(): inputs["the tokenizer"] = cfg.run.tokenizer
     return inputs
 
+# %% ../nbs/09_merge.ipynb #213b620e
+def _check_local_sources(given: MergeConfig, cfg: MergeConfig):
+    "A local source folder that does not exist, named by its field (`sources[1].path`) as the config gives it."
+    for i, (spec, path) in enumerate((g.path, s.path) for g, s in zip(given.sources, cfg.sources)):
+        if not Path(path).is_absolute() or Path(path).exists(): continue
+        looked = f" (looked in {path})" if str(spec) != str(path) else ""
+        raise ConfigError(f"sources[{i}].path: {spec!r}: no such folder{looked}, and not a Hub id of the form "
+                          "org/name[@revision]")
+
 # %% ../nbs/09_merge.ipynb #56cc0438
 def check_task_rows(tasks: dict, test_scores: bool) -> dict:
     "Every row that will be scored, checked (validation, and test when test scores are on); (task, split) -> rows."
@@ -155,7 +164,9 @@ def plan(config, out=None, device=None, writer: bool = True) -> Plan:
         out: the output folder (default: the config's `output`).
         device: where the model will run (cpu, cuda, cuda:N, mps).
         writer: whether this process writes the output and the cache (in a shared job, only rank 0 does)."""
-    cfg = resolved_paths(load_config(config))     # first: a typo in the config is found before torch is imported
+    given = load_config(config)                   # first: a typo in the config is found before torch is imported
+    cfg = resolved_paths(given)
+    _check_local_sources(given, cfg)
     if out is not None and not str(out).strip(): raise ConfigError("--out: empty; give the output folder")
     field = "--out" if out is not None else (f"{cfg.config_file}: output" if cfg.config_file else "output")
     from himerge.cache import check_cache_dir, default_cache_dir
@@ -507,6 +518,7 @@ def build_report(p: Plan, run: Run, merged, scores: dict, files: list) -> dict:
                                  split=s.split, type=s.type) for t, s in p.tasks.items()},
                   scores=scores, files=files)
     report["options"]["cache_dir"] = None
+    if cfg.run.tokenizer: report["options"]["tokenizer"] = _portable(cfg.run.tokenizer)
     for record in merged.records.values():
         if hasattr(record, "to_report"): report.update(record.to_report())
     if run.grids: report["grids"] = [g.to_record() for g in run.grids]
@@ -555,6 +567,8 @@ def write_output(p: Plan, run: Run, merged, scores: dict, force: bool, tmp: Path
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
         from himerge.card import write_card
         write_card(tmp, model_name=p.output.name)
+        from himerge.push import check_no_local_paths_in
+        check_no_local_paths_in(tmp)              # no file of the output names a path of this machine
         for f in tmp.iterdir(): f.chmod(0o644)   # readable like any downloaded model, whatever the writer's umask
         commit_output(tmp, p.output, force)
     except BaseException:
