@@ -19,6 +19,7 @@ import himerge
 from himerge.card import local_paths
 from himerge.merge import merge, units_of
 from himerge.push import VOCABULARY_FILES, push_to_hub
+from himerge.sources import resolve_sources
 
 FORMATS = {"full": {}, "adapter": {"output_format": "adapter"}}
 
@@ -97,6 +98,9 @@ def test_no_file_a_merge_writes_names_a_machine_path(fmt, world, tmp_path):   # 
         assert config["base_model_name_or_path"] == "base"   # the local base by its folder's name
         card = (out / "README.md").read_text()
         assert "The base was a local folder, `base`" in card and "`base_model_name_or_path`" in card
+        # read back as a source of another merge: the base named by the user, no override_base needed
+        again = resolve_sources([str(out)], base=str(world.root / "base"))
+        assert again.sources[0].declared_base == "base" and again.base.path == world.root / "base"
 
 
 def test_push_names_the_adapters_base_by_its_hub_id(world, tmp_path, monkeypatch):   # noqa: F811 (the fixture)
@@ -156,3 +160,14 @@ def test_a_missing_input_is_named_once_by_its_field(world, capsys):   # noqa: F8
     world.edit(lambda c: next(iter(c["tasks"].values())).update(data=str(gone)))
     res = run_cli(capsys, "merge", world.cfg, "--dry-run")
     assert res.code == 2 and f"directory '{gone}' not found" in res.err and res.err.count(str(gone)) == 1, res.err
+
+
+def test_a_file_naming_a_machine_path_is_not_written(world, monkeypatch):   # noqa: F811 (the fixture)
+    "A path of this machine that reaches a written file (here the saved config) is a bug: the output is not written."
+    import himerge.merge as merge_module
+    from himerge.push import LocalPathLeak
+    from test_bad_inputs_merge import staging_left
+    monkeypatch.setattr(merge_module, "portable_config", lambda p: {"base": str(world.root / "base")})
+    with pytest.raises(LocalPathLeak, match=f"himerge_config.yaml would publish local path.*{world.root / 'base'}"):
+        merge(str(world.cfg), progress=False)
+    assert not (world.root / "merged").exists() and staging_left(world.root) == []
