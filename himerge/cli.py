@@ -204,7 +204,7 @@ def _zoo_command(sub):
     c.add_argument("--method", choices=list(METHODS), default="hi-merging", help="merge method (default: hi-merging)")
     c.add_argument("--out", default="himerge-zoo-merge",
                    help="the output folder it names (relative: to the config's folder; default: himerge-zoo-merge)")
-    c.add_argument("--limit", type=int, help="rows scored per split (default: the zoo's 64; fewer: a quicker try)")
+    c.add_argument("--limit", type=int, help="rows scored per split, validation and test (default: all 64 and 128)")
     c.set_defaults(run=run_zoo_config)
 
 def run_zoo_config(args) -> int:

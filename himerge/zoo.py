@@ -299,11 +299,12 @@ def zoo_config(method: str = "hi-merging", out: str = "himerge-zoo-merge", zoo: 
         method: the merge method (a name `himerge methods` lists).
         out: the output folder (relative: to the config's folder).
         zoo: the zoo to merge (default: `load_zoo()`).
-        limit: the rows scored per split (default: the zoo's own, 64); fewer make a quicker, noisier try."""
+        limit: the rows scored per split, validation and test (default: the zoo's 64 and the whole test split);
+            fewer make a quicker, noisier try."""
     zoo = zoo or load_zoo()
     picks = [t for t in zoo.tasks if t in zoo.adapters]
-    tasks = {t: {**zoo.tasks[t].to_dict(), "data": str(zoo.data[t]), **({"limit": limit} if limit else {})}
-             for t in picks}
+    rows = dict(limit=limit, test_limit=limit) if limit else {}
+    tasks = {t: {**zoo.tasks[t].to_dict(), "data": str(zoo.data[t]), **rows} for t in picks}
     return dict(base=str(zoo.base), sources=[dict(path=str(zoo.adapters[t]), task=t, name=t) for t in picks],
                 tasks=tasks, method=method, options=dict(test_scores=True), dtype="float32", output=str(out))
 

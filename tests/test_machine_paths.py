@@ -133,7 +133,7 @@ def test_zoo_config_runs_as_is(tmp_path, monkeypatch):
     assert written.returncode == 0, written.stderr
     config = yaml.safe_load((work / "merge.yaml").read_text())
     assert Path(config["base"]).is_absolute() and config["output"] == "himerge-zoo-merge"
-    assert {t["limit"] for t in config["tasks"].values()} == {8}   # 8 rows a split: a quick try
+    assert {(t["limit"], t["test_limit"]) for t in config["tasks"].values()} == {(8, 8)}   # 8 rows a split: quick
     ran = subprocess.run([HIMERGE, "merge", "merge.yaml", "--quiet"], cwd=work, capture_output=True, text=True)
     assert ran.returncode == 0, ran.stderr
     report = json.loads((work / "himerge-zoo-merge" / "himerge_report.json").read_text())
