@@ -25,11 +25,13 @@ def write_point(what: str):
     "A write finished or about to be made public; a fault-injection test may kill the process here (see above)."
     global _writes
     kill_at, log_file = os.environ.get("HIMERGE_KILL_AT_WRITE"), os.environ.get("HIMERGE_WRITE_LOG")
-    if not (kill_at or log_file): return
+    pause_at = os.environ.get("HIMERGE_PAUSE_AT_WRITE")
+    if not (kill_at or log_file or pause_at): return
     _writes += 1
     if log_file:
         with open(log_file, "a") as f: f.write(f"{_writes} {what}\n")
     if kill_at == str(_writes): os.kill(os.getpid(), signal.SIGKILL)
+    if pause_at == str(_writes): os.kill(os.getpid(), signal.SIGSTOP)   # until the test sends SIGCONT
 
 # %% ../nbs/08c_output.ipynb #04001266
 class OutputError(InputError):
@@ -232,7 +234,8 @@ def commit_output(tmp: Path, out, force: bool, stamps: dict | None = None) -> Pa
     write_point("staged output complete")
     if out.exists():
         check_output(out, force)
-        if _exchange(tmp, out): shutil.rmtree(tmp)        # tmp now holds the old output
+        if _exchange(tmp, out):                           # tmp now holds the old output
+            write_point("output swapped in"); shutil.rmtree(tmp)
         else:
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old); write_point("old output moved away"); tmp.rename(out); shutil.rmtree(old)
