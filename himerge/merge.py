@@ -229,7 +229,6 @@ def _plan_text(self) -> str:
         at_most = any("at most" in k for k in self.evaluations)
         lines.append("  evaluations  " + ", ".join(f"{k}: {v}" for k, v in self.evaluations.items())
                      + f"  (total {'at most ' if at_most else ''}{self.total_evaluations})")
-    from himerge.output import output_estimate
     size = output_estimate(self)
     lines.append(f"  output   {'at most' if size['at_most'] else 'about'} {_gb(size['bytes'])} ({c.run.output_format})")
     return "\n".join(lines)

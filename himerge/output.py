@@ -331,14 +331,17 @@ def check_free_space(out, estimate: dict, field: str = "--out") -> dict:
                             f"{where} has {_size(free)} free; free some space or choose another folder")
     return estimate
 
-def is_disk_full(e: BaseException) -> bool: return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+def is_disk_full(e: BaseException) -> bool:
+    "Whether `e` says the disk is full: an OSError, or safetensors' writer quoting one (its own exception type)."
+    if isinstance(e, OSError): return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return any(f"(os error {n})" in str(e) for n in (errno.ENOSPC, errno.EDQUOT))
 
 def disk_full_error(e: OSError, out, estimate: dict, field: str = "--out") -> DiskFullError:
     "The one-line error for a disk that filled up while the output was written."
-    where, free = _free(Path(out).parent)
+    where, _ = _free(Path(out).parent)      # what is free now, the staging folder removed, would mislead
     return DiskFullError(f"{field} {out}: the disk filled up while writing {Path(e.filename or out).name}: the "
-                         f"output needs about {_size(estimate['bytes'])}, {where} has {_size(free)} free; nothing "
-                         "was written (an existing output is as it was): free some space and run again")
+                         f"output needs about {_size(estimate['bytes'])} in {where}; nothing was written (an "
+                         "existing output is as it was): free some space and run again")
 
 # %% ../nbs/08c_output.ipynb #stampexp
 def input_stamps(folders) -> dict:

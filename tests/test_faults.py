@@ -291,10 +291,13 @@ def small_disk(tmp_path):
 def fill(disk: Path) -> Path:
     "Take every free byte of `disk` with one file, as another program filling the disk would; the file."
     filler = disk / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True: f.write(b"\0" * 2**16); f.flush()
-        except OSError: pass
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for chunk in (2**16, 2**12, 1):              # unbuffered: every byte written is on the disk
+            try:
+                while True: os.write(fd, b"\0" * chunk)
+            except OSError: pass
+    finally: os.close(fd)
     return filler
 
 
@@ -332,8 +335,8 @@ def test_a_disk_that_fills_up_while_writing_stops_in_one_line_and_harms_nothing(
     code, _, lines = paused_at(root, args, points, point, lambda: filler.append(fill(disk)))
     print(f"{name}: {lines}")
     assert code == 2 and len(lines) == 1, lines
-    assert re.fullmatch(r"himerge: error: --out .*/out: the disk filled up while writing \S+: the output needs about "
-                        r"[\d.]+ MB, .* has [\d.]+ MB free; nothing was written .*", lines[0]), lines[0]
+    assert re.fullmatch(rf"himerge: error: --out .*/out: the disk filled up while writing \S+: the output needs about "
+                        rf"4\.\d MB in {re.escape(str(disk))}; nothing was written .*", lines[0]), lines[0]
     assert snapshot(disk / "out") == before                       # the old output, or none, exactly as it was
     assert sorted(p.name for p in disk.iterdir()) == sorted(["filler", *(["out"] if old else [])])
     if name == "model":                                           # room again: the same command finishes
