@@ -339,7 +339,8 @@ def is_disk_full(e: BaseException) -> bool:
 def disk_full_error(e: OSError, out, estimate: dict, field: str = "--out") -> DiskFullError:
     "The one-line error for a disk that filled up while the output was written."
     where, _ = _free(Path(out).parent)      # what is free now, the staging folder removed, would mislead
-    return DiskFullError(f"{field} {out}: the disk filled up while writing {Path(getattr(e, 'filename', None) or out).name}: the "
+    file = Path(getattr(e, "filename", None) or out).name                  # safetensors' own error names none
+    return DiskFullError(f"{field} {out}: the disk filled up while writing {file}: the "
                          f"output needs about {_size(estimate['bytes'])} in {where}; nothing was written (an "
                          "existing output is as it was): free some space and run again")
 
