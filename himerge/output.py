@@ -340,9 +340,10 @@ def disk_full_error(e: OSError, out, estimate: dict, field: str = "--out") -> Di
     "The one-line error for a disk that filled up while the output was written."
     where, _ = _free(Path(out).parent)      # what is free now, the staging folder removed, would mislead
     file = Path(getattr(e, "filename", None) or out).name                  # safetensors' own error names none
-    return DiskFullError(f"{field} {out}: the disk filled up while writing {file}: the "
-                         f"output needs {'at most' if estimate.get('at_most') else 'about'} {_size(estimate['bytes'])} in {where}; nothing was written (an "
-                         "existing output is as it was): free some space and run again")
+    size = ("at most " if estimate.get("at_most") else "about ") + _size(estimate["bytes"])
+    return DiskFullError(f"{field} {out}: the disk filled up while writing {file}: the output needs {size} in "
+                         f"{where}; nothing was written (an existing output is as it was): free some space and run "
+                         "again")
 
 # %% ../nbs/08c_output.ipynb #stampexp
 def input_stamps(folders) -> dict:

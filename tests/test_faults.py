@@ -336,7 +336,8 @@ def test_a_disk_that_fills_up_while_writing_stops_in_one_line_and_harms_nothing(
     print(f"{name}: {lines}")
     assert code == 2 and len(lines) == 1, lines
     assert re.fullmatch(rf"himerge: error: --out .*/out: the disk filled up while writing \S+: the output needs "
-                        rf"(about|at most) [\d.]+ MB in {re.escape(str(disk))}; nothing was written .*", lines[0]), lines[0]
+                        rf"(about|at most) [\d.]+ MB in {re.escape(str(disk))}; nothing was written .*",
+                        lines[0]), lines[0]
     assert snapshot(disk / "out") == before                       # the old output, or none, exactly as it was
     assert sorted(p.name for p in disk.iterdir()) == sorted(["filler", *(["out"] if old else [])])
     if name == "model":                                           # room again: the same command finishes
