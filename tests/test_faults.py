@@ -203,7 +203,9 @@ def _kill_case(name: str, kill: Kill, refs: References, base: Path) -> KillOutco
         proc.send_signal(signal.SIGTERM); how = "SIGTERM after the first record"
     code, _, lines = finish(proc)
     outcome = KillOutcome(code, lines, snapshot(root / "out"), cache_state(root / "cache"), killed_at=how)
-    outcome.rerun_code, _, outcome.rerun_lines = himerge(root, *args)
+    # a kill after the rename finds the new output complete: the same command then needs --force, as a user's would
+    again = args + (["--force"] if outcome.after is not None and "--force" not in args else [])
+    outcome.rerun_code, _, outcome.rerun_lines = himerge(root, *again)
     outcome.rerun, outcome.left = snapshot(root / "out"), leftovers(root)
     return outcome
 
