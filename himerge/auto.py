@@ -43,7 +43,7 @@ class AutoRecord:
     chosen: str               # the method written
     rows: list                # one dict per method: its best point, scores, gains, evaluations, seconds, searched
     skipped: list             # [(method, point)] the budget left out
-    budget: int | None
+    budget: int | None        # the most validation evaluations the comparison could spend (None: no limit)
 
     def why(self) -> str:
         "One sentence: the chosen method's validation gain against the runner-up's."

@@ -132,9 +132,9 @@ def non_default(options) -> dict:
 @dataclass
 class Counts:
     "What the number of evaluations depends on: sources, distinct tasks, layers analysed, and the options."
-    sources: int
-    tasks: int
-    layers: int
+    sources: int                # how many sources are merged
+    tasks: int                  # how many distinct tasks they are scored on
+    layers: int                 # how many layers the analysis goes through
     test_scores: bool = False   # whether the run scores the test split at the end
 
 def no_evaluations(counts: Counts, options) -> dict:
