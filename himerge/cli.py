@@ -6,7 +6,7 @@ Docs: https://himerge.github.io/himerge/cli.html.md"""
 
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'subcommand', 'build_parser', 'setup_logging', 'main', 'add_verbosity', 'run_merge', 'run_demo',
-           'run_methods', 'run_zoo_build', 'run_push']
+           'run_methods', 'run_zoo_build', 'run_push', 'run_convert']
 
 # %% ../nbs/12_cli.ipynb #3b9bf063
 import argparse, os, sys
@@ -222,3 +222,21 @@ def run_push(args) -> int:
     "`himerge push`: upload an existing output."
     from himerge.push import push_command
     return push_command(args) or 0
+
+# %% ../nbs/12_cli.ipynb #d69c5d7d
+@subcommand
+def _convert_command(sub):
+    p = sub.add_parser("convert", help="write the himerge config of a mergekit config",
+                       description="Translate a mergekit YAML config into the himerge config of the same merge.")
+    p.add_argument("config", help="a mergekit config (YAML)")
+    p.add_argument("--out", help="write it to this file (default: print it)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.set_defaults(run=run_convert)
+
+def run_convert(args) -> int:
+    "`himerge convert`: a mergekit config as himerge's."
+    from himerge.mergekit_config import convert_config
+    text = convert_config(args.config, out=args.out, force=args.force)
+    if args.out is None: print(text, end="")
+    else: print(f"himerge config written to {args.out}", file=sys.stderr)
+    return 0
