@@ -23,7 +23,7 @@ TASK_TYPES = ("multiple_choice", "generative")
 METRICS = {"multiple_choice": ("loglikelihood_acc",),
            "generative": ("rougeL", "rouge1", "rouge2", "bleu", "exact_match")}
 DEFAULT_METRIC = {"multiple_choice": "loglikelihood_acc", "generative": "rougeL"}
-SPEC_KEYS = ("data", "type", "prompt", "choices_field", "gold_field", "metric", "split", "limit",
+SPEC_KEYS = ("data", "type", "prompt", "choices_field", "gold_field", "metric", "split", "limit", "test_limit",
              "generation_size", "stop_sequences", "revision")
 DATA_SUFFIXES = (".jsonl", ".parquet")
 
@@ -156,7 +156,8 @@ class TaskSpec:
     metric: str                      # the score: loglikelihood_acc, or a generative metric (rougeL, exact_match, ...)
     choices_field: str | None = None  # multiple choice: the row field holding the list of choices
     split: str = "validation"        # the split scored (the test split only through `with_split`)
-    limit: int | None = None         # score the first `limit` rows of the split (None: all)
+    limit: int | None = None         # score the first `limit` rows of the split (None: all): the analysis budget
+    test_limit: int | None = None    # final test scores: the first `test_limit` rows of test (None: the whole split)
     generation_size: int = 16        # generative: the most tokens generated
     stop_sequences: tuple = ("\n",)  # generative: generation stops at any of these
     revision: str | None = None      # the Hub dataset's revision
@@ -179,7 +180,8 @@ class TaskSpec:
         if not isinstance(split, str) or not split: _fail(self.name, "split", f"expected a split name, got {split!r}")
         if self.lighteval_config is None and self.data_dir is not None and not split_files(self.data_dir, split):
             _fail(self.name, "split", f"no {split}.jsonl or {split}.parquet in {self.data_dir}")
-        return dataclasses.replace(self, split=split)
+        limit = self.test_limit if split == "test" else self.limit   # test is scored in full unless told otherwise
+        return dataclasses.replace(self, split=split, limit=limit)
 
     def rows(self) -> list[dict]:
         "The rows this task scores: the first `limit` rows of its split."
@@ -280,6 +282,7 @@ def _spec_from_dict(cls, name, d, root):
         _fail(name, "split", "the test split is reserved for final scores; analyse on validation "
                              "(use spec.with_split('test') to score test)")
     limit = _positive_int(name, "limit", d.get("limit"), allow_none=True)
+    test_limit = _positive_int(name, "test_limit", d.get("test_limit"), allow_none=True)
     gen = _positive_int(name, "generation_size", d.get("generation_size", 16))
     stops = d.get("stop_sequences", ["\n"])
     if isinstance(stops, str): stops = [stops]
@@ -296,7 +299,8 @@ def _spec_from_dict(cls, name, d, root):
     if first is None: _fail(name, "split", f"split {split!r} has no rows ({', '.join(map(str, files))})")
     check_row(name, dict(d, type=ttype, metric=metric), first[2], row_place(first[0], first[1]))
     return cls(name=name, data=str(d["data"]), type=ttype, prompt=d["prompt"], gold_field=d["gold_field"],
-               metric=metric, choices_field=d.get("choices_field"), split=split, limit=limit, generation_size=gen,
+               metric=metric, choices_field=d.get("choices_field"), split=split, limit=limit, test_limit=test_limit,
+               generation_size=gen,
                stop_sequences=tuple(stops), revision=revision, data_dir=data_dir, data_sha=sha)
 
 # %% ../nbs/05_tasks.ipynb #8e61613f
@@ -510,10 +514,10 @@ def lighteval_task_config(name: str, value):
     return config
 
 # %% ../nbs/05_tasks.ipynb #69973205
-LIGHTEVAL_KEYS = ("lighteval", "split", "limit")
+LIGHTEVAL_KEYS = ("lighteval", "split", "limit", "test_limit")
 
 def _spec_from_lighteval_name(cls, name, d, root):
-    "A `TaskSpec` for a task entry `{lighteval: NAME, split, limit}`: LightEval's task, its data found as any task's."
+    "A `TaskSpec` for a task entry `{lighteval: NAME, split, limit, test_limit}`: LightEval's task, its data as usual."
     unknown = sorted(str(k) for k in set(d) - set(LIGHTEVAL_KEYS))
     if unknown: _fail(name, unknown[0], f"a LightEval task brings its own data, prompt and metric; with `lighteval` "
                                         f"only {list(LIGHTEVAL_KEYS)} apply")
@@ -522,6 +526,7 @@ def _spec_from_lighteval_name(cls, name, d, root):
     if not isinstance(split, str) or not split: _fail(name, "split", f"expected a split name, got {split!r}")
     if split == "test": _fail(name, "split", "the test split is reserved for final scores; analyse on validation")
     limit = _positive_int(name, "limit", d.get("limit"), allow_none=True)
+    test_limit = _positive_int(name, "test_limit", d.get("test_limit"), allow_none=True)
     data_dir, revision, sha = resolve_data(name, config.hf_repo, config.hf_revision, root)
     if config.hf_subset not in (None, "", "default") and (data_dir / config.hf_subset).is_dir():
         data_dir = data_dir / config.hf_subset
@@ -540,4 +545,4 @@ def _spec_from_lighteval_name(cls, name, d, root):
                                 few_shots_split=None, num_fewshots=0)
     spec = _spec_from_lighteval(cls, local, limit)
     return dataclasses.replace(spec, name=name, data=str(config.hf_repo), revision=revision, data_dir=data_dir,
-                               data_sha=sha)
+                               data_sha=sha, test_limit=test_limit)

@@ -48,7 +48,7 @@ def hub_merge(tmp_path_factory):
         shas[f"{ORG}/lora-{t}"] = put_in_cache(cache, f"{ORG}/lora-{t}", adapter)
         shas[f"{ORG}/data-{t}"] = put_in_cache(cache, f"{ORG}/data-{t}", zoo.tasks[t].data_dir, "dataset")
         shutil.rmtree(adapter)        # only the cache holds the inputs: nothing local can be found by accident
-        tasks[t] = {**zoo.tasks[t].to_dict(), "data": f"{ORG}/data-{t}", "limit": 16}   # a few rows: a quick test
+        tasks[t] = {**zoo.tasks[t].to_dict(), "data": f"{ORG}/data-{t}", "limit": 16, "test_limit": 16}   # quick
         sources.append(dict(path=f"{ORG}/lora-{t}", task=t, name=t))
     config = dict(base=f"{ORG}/zoo-base", sources=sources, tasks=tasks, method="task_arithmetic", dtype="float32",
                   options=dict(test_scores=True, cache_dir=str(work / "evaluations")))

@@ -37,7 +37,7 @@ def arc_cache(tmp_path, monkeypatch):
 
 def test_registry_task_scores_offline_as_the_same_task_written_out(arc_cache, tmp_path):
     zoo = load_zoo()
-    named = load_tasks({"science": {"lighteval": "lighteval|arc:easy|0", "limit": 3}})["science"]
+    named = load_tasks({"science": {"lighteval": "lighteval|arc:easy|0", "limit": 3, "test_limit": 3}})["science"]
     assert (named.data, named.data_sha, named.split, named.limit) == ("allenai/ai2_arc", SHA, "validation", 3)
     written = tmp_path / "science"
     written.mkdir()
@@ -46,7 +46,8 @@ def test_registry_task_scores_offline_as_the_same_task_written_out(arc_cache, tm
             {"question": r["question"], "options": [f" {t}" for t in r["choices"]["text"]],
              "label": "ABC".index(r["answerKey"])}) + "\n" for r in rows))
     own = load_tasks({"science": {"data": str(written), "type": "multiple_choice", "prompt": "Question: {question}\n"
-                                  "Answer:", "choices_field": "options", "gold_field": "label", "limit": 3}})["science"]
+                                  "Answer:", "choices_field": "options", "gold_field": "label", "limit": 3,
+                                  "test_limit": 3}})["science"]
     # the documents LightEval's arc prompt makes of the first `limit` rows, in row order: the written-out task's
     for spec in (named, named.with_split("test")):
         twin = own if spec.split == "validation" else own.with_split("test")
