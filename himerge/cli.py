@@ -6,7 +6,7 @@ Docs: https://himerge.github.io/himerge/cli.html.md"""
 
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'subcommand', 'build_parser', 'setup_logging', 'main', 'add_verbosity', 'run_merge', 'run_demo',
-           'run_methods', 'run_zoo_build', 'run_push', 'run_convert']
+           'run_methods', 'run_zoo_config', 'run_zoo_build', 'run_push', 'run_convert']
 
 # %% ../nbs/12_cli.ipynb #3b9bf063
 import argparse, os, sys
@@ -83,7 +83,8 @@ def _fail(msg: str) -> int:
 def _print_summary(result):
     rep = result.report
     if rep is None: return                               # a rank other than 0 of a shared job: rank 0 reports
-    print(f"\nmerged model written to {result.output}")
+    written = "LoRA adapter" if rep.get("output_format") == "adapter" else "merged model"
+    print(f"\n{written} written to {result.output}")
     for split in ("validation", "test"):
         if rep["scores"].get(split):
             print(f"\n{split} scores:")
@@ -197,6 +198,23 @@ def _zoo_command(sub):
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--force", action="store_true", help="replace an existing folder")
     b.set_defaults(run=run_zoo_build)
+    c = zsub.add_parser("config", help="print a merge config over the installed zoo: himerge zoo config > merge.yaml",
+                        description="Print a ready merge config over the embedded zoo (absolute paths into the "
+                                    "installed package), to save and run with `himerge merge`.")
+    c.add_argument("--method", choices=list(METHODS), default="hi-merging", help="merge method (default: hi-merging)")
+    c.add_argument("--out", default="himerge-zoo-merge",
+                   help="the output folder it names (relative: to the config's folder; default: himerge-zoo-merge)")
+    c.add_argument("--limit", type=int, help="rows scored per split, validation and test (default: all 64 and 128)")
+    c.set_defaults(run=run_zoo_config)
+
+def run_zoo_config(args) -> int:
+    "`himerge zoo config`."
+    import yaml
+    from himerge.zoo import path, zoo_config
+    print(f"# himerge zoo config: the embedded zoo in {path()}; run it with `himerge merge THIS_FILE`")
+    print(yaml.safe_dump(zoo_config(args.method, args.out, limit=args.limit), sort_keys=False, allow_unicode=True),
+          end="")
+    return 0
 
 def run_zoo_build(args) -> int:
     "`himerge zoo build`."

@@ -58,8 +58,10 @@ def _shared_validation(cfg: MergeConfig, n_tasks: int) -> int:
     # then an upper bound
     if cfg.method != "hi-merging" or any("auto" in (s.density, s.scale) for s in cfg.sources): return 0
     unprocessed = sum(1 for s in cfg.sources if s.density == 1 and s.scale == 1)  # a source alone, on its own task
+    # the merge its decisions scored, unless written as an adapter: then the adapter read back is scored anew
     scored = cfg.method_options.score_decisions or cfg.method_options.resolution == "verified"
-    return n_tasks + unprocessed + (n_tasks if scored else 0)
+    merged = n_tasks if scored and cfg.run.output_format != "adapter" else 0
+    return n_tasks + unprocessed + merged
 
 def _plain_sum_is_merge(cfg: MergeConfig) -> bool:
     "Whether the merge is the plain sum of the deltas (then its test score is the reference's)."
@@ -136,6 +138,15 @@ def protected_inputs(cfg: MergeConfig, sources, tasks: dict, cache_dir) -> dict:
     if cfg.run.tokenizer and Path(cfg.run.tokenizer).expanduser().exists(): inputs["the tokenizer"] = cfg.run.tokenizer
     return inputs
 
+# %% ../nbs/09_merge.ipynb #213b620e
+def _check_local_sources(given: MergeConfig, cfg: MergeConfig):
+    "A local source folder that does not exist, named by its field (`sources[1].path`) as the config gives it."
+    for i, (spec, path) in enumerate((g.path, s.path) for g, s in zip(given.sources, cfg.sources)):
+        if not Path(path).is_absolute() or Path(path).exists(): continue
+        looked = f" (looked in {path})" if str(spec) != str(path) else ""
+        raise ConfigError(f"sources[{i}].path: {spec!r}: no such folder{looked}, and not a Hub id of the form "
+                          "org/name[@revision]")
+
 # %% ../nbs/09_merge.ipynb #56cc0438
 def check_task_rows(tasks: dict, test_scores: bool) -> dict:
     "Every row that will be scored, checked (validation, and test when test scores are on); (task, split) -> rows."
@@ -154,7 +165,9 @@ def plan(config, out=None, device=None, writer: bool = True) -> Plan:
         out: the output folder (default: the config's `output`).
         device: where the model will run (cpu, cuda, cuda:N, mps).
         writer: whether this process writes the output and the cache (in a shared job, only rank 0 does)."""
-    cfg = resolved_paths(load_config(config))     # first: a typo in the config is found before torch is imported
+    given = load_config(config)                   # first: a typo in the config is found before torch is imported
+    cfg = resolved_paths(given)
+    _check_local_sources(given, cfg)
     if out is not None and not str(out).strip(): raise ConfigError("--out: empty; give the output folder")
     field = "--out" if out is not None else (f"{cfg.config_file}: output" if cfg.config_file else "output")
     from himerge.cache import check_cache_dir, default_cache_dir
@@ -267,7 +280,7 @@ def open_run(p: Plan, progress=True, group=None):
         if p.tasks:
             return_freed_memory()                 # many layer-sized buffers come and go from here on
             from himerge.scoring import check_loaded, input_device, lighteval_scorer, load_model
-            log.info("loading the base %s on %s", p.sources.base.name, p.device)
+            log.info("loading the base model %r on %s", p.sources.base.name, p.device)
             with _timed(run, "load_s"):
                 r = p.config.run
                 model = load_model(p.sources.base.path, p.device, r.trust_remote_code, r.compute_dtype, r.device_map)
@@ -372,9 +385,10 @@ def run_method(p: Plan, run: Run):
                            run.scorer)
     log.info("%s of %d sources", p.method.name, len(context.names))
     with _timed(run, "method_s"): merged = p.method.build(context)
-    if run.progress is not None:   # the method's upper bounds are settled: the rest is exact
+    if run.progress is not None:   # the method's upper bounds are settled: the steps it did not need are skipped
         rest = p.evaluations.get("validation scores", 0) + p.evaluations.get("test scores", 0) + len(run.deltas.layers)
-        run.progress.total = run.progress.n + rest; run.progress.refresh()
+        unused = (run.progress.total or 0) - run.progress.n - rest
+        if unused > 0: run.progress.update(unused)      # the total stays the plan's, as the bar first showed it
     return merged
 
 # %% ../nbs/09_merge.ipynb #be875281
@@ -507,6 +521,7 @@ def build_report(p: Plan, run: Run, merged, scores: dict, files: list) -> dict:
                          for t, s in p.tasks.items()},
                   scores=scores, files=files)
     report["options"]["cache_dir"] = None
+    if cfg.run.tokenizer: report["options"]["tokenizer"] = _portable(cfg.run.tokenizer)
     for record in merged.records.values():
         if hasattr(record, "to_report"): report.update(record.to_report())
     if run.grids: report["grids"] = [g.to_record() for g in run.grids]
@@ -557,6 +572,8 @@ def write_output(p: Plan, run: Run, merged, scores: dict, force: bool, tmp: Path
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
         from himerge.card import write_card
         write_card(tmp, model_name=p.output.name)
+        from himerge.push import check_no_local_paths_in
+        check_no_local_paths_in(tmp)              # no file of the output names a path of this machine
         for f in tmp.iterdir(): f.chmod(0o644)   # readable like any downloaded model, whatever the writer's umask
         commit_output(tmp, p.output, force)
     except BaseException:
