@@ -7,14 +7,15 @@ Docs: https://himerge.github.io/himerge/merge.html.md"""
 # %% ../nbs/09_merge.ipynb #da299a43
 from __future__ import annotations
 import dataclasses, datetime, json, logging, tempfile, time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
 from .config import ConfigError, MergeConfig, load_config, prefix_bytes, resolved_paths
 from .methods import Counts, MergeContext, MergeMethod, non_default
-from .output import check_output, discard, is_himerge_output, staging_dir, REPORT_FILE
+from .output import (check_free_space, check_output, discard, disk_full_error, is_disk_full, is_himerge_output,
+                            output_estimate, output_lock, staging_dir, REPORT_FILE)
 from .scoring import check_device, resolve_tokenizer
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class Plan:
     rows: dict = field(default_factory=dict)     # (task, split) -> rows scored
     memory: dict = field(default_factory=dict)   # expected bytes: the model as held, the largest layer delta
     output_field: str = "--out"                  # how errors name the output: --out, or the config's output field
+    stamps: dict = field(default_factory=dict)   # base and source file -> (size, mtime) when planned
 
     @property
     def n_layers(self) -> int: return len(self.layers)
@@ -170,8 +172,9 @@ def plan(config, out=None, device=None, writer: bool = True) -> Plan:
     _check_local_sources(given, cfg)
     if out is not None and not str(out).strip(): raise ConfigError("--out: empty; give the output folder")
     field = "--out" if out is not None else (f"{cfg.config_file}: output" if cfg.config_file else "output")
-    from himerge.cache import check_cache_dir, default_cache_dir
+    from himerge.cache import check_cache_dir, check_cache_path, default_cache_dir
     from himerge.deltas import compute_deltas
+    from himerge.output import input_stamps
     from himerge.sources import resolve_sources
     from himerge.tasks import load_tasks
     used = {t: cfg.tasks[t] for t in dict.fromkeys(s.task for s in cfg.sources if s.task)}
@@ -190,6 +193,7 @@ def plan(config, out=None, device=None, writer: bool = True) -> Plan:
         layers = d.changed_layers()
         memory = memory_estimate(d, layers, cfg.run.compute_dtype, device) if tasks else {}
     cache_dir = check_cache_dir(cfg.run.cache_dir or default_cache_dir()) if tasks and writer else None
+    if cache_dir is None and cfg.run.cache_dir: check_cache_path(cfg.run.cache_dir)   # named, even if unused
     output = Path(out if out is not None else cfg.output).expanduser().resolve()
     if cfg.run.output_format == "adapter":
         from himerge.adapter import check_adapter_output
@@ -202,7 +206,8 @@ def plan(config, out=None, device=None, writer: bool = True) -> Plan:
     # an existing output is for `merge` to judge
     if writer: check_output(output, force=True, inputs=inputs, field=field)
     return Plan(cfg, cfg.merge_method, sources, tasks, output, layers, count_evaluations(cfg, len(layers)), inputs,
-                cache_dir, device, tokenizer, rows, memory, field)
+                cache_dir, device, tokenizer, rows, memory, field,
+                input_stamps([sources.base.path, *(s.path for s in sources.sources)]))
 
 # %% ../nbs/09_merge.ipynb #47e29ec4
 def units_of(deltas, cfg: MergeConfig):
@@ -238,6 +243,8 @@ def _plan_text(self) -> str:
         at_most = any("at most" in k for k in self.evaluations)
         lines.append("  evaluations  " + ", ".join(f"{k}: {v}" for k, v in self.evaluations.items())
                      + f"  (total {'at most ' if at_most else ''}{self.total_evaluations})")
+    size = output_estimate(self)
+    lines.append(f"  output   {'at most' if size['at_most'] else 'about'} {_gb(size['bytes'])} ({c.run.output_format})")
     return "\n".join(lines)
 
 Plan.__str__ = _plan_text
@@ -575,7 +582,7 @@ def write_output(p: Plan, run: Run, merged, scores: dict, force: bool, tmp: Path
         from himerge.push import check_no_local_paths_in
         check_no_local_paths_in(tmp)              # no file of the output names a path of this machine
         for f in tmp.iterdir(): f.chmod(0o644)   # readable like any downloaded model, whatever the writer's umask
-        commit_output(tmp, p.output, force)
+        commit_output(tmp, p.output, force, p.stamps)
     except BaseException:
         discard(tmp); raise
     return report
@@ -677,7 +684,8 @@ def merge(config, *, out=None, force=False, dry_run=False, device=None, progress
         if dry_run: return p
         writer = group is None or group.main
         agreed(group, lambda: check_output(p.output, force, p.inputs, p.output_field) if writer else None)
-        with open_run(p, progress, group) as run:
+        size = agreed(group, lambda: check_free_space(p.output, output_estimate(p), p.output_field) if writer else None)
+        with output_lock(p.output, p.output_field) if writer else nullcontext(), open_run(p, progress, group) as run:
             tmp = adapter = None
             try:
                 choose_auto(p, run)
@@ -692,6 +700,7 @@ def merge(config, *, out=None, force=False, dry_run=False, device=None, progress
                 if not writer and tmp is not None: discard(tmp)      # another rank's copy, only read back to score
             except BaseException as e:
                 if tmp is not None: discard(tmp)
+                if is_disk_full(e) and writer: raise disk_full_error(e, p.output, size, p.output_field) from None
                 if not isinstance(e, KeyboardInterrupt): raise
                 saved = run.cache.done if run.cache else 0
                 where = f" in {p.cache_dir}" if p.cache_dir else ""
