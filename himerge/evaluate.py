@@ -284,7 +284,7 @@ def build_docs(spec: TaskSpec) -> list:
     from lighteval.tasks.lighteval_task import LightevalTask
     cfg = to_lighteval(spec)
     task = LightevalTask(cfg)
-    if spec.lighteval_config is None:
+    if spec.lighteval_config is None or spec.data_dir is not None:   # rows himerge reads: the split's first `limit`
         task.dataset = {spec.split: [dict(r) for r in spec.rows()]}
         docs = task.get_docs(None)
     else:
