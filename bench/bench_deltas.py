@@ -114,8 +114,10 @@ def generate(root: Path, cfg: dict, shard_bytes: int, seed=0) -> list:
 
 def measure(cmd: list, log: Path, env: dict) -> dict:
     "Wall time and peak RSS of `cmd`, run under a fresh wrapper process."
+    # Run from the log's folder: `python -c` puts the working directory first on sys.path, ahead of PYTHONPATH, so a
+    # himerge checkout there would shadow the one asked for (--before).
     out = subprocess.run([sys.executable, "-c", MEASURE, str(log), *cmd], capture_output=True, text=True, env=env,
-                         check=True)
+                         check=True, cwd=log.parent)
     res = json.loads(out.stdout.strip().splitlines()[-1])
     if res["rc"] != 0: raise SystemExit(f"{cmd[0]} failed (rc {res['rc']}); its log:\n{log.read_text()[-3000:]}")
     return res
@@ -167,6 +169,9 @@ def main(argv=None):
     root = Path(args.workdir or tempfile.mkdtemp(prefix="himerge-bench-"))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # this checkout's himerge, whatever the working directory
+    here = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
     try:
         cfg = llama_shape(args.params)
         n_params = sum(torch.Size(s).numel() for _, s in tensor_shapes(cfg))
