@@ -182,3 +182,22 @@ def test_one_pass_falls_back_when_the_mask_is_ignored(tiny, caplog):
         assert "scoring one row per choice" in caplog.text
     finally:
         del model.forward
+
+
+def test_one_pass_through_prefix_reuse(tiny):
+    """The packed batches (mask, positions, kept logits) go through `PrefixForward`: a second pass under the same
+    weights starts at a stored block and gives the same responses (verify=True checks every logit against a full
+    forward)."""
+    from himerge.prefix import PrefixForward
+    model, tok, tasks = tiny
+    forward = PrefixForward(model, verify=True)
+    units = ["embed", *("base" for _ in model.model.layers)]
+    with Evaluator(model, tok, tasks, batch_size=32) as ev:
+        plain = compare(ev, "sums_mc")[0]
+        ev.use_prefix(forward)
+        forward.set_weights(units, record_at="all")
+        first = compare(ev, "sums_mc")[0]
+        forward.set_weights(units)
+        again = compare(ev, "sums_mc")[0]
+    assert forward.stats["hits"] > 0 and forward.stats["blocks_skipped"] > 0, forward.stats
+    for got in (first, again): assert same_responses(got, plain) is None, same_responses(got, plain)
