@@ -250,15 +250,18 @@ def _adapter_deltas(root: Path, base) -> dict:
         out[d.name] = {k: merged[k] - base_sd[k] for k in base_sd if not torch.equal(merged[k], base_sd[k])}
     return out
 
-def real_variants(root: Path) -> list:
-    "The names of the models the evidence scores: base, each adapter, each pair's task arithmetic."
+def real_variants(root: Path) -> dict:
+    """The models the evidence scores -> the tasks each is scored on: the base on every task, each adapter on its
+    own, each pair's task arithmetic on its two (what the criterion needs: scoring is the build's slowest part)."""
     import itertools
-    loras = [f"lora-{t}" for t in REAL_TASKS if (root / f"lora-{t}").is_dir()]
-    return ["base", *loras] + [f"ta:{a[5:]}+{b[5:]}" for a, b in itertools.combinations(loras, 2)]
+    tasks = [t for t in REAL_TASKS if (root / f"lora-{t}").is_dir()]
+    return {"base": list(REAL_TASKS), **{f"lora-{t}": [t] for t in tasks},
+            **{f"ta:{a}+{b}": [a, b] for a, b in itertools.combinations(tasks, 2)}}
 
 # %% ../nbs/00b_real_zoo.ipynb #e5e1c45a
-def measure_real_evidence(root, splits=("test",), log=print) -> dict:
-    "split -> model -> task -> score, for every model of `real_variants`; each model's scores cached as it is scored."
+def measure_real_evidence(root, splits=("test",), only=None, log=print) -> dict:
+    """split -> model -> task -> score, for every model of `real_variants`; each model's scores cached as it is scored.
+    `only`: score these models alone (several processes may share the work; each model's file is its own)."""
     import torch
     from transformers import AutoModelForCausalLM
     from himerge.tasks import load_tasks
@@ -271,7 +274,7 @@ def measure_real_evidence(root, splits=("test",), log=print) -> dict:
     for split in splits:
         folder = root / "evidence" / split
         folder.mkdir(parents=True, exist_ok=True)
-        todo = [v for v in real_variants(root) if not (folder / f"{v}.json").is_file()]
+        todo = [v for v in real_variants(root) if not (folder / f"{v}.json").is_file() and v in (only or [v])]
         if todo and deltas is None: deltas = _adapter_deltas(root, model)
         with Evaluator(model, root / "base", {k: s.with_split(split) for k, s in tasks.items()}) as ev:
             for name in todo:
@@ -279,9 +282,11 @@ def measure_real_evidence(root, splits=("test",), log=print) -> dict:
                     f"lora-{t}" for t in name[3:].split("+")]
                 model.load_state_dict({k: v + sum(deltas[p].get(k, 0) for p in parts) for k, v in base_sd.items()})
                 t0 = time.perf_counter()
-                _write_json(folder / f"{name}.json", {k: round(s.score, 4) for k, s in ev.score_all().items()})
+                scored = {t: round(ev.score(t).score, 4) for t in real_variants(root)[name]}
+                _write_json(folder / f"{name}.json", scored)
                 log(f"evidence {split} {name}: {time.perf_counter() - t0:.0f} s")
-        scores[split] = {v: json.loads((folder / f"{v}.json").read_text()) for v in real_variants(root)}
+        scores[split] = {v: json.loads((folder / f"{v}.json").read_text()) for v in real_variants(root)
+                         if (folder / f"{v}.json").is_file()}
     return scores
 
 # %% ../nbs/00b_real_zoo.ipynb #f5a8333b
