@@ -16,9 +16,9 @@ __all__ = ['REPORT', 'CONFIG', 'HEATMAP', 'CARD', 'PAPER_URL', 'HUB_METRIC', 'RO
            'CardError', 'CardLeakError', 'read_report', 'local_name', 'hub_metric', 'hub_dataset', 'final_scores',
            'eval_results', 'is_adapter', 'hub_models', 'card_data', 'md_table', 'pm', 'layer_key', 'source_link',
            'sources_table', 'applied_options', 'score_cell', 'score_table', 'gamma_table', 'conflict_summary',
-           'decisions_table', 'contributions_table', 'grid_table', 'grid_title', 'adapter_section', 'reproduce_config',
-           'local_paths', 'check_no_local_paths', 'template_path', 'default_model_name', 'method_info',
-           'card_variables', 'build_card', 'is_himerge_card', 'write_card']
+           'decisions_table', 'candidates_table', 'contributions_table', 'grid_table', 'grid_title', 'adapter_section',
+           'reproduce_config', 'local_paths', 'check_no_local_paths', 'template_path', 'default_model_name',
+           'method_info', 'rows_note', 'card_variables', 'build_card', 'is_himerge_card', 'write_card']
 
 # %% ../nbs/10_card.ipynb #ee7a7ff5
 REPORT, CONFIG, HEATMAP, CARD = "himerge_report.json", "himerge_config.yaml", "gamma_heatmap.png", "README.md"
@@ -225,6 +225,7 @@ def gamma_table(report, key: str = "gamma") -> str:
     classes = {str(k): v for k, v in (report.get("classes") or {}).items()}
     actions = {}
     for d in sorted(report.get("decisions") or [], key=lambda d: d.get("order", 0)):
+        if d.get("class") == "refine" and not d.get("taken", True): continue   # a scale tried and not taken
         actions.setdefault(str(d["layer"]), []).append(f"{d.get('order')}. {d.get('action')}")
     z = (report.get("resolution") or {}).get("conflict_z") or 0
     counted = {str(k): set(v) for k, v in (report.get("impaired") or {}).items()} if z and key == "gamma" else None
@@ -254,6 +255,14 @@ def conflict_summary(report) -> str:
         counted = sum(len(v) for v in report["impaired"].values())
         text += (f" The classes count a source as impaired only where γ > {z:g}·se(γ): {counted} of the {positive} "
                  f"positive γ were counted; the others are marked (noise) in the table.")
+    if resolution.get("mode") == "verified":
+        kept = resolution.get("kept") or []
+        text += (f" Each resolution step was checked on validation: a candidate action was taken only if it beat "
+                 f"leaving the layer by more than {resolution.get('accept_z', 0):g} paired standard errors")
+        text += (f"; {len(kept)} conflicted layer{'s' * (len(kept) != 1)} ({', '.join(kept)}) kept as "
+                 f"{'they were' if len(kept) != 1 else 'it was'}, no candidate helping." if kept else ".")
+    elif resolution.get("mode") == "paper":
+        text += " Resolution applied the paper's rule, unchecked."
     if resolution.get("stopped"):
         text += f" Resolution stopped: {resolution['stopped']}"
         text += f" ({resolution['evaluations']} evaluations)." if resolution.get("evaluations") is not None else "."
@@ -271,6 +280,20 @@ def decisions_table(report) -> str | None:
     return md_table(["step", "layer", "class", "action"] + tasks,
                     [[d.get("order"), d["layer"], d.get("class"), d.get("action")] + [change(d, t) for t in tasks]
                      for d in decisions])
+
+def candidates_table(report) -> str | None:
+    """Verified resolution: every candidate of every step, its validation scores, its improvement over leaving the
+    layer (mean gain-normalised score, ± paired standard error), and the one taken; None without candidates."""
+    decisions = [d for d in sorted(report.get("decisions") or [], key=lambda d: d.get("order", 0))
+                 if d.get("candidates")]
+    if not decisions: return None
+    tasks = list(report.get("tasks") or dict.fromkeys(t for d in decisions for t in d["candidates"][0]["scores"]))
+    def gain(c): return "reference" if c.get("improvement") is None else \
+        (f"{c['improvement']:+.3f} ± {c['improvement_se']:.3f}" if c.get("improvement_se") is not None else
+         f"{c['improvement']:+.3f}")
+    return md_table(["step", "layer", "candidate"] + tasks + ["improvement", "taken"],
+                    [[d.get("order"), d["layer"], c["action"]] + [pm(c["scores"].get(t)) for t in tasks]
+                     + [gain(c), "**taken**" if c.get("taken") else ""] for d in decisions for c in d["candidates"]])
 
 def contributions_table(report) -> str | None:
     "α, β and c (± standard error) per layer, state and task, in model order."
@@ -384,6 +407,14 @@ def _metric_note(task: str, record: dict) -> str:
     metric = record.get("metric")
     return f"{task}: {hub_metric(metric)}" + (f" (LightEval `{metric}`)" if hub_metric(metric) != metric else "")
 
+def rows_note(report) -> str | None:
+    "Which rows each split's scores read: `limit` on validation (the analysis budget), `test_limit` (or all) on test."
+    tasks = report.get("tasks") or {}
+    if not any("limit" in t for t in tasks.values()): return None      # a report from before the limits were kept
+    rows = lambda limit: "all rows" if limit is None else f"the first {limit} rows"
+    return "Rows scored: " + "; ".join(f"{name}: validation {rows(t.get('limit'))}, test {rows(t.get('test_limit'))}"
+                                       for name, t in tasks.items()) + " (validation's `limit` is the analysis budget)."
+
 def card_variables(output_dir, report, model_name: str) -> dict:
     "What the template shows, computed from the report and the output folder."
     from himerge import __version__
@@ -406,7 +437,8 @@ def card_variables(output_dir, report, model_name: str) -> dict:
                        if not s.get("repo_id")],
         options_table=md_table(["option", "value", "meaning"], options) if options else None,
         grids=[dict(title=grid_title(g), table=grid_table(g)) for g in report.get("grids") or []],
-        score_tables=score_tables, below_base=below, gain_columns=any("gain kept:" in t["table"] for t in score_tables),
+        score_tables=score_tables, rows_note=rows_note(report),
+        below_base=below, gain_columns=any("gain kept:" in t["table"] for t in score_tables),
         metrics=[_metric_note(t, r) for t, r in tasks.items()],
         local_tasks=[t for t in tasks if hub_dataset(tasks[t]) is None] if final_scores(report)[1] else [],
         analysed=analysed, conflict_summary=conflict_summary(report) if analysed else "",
@@ -414,7 +446,8 @@ def card_variables(output_dir, report, model_name: str) -> dict:
         n_layers=len({str(g["layer"]) for g in report.get("gamma") or []}),
         gamma_table=gamma_table(report) if analysed else None,
         gamma_final_table=gamma_table(report, "gamma_final") if report.get("gamma_final") else None,
-        decisions_table=decisions_table(report), contributions_table=contributions_table(report),
+        decisions_table=decisions_table(report), candidates_table=candidates_table(report),
+        contributions_table=contributions_table(report),
         config_file=CONFIG, config_yaml=reproduce_config(output_dir, report))
 
 # %% ../nbs/10_card.ipynb #9dc9bf38

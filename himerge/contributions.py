@@ -269,14 +269,19 @@ def _score_merged(self, merged=None, edits_key=None) -> dict:
     "Mean scores of the (possibly edited) pre-merge on every task."
     return means(self.scorer.score(self.states(merged, edits_key)[-1], self.all_tasks))
 
-def _scores_merged(self, resolved: list) -> list:
-    "Mean scores on every task of the pre-merge of each resolved deltas (with their `key()`), in one scoring call."
+def _rows_merged(self, resolved: list) -> list:
+    "Per-sample scores on every task of the pre-merge of each resolved deltas (by their `key()`), in one call."
     from himerge.evaluate import quiet_lighteval
     requests = [(Probe(self.states(r, r.key())[-1]), self.all_tasks, "validation") for r in resolved]
-    with quiet_lighteval(): return [means(scores) for scores in self.scorer.run(requests)]
+    with quiet_lighteval(): return self.scorer.run(requests)
+
+def _scores_merged(self, resolved: list) -> list:
+    "Mean scores on every task of the pre-merge of each resolved deltas, in one scoring call."
+    return [means(scores) for scores in self.rows_merged(resolved)]
 
 ContributionAnalysis.tables, ContributionAnalysis.run = _tables, _run
 ContributionAnalysis.score_merged, ContributionAnalysis.scores_merged = _score_merged, _scores_merged
+ContributionAnalysis.rows_merged = _rows_merged
 
 # %% ../nbs/07_contributions.ipynb #a042cb3e
 def plot_gamma(contributions: Contributions, ax=None, title="γ: conflict per layer and source"):

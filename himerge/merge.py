@@ -58,7 +58,8 @@ def _shared_validation(cfg: MergeConfig, n_tasks: int) -> int:
     # then an upper bound
     if cfg.method != "hi-merging" or any("auto" in (s.density, s.scale) for s in cfg.sources): return 0
     unprocessed = sum(1 for s in cfg.sources if s.density == 1 and s.scale == 1)  # a source alone, on its own task
-    return n_tasks + unprocessed + (n_tasks if cfg.method_options.score_decisions else 0)
+    scored = cfg.method_options.score_decisions or cfg.method_options.resolution == "verified"
+    return n_tasks + unprocessed + (n_tasks if scored else 0)
 
 def _plain_sum_is_merge(cfg: MergeConfig) -> bool:
     "Whether the merge is the plain sum of the deltas (then its test score is the reference's)."
@@ -501,7 +502,8 @@ def build_report(p: Plan, run: Run, merged, scores: dict, files: list) -> dict:
                   options={**dataclasses.asdict(cfg.run), **dataclasses.asdict(cfg.method_options)},
                   method_options=sorted(f.name for f in dataclasses.fields(cfg.method_options)),
                   tasks={t: dict(metric=s.metric, data=task_data(s), hub=bool(s.data_sha), revision=s.revision,
-                                 split=s.split, type=s.type) for t, s in p.tasks.items()},
+                                 split=s.split, type=s.type, limit=s.limit, test_limit=s.test_limit)
+                         for t, s in p.tasks.items()},
                   scores=scores, files=files)
     report["options"]["cache_dir"] = None
     for record in merged.records.values():
@@ -537,10 +539,12 @@ def write_output(p: Plan, run: Run, merged, scores: dict, force: bool, tmp: Path
             files = write_model(tmp, run.deltas, merged.state.layer_delta, p.sources.base, p.config.dtype,
                                 p.config.run.max_shard_size, progress=run.progress)
         else: files = list(adapter["files"])
+        figures = {}    # a later record's figure replaces an earlier one of the same name (resolution's heatmap)
         for record in merged.records.values():
-            for name, fig in (record.figures() if hasattr(record, "figures") else {}).items():
-                import matplotlib.pyplot as plt
-                fig.savefig(tmp / name, dpi=120, bbox_inches="tight"); plt.close(fig); files.append(name)
+            figures.update(record.figures() if hasattr(record, "figures") else {})
+        for name, fig in figures.items():
+            import matplotlib.pyplot as plt
+            fig.savefig(tmp / name, dpi=120, bbox_inches="tight"); plt.close(fig); files.append(name)
         report = build_report(p, run, merged, scores, files)
         report["output_format"] = p.config.run.output_format
         if adapter is not None: report["adapter"] = adapter_record(adapter)

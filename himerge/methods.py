@@ -410,6 +410,12 @@ class HiMergingOptions:
                                "(γ > 0)", low=0)
     granularity: str = option("layer", "the unit of Stage 3 and 4: each transformer block, or its attention and MLP "
                               "apart", choices=("layer", "module"))
+    resolution: str = option("verified", "Stage 4: 'verified' takes a step only if it beats leaving the layer on "
+                             "validation; 'paper' applies the paper's rule unchecked", choices=("verified", "paper"))
+    accept_z: float = option(1.0, "verified: a candidate must beat leaving the layer by more than z standard errors "
+                             "of the paired difference", low=0)
+    refine: str = option("none", "after resolution: 'layer_scale' searches each layer's per-source scale (×½, ×1½) "
+                         "under the same accept rule and budget", choices=("none", "layer_scale"))
 
 def hi_merging_evaluations(counts: Counts, options: HiMergingOptions) -> dict:
     "Planned task evaluations of Hi-Merging (resolution and re-measurement are upper bounds: one step per layer)."
@@ -417,7 +423,14 @@ def hi_merging_evaluations(counts: Counts, options: HiMergingOptions) -> dict:
     pairs = counts.sources + counts.tasks
     per_measure = pairs * (2 * counts.layers + 1) + counts.tasks
     ev = {"contribution analysis": per_measure}
-    if options.score_decisions: ev["resolution scores (at most)"] = counts.layers * counts.tasks
+    if options.resolution == "verified":
+        # severe: each source kept alone, and all halved; partial: the paper's re-pruning and those at ½ and ¾
+        partial = len({(options.density_factor, options.scale_factor), (0.5, 0.5), (0.75, 0.75)})
+        per_layer = max(counts.sources + 1, partial)
+        ev["resolution candidates (at most)"] = counts.layers * per_layer * counts.tasks
+    elif options.score_decisions: ev["resolution scores (at most)"] = counts.layers * counts.tasks
+    if options.refine == "layer_scale":
+        ev["refinement (at most)"] = counts.layers * counts.sources * 2 * counts.tasks
     if options.remeasure == "after_each":
         ev["re-measurement (at most)"] = counts.layers * (counts.tasks * (2 * counts.layers + 1) + counts.tasks)
     return ev

@@ -6,14 +6,24 @@ Docs: https://himerge.github.io/himerge/resolve.html.md"""
 
 # %% ../nbs/08_resolve.ipynb #1644229e
 from __future__ import annotations
-import logging
+import dataclasses, logging, math
 from dataclasses import dataclass, field, asdict
+from typing import Callable
+
+import numpy as np
+
+from .contributions import paired, plot_gamma
+from .deltas import map_layer
+from .prune import prune_scale, prune_scale_group
+from .scoring import means
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'SEVERE', 'PARTIAL', 'MUTUAL', 'impaired', 'total_conflict', 'classify', 'LayerEdit', 'ResolvedDeltas',
-           'Decision', 'Resolution', 'resolve', 'hi_merging']
+__all__ = ['log', 'SEVERE', 'PARTIAL', 'MUTUAL', 'ZERO', 'RESOLUTIONS', 'REFINES', 'LEAVE', 'impaired', 'total_conflict',
+           'classify', 'LayerEdit', 'ResolvedDeltas', 'ResolveSettings', 'Measures', 'LayerView', 'layer_view',
+           'Candidate', 'paper_action', 'candidates', 'improvement', 'accept', 'Decision', 'candidate_record',
+           'resolve', 'Resolution', 'plot_resolution', 'resolve_settings', 'hi_merging']
 
 # %% ../nbs/08_resolve.ipynb #2dbd49c0
 SEVERE, PARTIAL, MUTUAL = "severe", "partial", "mutual"
@@ -34,17 +44,32 @@ def classify(gammas: dict, errors: dict | None = None, z: float = 0.0) -> str:
     hurt = impaired(gammas, errors, z)
     return SEVERE if len(hurt) == len(gammas) else PARTIAL if hurt else MUTUAL
 
-# %% ../nbs/08_resolve.ipynb #e986e2b1
+# %% ../nbs/08_resolve.ipynb #7e3a0031
 @dataclass(frozen=True)
 class LayerEdit:
     "How one source's delta in one layer is changed by conflict resolution."
-    kind: str                 # "zero" or "reprune"
+    kind: str                 # "zero", "reprune" or "scale"
     density: float = 1.0      # reprune: fraction kept of the processed layer delta
     scale: float = 1.0        # reprune: multiplier of what is kept
+    factor: float = 1.0       # a multiplier applied after the rest ("scale" is this alone)
 
     def describe(self) -> str:
-        return "dropped" if self.kind == "zero" else f"re-pruned to p={self.density:g}, λ={self.scale:g}"
+        if self.kind == "zero": return "dropped"
+        text = f"re-pruned to p={self.density:g}, λ={self.scale:g}" if self.kind == "reprune" else ""
+        if self.factor != 1: text += (", then " if text else "") + f"scaled by {self.factor:g}"
+        return text or "kept"
 
+    def then_scale(self, factor: float) -> "LayerEdit":
+        "This edit followed by a multiplication by `factor`."
+        return dataclasses.replace(self, factor=self.factor * factor)
+
+    def record(self) -> list:
+        "kind, density, scale (and the factor when it is not 1, so the paper's edits keep their old keys)."
+        return [self.kind, self.density, self.scale] + ([self.factor] if self.factor != 1 else [])
+
+ZERO = LayerEdit("zero")
+
+# %% ../nbs/08_resolve.ipynb #73548ffe
 class ResolvedDeltas:
     "Processed deltas with per-(source, layer) edits applied on read."
     def __init__(self, processed, edits: dict | None = None, scope: str = "tensor"):
@@ -63,17 +88,16 @@ class ResolvedDeltas:
         if edit is not None and edit.kind == "zero": return {}
         delta = self.processed.source_layer(source, layer)
         if edit is None: return delta
-        from himerge.prune import prune_scale
-        if self.scope == "tensor":                # a tensor when it is read, like the processed deltas
-            from himerge.deltas import map_layer
-            return map_layer(delta, lambda n, t: prune_scale(t, edit.density, edit.scale))
-        from himerge.prune import prune_scale_group
-        return prune_scale_group(dict(delta), edit.density, edit.scale)
+        if edit.kind == "reprune" and self.scope != "tensor":
+            delta = prune_scale_group(dict(delta), edit.density, edit.scale)
+        elif edit.kind == "reprune":              # a tensor when it is read, like the processed deltas
+            delta = map_layer(delta, lambda n, t: prune_scale(t, edit.density, edit.scale))
+        return delta if edit.factor == 1 else map_layer(delta, lambda n, t: t * edit.factor)
 
     def costly(self, source: int, layer) -> bool:
         "Whether reading `layer` of `source` prunes (worth a memo): a re-pruning edit, or pruned processed deltas."
         edit = self.edits.get((source, layer))
-        if edit is not None: return edit.kind == "reprune" and edit.density < 1
+        if edit is not None and edit.kind != "scale": return edit.kind == "reprune" and edit.density < 1
         return getattr(self.processed, "costly", lambda i, layer: True)(source, layer)
 
     def linear_weights(self, layer):
@@ -83,36 +107,327 @@ class ResolvedDeltas:
             edit = self.edits.get((i, layer))
             if edit is None: weights.append(scale)
             elif edit.kind == "zero": weights.append(0.0)
-            elif edit.density == 1: weights.append(scale * edit.scale)   # a pure rescaling
-            else: return None                                             # re-pruned: not a multiple of the delta
+            elif edit.kind == "scale" or edit.density == 1:            # a pure rescaling
+                weights.append(scale * (edit.scale if edit.kind == "reprune" else 1.0) * edit.factor)
+            else: return None                                          # re-pruned: not a multiple of the delta
         return weights
 
     def key(self) -> list:
         "A JSON-able, order-independent description of the edits."
-        return sorted([[i, str(layer), e.kind, e.density, e.scale] for (i, layer), e in self.edits.items()])
+        return sorted([[i, str(layer)] + e.record() for (i, layer), e in self.edits.items()])
 
-# %% ../nbs/08_resolve.ipynb #47317856
+# %% ../nbs/08_resolve.ipynb #93f293b5
+RESOLUTIONS, REFINES = ("verified", "paper"), ("none", "layer_scale")
+
+@dataclass(frozen=True)
+class ResolveSettings:
+    "How conflict resolution decides, checks and stops (the settings travel together)."
+    density: tuple                  # p of each source, from Stage 1
+    scale: tuple                    # λ of each source, from Stage 1
+    resolution: str = "verified"    # verified: a step is taken only if it beats leaving the layer; paper: unchecked
+    density_factor: float = 0.5     # the paper's partial conflict: factor on p of the dominating sources' layer delta
+    scale_factor: float = 0.5       # the same, on λ
+    conflict_z: float = 0.0         # a source is impaired only where γ > z·se(γ) (0: the paper's γ > 0)
+    accept_z: float = 1.0           # verified: a candidate must beat leaving the layer by > z·se of the difference
+    factors: tuple = (0.5, 0.75)    # verified, partial conflict: the re-pruning factors tried
+    refine: str = "none"            # layer_scale: afterwards, a coordinate search over per-layer, per-source scales
+    refine_scales: tuple = (0.5, 1.5)  # the factors that search tries on each (layer, source)
+    remeasure: str = "never"        # after_each: re-measure the contributions after each resolved layer
+    budget: int | None = None       # the most task evaluations resolution may spend (None: no limit)
+    scope: str = "tensor"           # where the top-p threshold is taken when a layer is pruned again
+
+    def check(self):
+        "Raise a `ValueError` naming the first setting out of its range."
+        choices = dict(resolution=RESOLUTIONS, refine=REFINES, remeasure=("never", "after_each"))
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed: raise ValueError(f"{name}: {value!r} is not in {allowed}")
+        for name in ("density_factor", "scale_factor"):
+            if not 0 < getattr(self, name) <= 1: raise ValueError(f"{name}: {getattr(self, name)!r} is not in (0, 1]")
+        for f in self.factors:
+            if not 0 < f <= 1: raise ValueError(f"factors: {f!r} is not in (0, 1]")
+        return self
+
+@dataclass
+class Measures:
+    "How resolution measures a resolved state; each function is optional and costs evaluations."
+    rows: Callable | None = None      # [ResolvedDeltas] -> [{task: per-sample validation scores}], in one call
+    measure: Callable | None = None   # ResolvedDeltas -> new `Contributions` (remeasure after_each)
+    evals_per_score: int | None = None  # evaluations one state's scoring costs (default: the distinct tasks)
+    evals_per_measure: int = 0        # evaluations one `measure` costs
+
+# %% ../nbs/08_resolve.ipynb #2a8256bb
+@dataclass
+class LayerView:
+    "What the rule knows of one layer: its γ, class, total conflict, impaired sources, own-task contributions."
+    layer: object
+    gammas: dict         # source -> γ
+    cls: str             # severe / partial / mutual
+    total: float         # Γ: the sum of the impaired sources' γ
+    hurt: list           # the impaired sources
+    own: dict            # severe only: source -> its layer's normalised contribution to its own task, alone
+
+def _layer_gammas(contributions, layer) -> dict:
+    g = contributions.gamma
+    return {r.source: float(r.gamma) for r in g[g.layer == layer].itertuples()}
+
+def _layer_errors(contributions, layer) -> dict:
+    g = contributions.gamma
+    # no error column: NaN, and the paper's rule
+    return {r.source: float(getattr(r, "gamma_se", float("nan"))) for r in g[g.layer == layer].itertuples()}
+
+def layer_view(contributions, layer, names: list, tasks: list, z: float = 0.0) -> LayerView:
+    "The `LayerView` of `layer` in `contributions`, with a source impaired where γ > z·se."
+    gammas, errors = _layer_gammas(contributions, layer), _layer_errors(contributions, layer)
+    cls = classify(gammas, errors, z)
+    own = {m: contributions.contribution(f"source:{m}", layer, t) for m, t in zip(names, tasks)} \
+        if cls == SEVERE else {}
+    return LayerView(layer, gammas, cls, total_conflict(gammas, errors, z), impaired(gammas, errors, z), own)
+
+# %% ../nbs/08_resolve.ipynb #c12d670b
+@dataclass(frozen=True)
+class Candidate:
+    "One way to resolve a layer: edits by source name (none: the layer is left as it is), described in words."
+    name: str
+    edits: dict = field(default_factory=dict, hash=False)
+
+    def key(self) -> tuple: return tuple(sorted((m, tuple(e.record())) for m, e in self.edits.items()))
+
+LEAVE = Candidate("left as it is")
+
+def _repruned(view: LayerView, names: list, settings: ResolveSettings, fp: float, fs: float) -> Candidate:
+    "The dominating (unimpaired) sources' layer delta pruned to fp·p and scaled by fs·λ."
+    edits = {m: LayerEdit("reprune", settings.density[i] * fp, settings.scale[i] * fs)
+             for i, m in enumerate(names) if m not in view.hurt}
+    return Candidate("; ".join(f"{m} {e.describe()}" for m, e in edits.items()), edits)
+
+def _kept_only(names: list, keep: str, why: str = "") -> Candidate:
+    return Candidate(f"kept only {keep}{why}", {m: ZERO for m in names if m != keep})
+
+def paper_action(view: LayerView, names: list, settings: ResolveSettings) -> Candidate:
+    "The paper's rule: severe keeps the source whose layer matters most to its own task; partial re-prunes the others."
+    if view.cls == SEVERE:
+        keep = max(names, key=lambda m: view.own[m])
+        return _kept_only(names, keep, f" (largest own-task contribution {view.own[keep]:+.3f})")
+    if view.cls == PARTIAL: return _repruned(view, names, settings, settings.density_factor, settings.scale_factor)
+    return LEAVE
+
+# %% ../nbs/08_resolve.ipynb #9060f10f
+def candidates(view: LayerView, names: list, settings: ResolveSettings) -> list:
+    """Leaving the layer, the paper's action, and the variants of the layer's class, each set of edits once: severe
+    also keeps each single source and halves every source's layer delta; partial re-prunes at each of `factors`."""
+    found = [LEAVE, paper_action(view, names, settings)]
+    if view.cls == SEVERE:
+        found += [_kept_only(names, m) for m in names]
+        found.append(Candidate("every source's layer delta scaled by 0.5", {m: LayerEdit("scale", factor=0.5)
+                                                                            for m in names}))
+    elif view.cls == PARTIAL:
+        found += [_repruned(view, names, settings, f, f) for f in settings.factors]
+    unique = {}
+    for c in found: unique.setdefault(c.key(), c)        # the first of equal edits keeps its name (the paper's)
+    return list(unique.values())
+
+# %% ../nbs/08_resolve.ipynb #32b2a877
+def improvement(before: dict, after: dict, gains: dict | None = None) -> tuple:
+    """(mean, standard error) of the gain-normalised score of `after` minus `before`, averaged over tasks.
+
+    Args:
+        before, after: task -> per-sample validation scores of two states (the same rows, so the difference is paired).
+        gains: task -> the owning source's gain over the base (the normaliser; 1 where absent)."""
+    means_, variances = [], []
+    for task, rows in before.items():
+        mean, se = paired((np.asarray(after[task], float) - np.asarray(rows, float)) / (gains or {}).get(task, 1.0))
+        means_.append(mean); variances.append(se * se if se == se else 0.0)   # NaN: a single row, no error known
+    return float(np.mean(means_)), math.sqrt(sum(variances)) / len(variances)
+
+def accept(rows_before: dict, rows_of: list, gains: dict | None, z: float) -> tuple:
+    """(index of the candidate taken or None, [(mean, se) of each candidate's improvement]): the best candidate is
+    taken only if it beats `rows_before` by more than z standard errors of the difference (and by more than 0)."""
+    gains_ = [improvement(rows_before, rows, gains) for rows in rows_of]
+    if not gains_: return None, gains_
+    best = max(range(len(gains_)), key=lambda i: (gains_[i][0], -i))     # ties: the earlier (the paper's first)
+    mean, se = gains_[best]
+    return (best if mean > 0 and mean > z * se else None), gains_
+
+# %% ../nbs/08_resolve.ipynb #20e5daa9
 @dataclass
 class Decision:
-    "One resolved layer."
-    order: int                 # 1 for the first layer resolved, and so on
+    "One resolution step: a conflicted layer (or, when refining, one source's layer scale)."
+    order: int                 # 1 for the first step, and so on
     layer: object              # the layer (or unit) resolved
-    cls: str                   # severe / partial / mutual
+    cls: str                   # severe / partial / mutual, or refine
     gamma: dict                # source name -> γ at this layer when it was resolved
-    total_conflict: float      # Γ: the sum of the positive γ
+    total_conflict: float      # Γ: the sum of the impaired sources' γ
     action: str                # what was done, in words
     edits: dict = field(default_factory=dict)        # source name -> LayerEdit description
     score_before: dict = field(default_factory=dict) # task -> validation score before the step
     score_after: dict = field(default_factory=dict)  # task -> validation score after the step
+    taken: bool = True         # False: no candidate beat leaving the layer, which was kept
+    candidates: list = field(default_factory=list)   # verified: each candidate's scores, improvement ± se, taken
 
     def record(self) -> dict:
         d = asdict(self); d["class"] = d.pop("cls"); return d
 
+def candidate_record(c: Candidate, rows: dict, gain: tuple | None, taken: bool) -> dict:
+    "A candidate as the report keeps it: its action, mean validation scores, improvement ± se over leaving the layer."
+    return dict(action=c.name, scores=means(rows), improvement=None if gain is None else gain[0],
+                improvement_se=None if gain is None else gain[1], taken=taken)
+
+# %% ../nbs/08_resolve.ipynb #b542f8c9
+@dataclass
+class _Loop:
+    "What a resolution run has resolved, measured, spent and decided so far."
+    current: object                  # the Contributions the next layer is chosen from
+    resolved: ResolvedDeltas         # the deltas with every step taken so far
+    rows: dict | None = None         # per-sample validation scores of `resolved` (when measured)
+    decisions: list = field(default_factory=list)
+    spent: int = 0
+    steps: list = field(default_factory=list)   # paper, scored at the end: the deltas before any step and after each
+
+def _apply(resolved: ResolvedDeltas, candidate: Candidate, index: dict, layer) -> ResolvedDeltas:
+    for m, e in candidate.edits.items(): resolved = resolved.with_edit(index[m], layer, e)
+    return resolved
+
+# %% ../nbs/08_resolve.ipynb #c7b3b8e3
+def _paper_step(loop: _Loop, view: LayerView, index: dict, settings: ResolveSettings, measures: Measures):
+    "Take the paper's action at `view.layer`, unchecked; score it now when re-measuring, else at the end."
+    action = paper_action(view, list(index), settings)
+    loop.resolved = _apply(loop.resolved, action, index, view.layer)
+    before, after = means(loop.rows or {}), {}
+    if measures.rows is not None and settings.remeasure == "never": loop.steps.append(loop.resolved)
+    elif measures.rows is not None: loop.rows = measures.rows([loop.resolved])[0]; after = means(loop.rows)
+    loop.spent += measures.evals_per_score if measures.rows is not None else 0
+    return Decision(len(loop.decisions) + 1, view.layer, view.cls, view.gammas, view.total, action.name,
+                    {m: e.describe() for m, e in action.edits.items()}, before, after)
+
+def _verified_step(loop: _Loop, view: LayerView, tried: list, index: dict, measures: Measures, gains: dict,
+                   settings: ResolveSettings):
+    "Score every candidate but `tried[0]` (leaving the layer) in one call; take the best if it passes `accept`."
+    others = [_apply(loop.resolved, c, index, view.layer) for c in tried[1:]]
+    rows_of = measures.rows(others) if others else []
+    loop.spent += len(others) * measures.evals_per_score
+    best, gains_ = accept(loop.rows, rows_of, gains, settings.accept_z)
+    records = [candidate_record(tried[0], loop.rows, None, best is None)] + \
+              [candidate_record(c, r, g, best == i) for i, (c, r, g) in enumerate(zip(tried[1:], rows_of, gains_))]
+    before = means(loop.rows)
+    if best is None:
+        top = max(gains_, key=lambda g: g[0]) if gains_ else (0.0, 0.0)
+        action = (f"kept: no candidate beat leaving the layer by more than {settings.accept_z:g}·se "
+                  f"(best {top[0]:+.3f} ± {top[1]:.3f})")
+        edits = {}
+    else:
+        chosen = tried[1 + best]
+        loop.resolved, loop.rows = others[best], rows_of[best]
+        action, edits = f"{chosen.name} ({gains_[best][0]:+.3f} ± {gains_[best][1]:.3f})", chosen.edits
+    return Decision(len(loop.decisions) + 1, view.layer, view.cls, view.gammas, view.total, action,
+                    {m: e.describe() for m, e in edits.items()}, before, means(loop.rows), best is not None, records)
+
+# %% ../nbs/08_resolve.ipynb #e0478694
+def _step_cost(tried: int, measures: Measures, settings: ResolveSettings, scored: bool = True) -> int:
+    "Evaluations of one step: `tried` states scored (if `scored`), and the re-measurement after it."
+    return (tried * measures.evals_per_score if scored else 0) + \
+        (measures.evals_per_measure if settings.remeasure == "after_each" else 0)
+
+def _over_budget(loop: _Loop, cost: int, settings: ResolveSettings) -> str | None:
+    if settings.budget is None or loop.spent + cost <= settings.budget: return None
+    return f"evaluation budget spent ({loop.spent} of {settings.budget})"
+
+def _refine(loop: _Loop, order: list, index: dict, measures: Measures, gains: dict, settings: ResolveSettings):
+    """Try each of `refine_scales` on each (layer, source) delta left in the merge, layers in `order`, under the same
+    accept rule; None, or why the search stopped early."""
+    for layer in order:
+        for m, i in index.items():
+            edit = loop.resolved.edits.get((i, layer))
+            if edit is not None and edit.kind == "zero": continue          # nothing of m is left to scale
+            tried = [LEAVE] + [Candidate(f"{m} scaled by {f:g}", {m: (edit or LayerEdit("scale")).then_scale(f)})
+                               for f in settings.refine_scales]
+            stop = _over_budget(loop, (len(tried) - 1) * measures.evals_per_score, settings)
+            if stop: return stop
+            view = LayerView(layer, {}, "refine", 0.0, [], {})
+            loop.decisions.append(_verified_step(loop, view, tried, index, measures, gains,
+                                                 dataclasses.replace(settings, remeasure="never")))
+    return None
+
+def _most_conflicted(current, layers: list, visited: set, z: float):
+    "The unvisited layer with the largest Γ > 0 (ties: the first in model order), or None."
+    pending = [(total_conflict(*_rule(current, layer, z)), -k, layer) for k, layer in enumerate(layers)
+               if layer not in visited]
+    pending = [p for p in pending if p[0] > 0]
+    return max(pending, key=lambda p: p[:2])[2] if pending else None
+
+def _rule(contributions, layer, z: float) -> tuple:
+    "γ, se and z of a layer: the arguments of `impaired`, `total_conflict` and `classify`."
+    return _layer_gammas(contributions, layer), _layer_errors(contributions, layer), z
+
+# %% ../nbs/08_resolve.ipynb #c24f9a0c
+def resolve(contributions, processed, source_names: list, source_tasks: list, settings: ResolveSettings,
+            measures: Measures | None = None) -> Resolution:
+    """Resolve conflicts layer by layer, most conflicted first (Hi-Merging's Stage 4), checked or as the paper does.
+
+    Args:
+        contributions: the `Contributions` of the sources and the pre-merge (γ per layer and source).
+        processed: the sources' deltas after Stage 1 (pruned and scaled).
+        source_names: the sources' names, in order.
+        source_tasks: each source's task.
+        settings: the rule, its checks and the budget (`ResolveSettings`).
+        measures: how states are scored and contributions re-measured (`Measures`; verified needs `rows`)."""
+    settings, measures = settings.check(), measures or Measures()
+    if settings.remeasure == "after_each" and measures.measure is None:
+        raise ValueError("remeasure: 'after_each' needs a `measure` function")
+    verified, scored = settings.resolution == "verified", measures.rows is not None
+    if (verified or settings.refine != "none") and not scored:
+        raise ValueError(f"resolution: {settings.resolution!r} with refine {settings.refine!r} needs per-sample "
+                         "validation scores (`measures.rows`)")
+    if measures.evals_per_score is None:
+        measures = dataclasses.replace(measures, evals_per_score=len(set(source_tasks)))
+    index, layers, z = {n: i for i, n in enumerate(source_names)}, list(contributions.layers), settings.conflict_z
+    loop, visited = _Loop(contributions, ResolvedDeltas(processed, scope=settings.scope)), set()
+    deferred = scored and not verified and settings.remeasure == "never"   # no paper decision depends on a score
+    if deferred: loop.steps.append(loop.resolved)
+    elif scored: loop.rows = measures.rows([loop.resolved])[0]   # the pre-merge: measured, it costs nothing
+    classes = {layer: classify(*_rule(contributions, layer, z)) for layer in layers}
+    stopped = None
+    while stopped is None:
+        layer = _most_conflicted(loop.current, layers, visited, z)
+        if layer is None:
+            stopped = "no conflict left" if len(visited) < len(layers) else "every layer visited"; break
+        view = layer_view(loop.current, layer, source_names, source_tasks, z)
+        tried = candidates(view, source_names, settings) if verified else None
+        cost = _step_cost(len(tried) - 1 if verified else 1, measures, settings, scored)
+        stopped = _over_budget(loop, cost, settings)
+        if stopped: break
+        classes[layer] = view.cls; visited.add(layer)
+        step = _verified_step(loop, view, tried, index, measures, contributions.gains, settings) if verified else \
+            _paper_step(loop, view, index, settings, measures)
+        log.info("resolved layer %s (%s conflict, Γ = %.3f): %s", layer, view.cls, view.total, step.action)
+        loop.decisions.append(step)
+        if settings.remeasure == "after_each":
+            loop.current = measures.measure(loop.resolved); loop.spent += measures.evals_per_measure
+    _score_deferred(loop, measures)
+    if settings.refine == "layer_scale":
+        if loop.rows is None: loop.rows = measures.rows([loop.resolved])[0]
+        order = sorted(layers, key=lambda layer: -total_conflict(*_rule(contributions, layer, z)))
+        stopped = _refine(loop, order, index, measures, contributions.gains, settings) or stopped
+    for layer in layers:  # layers never visited keep their class from the last γ seen
+        if layer not in visited: classes[layer] = classify(*_rule(loop.current, layer, z))
+    hurt = {layer: impaired(*_rule(loop.current, layer, z)) for layer in layers}
+    return Resolution(loop.resolved, loop.decisions, classes, stopped, loop.spent, loop.current,
+                      loop.current is not contributions, z, hurt, settings, contributions)
+
+def _score_deferred(loop: _Loop, measures: Measures):
+    "The paper's steps, scored in one call once every decision is made: each decision's neighbours in the list."
+    if not loop.steps or not loop.decisions: return
+    rows = measures.rows(loop.steps)
+    for decision, before, after in zip(loop.decisions, rows, rows[1:]):
+        decision.score_before, decision.score_after = means(before), means(after)
+    loop.rows = rows[-1]
+
+# %% ../nbs/08_resolve.ipynb #d3c3f0e1
 @dataclass
 class Resolution:
     "The result of conflict resolution: the resolved deltas, every decision, and each layer's class."
     deltas: ResolvedDeltas # the processed deltas with every layer edit applied
-    decisions: list        # the `Decision` of each resolved layer, in order
+    decisions: list        # the `Decision` of each step, in order
     classes: dict          # layer -> severe / partial / mutual (from the γ used when the layer was visited)
     stopped: str           # why the loop ended
     evaluations: int = 0   # task evaluations the resolution spent scoring and re-measuring
@@ -120,122 +435,57 @@ class Resolution:
     remeasured: bool = False      # whether contributions were re-measured after each step
     conflict_z: float = 0.0       # z of the noise-aware rule (0: the paper's γ > 0)
     impaired: dict = field(default_factory=dict)   # layer -> sources counted as impaired (γ > z·se)
+    settings: ResolveSettings | None = None        # how it decided
+    analysed: object = None       # the Contributions the loop started from
+
+    @property
+    def kept(self) -> list:
+        "The conflicted layers left as they were because no candidate beat leaving them."
+        return [d.layer for d in self.decisions if not d.taken and d.cls != "refine"]
 
     def to_report(self) -> dict:
         "Classes, decisions and how the loop ended, for a merge's report (and γ after re-measurement, if any)."
+        s = self.settings
+        how = {} if s is None else dict(mode=s.resolution, accept_z=s.accept_z, refine=s.refine)
         out = {"classes": {str(k): v for k, v in self.classes.items()},
                "decisions": [d.record() for d in self.decisions],
-               "resolution": {"stopped": self.stopped, "evaluations": self.evaluations, "conflict_z": self.conflict_z},
+               "resolution": {"stopped": self.stopped, "evaluations": self.evaluations, "conflict_z": self.conflict_z,
+                              **how, "kept": [str(layer) for layer in self.kept]},
                "impaired": {str(k): v for k, v in self.impaired.items()}}
         if self.contributions is not None and self.remeasured:
             out["gamma_final"] = self.contributions.to_report()["gamma"]
         return out
 
-def _layer_gammas(contributions, layer) -> dict:
-    g = contributions.gamma
-    rows = g[g.layer == layer]
-    return {r.source: float(r.gamma) for r in rows.itertuples()}
+    def figures(self) -> dict:
+        "The γ heatmap, with the conflicted layers that no candidate helped marked 'kept' (replaces the analysis's)."
+        if self.analysed is None: return {}
+        return {"gamma_heatmap.png": plot_resolution(self)}
 
-def _layer_errors(contributions, layer) -> dict:
-    g = contributions.gamma
-    rows = g[g.layer == layer]
-    return {r.source: float(getattr(r, "gamma_se", float("nan"))) for r in rows.itertuples()}   # none: the paper's rule
+# %% ../nbs/08_resolve.ipynb #6d665733
+def plot_resolution(resolution: Resolution, ax=None):
+    "The γ heatmap of the analysis, each conflicted layer that was kept (no candidate helped) boxed and labelled."
+    fig = plot_gamma(resolution.analysed, ax=ax, title="γ per layer and source (boxed: conflicted, kept)")
+    ax = fig.axes[0]
+    rows = [str(layer) for layer in resolution.analysed.gamma_matrix().index]
+    kept = {str(layer) for layer in resolution.kept}
+    ax.set_yticks(range(len(rows)), [f"{r} (kept)" if r in kept else r for r in rows])
+    for i, r in enumerate(rows):
+        if r in kept:
+            ax.add_patch(_dashed_box((-0.5, i - 0.5), len(ax.get_xticks()), 1))
+    return fig
 
-def resolve(contributions, processed, source_names: list, source_tasks: list, density: list, scale: list, *,
-            density_factor=0.5, scale_factor=0.5, remeasure="never", budget=None, score=None, measure=None,
-            scope="tensor", evals_per_score=None, evals_per_measure=None, conflict_z=0.0, score_all=None) -> Resolution:
-    """Resolve conflicts layer by layer, most conflicted first (Hi-Merging's Stage 4).
-
-    Args:
-        contributions: the `Contributions` of the sources and the pre-merge (γ per layer and source).
-        processed: the sources' deltas after Stage 1 (pruned and scaled).
-        source_names: the sources' names, in order.
-        source_tasks: each source's task.
-        density: p of each source, from Stage 1.
-        scale: λ of each source, from Stage 1.
-        density_factor: partial conflict: the factor on p of the dominating sources' layer delta.
-        scale_factor: partial conflict: the factor on λ of the dominating sources' layer delta.
-        remeasure: 'never', or 'after_each' to re-measure the contributions after each step (needs `measure`).
-        budget: the most task evaluations the loop may spend (None: no limit).
-        score: the resolved deltas -> {task: validation score}, to record each step's effect (None: not scored).
-        measure: the resolved deltas -> new `Contributions`, for `remeasure`.
-        scope: where the top-p threshold is taken when a layer is pruned again (tensor, layer, delta).
-        evals_per_score: evaluations one `score` call costs (default: the number of distinct tasks).
-        evals_per_measure: evaluations one `measure` call costs.
-        conflict_z: a source is impaired at a layer only if γ > z·se(γ) (0: the paper's rule).
-        score_all: a list of resolved deltas -> their scores, in one call, used instead of `score` when no decision
-            depends on a score (`remeasure='never'`), so that a shared job spreads every step's scoring over its ranks.
-    """
-    if remeasure not in ("never", "after_each"):
-        raise ValueError(f"remeasure: {remeasure!r} is not 'never' or 'after_each'")
-    if remeasure == "after_each" and measure is None:
-        raise ValueError("remeasure: 'after_each' needs a `measure` function")
-    for name, f in (("density_factor", density_factor), ("scale_factor", scale_factor)):
-        if not 0 < f <= 1: raise ValueError(f"{name}: {f!r} is not in (0, 1]")
-    index = {n: i for i, n in enumerate(source_names)}
-    resolved = ResolvedDeltas(processed, scope=scope)
-    layers, visited, decisions, spent = list(contributions.layers), set(), [], 0
-    evals_per_score = evals_per_score if evals_per_score is not None else len(set(source_tasks))
-    evals_per_measure = evals_per_measure or 0
-    current = contributions
-    rule = lambda c, layer: (_layer_gammas(c, layer), _layer_errors(c, layer), conflict_z)   # γ, se and z of a layer
-    classes = {layer: classify(*rule(current, layer)) for layer in layers}
-    # Without re-measuring, no decision depends on a score: every step is scored at the end, in one call.
-    deferred = remeasure == "never" and (score is not None or score_all is not None)
-    if score is None and score_all is not None: score = lambda r: score_all([r])[0]   # re-measuring: one at a time
-    steps = [resolved]                                # the deltas before the first step, then after each
-    before = score(resolved) if score is not None and not deferred else {}  # the pre-merge: measured, it costs nothing
-    stopped = "no conflict left"
-    while True:
-        pending = [(total_conflict(*rule(current, layer)), layer) for layer in layers if layer not in visited]
-        pending = [(g, layer) for g, layer in pending if g > 0]
-        if not pending:
-            stopped = "no conflict left" if len(visited) < len(layers) else "every layer visited"
-            break
-        cost = (evals_per_score if score is not None else 0) + (evals_per_measure if remeasure == "after_each" else 0)
-        if budget is not None and spent + cost > budget:
-            stopped = f"evaluation budget spent ({spent} of {budget})"
-            break
-        g_total, layer = max(pending, key=lambda x: (x[0], -layers.index(x[1])))
-        gammas = _layer_gammas(current, layer)
-        cls = classify(*rule(current, layer))
-        classes[layer] = cls
-        hurt, edits = impaired(*rule(current, layer)), {}
-        if cls == SEVERE:
-            c = {m: current.contribution(f"source:{m}", layer, source_tasks[index[m]]) for m in source_names}
-            keep = max(source_names, key=lambda m: c[m])
-            for m in source_names:
-                if m != keep: edits[m] = LayerEdit("zero")
-            action = f"kept only {keep} (largest own-task contribution {c[keep]:+.3f})"
-        else:
-            for m in source_names:
-                if m not in hurt:
-                    i = index[m]
-                    edits[m] = LayerEdit("reprune", density[i] * density_factor, scale[i] * scale_factor)
-            action = "; ".join(f"{m} {e.describe()}" for m, e in edits.items())
-        for m, e in edits.items(): resolved = resolved.with_edit(index[m], layer, e)
-        visited.add(layer)
-        after = {}
-        if deferred: steps.append(resolved); spent += evals_per_score
-        elif score is not None:
-            after = score(resolved); spent += evals_per_score
-        log.info("resolved layer %s (%s conflict, Γ = %.3f): %s", layer, cls, g_total, action)
-        decisions.append(Decision(len(decisions) + 1, layer, cls, gammas, g_total, action,
-                                  {m: e.describe() for m, e in edits.items()}, before, after))
-        before = after
-        if remeasure == "after_each":
-            current = measure(resolved); spent += evals_per_measure
-    if deferred and decisions:
-        scores = score_all(steps) if score_all is not None else [score(r) for r in steps]
-        for decision, before, after in zip(decisions, scores, scores[1:]):
-            decision.score_before, decision.score_after = before, after
-    for layer in layers:  # layers never visited keep their class from the last γ seen
-        if layer not in visited: classes[layer] = classify(*rule(current, layer))
-    hurt = {layer: impaired(*rule(current, layer)) for layer in layers}
-    return Resolution(resolved, decisions, classes, stopped, spent, current, current is not contributions,
-                      conflict_z, hurt)
+def _dashed_box(xy, width, height):
+    import matplotlib.patches as patches
+    return patches.Rectangle(xy, width, height, fill=False, edgecolor="black", linewidth=2, linestyle="--")
 
 # %% ../nbs/08_resolve.ipynb #27a3c00a
+def resolve_settings(context) -> ResolveSettings:
+    "The `ResolveSettings` of a Hi-Merging run, from its options and Stage 1's p and λ."
+    opts = context.options
+    return ResolveSettings(tuple(context.densities), tuple(context.scales), opts.resolution, opts.density_factor,
+                           opts.scale_factor, opts.conflict_z, opts.accept_z, refine=opts.refine,
+                           remeasure=opts.remeasure, budget=opts.budget, scope=opts.prune_scope)
+
 def hi_merging(context):
     "The merger of `method: hi-merging`: Stage 1, the contribution analysis and conflict resolution; a `Merged`."
     from himerge.contributions import ContributionAnalysis
@@ -248,15 +498,11 @@ def hi_merging(context):
                                     source_keys=processed_key(context, opts.prune_scope))
     contributions = analysis.run()
     n_tasks = len(analysis.all_tasks)
-    resolution = resolve(
-        contributions, processed, context.names, context.tasks, context.densities, context.scales,
-        density_factor=opts.density_factor, scale_factor=opts.scale_factor, remeasure=opts.remeasure,
-        budget=opts.budget,
-        scope=opts.prune_scope, score=(lambda r: analysis.score_merged(r, r.key())) if opts.score_decisions else None,
-        measure=lambda r: analysis.run(merged=r, edits_key=r.key()),
-        evals_per_score=n_tasks, evals_per_measure=n_tasks * (2 * len(contributions.layers) + 1),
-        conflict_z=opts.conflict_z,
-        score_all=(lambda steps: analysis.scores_merged(steps)) if opts.score_decisions else None)
+    scored = opts.score_decisions or opts.resolution == "verified" or opts.refine != "none"
+    measures = Measures(rows=analysis.rows_merged if scored else None,
+                        measure=lambda r: analysis.run(merged=r, edits_key=r.key()), evals_per_score=n_tasks,
+                        evals_per_measure=n_tasks * (2 * len(contributions.layers) + 1))
+    resolution = resolve(contributions, processed, context.names, context.tasks, resolve_settings(context), measures)
     final = resolution.deltas
     state = analysis.states(final, final.key())[-1]
     return Merged(state, records=dict(contributions=contributions, resolution=resolution),

@@ -22,7 +22,7 @@ TASK_TYPES = ("multiple_choice", "generative")
 METRICS = {"multiple_choice": ("loglikelihood_acc",),
            "generative": ("rougeL", "rouge1", "rouge2", "bleu", "exact_match")}
 DEFAULT_METRIC = {"multiple_choice": "loglikelihood_acc", "generative": "rougeL"}
-SPEC_KEYS = ("data", "type", "prompt", "choices_field", "gold_field", "metric", "split", "limit",
+SPEC_KEYS = ("data", "type", "prompt", "choices_field", "gold_field", "metric", "split", "limit", "test_limit",
              "generation_size", "stop_sequences", "revision")
 DATA_SUFFIXES = (".jsonl", ".parquet")
 
@@ -155,7 +155,8 @@ class TaskSpec:
     metric: str                      # the score: loglikelihood_acc, or a generative metric (rougeL, exact_match, ...)
     choices_field: str | None = None  # multiple choice: the row field holding the list of choices
     split: str = "validation"        # the split scored (the test split only through `with_split`)
-    limit: int | None = None         # score the first `limit` rows of the split (None: all)
+    limit: int | None = None         # score the first `limit` rows of the split (None: all): the analysis budget
+    test_limit: int | None = None    # final test scores: the first `test_limit` rows of test (None: the whole split)
     generation_size: int = 16        # generative: the most tokens generated
     stop_sequences: tuple = ("\n",)  # generative: generation stops at any of these
     revision: str | None = None      # the Hub dataset's revision
@@ -178,7 +179,8 @@ class TaskSpec:
         if not isinstance(split, str) or not split: _fail(self.name, "split", f"expected a split name, got {split!r}")
         if self.lighteval_config is None and self.data_dir is not None and not split_files(self.data_dir, split):
             _fail(self.name, "split", f"no {split}.jsonl or {split}.parquet in {self.data_dir}")
-        return dataclasses.replace(self, split=split)
+        limit = self.test_limit if split == "test" else self.limit   # test is scored in full unless told otherwise
+        return dataclasses.replace(self, split=split, limit=limit)
 
     def rows(self) -> list[dict]:
         "The rows this task scores: the first `limit` rows of its split."
@@ -278,6 +280,7 @@ def _spec_from_dict(cls, name, d, root):
         _fail(name, "split", "the test split is reserved for final scores; analyse on validation "
                              "(use spec.with_split('test') to score test)")
     limit = _positive_int(name, "limit", d.get("limit"), allow_none=True)
+    test_limit = _positive_int(name, "test_limit", d.get("test_limit"), allow_none=True)
     gen = _positive_int(name, "generation_size", d.get("generation_size", 16))
     stops = d.get("stop_sequences", ["\n"])
     if isinstance(stops, str): stops = [stops]
@@ -294,7 +297,8 @@ def _spec_from_dict(cls, name, d, root):
     if first is None: _fail(name, "split", f"split {split!r} has no rows ({', '.join(map(str, files))})")
     check_row(name, dict(d, type=ttype, metric=metric), first[2], row_place(first[0], first[1]))
     return cls(name=name, data=str(d["data"]), type=ttype, prompt=d["prompt"], gold_field=d["gold_field"],
-               metric=metric, choices_field=d.get("choices_field"), split=split, limit=limit, generation_size=gen,
+               metric=metric, choices_field=d.get("choices_field"), split=split, limit=limit, test_limit=test_limit,
+               generation_size=gen,
                stop_sequences=tuple(stops), revision=revision, data_dir=data_dir, data_sha=sha)
 
 # %% ../nbs/05_tasks.ipynb #8e61613f
