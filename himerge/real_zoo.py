@@ -245,7 +245,7 @@ def _adapter_deltas(root: Path, base) -> dict:
     from peft import PeftModel
     base_sd = {k: v.clone() for k, v in base.state_dict().items()}
     out = {}
-    for d in sorted(root.glob("lora-*")):
+    for d in sorted(d for d in root.glob("lora-*") if d.is_dir()):   # not the loss logs beside them
         merged = PeftModel.from_pretrained(copy.deepcopy(base), d).merge_and_unload().state_dict()
         out[d.name] = {k: merged[k] - base_sd[k] for k in base_sd if not torch.equal(merged[k], base_sd[k])}
     return out
