@@ -363,9 +363,9 @@ def evidence_summary(root=None) -> str:
             f"task arithmetic (λ = 1), share of each adapter's gain kept:\n{real_gain_kept(root).round(3).to_string()}"
             f"\n\nbuild seconds per part: {json.loads((root / 'build_log.json').read_text())}")
 
-# %% ../nbs/00b_real_zoo.ipynb #d06a8e9d
+# %% ../nbs/00b_real_zoo.ipynb #8b632be7
 def chat(model_dir, question: str, max_new_tokens: int = 24) -> str:
-    "The greedy answer of the model in `model_dir` to `question`, asked through the model's own chat template."
+    "The greedy answer (special tokens shown) of the model in `model_dir` to `question`, through its chat template."
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -373,4 +373,4 @@ def chat(model_dir, question: str, max_new_tokens: int = 24) -> str:
     ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)
     with torch.no_grad(): out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=False)   # an end token shows
