@@ -149,7 +149,7 @@ class AdapterWriter:
                  task_type: str = "CAUSAL_LM"):
         """Args:
             folder: the existing folder the two files are written to.
-            base_model_name_or_path: the base as adapter_config.json names it (a Hub id or a local path).
+            base_model_name_or_path: the base as adapter_config.json names it (a Hub id or a folder's name).
             revision: the base's Hub revision, recorded in the config.
             dtype: the saved dtype of the tensors (a torch dtype's name).
             task_type: PEFT's task type."""
@@ -360,7 +360,7 @@ def write_adapter(folder, source_set: SourceSet, merged_layer, *, weights=None, 
         layers: the layers to write (default: every layer of `deltas`).
         method: the SVD: auto, full or lowrank.
         dtype: the saved dtype of the factors.
-        base_model_name_or_path: the base as the adapter names it (default: its Hub id, else its local path).
+        base_model_name_or_path: the base as the adapter names it (default: its Hub id, else its folder's name).
         deltas: the deltas the merge was computed on (so units of finer granularity match); read from the files if None.
         progress: anything with update(n), advanced once per layer written."""
     from contextlib import nullcontext
@@ -368,7 +368,7 @@ def write_adapter(folder, source_set: SourceSet, merged_layer, *, weights=None, 
     check_adapter_output(source_set)
     factors = [LoraFactors(s, source_set.allow_pickle) for s in source_set.sources]
     base = source_set.base
-    name = base_model_name_or_path or base.repo_id or str(base.path)   # a local base by its absolute path
+    name = base_model_name_or_path or base.repo_id or Path(base.path).name   # never a path of this machine
     revision = base.commit_sha or base.revision if base.repo_id else None
     writer = AdapterWriter(folder, name, revision=revision, dtype=dtype)
     # headers, base read per tensor

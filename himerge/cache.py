@@ -6,15 +6,19 @@ Docs: https://himerge.github.io/himerge/cache.html.md"""
 
 # %% ../nbs/06b_cache.ipynb #38fd4dcc
 from __future__ import annotations
-import hashlib, json, os
+import errno, hashlib, json, logging, os, shutil, stat, tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 from .errors import InputError
+from .output import write_point
+
+log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['EVALUATOR_VERSION', 'fingerprint', 'content_key', 'source_key', 'task_key', 'EvalCache', 'CacheError',
-           'default_cache_dir', 'check_cache_dir']
+__all__ = ['log', 'EVALUATOR_VERSION', 'CACHE_FORMAT', 'STALE_TMP_S', 'fingerprint', 'content_key', 'source_key', 'task_key',
+           'DamagedRecord', 'read_record', 'EvalCache', 'CacheError', 'default_cache_dir', 'check_cache_path',
+           'check_cache_dir', 'damaged_records', 'repair', 'check_command']
 
 # %% ../nbs/06b_cache.ipynb #86f5d30c
 def fingerprint(obj) -> str:
@@ -48,35 +52,76 @@ def task_key(spec, runtime: dict | None = None) -> str:
     return fingerprint([d, content_key(data) if data.is_dir() else None, EVALUATOR_VERSION, runtime or {}])
 
 # %% ../nbs/06b_cache.ipynb #8e6fdd4b
+CACHE_FORMAT = 1   # the layout of a record; a record of another format is measured again
+
+class DamagedRecord(ValueError):
+    "A cache record that cannot be used; the message says why."
+
+def read_record(path: Path) -> dict:
+    "The record stored in the file `path`; a `DamagedRecord` saying why it cannot be used."
+    mode = path.lstat().st_mode
+    if stat.S_ISDIR(mode): raise DamagedRecord("a folder where a record file should be")
+    if not stat.S_ISREG(mode): raise DamagedRecord("not a regular file")      # a pipe would block a read
+    try: text = path.read_bytes()
+    except OSError as e: raise DamagedRecord(f"cannot be read ({e.strerror or e})") from None
+    if not text: raise DamagedRecord("empty (0 bytes)")
+    try: record = json.loads(text)
+    except (ValueError, UnicodeDecodeError): raise DamagedRecord("not complete JSON (cut short?)") from None
+    if not isinstance(record, dict) or not isinstance(record.get("per_sample"), list):
+        raise DamagedRecord("not a score record")
+    if record.get("format", CACHE_FORMAT) != CACHE_FORMAT:
+        raise DamagedRecord(f"format {record['format']!r}; this himerge reads format {CACHE_FORMAT}")
+    record.pop("format", None)
+    return record
+
+# %% ../nbs/06b_cache.ipynb #evalcach
 class EvalCache:
     "Task scores (mean and per-sample) stored as small JSON files under `root`, keyed by fingerprint."
     def __init__(self, root=None):
         self.root = Path(root) if root is not None else None
         self.memory = {}
         self.done = self.reused = 0
+        self.damaged = {}                 # path -> why, each reported once
         if self.root is not None: self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key): return self.root / key[:2] / f"{key}.json"
 
     def get(self, key):
-        "The record of `key`, or None."
+        "The record of `key`, or None (also for a damaged record, which is reported once and measured again)."
         if key in self.memory: return self.memory[key]
-        if self.root is not None and self._path(key).exists():
-            try: record = json.loads(self._path(key).read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError): return None   # a damaged record is measured again
-            self.memory[key] = record
-            return record
-        return None
+        if self.root is None: return None
+        path = self._path(key)
+        try: record = read_record(path)
+        except FileNotFoundError: return None
+        except DamagedRecord as e:
+            if path not in self.damaged:
+                self.damaged[path] = str(e)
+                log.warning("evaluation cache: %s is damaged (%s); measuring it again", path, e)
+            return None
+        self.memory[key] = record
+        return record
 
     def put(self, key, record: dict):
-        "Store `record` under `key` (on disk first, atomically)."
+        "Store `record` under `key` (on disk first, atomically: a temporary file renamed over the record)."
         self.memory[key] = record
         if self.root is None: return
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
+        text = json.dumps({**record, "format": CACHE_FORMAT})
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_dir() and not path.is_symlink(): shutil.rmtree(path)   # a damaged record: a folder
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as f: f.write(text)
+                write_point("cache record")
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True); raise
+        except OSError as e:
+            if e.errno != errno.ENOSPC: raise
+            raise CacheError(f"options.cache_dir: no space left on {self.root} to save an evaluation ({len(text)} "
+                             f"bytes needed, {shutil.disk_usage(self.root).free} free); the {len(self)} evaluations "
+                             "saved so far are kept: free some space and run the same command again") from None
 
     def __len__(self) -> int:
         "How many records are stored (on disk, or in memory without a root)."
@@ -92,11 +137,18 @@ def default_cache_dir() -> Path:
     if os.environ.get("HIMERGE_CACHE"): return Path(os.environ["HIMERGE_CACHE"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "himerge" / "evaluations"
 
+def check_cache_path(folder, field: str = "options.cache_dir") -> Path:
+    "`folder` unless it, or the nearest existing folder above it, is a file (nothing is created)."
+    folder = Path(folder).expanduser()
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        what = "is a file" if existing == folder else f"lies under {existing}, a file"
+        raise CacheError(f"{field}: {folder} {what}; the evaluation cache needs a folder")
+    return folder
+
 def check_cache_dir(folder, field: str = "options.cache_dir") -> Path:
     "`folder` if it is (or can be made) a writable folder; else a `CacheError` naming it."
-    folder = Path(folder).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise CacheError(f"{field}: {folder} is a file; the evaluation cache needs a folder")
+    folder = check_cache_path(folder, field)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
@@ -105,3 +157,36 @@ def check_cache_dir(folder, field: str = "options.cache_dir") -> Path:
         raise CacheError(f"{field}: cannot write to {folder} ({e.strerror or e}); choose another folder "
                          "with options.cache_dir or $HIMERGE_CACHE") from None
     return folder
+
+# %% ../nbs/06b_cache.ipynb #checkexp
+STALE_TMP_S = 600   # a temporary file older than this was left by a stopped run (a live one renames it at once)
+
+def damaged_records(root) -> list:
+    "(path, why) of every damaged record under `root`, and of temporary files that stopped runs left."
+    import time
+    found = []
+    for path in sorted(Path(root).glob("*/*")):
+        if path.name.endswith(".json"):
+            try: read_record(path)
+            except DamagedRecord as e: found.append((path, str(e)))
+        elif path.name.endswith(".tmp") and time.time() - path.lstat().st_mtime > STALE_TMP_S:
+            found.append((path, "a temporary file a stopped run left"))
+    return found
+
+def repair(found: list):
+    "Remove the damaged records `found`: the next run measures them again."
+    for path, _ in found:
+        if path.is_dir() and not path.is_symlink(): shutil.rmtree(path)
+        else: path.unlink(missing_ok=True)
+
+def check_command(args) -> int:
+    "`himerge cache check [DIR] [--repair]`: list the damaged records (1 if some are left), or remove them."
+    root = Path(args.dir).expanduser() if args.dir else default_cache_dir()
+    if not root.is_dir(): raise CacheError(f"{root}: not a folder; give an evaluation cache folder")
+    found = damaged_records(root)
+    for path, why in found: print(f"{path}: {why}")
+    if args.repair: repair(found)
+    records = len(EvalCache(root))
+    print(f"records: {records}, damaged: {len(found)}" + (", removed: they are measured again when needed"
+                                                        if args.repair and found else ""))
+    return 1 if found and not args.repair else 0

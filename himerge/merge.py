@@ -7,14 +7,15 @@ Docs: https://himerge.github.io/himerge/merge.html.md"""
 # %% ../nbs/09_merge.ipynb #da299a43
 from __future__ import annotations
 import dataclasses, datetime, json, logging, tempfile, time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
 from .config import ConfigError, MergeConfig, load_config, prefix_bytes, resolved_paths
 from .methods import Counts, MergeContext, MergeMethod, non_default
-from .output import check_output, discard, is_himerge_output, staging_dir, REPORT_FILE
+from .output import (check_free_space, check_output, discard, disk_full_error, is_disk_full, is_himerge_output,
+                            output_estimate, output_lock, staging_dir, REPORT_FILE)
 from .scoring import check_device, resolve_tokenizer
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class Plan:
     rows: dict = field(default_factory=dict)     # (task, split) -> rows scored
     memory: dict = field(default_factory=dict)   # expected bytes: the model as held, the largest layer delta
     output_field: str = "--out"                  # how errors name the output: --out, or the config's output field
+    stamps: dict = field(default_factory=dict)   # base and source file -> (size, mtime) when planned
 
     @property
     def n_layers(self) -> int: return len(self.layers)
@@ -58,8 +60,10 @@ def _shared_validation(cfg: MergeConfig, n_tasks: int) -> int:
     # then an upper bound
     if cfg.method != "hi-merging" or any("auto" in (s.density, s.scale) for s in cfg.sources): return 0
     unprocessed = sum(1 for s in cfg.sources if s.density == 1 and s.scale == 1)  # a source alone, on its own task
+    # the merge its decisions scored, unless written as an adapter: then the adapter read back is scored anew
     scored = cfg.method_options.score_decisions or cfg.method_options.resolution == "verified"
-    return n_tasks + unprocessed + (n_tasks if scored else 0)
+    merged = n_tasks if scored and cfg.run.output_format != "adapter" else 0
+    return n_tasks + unprocessed + merged
 
 def _plain_sum_is_merge(cfg: MergeConfig) -> bool:
     "Whether the merge is the plain sum of the deltas (then its test score is the reference's)."
@@ -136,6 +140,15 @@ def protected_inputs(cfg: MergeConfig, sources, tasks: dict, cache_dir) -> dict:
     if cfg.run.tokenizer and Path(cfg.run.tokenizer).expanduser().exists(): inputs["the tokenizer"] = cfg.run.tokenizer
     return inputs
 
+# %% ../nbs/09_merge.ipynb #213b620e
+def _check_local_sources(given: MergeConfig, cfg: MergeConfig):
+    "A local source folder that does not exist, named by its field (`sources[1].path`) as the config gives it."
+    for i, (spec, path) in enumerate((g.path, s.path) for g, s in zip(given.sources, cfg.sources)):
+        if not Path(path).is_absolute() or Path(path).exists(): continue
+        looked = f" (looked in {path})" if str(spec) != str(path) else ""
+        raise ConfigError(f"sources[{i}].path: {spec!r}: no such folder{looked}, and not a Hub id of the form "
+                          "org/name[@revision]")
+
 # %% ../nbs/09_merge.ipynb #56cc0438
 def check_task_rows(tasks: dict, test_scores: bool) -> dict:
     "Every row that will be scored, checked (validation, and test when test scores are on); (task, split) -> rows."
@@ -154,11 +167,14 @@ def plan(config, out=None, device=None, writer: bool = True) -> Plan:
         out: the output folder (default: the config's `output`).
         device: where the model will run (cpu, cuda, cuda:N, mps).
         writer: whether this process writes the output and the cache (in a shared job, only rank 0 does)."""
-    cfg = resolved_paths(load_config(config))     # first: a typo in the config is found before torch is imported
+    given = load_config(config)                   # first: a typo in the config is found before torch is imported
+    cfg = resolved_paths(given)
+    _check_local_sources(given, cfg)
     if out is not None and not str(out).strip(): raise ConfigError("--out: empty; give the output folder")
     field = "--out" if out is not None else (f"{cfg.config_file}: output" if cfg.config_file else "output")
-    from himerge.cache import check_cache_dir, default_cache_dir
+    from himerge.cache import check_cache_dir, check_cache_path, default_cache_dir
     from himerge.deltas import compute_deltas
+    from himerge.output import input_stamps
     from himerge.sources import resolve_sources
     from himerge.tasks import load_tasks
     used = {t: cfg.tasks[t] for t in dict.fromkeys(s.task for s in cfg.sources if s.task)}
@@ -177,6 +193,7 @@ def plan(config, out=None, device=None, writer: bool = True) -> Plan:
         layers = d.changed_layers()
         memory = memory_estimate(d, layers, cfg.run.compute_dtype, device) if tasks else {}
     cache_dir = check_cache_dir(cfg.run.cache_dir or default_cache_dir()) if tasks and writer else None
+    if cache_dir is None and cfg.run.cache_dir: check_cache_path(cfg.run.cache_dir)   # named, even if unused
     output = Path(out if out is not None else cfg.output).expanduser().resolve()
     if cfg.run.output_format == "adapter":
         from himerge.adapter import check_adapter_output
@@ -189,7 +206,8 @@ def plan(config, out=None, device=None, writer: bool = True) -> Plan:
     # an existing output is for `merge` to judge
     if writer: check_output(output, force=True, inputs=inputs, field=field)
     return Plan(cfg, cfg.merge_method, sources, tasks, output, layers, count_evaluations(cfg, len(layers)), inputs,
-                cache_dir, device, tokenizer, rows, memory, field)
+                cache_dir, device, tokenizer, rows, memory, field,
+                input_stamps([sources.base.path, *(s.path for s in sources.sources)]))
 
 # %% ../nbs/09_merge.ipynb #47e29ec4
 def units_of(deltas, cfg: MergeConfig):
@@ -225,6 +243,8 @@ def _plan_text(self) -> str:
         at_most = any("at most" in k for k in self.evaluations)
         lines.append("  evaluations  " + ", ".join(f"{k}: {v}" for k, v in self.evaluations.items())
                      + f"  (total {'at most ' if at_most else ''}{self.total_evaluations})")
+    size = output_estimate(self)
+    lines.append(f"  output   {'at most' if size['at_most'] else 'about'} {_gb(size['bytes'])} ({c.run.output_format})")
     return "\n".join(lines)
 
 Plan.__str__ = _plan_text
@@ -267,7 +287,7 @@ def open_run(p: Plan, progress=True, group=None):
         if p.tasks:
             return_freed_memory()                 # many layer-sized buffers come and go from here on
             from himerge.scoring import check_loaded, input_device, lighteval_scorer, load_model
-            log.info("loading the base %s on %s", p.sources.base.name, p.device)
+            log.info("loading the base model %r on %s", p.sources.base.name, p.device)
             with _timed(run, "load_s"):
                 r = p.config.run
                 model = load_model(p.sources.base.path, p.device, r.trust_remote_code, r.compute_dtype, r.device_map)
@@ -372,9 +392,10 @@ def run_method(p: Plan, run: Run):
                            run.scorer)
     log.info("%s of %d sources", p.method.name, len(context.names))
     with _timed(run, "method_s"): merged = p.method.build(context)
-    if run.progress is not None:   # the method's upper bounds are settled: the rest is exact
+    if run.progress is not None:   # the method's upper bounds are settled: the steps it did not need are skipped
         rest = p.evaluations.get("validation scores", 0) + p.evaluations.get("test scores", 0) + len(run.deltas.layers)
-        run.progress.total = run.progress.n + rest; run.progress.refresh()
+        unused = (run.progress.total or 0) - run.progress.n - rest
+        if unused > 0: run.progress.update(unused)      # the total stays the plan's, as the bar first showed it
     return merged
 
 # %% ../nbs/09_merge.ipynb #be875281
@@ -506,6 +527,7 @@ def build_report(p: Plan, run: Run, merged, scores: dict, files: list) -> dict:
                          for t, s in p.tasks.items()},
                   scores=scores, files=files)
     report["options"]["cache_dir"] = None
+    if cfg.run.tokenizer: report["options"]["tokenizer"] = _portable(cfg.run.tokenizer)
     for record in merged.records.values():
         if hasattr(record, "to_report"): report.update(record.to_report())
     if run.grids: report["grids"] = [g.to_record() for g in run.grids]
@@ -556,8 +578,10 @@ def write_output(p: Plan, run: Run, merged, scores: dict, force: bool, tmp: Path
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
         from himerge.card import write_card
         write_card(tmp, model_name=p.output.name)
+        from himerge.push import check_no_local_paths_in
+        check_no_local_paths_in(tmp)              # no file of the output names a path of this machine
         for f in tmp.iterdir(): f.chmod(0o644)   # readable like any downloaded model, whatever the writer's umask
-        commit_output(tmp, p.output, force)
+        commit_output(tmp, p.output, force, p.stamps)
     except BaseException:
         discard(tmp); raise
     return report
@@ -659,7 +683,8 @@ def merge(config, *, out=None, force=False, dry_run=False, device=None, progress
         if dry_run: return p
         writer = group is None or group.main
         agreed(group, lambda: check_output(p.output, force, p.inputs, p.output_field) if writer else None)
-        with open_run(p, progress, group) as run:
+        size = agreed(group, lambda: check_free_space(p.output, output_estimate(p), p.output_field) if writer else None)
+        with output_lock(p.output, p.output_field) if writer else nullcontext(), open_run(p, progress, group) as run:
             tmp = adapter = None
             try:
                 choose_auto(p, run)
@@ -674,6 +699,7 @@ def merge(config, *, out=None, force=False, dry_run=False, device=None, progress
                 if not writer and tmp is not None: discard(tmp)      # another rank's copy, only read back to score
             except BaseException as e:
                 if tmp is not None: discard(tmp)
+                if is_disk_full(e) and writer: raise disk_full_error(e, p.output, size, p.output_field) from None
                 if not isinstance(e, KeyboardInterrupt): raise
                 saved = run.cache.done if run.cache else 0
                 where = f" in {p.cache_dir}" if p.cache_dir else ""

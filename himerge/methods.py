@@ -18,7 +18,7 @@ __all__ = ['METHODS', 'PER_TENSOR', 'PER_TENSOR_BASE', 'PER_TENSOR_LINEAR', 'SCO
            'MergeContext', 'Merged', 'register', 'get_method', 'per_tensor', 'TaskArithmeticOptions',
            'source_state_key', 'processed_key', 'task_arithmetic_merger', 'SignElectionOptions', 'TiesOptions',
            'DareLinearOptions', 'DareTiesOptions', 'BreadcrumbsOptions', 'DellaOptions', 'LinearOptions', 'check_della',
-           'SlerpOptions', 'HiMergingOptions', 'hi_merging_evaluations']
+           'SlerpOptions', 'HiMergingOptions', 'refinement', 'hi_merging_evaluations']
 
 # %% ../nbs/08a_methods.ipynb #6b63a656
 class OptionError(InputError):
@@ -404,7 +404,8 @@ class HiMergingOptions:
                                    low=0, high=1, low_open=True)
     scale_factor: float = option(0.5, "partial conflict: factor on λ of the dominating sources' layer delta",
                                  low=0, high=1, low_open=True)
-    score_decisions: bool = option(True, "score the merge before and after each resolved layer (in the report)")
+    score_decisions: bool = option(True, "paper's rule: score the merge before and after each resolved layer (in "
+                                   "the report); the verified rule always does")
     # The default z = 1 was chosen on the zoo's validation split (mean gain kept 0.48 against 0.45 for z = 0).
     conflict_z: float = option(1.0, "a source is impaired at a layer only if γ > z·se(γ); 0 is the paper's rule "
                                "(γ > 0)", low=0)
@@ -414,8 +415,16 @@ class HiMergingOptions:
                              "validation; 'paper' applies the paper's rule unchecked", choices=("verified", "paper"))
     accept_z: float = option(1.0, "verified: a candidate must beat leaving the layer by more than z standard errors "
                              "of the paired difference", low=0)
-    refine: str = option("none", "after resolution: 'layer_scale' searches each layer's per-source scale (×½, ×1½) "
-                         "under the same accept rule and budget", choices=("none", "layer_scale"))
+    # auto: layer_scale with the verified rule, none with the paper's. Chosen on the zoo's validation split, where it
+    # raised mean gain kept from 0.756 to 0.871 for 32 more evaluations (test: 0.812 to 0.862)
+    refine: str = option("auto", "after resolution: 'layer_scale' searches each layer's per-source scale (×½, ×1½) "
+                         "under the same accept rule and budget; auto: layer_scale when verified, none with the "
+                         "paper's rule", choices=("auto", "none", "layer_scale"))
+
+def refinement(options: HiMergingOptions) -> str:
+    "The refinement a Hi-Merging run makes: `refine`, with auto read as layer_scale when verified, none otherwise."
+    if options.refine != "auto": return options.refine
+    return "layer_scale" if options.resolution == "verified" else "none"
 
 def hi_merging_evaluations(counts: Counts, options: HiMergingOptions) -> dict:
     "Planned task evaluations of Hi-Merging (resolution and re-measurement are upper bounds: one step per layer)."
@@ -429,7 +438,7 @@ def hi_merging_evaluations(counts: Counts, options: HiMergingOptions) -> dict:
         per_layer = max(counts.sources + 1, partial)
         ev["resolution candidates (at most)"] = counts.layers * per_layer * counts.tasks
     elif options.score_decisions: ev["resolution scores (at most)"] = counts.layers * counts.tasks
-    if options.refine == "layer_scale":
+    if refinement(options) == "layer_scale":
         ev["refinement (at most)"] = counts.layers * counts.sources * 2 * counts.tasks
     if options.remeasure == "after_each":
         ev["re-measurement (at most)"] = counts.layers * (counts.tasks * (2 * counts.layers + 1) + counts.tasks)

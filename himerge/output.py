@@ -6,14 +6,32 @@ Docs: https://himerge.github.io/himerge/output.html.md"""
 
 # %% ../nbs/08c_output.ipynb #b50c7ea3
 from __future__ import annotations
-import json, os, shutil, tempfile
+import errno, json, os, shutil, signal, tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import InputError
 
 # %% auto #0
-__all__ = ['REPORT_FILE', 'OutputError', 'parse_size', 'ShardWriter', 'saved_dtype', 'write_model', 'OutputExistsError',
-           'is_himerge_output', 'check_output', 'staging_dir', 'commit_output', 'discard']
+__all__ = ['REPORT_FILE', 'write_point', 'OutputError', 'parse_size', 'ShardWriter', 'saved_dtype', 'write_model',
+           'OutputExistsError', 'is_himerge_output', 'check_output', 'staging_dir', 'commit_output', 'discard',
+           'clear_stale', 'OutputLockedError', 'output_lock', 'DiskFullError', 'output_estimate', 'check_free_space',
+           'is_disk_full', 'disk_full_error', 'input_stamps', 'InputChangedError', 'check_unchanged']
+
+# %% ../nbs/08c_output.ipynb #pointsex
+_writes = 0   # write points passed by this process
+
+def write_point(what: str):
+    "A write finished or about to be made public; a fault-injection test may kill the process here (see above)."
+    global _writes
+    kill_at, log_file = os.environ.get("HIMERGE_KILL_AT_WRITE"), os.environ.get("HIMERGE_WRITE_LOG")
+    pause_at = os.environ.get("HIMERGE_PAUSE_AT_WRITE")
+    if not (kill_at or log_file or pause_at): return
+    _writes += 1
+    if log_file:
+        with open(log_file, "a") as f: f.write(f"{_writes} {what}\n")
+    if kill_at == str(_writes): os.kill(os.getpid(), signal.SIGKILL)
+    if pause_at == str(_writes): os.kill(os.getpid(), signal.SIGSTOP)   # until the test sends SIGCONT
 
 # %% ../nbs/08c_output.ipynb #04001266
 class OutputError(InputError):
@@ -71,6 +89,7 @@ class ShardWriter:
             out.write(len(header).to_bytes(8, "little")); out.write(header)
             shutil.copyfileobj(src, out, 16 * 2**20)
         data.unlink()
+        write_point("shard")
         self.shards.append((tmp, list(self._entries)))
         self._data, self._entries, self._bytes = None, {}, 0
 
@@ -134,6 +153,7 @@ def write_model(folder: Path, deltas, merged_layer, base, dtype: str = "auto", m
         config = json.loads(config_path.read_text())
         config["dtype"] = dtype_name; config.pop("torch_dtype", None)
         config_path.write_text(json.dumps(config, indent=2))
+    write_point("model files")
     return files
 
 # %% ../nbs/08c_output.ipynb #080d0e2b
@@ -192,15 +212,33 @@ def staging_dir(out) -> Path:
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists(): shutil.rmtree(tmp)
     tmp.mkdir()
+    write_point("staging folder")
     return tmp
 
-def commit_output(tmp: Path, out, force: bool) -> Path:
-    "Move the finished staging folder into place (replacing `out` only with `force`, and only a himerge output)."
+def _exchange(a: Path, b: Path) -> bool:
+    "Swap paths `a` and `b` in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "renameat2"): return False
+    at_cwd, exchange = -100, 2
+    if libc.renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0: return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP): return False   # no such call, or not on this disk
+    raise OSError(err, os.strerror(err), str(a))
+
+def commit_output(tmp: Path, out, force: bool, stamps: dict | None = None) -> Path:
+    """Move the finished staging folder into place (replacing `out` only with `force`, and only a himerge output),
+    after checking that no input file changed since `stamps` were taken (see `input_stamps`)."""
     out = Path(out)
+    if stamps: check_unchanged(stamps)
+    write_point("staged output complete")
     if out.exists():
         check_output(out, force)
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old); tmp.rename(out); shutil.rmtree(old)
+        if _exchange(tmp, out):                           # tmp now holds the old output
+            write_point("output swapped in"); shutil.rmtree(tmp)
+        else:
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old); write_point("old output moved away"); tmp.rename(out); shutil.rmtree(old)
     else:
         tmp.rename(out)
     return out
@@ -208,3 +246,124 @@ def commit_output(tmp: Path, out, force: bool) -> Path:
 def discard(tmp: Path):
     "Remove a staging folder."
     shutil.rmtree(tmp, ignore_errors=True)
+
+# %% ../nbs/08c_output.ipynb #staleexp
+def clear_stale(out) -> list:
+    "Put back an old output a killed run left renamed away, remove its other leftovers; the names handled."
+    import re
+    out = Path(out)
+    left = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)$")
+    handled = []
+    for p in sorted(out.parent.iterdir()) if out.parent.is_dir() else []:
+        m = left.match(p.name)
+        if not m or int(m.group(2)) == os.getpid(): continue
+        if m.group(1) == "old" and not out.exists() and is_himerge_output(p): p.rename(out)
+        else: shutil.rmtree(p, ignore_errors=True)
+        handled.append(p.name)
+    return handled
+
+# %% ../nbs/08c_output.ipynb #lockexp0
+class OutputLockedError(OutputError):
+    "Another run is writing the same output folder."
+
+@contextmanager
+def output_lock(out, field: str = "--out"):
+    "Hold the lock of output folder `out` while the block runs (clearing what killed runs left); refuse if taken."
+    import fcntl
+    out = Path(out)
+    lock = out.parent / f".{out.name}.lock"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputLockedError(f"{field} {out}: another himerge run (PID {pid}) is writing this output; let it "
+                                    "finish (then --force replaces its output) or choose another folder") from None
+        try: same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError: same = False
+        if same: break
+        os.close(fd)                              # its holder removed it meanwhile: lock the new file
+    try:
+        os.ftruncate(fd, 0); os.write(fd, f"{os.getpid()}\n".encode())
+        clear_stale(out)
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True); os.close(fd)
+
+# %% ../nbs/08c_output.ipynb #spaceexp
+_WIDTH = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
+
+class DiskFullError(OutputError):
+    "The output's disk has no room for it."
+
+def _size(n: int) -> str: return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+def _copied_bytes(base) -> int:
+    return sum(f.stat().st_size for f in Path(base.path).iterdir()
+               if f.is_file() and f.suffix in _COPY_SUFFIXES and f.name not in _SKIP) + 2**20
+
+def output_estimate(p) -> dict:
+    "About how many bytes plan `p`'s output takes (`bytes`), and how many it needs at least (`least`)."
+    import math
+    from himerge.deltas import compute_deltas
+    copied = _copied_bytes(p.sources.base)
+    if p.config.run.output_format == "adapter":
+        adapters = sum(f.stat().st_size for s in p.sources.sources for f in Path(s.path).glob("*.safetensors"))
+        return dict(bytes=copied + adapters, least=copied, at_most=True)
+    width = _WIDTH.get(saved_dtype(dict(p.sources.base.config), p.config.dtype), 4)
+    with compute_deltas(p.sources) as d:
+        tensors = sum(math.prod(h.shape) * width for h in d.base_store.headers().values())
+    return dict(bytes=copied + tensors, least=copied + tensors, at_most=False)
+
+def _free(folder: Path) -> tuple:
+    "(the nearest existing folder at or above `folder`, its disk's free bytes)."
+    folder = Path(folder)
+    while not folder.exists(): folder = folder.parent
+    return folder, shutil.disk_usage(folder).free
+
+def check_free_space(out, estimate: dict, field: str = "--out") -> dict:
+    "`estimate`, unless the output clearly cannot fit on the disk of `out`: then a `DiskFullError`."
+    where, free = _free(Path(out).parent)
+    if free < estimate["least"]:
+        raise DiskFullError(f"{field} {out}: not enough space: the output needs about {_size(estimate['least'])}, "
+                            f"{where} has {_size(free)} free; free some space or choose another folder")
+    return estimate
+
+def is_disk_full(e: BaseException) -> bool:
+    "Whether `e` says the disk is full: an OSError, or safetensors' writer quoting one (its own exception type)."
+    if isinstance(e, OSError): return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return any(f"(os error {n})" in str(e) for n in (errno.ENOSPC, errno.EDQUOT))
+
+def disk_full_error(e: OSError, out, estimate: dict, field: str = "--out") -> DiskFullError:
+    "The one-line error for a disk that filled up while the output was written."
+    where, _ = _free(Path(out).parent)      # what is free now, the staging folder removed, would mislead
+    file = Path(getattr(e, "filename", None) or out).name                  # safetensors' own error names none
+    size = ("at most " if estimate.get("at_most") else "about ") + _size(estimate["bytes"])
+    return DiskFullError(f"{field} {out}: the disk filled up while writing {file}: the output needs {size} in "
+                         f"{where}; nothing was written (an existing output is as it was): free some space and run "
+                         "again")
+
+# %% ../nbs/08c_output.ipynb #stampexp
+def input_stamps(folders) -> dict:
+    "file path -> (size, modification time in ns) of every file in `folders` (files themselves taken as given)."
+    stamps = {}
+    for folder in folders:
+        folder = Path(folder)
+        for f in ([folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())):
+            st = f.stat(); stamps[str(f)] = (st.st_size, st.st_mtime_ns)
+    return stamps
+
+class InputChangedError(OutputError):
+    "A base or source file changed after the merge was planned."
+
+def check_unchanged(stamps: dict):
+    "Raise `InputChangedError` naming the first file of `stamps` whose size or modification time differs now."
+    for f, (size, mtime) in stamps.items():
+        try: st = os.stat(f)
+        except FileNotFoundError: st = None
+        if st is None or (st.st_size, st.st_mtime_ns) != (size, mtime):
+            now = "is gone" if st is None else ("changed size" if st.st_size != size else "was modified")
+            raise InputChangedError(f"{f}: {now} since the merge was planned; the output was not written (it would "
+                                    "mix two versions): run the merge again")

@@ -12,8 +12,9 @@ from pathlib import Path
 from .errors import InputError
 
 # %% auto #0
-__all__ = ['PushError', 'PushInputError', 'check_repo_id', 'check_output_dir', 'card_for_push', 'push_to_hub', 'check_can_push',
-           'add_push_arguments', 'push_command']
+__all__ = ['VOCABULARY_FILES', 'ADAPTER_CONFIG', 'PushError', 'PushInputError', 'check_repo_id', 'check_output_dir',
+           'card_for_push', 'LocalPathLeak', 'local_paths_in', 'check_no_local_paths_in', 'adapter_config_for_push',
+           'push_to_hub', 'check_can_push', 'add_push_arguments', 'push_command']
 
 # %% ../nbs/11_push.ipynb #f1e3f526
 class PushError(RuntimeError):
@@ -84,6 +85,76 @@ def _files_to_push(output_dir: Path) -> list:
     return sorted(p.relative_to(output_dir).as_posix() for p in output_dir.rglob("*")
                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(output_dir).parts))
 
+# %% ../nbs/11_push.ipynb #567e322e
+VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model")
+
+class LocalPathLeak(RuntimeError):
+    "A file a merge or a push would publish names a path of this machine: a bug in himerge, never the user's input."
+
+def _safetensors_metadata(path: Path) -> dict:
+    "The `__metadata__` of a .safetensors file's header, read without loading a tensor."
+    import json, struct
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(n)).get("__metadata__") or {}
+
+def _checked_text(name: str, data: bytes) -> str | None:
+    "The text of file `name` to check, without the tasks' free text (the config's prompts); None if not text."
+    from himerge.card import CONFIG, FREE_TEXT
+    try: text = data.decode("utf-8")
+    except UnicodeDecodeError: return None          # a figure
+    if name == CONFIG:
+        import yaml
+        config = yaml.safe_load(text) or {}
+        for spec in (config.get("tasks") or {}).values():
+            for key in FREE_TEXT:
+                if isinstance(spec, dict): spec.pop(key, None)
+        text = yaml.safe_dump(config)
+    return text
+
+def local_paths_in(folder, replaced: dict | None = None) -> dict:
+    """file -> the paths of this machine it names, for each file of `folder` that names one ({} when none does).
+
+    Args:
+        folder: a merge output folder (or the staging folder of one).
+        replaced: file -> the bytes uploaded instead of the file's own (a push's adapter config)."""
+    import json
+    from himerge.card import CARD, local_paths
+    folder, replaced, found = Path(folder), replaced or {}, {}
+    for name in sorted(set(_files_to_push(folder)) | set(replaced)):
+        if Path(name).name in VOCABULARY_FILES or name == CARD: continue
+        if name.endswith(".safetensors"): text = json.dumps(_safetensors_metadata(folder / name))
+        else: text = _checked_text(name, replaced[name] if name in replaced else (folder / name).read_bytes())
+        paths = local_paths(text) if text else []
+        if paths: found[name] = paths
+    return found
+
+def check_no_local_paths_in(folder, replaced: dict | None = None):
+    "Raise `LocalPathLeak` naming the first file of `folder` (and its paths) that would publish a path of this machine."
+    found = local_paths_in(folder, replaced)
+    if found:
+        name, paths = next(iter(found.items()))
+        raise LocalPathLeak(f"{name} would publish local path(s) {paths}: a bug in himerge, please report it; "
+                            "nothing was written or sent")
+
+# %% ../nbs/11_push.ipynb #4ab8e56e
+ADAPTER_CONFIG = "adapter_config.json"
+
+def adapter_config_for_push(output_dir, report: dict) -> bytes | None:
+    "The adapter_config.json to upload, its base named by its Hub id when the report knows one; None: no change."
+    import json
+    from himerge.card import local_name
+    path = Path(output_dir) / ADAPTER_CONFIG
+    if not path.is_file(): return None
+    config = json.loads(path.read_text(encoding="utf-8"))
+    base, named = report.get("base") or {}, config.get("base_model_name_or_path")
+    changed = dict(config)
+    if base.get("repo_id"):
+        changed.update(base_model_name_or_path=base["repo_id"],
+                       revision=base.get("commit_sha") or base.get("revision") or config.get("revision"))
+    elif named: changed["base_model_name_or_path"] = local_name(named)
+    return None if changed == config else (json.dumps(changed, indent=2, sort_keys=True) + "\n").encode()
+
 # %% ../nbs/11_push.ipynb #66c87834
 def _is_network_error(err) -> bool:
     "A failure to reach the server: an OS connection error, or an httpx transport error (huggingface_hub 2.4 uses the "
@@ -134,14 +205,16 @@ def push_to_hub(output_dir, repo_id: str, *, token: str | None = None, private: 
         endpoint: the Hub's URL (default: HF_ENDPOINT, else huggingface.co)."""
     from himerge.card import CARD
     repo_id = check_repo_id(repo_id)
-    output_dir, _ = check_output_dir(output_dir)
-    card = card_for_push(output_dir, repo_id)
-    files = [f for f in _files_to_push(output_dir) if not (card is not None and f == CARD)]
+    output_dir, report = check_output_dir(output_dir)
+    replaced = {CARD: card_for_push(output_dir, repo_id), ADAPTER_CONFIG: adapter_config_for_push(output_dir, report)}
+    replaced = {name: data for name, data in replaced.items() if data is not None}
+    check_no_local_paths_in(output_dir, replaced)
+    files = [f for f in _files_to_push(output_dir) if f not in replaced]
     token = _resolve_token(token, repo_id)
     from huggingface_hub import HfApi, CommitOperationAdd
     api = HfApi(endpoint=endpoint, token=token)
     ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(output_dir / f)) for f in files]
-    if card is not None: ops.append(CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card))
+    ops += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in replaced.items()]
     message = commit_message or f"Upload merge ({len(ops)} files) with himerge"
     step = "create the repository"
     try:

@@ -481,9 +481,10 @@ def _dashed_box(xy, width, height):
 # %% ../nbs/08_resolve.ipynb #27a3c00a
 def resolve_settings(context) -> ResolveSettings:
     "The `ResolveSettings` of a Hi-Merging run, from its options and Stage 1's p and λ."
+    from himerge.methods import refinement
     opts = context.options
     return ResolveSettings(tuple(context.densities), tuple(context.scales), opts.resolution, opts.density_factor,
-                           opts.scale_factor, opts.conflict_z, opts.accept_z, refine=opts.refine,
+                           opts.scale_factor, opts.conflict_z, opts.accept_z, refine=refinement(opts),
                            remeasure=opts.remeasure, budget=opts.budget, scope=opts.prune_scope)
 
 def hi_merging(context):
@@ -498,11 +499,12 @@ def hi_merging(context):
                                     source_keys=processed_key(context, opts.prune_scope))
     contributions = analysis.run()
     n_tasks = len(analysis.all_tasks)
-    scored = opts.score_decisions or opts.resolution == "verified" or opts.refine != "none"
+    settings = resolve_settings(context)
+    scored = opts.score_decisions or settings.resolution == "verified" or settings.refine != "none"
     measures = Measures(rows=analysis.rows_merged if scored else None,
                         measure=lambda r: analysis.run(merged=r, edits_key=r.key()), evals_per_score=n_tasks,
                         evals_per_measure=n_tasks * (2 * len(contributions.layers) + 1))
-    resolution = resolve(contributions, processed, context.names, context.tasks, resolve_settings(context), measures)
+    resolution = resolve(contributions, processed, context.names, context.tasks, settings, measures)
     final = resolution.deltas
     state = analysis.states(final, final.key())[-1]
     return Merged(state, records=dict(contributions=contributions, resolution=resolution),

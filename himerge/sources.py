@@ -382,6 +382,8 @@ def _same_base(src: Source, base: Source) -> bool:
     if not d: return True  # nothing declared: nothing to contradict
     local = _declared_base_path(src)
     if local is not None: return local == Path(base.path).resolve()
+    # a local base named by its folder's name alone, as himerge's own adapters name it (no path of the machine)
+    if not base.repo_id and "/" not in d and d == Path(base.path).name: return True
     repo = d.split("@")[0]
     return repo in (base.repo_id, base.spec, base.spec.split("@")[0])
 

@@ -87,8 +87,8 @@ def resolve_data(task: str, data: str, revision: str | None = None, root=None) -
     found = _local_dir(task, candidates)
     if found is not None: return found, revision, None
     if not _HUB_ID.match(data) or data.startswith("."):
-        looked = ", ".join(str(c.absolute()) for c in candidates)
-        _fail(task, "data", f"directory {data!r} not found (looked in {looked})")
+        looked = [p for p in dict.fromkeys(str(c.absolute()) for c in candidates) if p != data]   # not `data` again
+        _fail(task, "data", f"directory {data!r} not found" + (f" (looked in {', '.join(looked)})" if looked else ""))
     try: snap = _hub_snapshot(data, revision)
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0]   # the first line: the rest is the library's advice

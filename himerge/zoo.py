@@ -13,8 +13,8 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['DOMAINS', 'RULES', 'TASKS', 'SKILLS', 'PROMPT', 'SPLITS', 'MODEL', 'RECIPE', 'LORA', 'make_row', 'make_splits',
            'task_specs', 'vocabulary', 'build_tokenizer', 'build_base_model', 'row_text', 'encode_pairs', 'train',
-           'build_zoo', 'Zoo', 'path', 'load_zoo', 'demo_sources', 'measure_evidence', 'contents', 'size_bytes',
-           'evidence_table', 'pair_gain_kept']
+           'build_zoo', 'Zoo', 'path', 'load_zoo', 'demo_sources', 'zoo_config', 'measure_evidence', 'contents',
+           'size_bytes', 'evidence_table', 'pair_gain_kept']
 
 # %% ../nbs/00_zoo.ipynb #92b43bc8
 DOMAINS = dict(lower=list(string.ascii_lowercase),                                # `a` .. `z`
@@ -289,6 +289,24 @@ def load_zoo(root=None) -> Zoo:
 def demo_sources(zoo: Zoo) -> list:
     "The LoRA adapters' folders as strings, in task order: the source list a merge of the whole zoo takes."
     return [str(zoo.adapters[t]) for t in zoo.tasks if t in zoo.adapters]
+
+# %% ../nbs/00_zoo.ipynb #2d3411dd
+def zoo_config(method: str = "hi-merging", out: str = "himerge-zoo-merge", zoo: Zoo | None = None,
+               limit: int | None = None) -> dict:
+    """A merge config over `zoo` (default: the shipped one) with absolute paths into it.
+
+    Args:
+        method: the merge method (a name `himerge methods` lists).
+        out: the output folder (relative: to the config's folder).
+        zoo: the zoo to merge (default: `load_zoo()`).
+        limit: the rows scored per split, validation and test (default: the zoo's 64 and the whole test split);
+            fewer make a quicker, noisier try."""
+    zoo = zoo or load_zoo()
+    picks = [t for t in zoo.tasks if t in zoo.adapters]
+    rows = dict(limit=limit, test_limit=limit) if limit else {}
+    tasks = {t: {**zoo.tasks[t].to_dict(), "data": str(zoo.data[t]), **rows} for t in picks}
+    return dict(base=str(zoo.base), sources=[dict(path=str(zoo.adapters[t]), task=t, name=t) for t in picks],
+                tasks=tasks, method=method, options=dict(test_scores=True), dtype="float32", output=str(out))
 
 # %% ../nbs/00_zoo.ipynb #bdaad6fd
 def _variants(root: Path) -> dict:

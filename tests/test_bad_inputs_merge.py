@@ -554,11 +554,12 @@ def test_planned_evaluations_are_the_evaluations_run(name, world, capsys):
     done, _ = _done(res.out)
     report = json.loads((world.root / "merged" / "himerge_report.json").read_text())
     assert report["evaluations"]["planned"] == planned and report["evaluations"]["done"] == done
-    # resolution steps are planned one per layer, at most (the plan says so); one runs per decision
-    layers = len(re.search(r"layers\s+\d+ changed by the sources: (.*)", dry.out).group(1).split(", "))
-    steps = _stage(dry.out, "resolution scores (at most)")
-    unused = (layers - len(report.get("decisions", []))) * steps // layers
-    assert done == planned - unused, (done, planned, unused)
+    # resolution is planned at its most (every layer resolved, each with its most candidates; the plan says so):
+    # what it spent replaces that bound
+    bound = sum(_stage(dry.out, stage) for stage in ("resolution scores (at most)", "resolution candidates (at most)",
+                                                    "refinement (at most)"))
+    spent = (report.get("resolution") or {}).get("evaluations", 0)
+    assert spent <= bound and done == planned - bound + spent, (done, planned, bound, spent)
     assert done == cache_records(world.cache), "every evaluation run is stored once"
     assert {k: v for k, v in fingerprint(world.root).items() if not k.startswith("merged")} == inputs
     assert staging_left(world.root) == []
@@ -566,12 +567,29 @@ def test_planned_evaluations_are_the_evaluations_run(name, world, capsys):
 
 def test_a_budget_of_one_decision_makes_one_decision(world, capsys):
     n_tasks = len(world.config["tasks"])
-    world.edit(lambda c: c["options"].update(budget=n_tasks))   # a decision costs one score of the merge per task
+    # the paper's rule: a decision costs one score of the merge per task
+    world.edit(lambda c: c["options"].update(budget=n_tasks, resolution="paper"))
     res = run_cli(capsys, "merge", world.cfg, "--quiet")
     assert res.code == 0, res.err
     report = json.loads((world.root / "merged" / "himerge_report.json").read_text())
     assert len(report["decisions"]) == 1, report["resolution"]
     assert report["resolution"]["evaluations"] <= n_tasks, report["resolution"]
+
+
+def test_verified_resolution_stays_within_its_budget(world, capsys):
+    n_tasks, n_sources = len(world.config["tasks"]), len(world.config["sources"])
+    budget = max(n_sources + 1, 3) * n_tasks        # the most one layer's candidates can cost
+    world.edit(lambda c: c["options"].update(budget=budget))
+    res = run_cli(capsys, "merge", world.cfg, "--quiet")
+    assert res.code == 0, res.err
+    report = json.loads((world.root / "merged" / "himerge_report.json").read_text())
+    assert report["resolution"]["mode"] == "verified"
+    assert len(report["decisions"]) >= 1 and report["resolution"]["evaluations"] <= budget, report["resolution"]
+    world.edit(lambda c: c["options"].update(budget=0))
+    res = run_cli(capsys, "merge", world.cfg, "--quiet", "--force")
+    assert res.code == 0, res.err
+    report = json.loads((world.root / "merged" / "himerge_report.json").read_text())
+    assert report["decisions"] == [] and report["resolution"]["stopped"].startswith("evaluation budget spent")
 
 
 def _interrupt_after(monkeypatch, n: int):

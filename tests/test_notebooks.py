@@ -1,5 +1,5 @@
 """The notebooks are the documentation: every cell that ends in a value to be seen has its output committed."""
-import ast, json
+import ast, json, re
 from pathlib import Path
 
 import pytest
@@ -34,3 +34,26 @@ def test_display_cells_have_outputs(notebook):
                and "#| eval: false" not in "".join(c["source"]) and "#| export" not in "".join(c["source"])
                and shows_something("".join(c["source"]))]
     assert not missing, f"{notebook}: cells {missing} end in a value to be seen but have no output committed"
+
+
+# an absolute path of the machine that ran the notebook
+MACHINE_PATH = re.compile(r"(?<![\w.~/:-])/(?:tmp|work|home|root)(?:/|\b)")
+
+def output_texts(cell: dict) -> list:
+    "The text of every output of a code cell: streams, rich text (plain, HTML, Markdown) and tracebacks."
+    texts = []
+    for o in cell.get("outputs", []):
+        texts.append("".join(o.get("text", "")))
+        texts += ["".join(v) for k, v in o.get("data", {}).items() if k.startswith("text/")]
+        texts += o.get("traceback", [])
+    return texts
+
+
+@pytest.mark.parametrize("notebook", [nb.name for nb in NBS])
+def test_outputs_name_no_path_of_the_machine(notebook):
+    "A committed output shows paths relative to a folder, or placeholders: never /tmp, /work, /home or /root."
+    cells = json.loads((Path(__file__).parent.parent / "nbs" / notebook).read_text())["cells"]
+    found = [(i, m.group(0), text[max(0, m.start() - 40):m.end() + 40]) for i, c in enumerate(cells)
+             for text in output_texts(c) for m in MACHINE_PATH.finditer(text)]
+    assert not found, f"{notebook}: cell {found[0][0]} shows {found[0][2]!r}" + \
+        (f" ({len(found) - 1} more)" if len(found) > 1 else "")
