@@ -6,13 +6,18 @@ sharded safetensors in a temporary folder, then runs, each in its own subprocess
       written as it goes;
   (b) mergekit 0.1.5 `mergekit-yaml` task_arithmetic (weights 1, no normalisation, float32 maths, bf16 output),
       from its own virtualenv (default /work/venvs/mergekit-prune), CPU, default options.
-Prints wall time and peak RSS (resource.getrusage(RUSAGE_CHILDREN).ru_maxrss of a wrapper process per run) and
-the ratios himerge / mergekit, then checks that the two merged models agree tensor by tensor (bf16 rounding).
+Prints wall time, CPU time (user + system) and peak RSS (resource.getrusage(RUSAGE_CHILDREN) of a wrapper process
+per run) and the ratios himerge / mergekit (CPU time moves less than wall time when other processes share the
+CPUs), then checks that the two merged models agree tensor by tensor (bf16 rounding).
+With --rounds N the two run alternately N times (load on a shared machine hits both alike) and the ratios of the
+best and of the median runs are printed. With --before DIR, a second himerge source tree (an earlier commit, e.g.
+from `git archive`) runs in the same rounds, for a before/after comparison.
 
     python bench/bench_deltas.py --params 2e8
     python bench/bench_deltas.py --params 1e9 --mergekit /work/venvs/mergekit-prune/bin/mergekit-yaml
+    python bench/bench_deltas.py --params 2.7e8 --rounds 3
 """
-import argparse, json, os, shutil, subprocess, sys, tempfile, textwrap, time
+import argparse, json, os, shutil, statistics, subprocess, sys, tempfile, textwrap, time
 from pathlib import Path
 
 import torch
@@ -23,8 +28,8 @@ MEASURE = textwrap.dedent("""
     t0 = time.perf_counter()
     rc = subprocess.run(sys.argv[2:], stdout=open(sys.argv[1], "w"), stderr=subprocess.STDOUT).returncode
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(json.dumps(dict(rc=rc, wall_s=wall, peak_rss_mb=peak)))
+    use = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(json.dumps(dict(rc=rc, wall_s=wall, cpu_s=use.ru_utime + use.ru_stime, peak_rss_mb=use.ru_maxrss / 1024)))
 """)
 
 HIMERGE_RUN = textwrap.dedent("""
@@ -109,8 +114,10 @@ def generate(root: Path, cfg: dict, shard_bytes: int, seed=0) -> list:
 
 def measure(cmd: list, log: Path, env: dict) -> dict:
     "Wall time and peak RSS of `cmd`, run under a fresh wrapper process."
+    # Run from the log's folder: `python -c` puts the working directory first on sys.path, ahead of PYTHONPATH, so a
+    # himerge checkout there would shadow the one asked for (--before).
     out = subprocess.run([sys.executable, "-c", MEASURE, str(log), *cmd], capture_output=True, text=True, env=env,
-                         check=True)
+                         check=True, cwd=log.parent)
     res = json.loads(out.stdout.strip().splitlines()[-1])
     if res["rc"] != 0: raise SystemExit(f"{cmd[0]} failed (rc {res['rc']}); its log:\n{log.read_text()[-3000:]}")
     return res
@@ -152,28 +159,33 @@ def main(argv=None):
     ap.add_argument("--shard-gb", type=float, default=1.0, help="input shard size in GB")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for both tools")
     ap.add_argument("--workdir", default=None,
-                    help="where to generate (default: a temporary folder, removed afterwards)")
+                    help="where to generate (default: a temporary folder, removed afterwards); models of the same "
+                         "shape already there are reused")
     ap.add_argument("--keep", action="store_true", help="keep the generated models and outputs")
+    ap.add_argument("--rounds", type=int, default=1, help="alternated runs of each tool")
+    ap.add_argument("--before", default=None, help="another himerge source tree, run in the same rounds")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="himerge-bench-"))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # this checkout's himerge, whatever the working directory
+    here = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
     try:
         cfg = llama_shape(args.params)
         n_params = sum(torch.Size(s).numel() for _, s in tensor_shapes(cfg))
         t0 = time.perf_counter()
-        base, a, b = generate(root / "models", cfg, int(args.shard_gb * 1e9))
-        print(f"generated {n_params / 1e9:.3f}B-parameter Llama (hidden {cfg['hidden_size']}, "
+        kept = [root / "models" / n for n in ("base", "ft-a", "ft-b")]
+        reuse = args.workdir and all((d / "config.json").exists() for d in kept) and \
+            json.loads((kept[0] / "config.json").read_text()) == cfg
+        base, a, b = kept if reuse else generate(root / "models", cfg, int(args.shard_gb * 1e9))
+        print(f"{'reused' if reuse else 'generated'} {n_params / 1e9:.3f}B-parameter Llama "
+              f"(hidden {cfg['hidden_size']}, "
               f"{cfg['num_hidden_layers']} layers), base + 2 fine-tunes, bf16, "
               f"in {time.perf_counter() - t0:.0f} s under {root}", flush=True)
 
-        out_hi = root / "out-himerge"
-        hi = measure([sys.executable, "-c", HIMERGE_RUN, str(base), str(a), str(b), str(out_hi)],
-                     root / "himerge.log", env)
-        print(f"himerge : {hi['wall_s']:8.1f} s   peak RSS {hi['peak_rss_mb']:8.0f} MB", flush=True)
-
-        out_mk = root / "out-mergekit"
+        out_hi, out_mk = root / "out-himerge", root / "out-mergekit"
         (root / "mergekit.yml").write_text(textwrap.dedent(f"""\
             merge_method: task_arithmetic
             base_model: {base}
@@ -186,16 +198,33 @@ def main(argv=None):
             dtype: float32
             out_dtype: bfloat16
             """))
-        mk = measure([args.mergekit, str(root / "mergekit.yml"), str(out_mk), "-j", str(args.threads)],
-                     root / "mergekit.log", env)
-        print(f"mergekit: {mk['wall_s']:8.1f} s   peak RSS {mk['peak_rss_mb']:8.0f} MB", flush=True)
-        print(f"ratio himerge/mergekit: time {hi['wall_s'] / mk['wall_s']:.2f}   peak RSS "
-              f"{hi['peak_rss_mb'] / mk['peak_rss_mb']:.2f}")
+        runs = {"himerge": [], "mergekit": [], "before": []}
+        show = lambda r, who, x: print(f"round {r + 1}  {who:9}: {x['wall_s']:8.1f} s   CPU {x['cpu_s']:7.1f} s   "
+                                       f"peak RSS {x['peak_rss_mb']:8.0f} MB", flush=True)
+        for r in range(args.rounds):
+            for out in (out_hi, out_mk, root / "out-before"): shutil.rmtree(out, ignore_errors=True)
+            if args.before:
+                runs["before"].append(measure([sys.executable, "-c", HIMERGE_RUN, str(base), str(a), str(b),
+                                               str(root / "out-before")], root / "before.log",
+                                              {**env, "PYTHONPATH": str(Path(args.before).resolve())}))
+                show(r, "before", runs["before"][-1])
+            runs["himerge"].append(measure([sys.executable, "-c", HIMERGE_RUN, str(base), str(a), str(b),
+                                            str(out_hi)], root / "himerge.log", env))
+            show(r, "himerge", runs["himerge"][-1])
+            runs["mergekit"].append(measure([args.mergekit, str(root / "mergekit.yml"), str(out_mk), "-j",
+                                             str(args.threads)], root / "mergekit.log", env))
+            show(r, "mergekit", runs["mergekit"][-1])
+        for label, f in {"best": min, "median": statistics.median}.items():
+            for who in ("himerge", "before") if runs["before"] else ("himerge",):
+                ratio = {k: f(x[k] for x in runs[who]) / f(x[k] for x in runs["mergekit"])
+                         for k in ("wall_s", "cpu_s", "peak_rss_mb")}
+                print(f"ratio {who}/mergekit ({label} of {args.rounds}): time {ratio['wall_s']:.2f}   "
+                      f"CPU {ratio['cpu_s']:.2f}   peak RSS {ratio['peak_rss_mb']:.2f}")
         agree = compare(out_hi, out_mk)
         print(f"outputs: max |himerge - mergekit| = {agree['max_abs_diff']:.3g}; {agree['differing']} of "
               f"{agree['elements']} elements differ, {agree['beyond_one_bf16_step']} by more than one bf16 step")
         if agree["beyond_one_bf16_step"]: raise SystemExit("the two merges disagree beyond bf16 rounding")
-        print(json.dumps(dict(params=n_params, himerge=hi, mergekit=mk, agreement=agree)))
+        print(json.dumps(dict(params=n_params, himerge=runs["himerge"], mergekit=runs["mergekit"], agreement=agree)))
     finally:
         if not args.keep and not args.workdir: shutil.rmtree(root, ignore_errors=True)
 

@@ -12,7 +12,8 @@ from .prune import prune_scale, kept_count, check_fraction, PruneError
 
 # %% auto #0
 __all__ = ['RESCALES', 'MERGEKIT_ARGS', 'COMBINES', 'BaselineError', 'task_arithmetic', 'linear', 'ties', 'dare_linear',
-           'dare_ties', 'breadcrumbs', 'della_keep_probabilities', 'della', 'slerp', 'combine_deltas']
+           'dare_ties', 'breadcrumbs', 'breadcrumbs_ties', 'della_keep_probabilities', 'della', 'slerp',
+           'combine_deltas']
 
 # %% ../nbs/04_baselines.ipynb #abf73f5f
 class BaselineError(ValueError):
@@ -223,6 +224,32 @@ def breadcrumbs(deltas, weights, *, densities=None, generator=None, gamma=0.01, 
     pruned = torch.stack([d if p >= 1 else d * _breadcrumbs_mask(d, p, g, rounding) for d, p, g in zip(ds, ps, gammas)])
     return _sum(_weighted(pruned, ws), ws, divide) * lamb
 
+# %% ../nbs/04_baselines.ipynb #ab900b64
+def breadcrumbs_ties(deltas, weights, *, densities=None, generator=None, gamma=0.01, rounding="half_up",
+                     majority="total", sign_on="raw", divide="count", lamb=1.0):
+    """Model Breadcrumbs' pruning of each δ_m, then TIES' sign election and disjoint merge (mergekit's
+    `breadcrumbs_ties`).
+
+    Args:
+        deltas: δ_m, one tensor per source, all of one shape.
+        weights: w_m, one number per source.
+        densities: p_m, the fraction of each δ_m kept below the outliers, in (0, 1] (None: 1).
+        generator: unused (the method is deterministic); part of the common signature.
+        gamma: the top fraction of each δ_m dropped as outliers, in [0, 1): one number or one per source.
+        rounding: how p·n becomes a count: half_up (himerge), floor (PEFT), floor_at_least_one (mergekit).
+        majority: the elected sign per entry: of the total mass (total) or of the most sources (frequency).
+        sign_on: elect signs on the raw deltas (raw) or the weighted ones (weighted, mergekit).
+        divide: average the agreeing deltas by their count (count), by the sum of their weights (weight), or
+            sum them (none, mergekit's default here).
+        lamb: a factor on the merged delta, applied last (mergekit's `lambda`)."""
+    ds, ws, ps = _inputs(deltas, weights, densities)
+    gammas = _per_source(gamma, "gamma", len(ds))
+    for i, g in enumerate(gammas):
+        if not 0 <= g < 1: raise BaselineError(f"gamma of source {i}: {g!r} is not in [0, 1)")
+    pruned = torch.stack([d if p >= 1 else d * _breadcrumbs_mask(d, p, g, rounding) for d, p, g in zip(ds, ps, gammas)])
+    weighted = _weighted(pruned, ws)
+    return _disjoint(weighted, _elected(pruned, weighted, sign_on, majority), ws, divide) * lamb
+
 # %% ../nbs/04_baselines.ipynb #fed84506
 def della_keep_probabilities(t: torch.Tensor, p: float, epsilon: float) -> torch.Tensor:
     "Per-entry keep probability: p - ε for the smallest |δ| of each row, up to p + ε for the largest."
@@ -269,8 +296,8 @@ def slerp(deltas, weights, *, densities=None, generator=None, base=None, t=0.5, 
     """SLERP of the two models θ_F + w_m δ_m at fraction `t` (0: the first, 1: the second); returns θ − θ_F.
 
     Args:
-        deltas: δ_0 and δ_1, the two sources' deltas, of one shape.
-        weights: w_0 and w_1, the factors on each delta.
+        deltas: δ_0 and δ_1, the two sources' deltas, of one shape; or δ_1 alone (the first model is the base).
+        weights: w_0 and w_1, the factors on each delta (w_1 alone with one delta).
         densities: must be 1 (None): SLERP does not prune.
         generator: unused (the method is deterministic); part of the common signature.
         base: θ_F, the base tensor (required: SLERP interpolates whole weights).
@@ -278,11 +305,14 @@ def slerp(deltas, weights, *, densities=None, generator=None, base=None, t=0.5, 
         dot_threshold: above this |cos Ω| the models are nearly parallel and interpolated linearly.
         eps: a norm below this is not normalized (a zero vector stays zero)."""
     ds, ws, ps = _inputs(deltas, weights, densities)
-    if len(ds) != 2: raise BaselineError(f"slerp interpolates exactly two models, got {len(ds)} source deltas")
+    if len(ds) not in (1, 2):
+        raise BaselineError(f"slerp interpolates two models (the base and one source, or two sources), got "
+                            f"{len(ds)} source deltas")
     if base is None: raise BaselineError("slerp interpolates whole weights: give the base tensor as base=")
     if any(p < 1 for p in ps): raise BaselineError(f"densities: slerp does not prune, got {ps}")
     if not 0 <= t <= 1: raise BaselineError(f"t: {t!r} is not in [0, 1]")
     base = base.detach().float()
+    if len(ds) == 1: ds, ws = [torch.zeros_like(ds[0])] + ds, [0.0] + ws   # from the base itself
     v0, v1 = base + ws[0] * ds[0], base + ws[1] * ds[1]
     unit = lambda v: v / v.norm() if v.norm() > eps else v
     dot = (unit(v0) * unit(v1)).sum()
@@ -298,6 +328,7 @@ MERGEKIT_ARGS = {
     "dare_linear": dict(rescale="l1"),
     "dare_ties": dict(rescale="l1", sign_on="weighted", divide="none"),
     "breadcrumbs": dict(rounding="floor"),
+    "breadcrumbs_ties": dict(rounding="floor", sign_on="weighted", divide="none"),
     "della": dict(rescale="l1", sign_on="weighted", divide="weight"),
     "linear": dict(),
 }

@@ -15,11 +15,11 @@ from .errors import InputError
 __all__ = ['REPORT', 'CONFIG', 'HEATMAP', 'CARD', 'PAPER_URL', 'HUB_METRIC', 'ROW_LABELS', 'MERGE_ROWS', 'BELOW', 'FREE_TEXT',
            'CardError', 'CardLeakError', 'read_report', 'local_name', 'hub_metric', 'hub_dataset', 'final_scores',
            'eval_results', 'is_adapter', 'hub_models', 'card_data', 'md_table', 'pm', 'layer_key', 'source_link',
-           'sources_table', 'applied_options', 'score_cell', 'score_table', 'gamma_table', 'conflict_summary',
-           'decisions_table', 'candidates_table', 'contributions_table', 'grid_table', 'grid_title', 'adapter_section',
-           'reproduce_config', 'local_inputs', 'local_paths', 'check_no_local_paths', 'template_path',
-           'default_model_name', 'method_info', 'rows_note', 'card_variables', 'build_card', 'is_himerge_card',
-           'write_card']
+           'data_link', 'sources_table', 'applied_options', 'score_cell', 'score_table', 'gamma_table',
+           'conflict_summary', 'decisions_table', 'candidates_table', 'contributions_table', 'grid_table', 'grid_title',
+           'adapter_section', 'reproduce_config', 'local_inputs', 'local_paths', 'check_no_local_paths',
+           'template_path', 'default_model_name', 'method_info', 'rows_note', 'card_variables', 'build_card',
+           'is_himerge_card', 'write_card']
 
 # %% ../nbs/10_card.ipynb #ee7a7ff5
 REPORT, CONFIG, HEATMAP, CARD = "himerge_report.json", "himerge_config.yaml", "gamma_heatmap.png", "README.md"
@@ -92,7 +92,7 @@ def eval_results(report) -> list:
         if score is None or dataset is None: continue
         metric = hub_metric(record.get("metric"))
         results.append(EvalResult(task_type="text-generation", task_name=task, dataset_type=dataset[0],
-                                  dataset_name=dataset[0], dataset_revision=dataset[1],
+                                  dataset_name=dataset[0], dataset_revision=record.get("commit_sha") or dataset[1],
                                   dataset_split=split if split == "test" else record.get("split", split),
                                   metric_type=metric, metric_name=f"{metric} ({task})", metric_value=float(score)))
     return results
@@ -156,13 +156,23 @@ def source_link(rec) -> str:
         return f"[{rec['repo_id']}]({url})"
     return f"`{local_name(rec.get('spec') or rec.get('name'))}` (local)"
 
+def data_link(record: dict) -> str:
+    "A task's data as a Markdown link to the Hub dataset at the commit read, or its local folder's name."
+    dataset = hub_dataset(record)
+    if dataset is None: return f"`{local_name(record.get('data'))}` (local)"
+    ref = record.get("commit_sha") or dataset[1]
+    return f"[{dataset[0]}](https://huggingface.co/datasets/{dataset[0]}" + (f"/tree/{ref})" if ref else ")")
+
 def sources_table(report) -> str:
-    "The base and the sources: model, kind, task, revision, commit, density p and scale λ."
+    """The base, the sources and the tasks' data: model or dataset, kind, task, revision, commit, density p and
+    scale λ (the data's commit beside the models': γ and the scores depend on the rows read)."""
     sha = lambda rec: f"`{rec['commit_sha']}`" if rec.get("commit_sha") else None
     base = report["base"]
     rows = [["base", source_link(base), "base", None, base.get("revision"), sha(base), None, None]]
     rows += [[s["name"], source_link(s), s.get("kind"), s.get("task"), s.get("revision"), sha(s), s.get("density"),
               s.get("scale")] for s in report["sources"]]
+    rows += [[f"{task} data", data_link(r), "dataset", task, (hub_dataset(r) or (None, None))[1], sha(r), None, None]
+             for task, r in (report.get("tasks") or {}).items() if r.get("data")]
     return md_table(["name", "model", "kind", "task", "revision", "commit", "density p", "scale λ"], rows)
 
 # %% ../nbs/10_card.ipynb #027155a4

@@ -6,7 +6,8 @@ Docs: https://himerge.github.io/himerge/cli.html.md"""
 
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'subcommand', 'build_parser', 'setup_logging', 'main', 'add_verbosity', 'run_merge', 'run_demo',
-           'run_methods', 'run_zoo_config', 'run_zoo_build', 'run_real_zoo_build', 'run_push', 'run_cache_check']
+           'run_methods', 'run_zoo_config', 'run_zoo_build', 'run_real_zoo_build', 'run_push', 'run_cache_check',
+           'run_convert']
 
 # %% ../nbs/12_cli.ipynb #3b9bf063
 import argparse, os, sys
@@ -291,3 +292,21 @@ def run_cache_check(args) -> int:
     "`himerge cache check [DIR] [--repair]`."
     from himerge.cache import check_command
     return check_command(args)
+
+# %% ../nbs/12_cli.ipynb #d69c5d7d
+@subcommand
+def _convert_command(sub):
+    p = sub.add_parser("convert", help="write the himerge config of a mergekit config",
+                       description="Translate a mergekit YAML config into the himerge config of the same merge.")
+    p.add_argument("config", help="a mergekit config (YAML)")
+    p.add_argument("--out", help="write it to this file (default: print it)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.set_defaults(run=run_convert)
+
+def run_convert(args) -> int:
+    "`himerge convert`: a mergekit config as himerge's."
+    from himerge.mergekit_config import convert_config
+    text = convert_config(args.config, out=args.out, force=args.force)
+    if args.out is None: print(text, end="")
+    else: print(f"himerge config written to {args.out}", file=sys.stderr)
+    return 0

@@ -262,13 +262,20 @@ def _read_yaml(path: Path):
     if data is None: raise ConfigError(f"{path}: empty; a merge config names at least its sources")
     return data
 
+def _himerge_data(data):
+    "A mergekit config (`merge_method`, `models`) as the himerge config of the same merge; himerge's own as it is."
+    from himerge.mergekit_config import is_mergekit, from_mergekit
+    return from_mergekit(data) if is_mergekit(data) else data
+
 def load_config(config) -> MergeConfig:
-    "A `MergeConfig` from a config object, a dict, or a YAML file path (relative paths resolve against its folder)."
+    """A `MergeConfig` from a config object, a dict, or a YAML file path (relative paths resolve against its folder);
+    a mergekit config is read as the same merge (see the mergekit notebook)."""
     if isinstance(config, MergeConfig): return config
-    if isinstance(config, dict): return MergeConfig.from_dict(config)
+    if isinstance(config, dict): return MergeConfig.from_dict(_himerge_data(config))
     path = Path(config)
     data = _read_yaml(path)
-    try: return replace(MergeConfig.from_dict(data, root=path.resolve().parent), config_file=str(path.resolve()))
+    try: return replace(MergeConfig.from_dict(_himerge_data(data), root=path.resolve().parent),
+                        config_file=str(path.resolve()))
     except ConfigError as e: raise ConfigError(f"{path}: {e}") from None
 
 # %% ../nbs/08b_config.ipynb #631e5a8f

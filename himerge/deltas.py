@@ -119,6 +119,7 @@ class TensorStore:
     while one tensor is read."""
     def __init__(self, files, who: str = "source"):
         self.who, self.where, self._headers = who, {}, {}
+        self._last = None                        # (name, tensor) of the last `get_shared`
         for f in files:
             if Path(f).suffix == ".safetensors":
                 for k, h in file_headers(f, who).items(): self.where[k], self._headers[k] = str(f), h
@@ -135,7 +136,7 @@ class TensorStore:
         return dict(self._headers)
 
     def get(self, name) -> torch.Tensor:
-        "The float32 tensor `name`, checked for NaN and infinity."
+        "The float32 tensor `name`, checked for NaN and infinity: a new tensor, the caller's to change."
         from safetensors import safe_open
         f = self.where[name]
         if isinstance(f, dict): t, file = f[name], self._headers[name].file
@@ -147,9 +148,16 @@ class TensorStore:
             except Exception as e:
                 raise SourceError(f"{self.who}: cannot read tensor {name!r} from {f} ({type(e).__name__}: {e}); "
                                   "the file may be truncated or corrupt") from None
-        floating = t.is_floating_point()
+        floating, stored = t.is_floating_point(), t
         t = t.float()
+        if isinstance(f, dict) and t is stored: t = t.clone()     # float32 already: never hand out the loaded one
         return check_finite(t, self.who, name, file) if floating else t
+
+    def get_shared(self, name) -> torch.Tensor:
+        """`get(name)`, except that asking again for the tensor read last returns that same tensor, not a new read (a
+        merge reads a base tensor for the writer and for each source's delta in a row). Read it, never write into it."""
+        if self._last is None or self._last[0] != name: self._last = (name, self.get(name))
+        return self._last[1]
 
 
 
@@ -207,7 +215,8 @@ def full_reader(src, store: TensorStore, base_store: TensorStore, by_layer: dict
         names = by_layer.get(layer, [])
         missing = [n for n in names if n not in store]
         if missing: raise SourceError(f"{src.who}: tensor {missing[0]!r} of the base is missing")
-        return LazyLayer(names, lambda n: store.get(n) - base_store.get(n))
+        # The source's tensor is read fresh: the base's is subtracted in place (one float32 tensor, not two).
+        return LazyLayer(names, lambda n: store.get(n).sub_(base_store.get_shared(n)))
     return read
 
 # %% ../nbs/02_deltas.ipynb #d0e9d9d7
@@ -291,7 +300,6 @@ class Deltas:
         readers = [source_reader(s, self.base_store, self._by_layer, self.layers, self.config, self.allow_pickle)
                    for s in self.sources]
         self._readers, self._touched = [r for r, _ in readers], [t for _, t in readers]
-        self._checked = set()                                 # (source, layer) read once and found sound
 
     @property
     def n_sources(self) -> int: return len(self.sources)
@@ -305,18 +313,16 @@ class Deltas:
         return {n: self.base_store.get(n) for n in self._by_layer.get(layer, [])}
 
     def base_tensor(self, name: str):
-        "The base's float32 tensor `name` (a layer one tensor at a time, for a writer that needs no more)."
-        return self.base_store.get(name)
+        """The base's float32 tensor `name` (a layer one tensor at a time, for a writer that needs no more), shared
+        with the sources' deltas of the same tensor read next (`TensorStore.get_shared`): read it, never write it."""
+        return self.base_store.get_shared(name)
 
     def source_layer(self, i: int, layer) -> LazyLayer:
-        """Source `i`'s float32 deltas in `layer` (only the tensors it changes), each computed when read. The first
-        read of a layer computes each tensor once and lets it go: a bad tensor is named here, where a reader of the
-        layer expects it, not in whatever later stage first reads that tensor."""
-        delta = self._readers[i](layer)
-        if (i, layer) not in self._checked:
-            for name in delta: delta[name]
-            self._checked.add((i, layer))
-        return delta
+        """Source `i`'s float32 deltas in `layer` (only the tensors it changes), each computed when read, and checked
+        as it is computed: a NaN, an infinity or a truncated file is named, with the tensor and its file, by the read
+        that meets it. (A first pass that computed every tensor to check it, then again to use it, doubled a merge's
+        reading.)"""
+        return self._readers[i](layer)
 
     def changed_layers(self, i: int | None = None) -> list:
         "The layers source `i` changes (any source if `i` is None), known from the files' headers."

@@ -15,8 +15,8 @@ import numpy as np
 from .tasks import TaskSpec, TaskError, to_lighteval, load_tasks
 
 # %% auto #0
-__all__ = ['LIGHTEVAL_MODULES', 'TESTED_LIGHTEVAL', 'TaskScore', 'import_lighteval', 'lighteval_tested', 'quiet_lighteval',
-           'build_docs', 'Evaluator']
+__all__ = ['LIGHTEVAL_MODULES', 'TESTED_LIGHTEVAL', 'ONE_PASS_ATTENTION', 'TaskScore', 'import_lighteval', 'lighteval_tested',
+           'quiet_lighteval', 'choice_tree', 'build_docs', 'Evaluator']
 
 # %% ../nbs/06_evaluate.ipynb #e73d0619
 @dataclass
@@ -108,11 +108,26 @@ def quiet_lighteval(level=logging.ERROR):
         for log, lv in zip(logs, old): log.setLevel(lv)
 
 # %% ../nbs/06_evaluate.ipynb #bf259c1b
-def _loglikelihood_batch(wrapper, batch: list):
-    """The weight-independent parts of a log-likelihood batch, once per batch: input ids, the positions and tokens to
-    read, per-doc tensors."""
+def _per_doc(context: list, continuations: list) -> tuple:
+    "A document's context and continuations as LightEval's responses carry them, and its number of choices."
     import torch
     from torch.nn.utils.rnn import pad_sequence
+    return (torch.tensor(context, dtype=torch.long),
+            pad_sequence([torch.tensor(x, dtype=torch.long) for x in continuations], batch_first=True,
+                         padding_value=-1), len(continuations))
+
+def _padded_reads(positions: list, tokens: list) -> tuple:
+    "Each choice's logit positions and tokens padded to one width, the mask of the real ones, each choice's length."
+    import torch
+    width = max(len(t) for t in tokens)
+    pad = lambda rows: torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[True] * len(t) + [False] * (width - len(t)) for t in tokens])
+    return pad(positions), pad(tokens), mask, [len(t) for t in tokens]
+
+def _loglikelihood_batch(wrapper, batch: list):
+    """The weight-independent parts of a log-likelihood batch, once per batch, one row per choice as LightEval builds
+    them: inputs, the row, positions and tokens each choice reads, per-doc tensors (None for a cut input)."""
+    import torch
     memo = wrapper.__dict__.setdefault("_ll_memo", {})
     key = tuple(id(d) for d in batch)
     if key in memo: return memo[key][1]
@@ -128,62 +143,169 @@ def _loglikelihood_batch(wrapper, batch: list):
         if start < 0 or prepared.truncated[row]:  # cut inputs: LightEval's own path
             memo[key] = (batch, None); return None
         positions.append(list(range(start, start + len(cont)))); tokens.append(list(cont))
-    width = max(len(t) for t in tokens)
-    pad = lambda rows: torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
-    mask = torch.tensor([[True] * len(t) + [False] * (width - len(t)) for t in tokens])
-    per_doc = [(torch.tensor(c[0], dtype=torch.long),
-                pad_sequence([torch.tensor(x, dtype=torch.long) for x in k], batch_first=True, padding_value=-1),
-                len(k))
-               for c, k in zip(contexts, continuations)]
+    per_doc = [_per_doc(c[0], k) for c, k in zip(contexts, continuations)]
     # the docs kept: their ids stay unique
-    memo[key] = (batch, (prepared.input_ids, pad(positions), pad(tokens), mask, per_doc, [len(t) for t in tokens]))
+    memo[key] = (batch, (dict(input_ids=prepared.input_ids), torch.arange(len(tokens)),
+                         *_padded_reads(positions, tokens), per_doc))
     return memo[key][1]
 
-def _loglikelihood_tokens(wrapper, docs: list, rolling=False) -> list:
-    """LightEval's `_loglikelihood_tokens` with the same batches and responses: prepared batches reused, one gather per
-    batch."""
-    import torch, torch.nn.functional as F
-    from lighteval.data import LoglikelihoodDataset
+# %% ../nbs/06_evaluate.ipynb #82c02c39
+def choice_tree(context: list, continuations: list) -> tuple:
+    """One document's input for scoring all its choices in one pass: the context, then each choice's tokens but its
+    last, a prefix shared by several choices written once (a trie).
+
+    Returns:
+        tokens: the packed input's token ids.
+        parents: for each token, the position it follows (-1 for the first): it attends to its ancestors only.
+        reads: for each choice, the positions whose logits predict its tokens."""
+    tokens, parents = list(context), list(range(-1, len(context) - 1))
+    nodes, reads = {}, []
+    for continuation in continuations:
+        at, read = len(context) - 1, []
+        for j, token in enumerate(continuation):
+            read.append(at)
+            if j == len(continuation) - 1: break     # the last token predicts nothing that is read
+            if (at, token) not in nodes:
+                nodes[(at, token)] = len(tokens); tokens.append(token); parents.append(at)
+            at = nodes[(at, token)]
+        reads.append(read)
+    return tokens, parents, reads
+
+# %% ../nbs/06_evaluate.ipynb #3c70cb38
+def _one_pass_batch(wrapper, batch: list):
+    """The weight-independent parts of a batch scored in one pass per document: packed ids, positions, which token
+    sees which, and the logits to read; None where the per-choice path must run (a cut input, an empty context)."""
+    import torch
+    memo = wrapper.__dict__.setdefault("_one_pass_memo", {})
+    key = tuple(id(d) for d in batch)
+    if key in memo: return memo[key][1]
+    docs = []
+    for doc in batch:
+        c, k = wrapper.tok_encode_pair(wrapper.prompt_manager.prepare_prompt(doc), doc.choices, pairwise=True)
+        if not c[0] or any(len(c[0]) + len(x) > wrapper.max_length for x in k):
+            memo[key] = (batch, None); return None
+        docs.append((c[0], k, choice_tree(c[0], k)))
+    width = max(len(tree[0]) for _, _, tree in docs)
+    ids = torch.full((len(docs), width), wrapper.tokenizer.pad_token_id, dtype=torch.long)
+    where = torch.zeros((len(docs), width), dtype=torch.long)
+    sees = torch.eye(width, dtype=torch.bool).repeat(len(docs), 1, 1)   # padding sees itself only
+    for row, (_, _, (tokens, parents, _)) in enumerate(docs):
+        ids[row, :len(tokens)] = torch.tensor(tokens)
+        for i, parent in enumerate(parents):
+            if parent >= 0: sees[row, i, :i] = sees[row, parent, :i]; where[row, i] = where[row, parent] + 1
+    # Only the positions read go through the head: their union over the batch.
+    keep = sorted({p for _, _, tree in docs for read in tree[2] for p in read})
+    column = {p: i for i, p in enumerate(keep)}
+    rows, positions, tokens, per_doc = [], [], [], []
+    for row, (context, continuations, (_, _, reads)) in enumerate(docs):
+        for read, continuation in zip(reads, continuations):
+            rows.append(row); positions.append([column[p] for p in read]); tokens.append(list(continuation))
+        per_doc.append(_per_doc(context, continuations))
+    inputs = dict(input_ids=ids, position_ids=where, attention_mask=sees[:, None], keep=torch.tensor(keep))
+    memo[key] = (batch, (inputs, torch.tensor(rows), *_padded_reads(positions, tokens), per_doc))
+    return memo[key][1]
+
+# %% ../nbs/06_evaluate.ipynb #8c447fbc
+def _model_inputs(wrapper, inputs: dict) -> dict:
+    """The model's arguments for a prepared batch: the packed batch's mask in the form the model's attention takes
+    (True where a token may look for sdpa, 0 or the dtype's lowest for eager), its positions, the logits to keep."""
+    import torch
+    model = wrapper.model
+    out = {k: v.to(wrapper.device) for k, v in inputs.items()}
+    if "attention_mask" in out:
+        sees = out["attention_mask"]
+        if model.config._attn_implementation == "eager":
+            dtype = getattr(model, "himerge_compute_dtype", None) or model.get_input_embeddings().weight.dtype
+            out["attention_mask"] = torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill(
+                ~sees, torch.finfo(dtype).min)
+    keep = out.pop("keep", None)
+    if keep is not None and _takes_logits_to_keep(type(model)): out["logits_to_keep"] = keep
+    return out, keep
+
+@functools.cache
+def _takes_logits_to_keep(model_class) -> bool:
+    import inspect
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+def _choice_responses(wrapper, batch: list, prepared: tuple, forward=None) -> list:
+    "LightEval's `ModelResponse`s of a prepared batch: one forward, one gather, each choice's sum in LightEval's order."
+    import torch.nn.functional as F
     from lighteval.models.model_output import ModelResponse
+    inputs, rows, positions, tokens, mask, lengths, per_doc = prepared
+    kwargs, keep = _model_inputs(wrapper, inputs)
+    input_ids = kwargs.pop("input_ids")
+    rows, positions, tokens, mask = (x.to(wrapper.device) for x in (rows, positions, tokens, mask))
+    # The docs of a batch live as long as the evaluator: their ids name the batch across probes.
+    batch_key = ("one pass" if keep is not None else "per choice", *(id(d) for d in batch))
+    logits = (forward(input_ids, batch_key=batch_key, **kwargs) if forward
+              else wrapper.model(input_ids, **kwargs).logits)
+    if keep is not None and "logits_to_keep" not in kwargs: logits = logits[:, keep]
+    logprobs = F.log_softmax(logits, dim=-1)
+    read = logprobs[rows[:, None], positions]   # [choices, width, vocab]
+    picked = read.gather(2, tokens.unsqueeze(-1)).squeeze(-1)
+    # Each choice's sum over its own tokens, in LightEval's order, so the float32 results are identical.
+    sums = (picked[:, 0].tolist() if max(lengths) == 1
+            else [picked[r, :k].sum().item() for r, k in enumerate(lengths)])
+    greedy = ((read.argmax(-1) == tokens) | ~mask).all(-1).tolist()
+    responses, row = [], 0
+    for context, continuation, n in per_doc:
+        responses.append(ModelResponse(argmax_logits_eq_gold=greedy[row:row + n], logprobs=sums[row:row + n],
+                                       input_tokens=context, output_tokens=continuation))
+        row += n
+    return responses
+
+# %% ../nbs/06_evaluate.ipynb #fc5aa0a9
+ONE_PASS_ATTENTION = ("sdpa", "eager")   # attention implementations that take a custom 4D mask as given
+
+def _one_pass_agrees(wrapper, batch: list) -> bool:
+    """Whether one pass per document gives the per-choice log-likelihoods of `batch` within float tolerance (checked
+    once per evaluator: a model whose attention ignores the mask or the positions fails it); warns if not."""
+    packed, per_choice = _one_pass_batch(wrapper, batch), _loglikelihood_batch(wrapper, batch)
+    if packed is None or per_choice is None: return True   # this batch is scored per choice anyway
+    ours, theirs = _choice_responses(wrapper, batch, packed), _choice_responses(wrapper, batch, per_choice)
+    dtype = getattr(wrapper.model, "himerge_compute_dtype", None) or wrapper.model.get_input_embeddings().weight.dtype
+    tol = 1e-4 if dtype.itemsize >= 4 else 5e-2
+    if all(np.allclose(a.logprobs, b.logprobs, rtol=tol, atol=tol) for a, b in zip(ours, theirs)): return True
+    logging.getLogger("himerge").warning(
+        "%s: scoring the choices from one pass gave other log-likelihoods than one row per choice; scoring one row "
+        "per choice", type(wrapper.model).__name__)
+    return False
+
+def _loglikelihood_tokens(wrapper, docs: list, rolling=False) -> list:
+    """LightEval's `_loglikelihood_tokens` with the same responses: prepared batches reused, one gather per batch, and
+    each document's choices scored from one pass where they can be (else LightEval's batches, one row per choice)."""
+    from lighteval.data import LoglikelihoodDataset
     from lighteval.models.transformers.transformers_model import STARTING_BATCH_SIZE, TransformersModel
     if rolling or wrapper.accelerator is not None:
         return TransformersModel._loglikelihood_tokens(wrapper, docs, rolling)
+    state, forward = wrapper.__dict__, wrapper.__dict__.get("prefix_forward")   # a `PrefixForward`, if given
     dataset = LoglikelihoodDataset(requests=docs, num_dataset_splits=1)
     starting, responses = STARTING_BATCH_SIZE, []
     for split in dataset.splits_iterator():
-        # The batch size exactly as LightEval computes it, so the model sees the same batches.
+        # The batch size exactly as LightEval computes it: rows, then documents (one row per choice).
         c0, k0 = wrapper.tok_encode_pair(wrapper.prompt_manager.prepare_prompt(split[0]), split[0].choices,
                                          pairwise=wrapper.pairwise_tokenization)
         longest = max(min(wrapper.max_length, len(c0[0] + k0[0]) - 1), 1)
-        size = wrapper._get_batch_size(override_bs=wrapper.config.batch_size, max_input_length=longest,
+        rows = wrapper._get_batch_size(override_bs=wrapper.config.batch_size, max_input_length=longest,
                                        starting_batch_size=starting)
-        starting = size * 2
-        size = max(1, round(size // max(len(d.choices) for d in split) / 8) * 8)
-        for i in range(0, len(split), size):
-            batch = [split[j] for j in range(i, min(i + size, len(split)))]
-            prepared = _loglikelihood_batch(wrapper, batch)
-            if prepared is None:
-                responses.extend(TransformersModel._loglikelihood_tokens(wrapper, batch)); continue
-            input_ids, positions, tokens, mask, per_doc, lengths = (x.to(wrapper.device) if torch.is_tensor(x) else x
-                                                                    for x in prepared)
-            # a `himerge.prefix.PrefixForward`, if the scorer gave one
-            forward = wrapper.__dict__.get("prefix_forward")
-            # The docs of a batch live as long as the evaluator: their ids name the batch across probes.
-            logits = (forward(input_ids, batch_key=tuple(id(d) for d in batch)) if forward
-                      else wrapper.model(input_ids).logits)
-            logprobs = F.log_softmax(logits, dim=-1)
-            # [choices, width, vocab]
-            read = logprobs[torch.arange(len(positions), device=logprobs.device)[:, None], positions]
-            picked = read.gather(2, tokens.unsqueeze(-1)).squeeze(-1)
-            # Each choice's sum over its own tokens, in LightEval's order, so the float32 results are identical.
-            sums = (picked[:, 0].tolist() if max(lengths) == 1
-                    else [picked[r, :k].sum().item() for r, k in enumerate(lengths)])
-            greedy = ((read.argmax(-1) == tokens) | ~mask).all(-1).tolist()
-            row = 0
-            for context, continuation, n in per_doc:
-                responses.append(ModelResponse(argmax_logits_eq_gold=greedy[row:row + n], logprobs=sums[row:row + n],
-                                               input_tokens=context, output_tokens=continuation))
-                row += n
+        starting = rows * 2
+        size = max(1, round(rows // max(len(d.choices) for d in split) / 8) * 8)
+        if state.get("one_pass") and "one_pass_checked" not in state:
+            state["one_pass"] = (wrapper.model.config._attn_implementation in ONE_PASS_ATTENTION
+                                 and _one_pass_agrees(wrapper, [split[j] for j in range(min(size, len(split)))]))
+            state["one_pass_checked"] = True
+        # One pass per document: a document is one row, so a batch holds as many documents as LightEval's rows (a
+        # whole number of its batches, so that a batch scored per choice is cut as LightEval cuts it).
+        step = size * max(1, rows // size) if state.get("one_pass") else size
+        for i in range(0, len(split), step):
+            batch = [split[j] for j in range(i, min(i + step, len(split)))]
+            packed = _one_pass_batch(wrapper, batch) if state.get("one_pass") else None
+            if packed is not None:
+                responses.extend(_choice_responses(wrapper, batch, packed, forward)); continue
+            for part in (batch[j:j + size] for j in range(0, len(batch), size)):
+                prepared = _loglikelihood_batch(wrapper, part)
+                responses.extend(TransformersModel._loglikelihood_tokens(wrapper, part) if prepared is None
+                                 else _choice_responses(wrapper, part, prepared, forward))
     return dataset.get_original_order(responses)
 
 # %% ../nbs/06_evaluate.ipynb #41c199ba
@@ -284,7 +406,7 @@ def build_docs(spec: TaskSpec) -> list:
     from lighteval.tasks.lighteval_task import LightevalTask
     cfg = to_lighteval(spec)
     task = LightevalTask(cfg)
-    if spec.lighteval_config is None:
+    if spec.lighteval_config is None or spec.data_dir is not None:   # rows himerge reads: the split's first `limit`
         task.dataset = {spec.split: [dict(r) for r in spec.rows()]}
         docs = task.get_docs(None)
     else:
@@ -298,7 +420,7 @@ def build_docs(spec: TaskSpec) -> list:
 class Evaluator:
     "Score an in-memory transformers model on tasks through LightEval: documents built once, model run per call."
     def __init__(self, model, tokenizer_path, tasks, device="cpu", batch_size=32, max_length=None, chat_template=False,
-                 fast_paths=True):
+                 fast_paths=True, one_pass=True):
         """Args:
             model: the loaded transformers model; its weights may change between calls.
             tokenizer_path: a local folder holding its tokenizer.
@@ -307,7 +429,9 @@ class Evaluator:
             batch_size: LightEval's batch size.
             max_length: the longest input in tokens (None: the model's).
             chat_template: wrap prompts in the tokenizer's chat template.
-            fast_paths: replace LightEval's scoring methods by the faster ones above (same answers)."""
+            fast_paths: replace LightEval's scoring methods by the faster ones above (same answers).
+            one_pass: with the fast paths, score a document's choices from one pass over its context (the same
+                log-likelihoods within float tolerance); False: one row per choice, LightEval's exact numbers."""
         import torch
         import_lighteval()
         grad = torch.is_grad_enabled()
@@ -343,6 +467,7 @@ class Evaluator:
             model.train(was_training)
         # LightEval's sample cache is keyed on the config, not the weights: stale after edits
         self.wrapper._cache = None
+        self.wrapper.__dict__["one_pass"] = fast_paths and one_pass
         # LightEval's own methods, unchanged (a peer for benchmarks, and a way out if LightEval changes)
         if not fast_paths:
             from lighteval.models.transformers.transformers_model import TransformersModel

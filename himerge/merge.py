@@ -523,7 +523,8 @@ def build_report(p: Plan, run: Run, merged, scores: dict, files: list) -> dict:
                   options={**dataclasses.asdict(cfg.run), **dataclasses.asdict(cfg.method_options)},
                   method_options=sorted(f.name for f in dataclasses.fields(cfg.method_options)),
                   tasks={t: dict(metric=s.metric, data=task_data(s), hub=bool(s.data_sha), revision=s.revision,
-                                 split=s.split, type=s.type, limit=s.limit, test_limit=s.test_limit)
+                                 commit_sha=s.data_sha, split=s.split, type=s.type, limit=s.limit,
+                                 test_limit=s.test_limit)
                          for t, s in p.tasks.items()},
                   scores=scores, files=files)
     report["options"]["cache_dir"] = None

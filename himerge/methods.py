@@ -18,7 +18,7 @@ __all__ = ['METHODS', 'PER_TENSOR', 'PER_TENSOR_BASE', 'PER_TENSOR_LINEAR', 'SCO
            'MergeContext', 'Merged', 'register', 'get_method', 'per_tensor', 'TaskArithmeticOptions',
            'source_state_key', 'processed_key', 'task_arithmetic_merger', 'SignElectionOptions', 'TiesOptions',
            'DareLinearOptions', 'DareTiesOptions', 'BreadcrumbsOptions', 'DellaOptions', 'LinearOptions', 'check_della',
-           'SlerpOptions', 'HiMergingOptions', 'refinement', 'hi_merging_evaluations']
+           'BreadcrumbsTiesOptions', 'SlerpOptions', 'HiMergingOptions', 'refinement', 'hi_merging_evaluations']
 
 # %% ../nbs/08a_methods.ipynb #6b63a656
 class OptionError(InputError):
@@ -375,16 +375,31 @@ for _name, _summary, _options, _density, _reference in [
                          search={"density": [0.3, 0.5, 0.7], "scale": [0.6, 1.0]} if _density != 1 else {}))
 PER_TENSOR_LINEAR["linear"] = lambda weights: [w / sum(weights) for w in weights]   # the soup: Σ w_m δ_m / Σ w_m
 
+# %% ../nbs/08a_methods.ipynb #ebfda832
+@dataclass
+class BreadcrumbsTiesOptions(SignElectionOptions):
+    "Options of Model Breadcrumbs with TIES' sign election (mergekit's breadcrumbs_ties)."
+    gamma: float = option(0.01, "fraction of the largest-magnitude entries dropped (outliers), per source or one "
+                          "for all", low=0, high=1, high_open=True, per_source=True)
+    rounding: str = _rounding()
+
+PER_TENSOR["breadcrumbs_ties"] = "himerge.baselines:breadcrumbs_ties"
+register(MergeMethod("breadcrumbs_ties", "Model Breadcrumbs' pruning, then TIES' sign election and disjoint merge",
+                     BreadcrumbsTiesOptions, _per_tensor_merger("breadcrumbs_ties"), default_density=0.5,
+                     reference="Davari and Belilovsky 2024; mergekit's breadcrumbs_ties",
+                     search={"density": [0.3, 0.5, 0.7], "scale": [0.6, 1.0]}))
+
 # %% ../nbs/08a_methods.ipynb #0ea690a3
 @dataclass
 class SlerpOptions:
     "Options of SLERP."
-    t: float = option(0.5, "interpolation factor: 0 gives the first source's model, 1 the second's", low=0, high=1)
+    t: float = option(0.5, "interpolation factor: 0 gives the first source's model (or the base, given one source), "
+                      "1 the last source's", low=0, high=1)
 
 PER_TENSOR["slerp"] = "himerge.baselines:slerp"
 PER_TENSOR_BASE.add("slerp")
 register(MergeMethod("slerp", "SLERP: spherical interpolation between two models at fraction t", SlerpOptions,
-                     _per_tensor_merger("slerp"), min_sources=2, max_sources=2,
+                     _per_tensor_merger("slerp"), min_sources=1, max_sources=2,
                      reference="Shoemake 1985; mergekit's slerp", search={"t": [0.3, 0.5, 0.7]}))
 
 # %% ../nbs/08a_methods.ipynb #e4b343c3

@@ -228,7 +228,13 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def commit_output(tmp: Path, out, force: bool, stamps: dict | None = None) -> Path:
     """Move the finished staging folder into place (replacing `out` only with `force`, and only a himerge output),
-    after checking that no input file changed since `stamps` were taken (see `input_stamps`)."""
+    after checking that no input file changed since `stamps` were taken (see `input_stamps`).
+
+    Args:
+        tmp: the finished staging folder.
+        out: the output folder.
+        force: replace an existing himerge output.
+        stamps: size and modification time of each input file at plan time (None: not checked)."""
     out = Path(out)
     if stamps: check_unchanged(stamps)
     write_point("staged output complete")
@@ -337,7 +343,13 @@ def is_disk_full(e: BaseException) -> bool:
     return any(f"(os error {n})" in str(e) for n in (errno.ENOSPC, errno.EDQUOT))
 
 def disk_full_error(e: OSError, out, estimate: dict, field: str = "--out") -> DiskFullError:
-    "The one-line error for a disk that filled up while the output was written."
+    """The one-line error for a disk that filled up while the output was written.
+
+    Args:
+        e: the error the write raised.
+        out: the output folder.
+        estimate: the output's size estimate (`bytes`, and `at_most` for an upper bound).
+        field: what named the output (the option or config field), for the message."""
     where, _ = _free(Path(out).parent)      # what is free now, the staging folder removed, would mislead
     file = Path(getattr(e, "filename", None) or out).name                  # safetensors' own error names none
     size = ("at most " if estimate.get("at_most") else "about ") + _size(estimate["bytes"])

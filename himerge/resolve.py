@@ -160,7 +160,7 @@ class Measures:
 @dataclass
 class LayerView:
     "What the rule knows of one layer: its γ, class, total conflict, impaired sources, own-task contributions."
-    layer: object
+    layer: object        # the layer (or unit)
     gammas: dict         # source -> γ
     cls: str             # severe / partial / mutual
     total: float         # Γ: the sum of the impaired sources' γ
@@ -177,7 +177,14 @@ def _layer_errors(contributions, layer) -> dict:
     return {r.source: float(getattr(r, "gamma_se", float("nan"))) for r in g[g.layer == layer].itertuples()}
 
 def layer_view(contributions, layer, names: list, tasks: list, z: float = 0.0) -> LayerView:
-    "The `LayerView` of `layer` in `contributions`, with a source impaired where γ > z·se."
+    """The `LayerView` of `layer` in `contributions`, with a source impaired where γ > z·se.
+
+    Args:
+        contributions: the `Contributions` the γ come from.
+        layer: the layer (or unit).
+        names: the sources' names.
+        tasks: each source's task.
+        z: a source is impaired only where γ > z·se(γ)."""
     gammas, errors = _layer_gammas(contributions, layer), _layer_errors(contributions, layer)
     cls = classify(gammas, errors, z)
     own = {m: contributions.contribution(f"source:{m}", layer, t) for m, t in zip(names, tasks)} \
@@ -242,7 +249,13 @@ def improvement(before: dict, after: dict, gains: dict | None = None) -> tuple:
 
 def accept(rows_before: dict, rows_of: list, gains: dict | None, z: float) -> tuple:
     """(index of the candidate taken or None, [(mean, se) of each candidate's improvement]): the best candidate is
-    taken only if it beats `rows_before` by more than z standard errors of the difference (and by more than 0)."""
+    taken only if it beats `rows_before` by more than z standard errors of the difference (and by more than 0).
+
+    Args:
+        rows_before: task -> per-sample validation scores of the layer left as it is.
+        rows_of: the same for each candidate, in order.
+        gains: task -> the normaliser (the owning source's gain over the base; 1 where absent).
+        z: how many paired standard errors a candidate must beat leaving the layer by."""
     gains_ = [improvement(rows_before, rows, gains) for rows in rows_of]
     if not gains_: return None, gains_
     best = max(range(len(gains_)), key=lambda i: (gains_[i][0], -i))     # ties: the earlier (the paper's first)
@@ -268,9 +281,15 @@ class Decision:
     def record(self) -> dict:
         d = asdict(self); d["class"] = d.pop("cls"); return d
 
-def candidate_record(c: Candidate, rows: dict, gain: tuple | None, taken: bool) -> dict:
-    "A candidate as the report keeps it: its action, mean validation scores, improvement ± se over leaving the layer."
-    return dict(action=c.name, scores=means(rows), improvement=None if gain is None else gain[0],
+def candidate_record(candidate: Candidate, rows: dict, gain: tuple | None, taken: bool) -> dict:
+    """A candidate as the report keeps it: its action, mean validation scores, improvement ± se over leaving the layer.
+
+    Args:
+        candidate: the candidate.
+        rows: its per-sample validation scores, by task.
+        gain: (mean, se) of its improvement over leaving the layer; None for leaving it.
+        taken: whether the step took it."""
+    return dict(action=candidate.name, scores=means(rows), improvement=None if gain is None else gain[0],
                 improvement_se=None if gain is None else gain[1], taken=taken)
 
 # %% ../nbs/08_resolve.ipynb #b542f8c9

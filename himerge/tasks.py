@@ -13,9 +13,10 @@ from pathlib import Path
 from .errors import InputError
 
 # %% auto #0
-__all__ = ['TASK_TYPES', 'METRICS', 'DEFAULT_METRIC', 'SPEC_KEYS', 'DATA_SUFFIXES', 'TaskError', 'TaskWarning', 'split_files',
-           'resolve_data', 'row_place', 'iter_rows', 'read_rows', 'TaskSpec', 'check_row', 'load_tasks',
-           'PromptFunction', 'sentence_bleu', 'lighteval_metric', 'to_lighteval']
+__all__ = ['TASK_TYPES', 'METRICS', 'DEFAULT_METRIC', 'SPEC_KEYS', 'DATA_SUFFIXES', 'LIGHTEVAL_KEYS', 'TaskError', 'TaskWarning',
+           'split_files', 'resolve_data', 'row_place', 'iter_rows', 'read_rows', 'TaskSpec', 'check_row', 'load_tasks',
+           'PromptFunction', 'sentence_bleu', 'lighteval_metric', 'to_lighteval', 'lighteval_task_index',
+           'parse_lighteval_name', 'lighteval_task_config']
 
 # %% ../nbs/05_tasks.ipynb #9c3e0508
 TASK_TYPES = ("multiple_choice", "generative")
@@ -257,6 +258,7 @@ def _spec_from_dict(cls, name, d, root):
     if not isinstance(name, str) or not name or "|" in name:
         raise TaskError(f"task name {name!r}: expected a non-empty string without '|'")
     if not isinstance(d, dict): raise TaskError(f"task {name!r}: expected a mapping of fields, got {type(d).__name__}")
+    if "lighteval" in d: return _spec_from_lighteval_name(cls, name, d, root)   # a task of LightEval's registry
     unknown = sorted(str(k) for k in set(d) - set(SPEC_KEYS))
     if unknown: _fail(name, unknown[0], f"unknown field(s) {unknown}; allowed: {list(SPEC_KEYS)}")
     for key in ("data", "type", "prompt", "gold_field"):
@@ -437,3 +439,110 @@ def to_lighteval(spec: TaskSpec):
         few_shots_split=None, few_shots_select=None, num_fewshots=0,
         generation_size=spec.generation_size if spec.type == "generative" else None,
         stop_sequence=list(spec.stop_sequences) if spec.type == "generative" else None)
+
+# %% ../nbs/05_tasks.ipynb #7d35f603
+def _lighteval_tasks_dir() -> Path:
+    "The folder of LightEval's built-in task modules, found without importing lighteval (~10 s)."
+    import importlib.util
+    spec = importlib.util.find_spec("lighteval")
+    if spec is None or not spec.origin: raise TaskError("lighteval is not installed: pip install lighteval")
+    return Path(spec.origin).parent / "tasks" / "tasks"
+
+def _config_names(tree) -> tuple:
+    "(names, constant name prefixes) of the `LightevalTaskConfig(name=...)` calls in a module's syntax tree."
+    import ast
+    names, prefixes = set(), set()
+    for node in ast.walk(tree):
+        func = getattr(node, "func", None)
+        if not isinstance(node, ast.Call) or getattr(func, "id", getattr(func, "attr", None)) != "LightevalTaskConfig":
+            continue
+        for kw in node.keywords:
+            if kw.arg != "name": continue
+            if isinstance(kw.value, ast.Constant) and isinstance(kw.value.value, str): names.add(kw.value.value)
+            elif isinstance(kw.value, ast.JoinedStr) and isinstance((kw.value.values or [None])[0], ast.Constant):
+                prefixes.add(kw.value.values[0].value)
+    return names, prefixes
+
+_LIGHTEVAL_INDEX: dict = {}
+
+def lighteval_task_index() -> dict:
+    """{task name: module} of LightEval's built-in tasks, and {prefix + '*': module} for names built at import,
+    read from the modules' source: none is imported."""
+    import ast
+    if _LIGHTEVAL_INDEX: return _LIGHTEVAL_INDEX
+    root = _lighteval_tasks_dir()
+    for path in sorted(root.glob("*.py")) + sorted(root.glob("*/main.py")):
+        module = ".".join(path.relative_to(root).with_suffix("").parts)
+        try: names, prefixes = _config_names(ast.parse(path.read_text(encoding="utf-8")))
+        except (SyntaxError, UnicodeDecodeError, OSError): continue   # a module we cannot read offers no names
+        for n in names: _LIGHTEVAL_INDEX.setdefault(n, module)
+        for p in prefixes: _LIGHTEVAL_INDEX.setdefault(p + "*", module)
+    return _LIGHTEVAL_INDEX
+
+# %% ../nbs/05_tasks.ipynb #5c0a1f27
+def parse_lighteval_name(name: str, value) -> tuple:
+    "(task, few-shot count) of a LightEval task name `suite|task|fewshot`, `task|fewshot` or `task` (for task `name`)."
+    if not isinstance(value, str) or not value.strip():
+        _fail(name, "lighteval", f"expected a LightEval task name such as 'lighteval|arc:easy|0', got {value!r}")
+    parts = [p.strip() for p in value.strip().split("|")]
+    if len(parts) > 3 or not all(parts):
+        _fail(name, "lighteval", f"{value!r}: expected 'suite|task|fewshot', 'task|fewshot' or 'task'")
+    task, shots = (parts[1], parts[2]) if len(parts) == 3 else (parts[0], parts[1] if len(parts) == 2 else "0")
+    if not shots.isdigit(): _fail(name, "lighteval", f"{value!r}: the few-shot count {shots!r} is not a number")
+    return task, int(shots)
+
+def lighteval_task_config(name: str, value):
+    """The `LightevalTaskConfig` that LightEval's registry names `value`, importing only the module defining it;
+    a `TaskError` on task `name` (listing close names when LightEval has no such task)."""
+    import difflib, importlib
+    task, shots = parse_lighteval_name(name, value)
+    if shots: _fail(name, "lighteval", f"{value!r} asks for {shots}-shot prompts; himerge scores zero-shot: end it "
+                                       "with |0")
+    index = lighteval_task_index()
+    module = index.get(task) or next((m for p, m in index.items() if p.endswith("*") and task.startswith(p[:-1])), None)
+    config = None
+    if module is not None:
+        try: found = importlib.import_module(f"lighteval.tasks.tasks.{module}")
+        except Exception as e:   # what LightEval's module needs (a download, a library) is missing here
+            _fail(name, "lighteval", f"LightEval's module {module!r} defining {task!r} cannot be imported here: "
+                                     f"{type(e).__name__}: {e}")
+        config = next((c for c in getattr(found, "TASKS_TABLE", []) if getattr(c, "name", None) == task), None)
+    if config is None:
+        close = difflib.get_close_matches(task, [n for n in index if not n.endswith("*")], n=5, cutoff=0.6)
+        _fail(name, "lighteval", f"{task!r} is not a task of LightEval's registry"
+                                 + (f"; close names: {', '.join(close)}" if close else ""))
+    return config
+
+# %% ../nbs/05_tasks.ipynb #69973205
+LIGHTEVAL_KEYS = ("lighteval", "split", "limit", "test_limit")
+
+def _spec_from_lighteval_name(cls, name, d, root):
+    "A `TaskSpec` for a task entry `{lighteval: NAME, split, limit, test_limit}`: LightEval's task, its data as usual."
+    unknown = sorted(str(k) for k in set(d) - set(LIGHTEVAL_KEYS))
+    if unknown: _fail(name, unknown[0], f"a LightEval task brings its own data, prompt and metric; with `lighteval` "
+                                        f"only {list(LIGHTEVAL_KEYS)} apply")
+    config = lighteval_task_config(name, d["lighteval"])
+    split = d.get("split", "validation")
+    if not isinstance(split, str) or not split: _fail(name, "split", f"expected a split name, got {split!r}")
+    if split == "test": _fail(name, "split", "the test split is reserved for final scores; analyse on validation")
+    limit = _positive_int(name, "limit", d.get("limit"), allow_none=True)
+    test_limit = _positive_int(name, "test_limit", d.get("test_limit"), allow_none=True)
+    data_dir, revision, sha = resolve_data(name, config.hf_repo, config.hf_revision, root)
+    if config.hf_subset not in (None, "", "default") and (data_dir / config.hf_subset).is_dir():
+        data_dir = data_dir / config.hf_subset
+    splits = [s for s in ("train", "validation", "test", *(config.hf_avail_splits or ())) if split_files(data_dir, s)]
+    if split not in splits:
+        _fail(name, "split", f"LightEval's {config.name!r} data ({config.hf_repo}, subset {config.hf_subset}) has no "
+                             f"{split!r} split here; it has {sorted(set(splits))}")
+    first = next(iter_rows(split_files(data_dir, split), 1), None)
+    if first is None: _fail(name, "split", f"split {split!r} of {config.hf_repo} has no rows")
+    try: config.prompt_function(first[2], config.name)
+    except Exception as e:
+        _fail(name, "lighteval", f"LightEval's prompt function of {config.name!r} cannot read "
+                                 f"{row_place(first[0], first[1])}: {type(e).__name__}: {e}")
+    local = dataclasses.replace(config, hf_repo=str(data_dir), hf_subset="default", hf_revision=None,
+                                hf_avail_splits=list(dict.fromkeys(splits)), evaluation_splits=[split],
+                                few_shots_split=None, num_fewshots=0)
+    spec = _spec_from_lighteval(cls, local, limit)
+    return dataclasses.replace(spec, name=name, data=str(config.hf_repo), revision=revision, data_dir=data_dir,
+                               data_sha=sha, test_limit=test_limit)

@@ -49,7 +49,8 @@ def fake_report(hi_merging: bool = True, license: str | None = "apache-2.0", ada
         himerge_version="0.1.0", method=method, created="2026-11-23T08:00:00+00:00",
         base=base, sources=sources, options=options, method_options=method_options,
         tasks={t: dict(metric=METRIC[t], data=DATA[t][0], hub=DATA[t][1], revision=DATA[t][2], split="validation",
-                       type="multiple_choice" if t == "arith" else "generative") for t in TASKS},
+                       commit_sha=f"{j + 7}" * 40 if DATA[t][1] else None,   # the Hub datasets' commits read
+                       type="multiple_choice" if t == "arith" else "generative") for j, t in enumerate(TASKS)},
         scores=dict(validation=validation, test=test),
         evaluations=dict(done=0, reused=0, planned=0), timings=dict(total_s=1.5),
         files=["model.safetensors", "config.json", "generation_config.json", "tokenizer_config.json"])

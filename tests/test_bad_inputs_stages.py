@@ -474,7 +474,8 @@ def run_stage(case: Case, w: Path, tasks: dict, over: dict):
         if "after_resolve" in over: over["after_resolve"]()
         for layer in deltas.layers:
             deltas.base_layer(layer)
-            for i in range(deltas.n_sources): deltas.source_layer(i, layer)
+            # every tensor read, as a merge reads them: each is checked as it is computed
+            for i in range(deltas.n_sources): dict(deltas.source_layer(i, layer))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

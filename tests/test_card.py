@@ -10,7 +10,7 @@ from markdown_it import MarkdownIt
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_output import make_fake_output, fake_report, make_merge_output, make_zoo_merge_output
 from himerge.card import (build_card, write_card, CardError, CardLeakError, md_table, layer_key, local_paths,
-                          hub_metric, gamma_table, template_path)
+                          hub_metric, gamma_table, template_path, card_data)
 from himerge.errors import InputError
 from himerge.zoo import load_zoo
 
@@ -65,10 +65,15 @@ def test_hi_merging_card_metadata_round_trip(tmp_path):
     assert loaded.data.to_dict() == card.data.to_dict()
     results = {(r.task_name, r.dataset_type, r.dataset_revision, r.dataset_split, r.metric_type): r.metric_value
                for r in loaded.data.eval_results}
-    # only tasks on Hub data, named by the dataset id, with its revision; the local `antonyms` data is not listed
-    merged = report["scores"]["test"]["merged"]
-    assert results == {("arith", "himerge-zoo/arith-qa", "v1", "test", "accuracy"): merged["arith"],
-                       ("capitals", "himerge-zoo/capitals", None, "test", "exact_match"): merged["capitals"]}
+    # only tasks on Hub data, named by the dataset id, at the commit read; the local `antonyms` data is not listed
+    merged, shas = report["scores"]["test"]["merged"], {t: r["commit_sha"] for t, r in report["tasks"].items()}
+    assert results == {
+        ("arith", "himerge-zoo/arith-qa", shas["arith"], "test", "accuracy"): merged["arith"],
+        ("capitals", "himerge-zoo/capitals", shas["capitals"], "test", "exact_match"): merged["capitals"]}
+    # a report written before commits were recorded: the revision asked for
+    older = {**report, "tasks": {t: {k: v for k, v in r.items() if k != "commit_sha"}
+                                 for t, r in report["tasks"].items()}}
+    assert {r.dataset_revision for r in card_data(older, "m").eval_results} == {"v1", None}
     assert oct(path.stat().st_mode & 0o777) == oct(0o644)
 
 @pytest.mark.parametrize("metric", ["loglikelihood_acc", "rougeL", "rouge1", "rouge2", "bleu", "exact_match"])
