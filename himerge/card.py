@@ -15,7 +15,7 @@ from .errors import InputError
 __all__ = ['REPORT', 'CONFIG', 'HEATMAP', 'CARD', 'PAPER_URL', 'HUB_METRIC', 'ROW_LABELS', 'MERGE_ROWS', 'BELOW', 'FREE_TEXT',
            'CardError', 'CardLeakError', 'read_report', 'local_name', 'hub_metric', 'hub_dataset', 'final_scores',
            'eval_results', 'is_adapter', 'hub_models', 'card_data', 'md_table', 'pm', 'layer_key', 'source_link',
-           'data_link', 'sources_table', 'applied_options', 'score_cell', 'score_table', 'gamma_table',
+           'data_link', 'sources_table', 'applied_options', 'score_cell', 'score_table', 'layer_actions', 'gamma_table',
            'conflict_summary', 'decisions_table', 'candidates_table', 'contributions_table', 'auto_section',
            'grid_table', 'grid_title', 'adapter_section', 'reproduce_config', 'local_inputs', 'local_paths',
            'check_no_local_paths', 'template_path', 'default_model_name', 'method_info', 'rows_note', 'card_variables',
@@ -227,6 +227,14 @@ def score_table(report, split: str) -> tuple:
     return md_table(header, table), below
 
 # %% ../nbs/10_card.ipynb #739052d9
+def layer_actions(report) -> dict:
+    "layer -> the numbered actions of its resolution steps (refinement steps only where they were taken)."
+    actions = {}
+    for d in sorted(report.get("decisions") or [], key=lambda d: d.get("order", 0)):
+        if d.get("class") == "refine" and not d.get("taken", True): continue   # a scale tried and not taken
+        actions.setdefault(str(d["layer"]), []).append(f"{d.get('order')}. {d.get('action')}")
+    return actions
+
 def gamma_table(report, key: str = "gamma") -> str:
     "γ per layer and source (bold: a significant conflict), the layer's class and the resolution's action."
     rows_in = report.get(key) or []
@@ -234,10 +242,7 @@ def gamma_table(report, key: str = "gamma") -> str:
     layers = sorted({str(g["layer"]) for g in rows_in}, key=layer_key)
     by = {(str(g["layer"]), g["source"]): g for g in rows_in}
     classes = {str(k): v for k, v in (report.get("classes") or {}).items()}
-    actions = {}
-    for d in sorted(report.get("decisions") or [], key=lambda d: d.get("order", 0)):
-        if d.get("class") == "refine" and not d.get("taken", True): continue   # a scale tried and not taken
-        actions.setdefault(str(d["layer"]), []).append(f"{d.get('order')}. {d.get('action')}")
+    actions = layer_actions(report)
     z = (report.get("resolution") or {}).get("conflict_z") or 0
     counted = {str(k): set(v) for k, v in (report.get("impaired") or {}).items()} if z and key == "gamma" else None
     def cell(g):

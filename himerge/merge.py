@@ -730,8 +730,9 @@ def conflict_table(result: MergeResult):
     g = g.reindex(list(dict.fromkeys(r["layer"] for r in rep["gamma"])))   # model order, as analysed
     g.columns = [f"γ {c}" for c in g.columns]
     g["class"] = [rep["classes"].get(str(layer), "") for layer in g.index]
-    actions = {d["layer"]: d["action"] for d in rep["decisions"]}
-    g["action"] = [actions.get(layer, "kept") for layer in g.index]
+    from himerge.card import layer_actions
+    actions = layer_actions(rep)          # as the card lists them: every step of the layer, in order
+    g["action"] = ["; ".join(actions.get(str(layer), [])) or "kept" for layer in g.index]
     return g
 
 def demo(out="himerge-demo", force=False, progress=True) -> MergeResult:
