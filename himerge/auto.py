@@ -6,13 +6,17 @@ Docs: https://himerge.github.io/himerge/auto.html.md"""
 
 # %% ../nbs/09b_auto.ipynb #588608a3
 from __future__ import annotations
-import dataclasses, time
+import dataclasses, logging, time
 
 from himerge.methods import METHODS, Counts, MergeContext, Merged, auto_candidates, auto_points, parse_options, \
     point_cost
+from .contributions import NoGainError
+
+log = logging.getLogger(__name__)
+
 
 # %% auto #0
-__all__ = ['point_context', 'reference_scores', 'AutoRecord', 'auto_merger']
+__all__ = ['log', 'point_context', 'reference_scores', 'AutoRecord', 'auto_merger']
 
 # %% ../nbs/09b_auto.ipynb #3e696bd9
 def point_context(context: MergeContext, name: str, point: dict) -> MergeContext:
@@ -80,7 +84,10 @@ def auto_merger(context: MergeContext) -> Merged:
             if opts.budget is not None and spent + point_cost(name, counts) > opts.budget:
                 skipped.append((name, point)); continue
             done, t0 = scorer.cache.done, time.perf_counter()
-            merged = METHODS[name].build(point_context(context, name, point))
+            try: merged = METHODS[name].build(point_context(context, name, point))
+            except NoGainError as e:       # e.g. Hi-Merging's gain normalisation: the others still compare
+                log.warning("method: auto: %s left out: %s", name, e); spent += scorer.cache.done - done
+                skipped.append((name, point)); continue
             scores = means(scorer.score(merged.state, tasks, "validation"))
             kept = _gain(scores, base, owner)
             spent += scorer.cache.done - done

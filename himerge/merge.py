@@ -56,8 +56,9 @@ class Plan:
 
 # %% ../nbs/09_merge.ipynb #ff3051ad
 def _shared_validation(cfg: MergeConfig, n_tasks: int) -> int:
-    "Validation scores of the pipeline that Hi-Merging's analysis has already measured."
-    # then an upper bound
+    "Validation scores of the pipeline that the method (Hi-Merging's analysis, a search) has already measured."
+    # then an upper bound; a method that scored its own merge shares that score, unless written as an adapter
+    if cfg.merge_method.scores_merge: return n_tasks if cfg.run.output_format != "adapter" else 0
     if cfg.method != "hi-merging" or any("auto" in (s.density, s.scale) for s in cfg.sources): return 0
     unprocessed = sum(1 for s in cfg.sources if s.density == 1 and s.scale == 1)  # a source alone, on its own task
     # the merge its decisions scored, unless written as an adapter: then the adapter read back is scored anew

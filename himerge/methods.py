@@ -156,6 +156,7 @@ class MergeMethod:
     reference: str = ""              # where the method comes from
     validate: Callable | None = None # (sources, options) -> None: checks only this method can make, OptionError if not
     search: dict = field(default_factory=dict)  # the grid a fair comparison searches (see himerge.compare)
+    scores_merge: bool = False       # the merger scores its own merge on validation (the run's score is then shared)
 
     def build(self, context):
         "Run the merger on `context`; return its `Merged`."
@@ -513,7 +514,7 @@ def auto_evaluations(counts: Counts, options: AutoOptions) -> dict:
 
 register(MergeMethod("auto", "every method's grid scored on validation, the best one merged; all their scores "
                      "reported", AutoOptions, "himerge.auto:auto_merger", needs_tasks=True, min_sources=2,
-                     evaluations=auto_evaluations, validate=check_auto,
+                     evaluations=auto_evaluations, validate=check_auto, scores_merge=True,
                      reference="himerge: the fair comparison of 09a_compare, inside one merge"))
 
 # %% ../nbs/08a_methods.ipynb #3b289bd8
@@ -532,7 +533,7 @@ def layerwise_evaluations(counts: Counts, options: LayerwiseSearchOptions) -> di
 
 register(MergeMethod("layerwise_search", "per-layer, per-source scales found by CMA-ES on validation, at "
                      "Hi-Merging's evaluation budget", LayerwiseSearchOptions, "himerge.layerwise:layerwise_search",
-                     needs_tasks=True, evaluations=layerwise_evaluations,
+                     needs_tasks=True, evaluations=layerwise_evaluations, scores_merge=True,
                      reference="Akiba et al. 2025, Evolutionary optimization of model merging recipes; "
                                "mergekit-evolve"))
 

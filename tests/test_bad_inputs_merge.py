@@ -559,7 +559,10 @@ def test_planned_evaluations_are_the_evaluations_run(name, world, capsys):
     bound = sum(_stage(dry.out, stage) for stage in ("resolution scores (at most)", "resolution candidates (at most)",
                                                     "refinement (at most)"))
     spent = (report.get("resolution") or {}).get("evaluations", 0)
-    assert spent <= bound and done == planned - bound + spent, (done, planned, bound, spent)
+    if "comparison, validation (at most)" in dry.out:    # auto: points that share a merge are scored once
+        assert done <= planned, (done, planned)
+    else:
+        assert spent <= bound and done == planned - bound + spent, (done, planned, bound, spent)
     assert done == cache_records(world.cache), "every evaluation run is stored once"
     assert {k: v for k, v in fingerprint(world.root).items() if not k.startswith("merged")} == inputs
     assert staging_left(world.root) == []
