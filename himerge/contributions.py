@@ -265,10 +265,6 @@ def _run(self, merged=None, edits_key=None) -> Contributions:
              len(self.layers), evaluations["done"], evaluations["reused"], evaluations["seconds"])
     return Contributions(reference, table, gamma, gains, evaluations, self.layers)
 
-def _score_merged(self, merged=None, edits_key=None) -> dict:
-    "Mean scores of the (possibly edited) pre-merge on every task."
-    return means(self.scorer.score(self.states(merged, edits_key)[-1], self.all_tasks))
-
 def _rows_merged(self, resolved: list) -> list:
     "Per-sample scores on every task of the pre-merge of each resolved deltas (by their `key()`), in one call."
     from himerge.evaluate import quiet_lighteval
@@ -280,7 +276,7 @@ def _scores_merged(self, resolved: list) -> list:
     return [means(scores) for scores in self.rows_merged(resolved)]
 
 ContributionAnalysis.tables, ContributionAnalysis.run = _tables, _run
-ContributionAnalysis.score_merged, ContributionAnalysis.scores_merged = _score_merged, _scores_merged
+ContributionAnalysis.scores_merged = _scores_merged
 ContributionAnalysis.rows_merged = _rows_merged
 
 # %% ../nbs/07_contributions.ipynb #a042cb3e
