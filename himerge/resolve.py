@@ -14,6 +14,7 @@ import numpy as np
 
 from .contributions import paired, plot_gamma
 from .deltas import map_layer
+from .methods import implements
 from .prune import prune_scale, prune_scale_group
 from .scoring import means
 
@@ -506,6 +507,7 @@ def resolve_settings(context) -> ResolveSettings:
                            opts.scale_factor, opts.conflict_z, opts.accept_z, refine=refinement(opts),
                            remeasure=opts.remeasure, budget=opts.budget, scope=opts.prune_scope)
 
+@implements("hi-merging")
 def hi_merging(context):
     "The merger of `method: hi-merging`: Stage 1, the contribution analysis and conflict resolution; a `Merged`."
     from himerge.contributions import ContributionAnalysis
