@@ -8,8 +8,6 @@ Docs: https://himerge.github.io/himerge/layerwise_search.html.md"""
 from __future__ import annotations
 import dataclasses
 
-import cma
-
 from .auto import reference_scores
 from .baselines import combine_deltas
 from .compare import mean_gain_kept
@@ -59,6 +57,7 @@ class LayerwiseRecord:
 @implements("layerwise_search")
 def layerwise_search(context: MergeContext) -> Merged:
     "The merger of `method: layerwise_search`: CMA-ES over per-layer, per-source scales, on validation."
+    import cma   # 1.3 s to import: only this method needs it, and every merge imports the method modules
     opts, layers, n = context.options, list(context.layers), len(context.names)
     tasks = list(dict.fromkeys(context.tasks))
     budget = opts.budget or default_budget(Counts(n, len(tasks), len(layers)))

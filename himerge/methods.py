@@ -186,6 +186,7 @@ class DareTiesOptions(SignElectionOptions):
     "Options of DARE with TIES' sign election."
     rescale: bool | str = _rescale()
 
+# %% ../nbs/08a_methods.ipynb #2c0cc3d9
 @dataclass
 class BreadcrumbsOptions:
     "Options of Model Breadcrumbs."
@@ -217,6 +218,7 @@ def check_della(sources: list, options) -> None:
                               f"(density {s.density:g}) outside (0, 1]; choose epsilon below "
                               f"{min(s.density, 1 - s.density):g}")
 
+# %% ../nbs/08a_methods.ipynb #f67d2fbe
 for _name, _summary, _options, _density, _reference in [
         ("ties", "TIES: trim each delta to density p, elect a sign per entry, average the agreeing deltas",
          TiesOptions, 0.5, "Yadav et al. 2023, TIES-Merging"),
@@ -418,6 +420,7 @@ class HiMergingOptions:
                          "under the same accept rule and budget; auto: layer_scale when verified, none with the "
                          "paper's rule", choices=("auto", "none", "layer_scale"))
 
+# %% ../nbs/08a_methods.ipynb #4c2b2913
 def refinement(options: HiMergingOptions) -> str:
     "The refinement a Hi-Merging run makes: `refine`, with auto read as layer_scale when verified, none otherwise."
     if options.refine != "auto": return options.refine

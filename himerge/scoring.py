@@ -15,7 +15,6 @@ import torch
 from fastcore.basics import patch
 
 from .cache import EvalCache, fingerprint, task_key
-from .distributed import Exchange, assign, broadcast, rebalance, split_units
 from .evaluate import Evaluator
 from .prefix import PrefixError, PrefixForward, prefix_chain
 # what loads the model is himerge.loading; himerge.merge still reads these names here
@@ -452,6 +451,7 @@ def _drop(queues: list, taken):
 @patch
 def _run_shared(self: Scorer, items: list) -> dict:
     "Scores of every item, each computed by one rank, known to all."
+    from himerge.distributed import Exchange, assign, broadcast, rebalance, split_units   # never in one process
     group, shared = self.group, self.shared
     t0 = time.perf_counter()
     known = broadcast(group, {j: v.tolist() for j, v in self._cached(items).items()} if group.main else None)
