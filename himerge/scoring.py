@@ -15,6 +15,7 @@ import torch
 from fastcore.basics import patch
 
 from .cache import EvalCache, fingerprint, task_key
+from .editor import LayerEditor
 from .evaluate import Evaluator
 from .prefix import PrefixError, PrefixForward, prefix_chain
 # what loads the model is himerge.loading; himerge.merge still reads these names here
@@ -24,82 +25,8 @@ from .loading import (check_device, check_loaded, compute_dtype, input_device, l
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'PROBE_KINDS', 'SHARED_ROUND', 'LayerEditor', 'State', 'base_state', 'Probe', 'Scorer', 'libc', 'trim_heap',
-           'sum_in', 'means', 'prefix_forward', 'lighteval_scorer']
-
-# %% ../nbs/06c_scoring.ipynb #b5d163c2
-def _offload_slot(model, name: str):
-    "(weights map, key) holding tensor `name` for an accelerate hook that offloads it, or None."
-    module_name, _, _ = name.rpartition(".")
-    parts = module_name.split(".") if module_name else []
-    for depth in range(len(parts), -1, -1):                 # the nearest hooked ancestor
-        module = model.get_submodule(".".join(parts[:depth]))
-        hook = getattr(module, "_hf_hook", None)
-        for h in getattr(hook, "hooks", [hook]) if hook is not None else []:
-            weights = getattr(h, "weights_map", None)
-            if getattr(h, "offload", False) and weights is not None:
-                return weights, name[len(".".join(parts[:depth])) + 1 if depth else 0:]
-    return None
-
-def _map_set(weights, key: str, value):
-    "Write `value` under `key` of an accelerate weights map (a dict, or a PrefixedDataset over one or over a loader)."
-    if hasattr(weights, "prefix"): weights, key = weights.dataset, weights.prefix + key
-    getattr(weights, "state_dict", weights)[key] = value    # an offload loader looks in its state_dict first
-
-# %% ../nbs/06c_scoring.ipynb #6c000001
-class LayerEditor:
-    "Write tensors into a loaded model's parameters by name; `reset` puts the loaded tensors back exactly."
-    def __init__(self, model):
-        self.model = model
-        self.params = model.state_dict(keep_vars=True)   # names -> live parameters and buffers
-        self.dtype = getattr(model, "himerge_compute_dtype", None)   # set by `compute_in`: write in the compute dtype
-        self.loaded = {}                                   # key -> (restore function, the loaded tensor)
-
-    def target_dtype(self, name: str):
-        "The dtype an edit of `name` is held in: the compute dtype for a floating-point weight, else its own."
-        param = self.params[name]
-        return self.dtype if (self.dtype is not None and param.is_floating_point()) else param.dtype
-
-    def write(self, values: dict, owned: bool = False):
-        """Make the model hold `values` (name -> tensor), converted to each parameter's (compute) dtype and device;
-        with `owned`, the caller hands the tensors over and one already in that dtype and device is not copied."""
-        with torch.no_grad():
-            for name, value in values.items():
-                if name not in self.params: raise KeyError(f"tensor {name!r} is not a parameter of the loaded model")
-                param = self.params[name]
-                if param.shape != value.shape:
-                    raise ValueError(f"tensor {name!r}: the model has shape {tuple(param.shape)}, "
-                                     f"the edit {tuple(value.shape)}")
-                slot = _offload_slot(self.model, name) if param.device.type == "meta" else None
-                if slot is not None:
-                    weights, key = slot
-                    old = weights[key]
-                    restore = lambda t, w=weights, k=key: _map_set(w, k, t)
-                    self.loaded.setdefault(("map", id(weights), key), (restore, old))
-                    _map_set(weights, key, value.to(dtype=old.dtype, device=old.device, copy=True))
-                    continue
-                self.loaded.setdefault(id(param), (lambda t, p=param: setattr(p, "data", t), param.data))
-                new = value.to(device=param.device, dtype=self.target_dtype(name))
-                param.data = new.clone() if new is value and not owned else new   # never alias the caller's tensor
-
-    def reset(self, names=None):
-        "Put the loaded tensors back into `names` (every edited parameter if None)."
-        if names is None: targets = list(self.loaded)
-        else:
-            targets = []
-            for n in names:
-                if n not in self.params: continue
-                slot = _offload_slot(self.model, n) if self.params[n].device.type == "meta" else None
-                targets.append(("map", id(slot[0]), slot[1]) if slot else id(self.params[n]))
-        for key in targets:
-            if key in self.loaded:
-                restore, original = self.loaded.pop(key)
-                restore(original)
-
-    @property
-    def edited(self) -> int:
-        "How many parameters hold something other than their loaded tensor."
-        return len(self.loaded)
+__all__ = ['log', 'PROBE_KINDS', 'SHARED_ROUND', 'State', 'base_state', 'Probe', 'Scorer', 'libc', 'trim_heap', 'sum_in', 'means',
+           'prefix_forward', 'lighteval_scorer']
 
 # %% ../nbs/06c_scoring.ipynb #e2484773
 @dataclass(frozen=True, eq=False)
