@@ -58,6 +58,7 @@ class MergeMethod:
     def build(self, context):
         "Run the merger on `context` (its module imported on first use); return its `Merged`."
         if self.merger is None: load_mergers()
+        if self.merger is None: raise LookupError(f"method {self.name!r}: no module gives its merger (@implements)")
         return self.merger(context)
 
 @dataclass
