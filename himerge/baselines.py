@@ -54,13 +54,15 @@ def _weighted(stacked: torch.Tensor, weights: list) -> torch.Tensor:
     w = torch.tensor(weights, dtype=stacked.dtype)
     return stacked * w.view(w.shape + (1,) * (stacked.dim() - 1))
 
-def _sum(stacked_weighted, weights, divide: str):
-    "Σ_m w_m δ_m, divided by Σ_m w_m when `divide='weight'` (mergekit's `normalize`)."
+def _sum(stacked_weighted, weights, divide: str, mergekit_order: bool = False):
+    """Σ_m w_m δ_m, divided by Σ_m w_m when `divide='weight'` (mergekit's `normalize`); in mergekit's order, that
+    sum is of the weights as a tensor of the deltas' dtype, as mergekit sums them."""
     mixed = stacked_weighted.sum(dim=0)
     if _choice(divide, "divide", ("none", "weight")) == "weight":
         total = sum(weights)
         if abs(total) < 1e-8: raise BaselineError(f"weights: they sum to {total}, cannot divide by their sum")
-        mixed = mixed / torch.tensor(total, dtype=mixed.dtype)
+        mixed = mixed / (torch.tensor(weights, dtype=mixed.dtype).sum() if mergekit_order
+                         else torch.tensor(total, dtype=mixed.dtype))
     return mixed
 
 # %% ../nbs/04_baselines.ipynb #32a9e245
@@ -180,7 +182,8 @@ def _dare(ds, ps, generator, rescale):
         out.append(_rescale(d, _bernoulli(probs, generator), p, rescale).to(d.dtype))
     return torch.stack(out)
 
-def dare_linear(deltas, weights, *, densities=None, generator=None, rescale=True, divide="none", lamb=1.0):
+def dare_linear(deltas, weights, *, densities=None, generator=None, rescale=True, divide="none", lamb=1.0,
+                arithmetic="himerge"):
     """DARE: keep each entry of δ_m with probability p_m, rescale (1/p_m, or 'l1'), then Σ_m w_m δ̃_m.
 
     Args:
@@ -190,9 +193,11 @@ def dare_linear(deltas, weights, *, densities=None, generator=None, rescale=True
         generator: the seeded `torch.Generator` of the random drop (None: torch's global RNG).
         rescale: divide the survivors by p_m (True), match δ_m's L1 norm ('l1', mergekit), or not (False).
         divide: none (a sum) or weight (divided by Σ w_m).
-        lamb: a factor on the merged delta, applied last (mergekit's `lambda`)."""
+        lamb: a factor on the merged delta, applied last (mergekit's `lambda`).
+        arithmetic: himerge (float32, ties by index) or mergekit_<dtype> (mergekit's dtype and order)."""
     ds, ws, ps = _inputs(deltas, weights, densities)
-    return _sum(_weighted(_dare(ds, ps, generator, rescale), ws), ws, divide) * lamb
+    ds, mergekit_order = _arithmetic(ds, arithmetic)
+    return (_sum(_weighted(_dare(ds, ps, generator, rescale), ws), ws, divide, mergekit_order) * lamb).float()
 
 def dare_ties(deltas, weights, *, densities=None, generator=None, rescale=True, majority="total",
               sign_on="raw", divide="count", lamb=1.0, arithmetic="himerge"):
@@ -227,7 +232,7 @@ def _breadcrumbs_mask(t, p, gamma, rounding, mergekit_order=False):
     return mask.view(t.shape)
 
 def breadcrumbs(deltas, weights, *, densities=None, generator=None, gamma=0.01, rounding="half_up", divide="none",
-                lamb=1.0):
+                lamb=1.0, arithmetic="himerge"):
     """Model Breadcrumbs: drop the top `gamma` and the bottom of each δ_m by |δ|, keep p_m·n, then Σ_m w_m δ̃_m.
 
     Args:
@@ -238,13 +243,16 @@ def breadcrumbs(deltas, weights, *, densities=None, generator=None, gamma=0.01, 
         gamma: the top fraction of each δ_m dropped as outliers, in [0, 1): one number or one per source.
         rounding: how p·n becomes a count: half_up (himerge), floor (PEFT), floor_at_least_one (mergekit).
         divide: none (a sum) or weight (divided by Σ w_m).
-        lamb: a factor on the merged delta, applied last (mergekit's `lambda`)."""
+        lamb: a factor on the merged delta, applied last (mergekit's `lambda`).
+        arithmetic: himerge (float32, ties by index) or mergekit_<dtype> (mergekit's dtype and order)."""
     ds, ws, ps = _inputs(deltas, weights, densities)
+    ds, mergekit_order = _arithmetic(ds, arithmetic)
     gammas = _per_source(gamma, "gamma", len(ds))
     for i, g in enumerate(gammas):
         if not 0 <= g < 1: raise BaselineError(f"gamma of source {i}: {g!r} is not in [0, 1)")
-    pruned = torch.stack([d if p >= 1 else d * _breadcrumbs_mask(d, p, g, rounding) for d, p, g in zip(ds, ps, gammas)])
-    return _sum(_weighted(pruned, ws), ws, divide) * lamb
+    pruned = torch.stack([d if p >= 1 else d * _breadcrumbs_mask(d, p, g, rounding, mergekit_order)
+                          for d, p, g in zip(ds, ps, gammas)])
+    return (_sum(_weighted(pruned, ws), ws, divide, mergekit_order) * lamb).float()
 
 # %% ../nbs/04_baselines.ipynb #ab900b64
 def breadcrumbs_ties(deltas, weights, *, densities=None, generator=None, gamma=0.01, rounding="half_up",
@@ -351,9 +359,9 @@ def slerp(deltas, weights, *, densities=None, generator=None, base=None, t=0.5, 
 MERGEKIT_ARGS = {
     "task_arithmetic": dict(rounding="floor_at_least_one"),
     "ties": dict(rounding="floor_at_least_one", sign_on="weighted", divide="weight", arithmetic="mergekit_float32"),
-    "dare_linear": dict(rescale="l1"),
+    "dare_linear": dict(rescale="l1", arithmetic="mergekit_float32"),
     "dare_ties": dict(rescale="l1", sign_on="weighted", divide="none", arithmetic="mergekit_float32"),
-    "breadcrumbs": dict(rounding="floor"),
+    "breadcrumbs": dict(rounding="floor", arithmetic="mergekit_float32"),
     "breadcrumbs_ties": dict(rounding="floor", sign_on="weighted", divide="none", arithmetic="mergekit_float32"),
     "della": dict(rescale="l1", sign_on="weighted", divide="weight", arithmetic="mergekit_float32"),
     "linear": dict(),

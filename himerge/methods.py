@@ -330,6 +330,7 @@ class DareLinearOptions:
     rescale: bool | str = _rescale()
     divide: str = _divide("none", ("none", "weight"))
     lamb: float = _lamb()
+    arithmetic: str = _arithmetic()
 
 @dataclass
 class DareTiesOptions(SignElectionOptions):
@@ -344,6 +345,7 @@ class BreadcrumbsOptions:
     rounding: str = _rounding()
     divide: str = _divide("none", ("none", "weight"))
     lamb: float = _lamb()
+    arithmetic: str = _arithmetic()
 
 @dataclass
 class DellaOptions(DareTiesOptions):
