@@ -199,7 +199,9 @@ def write_model(folder: Path, deltas, merged_layer, base, dtype: str = "auto", m
         tensors = ((n, deltas.base_tensor(n)) for n in deltas.names(layer)) if hasattr(deltas, "base_tensor") \
             else deltas.base_layer(layer).items()
         for name, t in tensors:
-            writer.add(name, (t + delta[name] if name in delta else t).to(target))
+            if name not in delta: writer.add(name, t.to(target)); continue
+            change = delta[name]     # a new tensor of the merge's own (`owned`): the base is added into it
+            writer.add(name, (change.add_(t) if getattr(delta, "owned", False) else t + change).to(target))
         if progress is not None: progress.update(1)
     for name, t in getattr(deltas, "unassigned_tensors", lambda: {})().items():
         writer.add(name, t.to(target))
