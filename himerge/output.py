@@ -13,11 +13,11 @@ from pathlib import Path
 from .errors import InputError
 
 # %% auto #0
-__all__ = ['REPORT_FILE', 'write_point', 'OutputError', 'parse_size', 'shard_headers', 'header_bytes', 'ShardWriter',
-           'saved_dtype', 'written_layout', 'write_model', 'OutputExistsError', 'is_himerge_output', 'check_output',
-           'staging_dir', 'commit_output', 'discard', 'clear_stale', 'OutputLockedError', 'output_lock',
-           'DiskFullError', 'output_estimate', 'check_free_space', 'is_disk_full', 'disk_full_error', 'input_stamps',
-           'InputChangedError', 'check_unchanged']
+__all__ = ['M_TRIM_THRESHOLD', 'M_MMAP_MAX', 'REPORT_FILE', 'write_point', 'OutputError', 'parse_size', 'shard_headers',
+           'header_bytes', 'ShardWriter', 'reused_heap', 'saved_dtype', 'written_layout', 'write_model',
+           'OutputExistsError', 'is_himerge_output', 'check_output', 'staging_dir', 'commit_output', 'discard',
+           'clear_stale', 'OutputLockedError', 'output_lock', 'DiskFullError', 'output_estimate', 'check_free_space',
+           'is_disk_full', 'disk_full_error', 'input_stamps', 'InputChangedError', 'check_unchanged']
 
 # %% ../nbs/08c_output.ipynb #pointsex
 _writes = 0   # write points passed by this process
@@ -160,6 +160,22 @@ def _close(self) -> list:
 
 ShardWriter.close = _close
 
+# %% ../nbs/08c_output.ipynb #heapexp0
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4          # glibc's mallopt parameters
+_GLIBC_DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_MMAP_MAX: 65536}
+
+@contextmanager
+def reused_heap():
+    "While the block runs, freed buffers stay in the C heap for the next ones (glibc; elsewhere nothing)."
+    from himerge.scoring import libc, trim_heap
+    mallopt = getattr(libc(), "mallopt", None)
+    if mallopt is None: yield; return
+    mallopt(M_MMAP_MAX, 0); mallopt(M_TRIM_THRESHOLD, 2**62)   # no buffer of its own; no trim on each free
+    try: yield
+    finally:
+        for param, value in _GLIBC_DEFAULTS.items(): mallopt(param, value)
+        trim_heap()
+
 # %% ../nbs/08c_output.ipynb #d9c37ec1
 _COPY_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 _SKIP = {"model.safetensors.index.json", "adapter_config.json", "pytorch_model.bin.index.json"}
@@ -193,18 +209,19 @@ def write_model(folder: Path, deltas, merged_layer, base, dtype: str = "auto", m
     dtype_name = saved_dtype(dict(base.config), dtype)
     target = getattr(torch, dtype_name)
     writer = ShardWriter(folder, parse_size(max_shard_size), layout=written_layout(deltas, target))
-    for layer in deltas.layers:
-        delta = merged_layer(layer)
-        # one base tensor at a time when the deltas can read them so, else the whole layer
-        tensors = ((n, deltas.base_tensor(n)) for n in deltas.names(layer)) if hasattr(deltas, "base_tensor") \
-            else deltas.base_layer(layer).items()
-        for name, t in tensors:
-            if name not in delta: writer.add(name, t.to(target)); continue
-            change = delta[name]     # a new tensor of the merge's own (`owned`): the base is added into it
-            writer.add(name, (change.add_(t) if getattr(delta, "owned", False) else t + change).to(target))
-        if progress is not None: progress.update(1)
-    for name, t in getattr(deltas, "unassigned_tensors", lambda: {})().items():
-        writer.add(name, t.to(target))
+    with reused_heap():
+        for layer in deltas.layers:
+            delta = merged_layer(layer)
+            # one base tensor at a time when the deltas can read them so, else the whole layer
+            tensors = ((n, deltas.base_tensor(n)) for n in deltas.names(layer)) if hasattr(deltas, "base_tensor") \
+                else deltas.base_layer(layer).items()
+            for name, t in tensors:
+                if name not in delta: writer.add(name, t.to(target)); continue
+                change = delta[name]     # a new tensor of the merge's own (`owned`): the base is added into it
+                writer.add(name, (change.add_(t) if getattr(delta, "owned", False) else t + change).to(target))
+            if progress is not None: progress.update(1)
+        for name, t in getattr(deltas, "unassigned_tensors", lambda: {})().items():
+            writer.add(name, t.to(target))
     files = writer.close()
     for f in sorted(Path(base.path).iterdir()):
         if f.is_file() and f.suffix in _COPY_SUFFIXES and f.name not in _SKIP and not f.name.startswith("."):
