@@ -170,7 +170,7 @@ def reused_heap():
     from himerge.scoring import libc, trim_heap
     mallopt = getattr(libc(), "mallopt", None)
     if mallopt is None: yield; return
-    mallopt(M_MMAP_MAX, 0); mallopt(M_TRIM_THRESHOLD, 2**62)   # no buffer of its own; no trim on each free
+    mallopt(M_MMAP_MAX, 0); mallopt(M_TRIM_THRESHOLD, 2**31 - 1)   # no buffer of its own; no trim on each free
     try: yield
     finally:
         for param, value in _GLIBC_DEFAULTS.items(): mallopt(param, value)
