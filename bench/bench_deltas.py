@@ -7,8 +7,9 @@ sharded safetensors in a temporary folder, then runs, each in its own subprocess
   (b) mergekit 0.1.5 `mergekit-yaml` task_arithmetic (weights 1, no normalisation, float32 maths, bf16 output),
       from its own virtualenv (default /work/venvs/mergekit-prune), CPU, default options.
 Prints wall time, CPU time (user + system, and system alone), peak RSS and minor page faults
-(resource.getrusage(RUSAGE_CHILDREN) of a wrapper process per run) and the ratios himerge / mergekit (CPU time moves less than wall time when other processes share the
-CPUs), then checks that the two merged models agree tensor by tensor (bf16 rounding).
+(resource.getrusage(RUSAGE_CHILDREN) of a wrapper process per run) and the ratios himerge / mergekit (CPU time moves
+less than wall time when other processes share the CPUs), then checks that the two merged models agree tensor by
+tensor (bf16 rounding).
 The two run alternately --rounds times (3 by default: load on a shared machine hits both alike) and the ratios of
 the best and of the median runs are printed. With --before DIR, a second himerge source tree (an earlier commit, e.g.
 from `git archive`) runs in the same rounds, for a before/after comparison.
