@@ -194,7 +194,7 @@ def applied_options(report) -> list:
     return [[f"`{k}`", f"`{shown(k, options.get(k))}`", helps.get(k, "")] for k in list(own) + changed if k in options]
 
 # %% ../nbs/10_card.ipynb #1dad1e79
-from .compare import gain_kept   # the comparison's definition, so the card and the tables agree
+from .gains import gain_kept   # the comparison's definition, so the card and the tables agree
 
 ROW_LABELS = {"pre_merge": "pre-merge (before resolution)", "task_arithmetic": "task arithmetic (plain sum)",
               "merged": "**merged**"}

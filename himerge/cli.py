@@ -112,7 +112,7 @@ def _print_summary(result):
             print(f"\n{split} scores:")
             print(result.scores(split).round(4).to_string())
     if rep.get("decisions") is not None and rep.get("gamma"):
-        from himerge.merge import conflict_table
+        from himerge.zoo import conflict_table
         print("\nconflicts per layer (γ > 0: merging made the layer serve that source's task worse):")
         print(conflict_table(result).round(3).to_string())
         print(f"resolution: {rep['resolution']['stopped']}")
@@ -182,7 +182,7 @@ def _demo_command(sub):
 
 def run_demo(args) -> int:
     "`himerge demo`: Hi-Merging on the zoo."
-    from himerge.merge import demo
+    from himerge.zoo import demo
     _print_summary(demo(args.out, force=args.force, progress=not args.quiet))
     return 0
 

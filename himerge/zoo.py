@@ -10,11 +10,15 @@ import json, math, random, shutil, string, time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .card import layer_actions
+from .gains import gain_kept
+from .merge import MergeResult, merge
+
 # %% auto #0
 __all__ = ['DOMAINS', 'RULES', 'TASKS', 'SKILLS', 'PROMPT', 'SPLITS', 'MODEL', 'RECIPE', 'LORA', 'make_row', 'make_splits',
            'task_specs', 'vocabulary', 'build_tokenizer', 'build_base_model', 'row_text', 'encode_pairs', 'train',
            'build_zoo', 'Zoo', 'path', 'load_zoo', 'demo_sources', 'zoo_config', 'measure_evidence', 'contents',
-           'size_bytes', 'evidence_table', 'pair_gain_kept']
+           'size_bytes', 'evidence_table', 'pair_gain_kept', 'demo_config', 'conflict_table', 'demo']
 
 # %% ../nbs/00_zoo.ipynb #92b43bc8
 DOMAINS = dict(lower=list(string.ascii_lowercase),                                # `a` .. `z`
@@ -379,7 +383,6 @@ def evidence_table(zoo: Zoo, split="validation"):
 
 def pair_gain_kept(zoo: Zoo, split="validation"):
     "For each pairwise task-arithmetic merge and each of its tasks: the share of the adapter's own gain it keeps."
-    from himerge.compare import gain_kept
     ev, rows = zoo.evidence["scores"][split], []
     for name, s in ev.items():
         if not name.startswith("ta:"): continue
@@ -388,3 +391,28 @@ def pair_gain_kept(zoo: Zoo, split="validation"):
                              gain_kept=gain_kept(s[t], ev["base"][t], ev[f"lora-{t}"][t])))
     import pandas as pd
     return pd.DataFrame(rows)
+
+# %% ../nbs/00_zoo.ipynb #b4185c38
+def demo_config(out="himerge-demo") -> dict:
+    "The demo's merge config over the embedded zoo: one multiple-choice and one generative LoRA source."
+    zoo = load_zoo()
+    picks = zoo.demo_tasks
+    tasks = {t: {**zoo.tasks[t].to_dict(), "data": str(zoo.tasks[t].data_dir)} for t in picks}
+    return dict(base=str(zoo.base), sources=[dict(path=str(zoo.adapters[t]), task=t, name=t) for t in picks],
+                tasks=tasks, method="hi-merging", options=dict(test_scores=True), dtype="float32", output=str(out))
+
+def conflict_table(result: MergeResult):
+    "One row per layer: γ per source, the conflict class, and the action taken."
+    import pandas as pd
+    rep = result.report
+    g = pd.DataFrame(rep["gamma"]).pivot(index="layer", columns="source", values="gamma")
+    g = g.reindex(list(dict.fromkeys(r["layer"] for r in rep["gamma"])))   # model order, as analysed
+    g.columns = [f"γ {c}" for c in g.columns]
+    g["class"] = [rep["classes"].get(str(layer), "") for layer in g.index]
+    actions = layer_actions(rep)          # as the card lists them: every step of the layer, in order
+    g["action"] = ["; ".join(actions.get(str(layer), [])) or "kept" for layer in g.index]
+    return g
+
+def demo(out="himerge-demo", force=False, progress=True) -> MergeResult:
+    "Run Hi-Merging on the embedded zoo and return the result."
+    return merge(demo_config(out), out=out, force=force, progress=progress)

@@ -17,7 +17,8 @@ FIXTURE = Path(__file__).parent / "fixtures" / "demo_identity.json"
 def demo_record(root: Path) -> dict:
     "The demo run into `root/demo` on a fresh evaluation cache, as a JSON-ready record."
     os.environ["HIMERGE_CACHE"] = str(root / "cache")   # fresh: every evaluation is run, and counted the same
-    from himerge.merge import demo, demo_config, conflict_table, merge
+    from himerge.merge import merge
+    from himerge.zoo import conflict_table, demo, demo_config
     from himerge.zoo import path as zoo_path
     out = root / "demo"
     plan = merge(demo_config(out), dry_run=True)
