@@ -116,8 +116,13 @@ class Interrupted(KeyboardInterrupt):
 # %% ../nbs/09_merge.ipynb #15cae43e
 @contextmanager
 def explained_failures(p: Plan, run, size, writer: bool):
-    """A full disk said as such, with the space the output needs (`size`, from `check_free_space`); Ctrl-C as an
-    `Interrupted` that says what run `run` saved."""
+    """A full disk said as such, with the space the output needs; Ctrl-C as an `Interrupted` that says what was saved.
+
+    Args:
+        p: the plan.
+        run: the open run (its evaluation cache says what was saved).
+        size: the output's expected size, as `check_free_space` gave it.
+        writer: whether this process writes the output (only its disk can fill)."""
     try: yield
     except BaseException as e:
         if is_disk_full(e) and writer: raise disk_full_error(e, p.output, size, p.output_field) from None
