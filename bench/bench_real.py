@@ -3,7 +3,8 @@
 For every pair of adapters and for the 3-way merge, each registered method that takes that many sources gets the fair
 grid of `compare_methods` (the registry's `search`): every grid point is merged and scored on validation, the point
 with the best mean gain kept is chosen, and that merge alone is scored on test. Hi-Merging also runs as four fixed
-variants (conflict_z 0 and 1, layer and module granularity), each with the rest of its grid (`auto`).
+variants (conflict_z 0 and 1, layer and module granularity), each with the rest of its grid (`auto`), and at its
+defaults alone (no search: what a user gets without a grid).
 
 Each (target, method, setting) runs in its own process, which reports its wall time and peak RSS, and its result is
 cached as JSON under the results folder: an interrupted run resumes with the next unfinished job, and a finished job
@@ -37,17 +38,24 @@ def merge_config(zoo, tasks: list) -> dict:
                 tasks=specs, method="task_arithmetic", options=dict(test_scores=False), dtype="float32")
 
 
+SEARCHING = ("hi-merging", "layerwise_search", "auto")   # methods that spend hundreds of evaluations per merge
+
+
 def jobs(zoo, targets: list) -> list:
-    "(target, method, setting) in the order they run: per-tensor methods first, then Hi-Merging and its variants."
+    """(target, method, setting) in the order they run: target by target, the per-tensor methods' fair grids, then
+    Hi-Merging at its defaults (one point: the comparison a user meets first); after every target has those, the
+    searching methods (Hi-Merging's fair grid and variants, layerwise_search, auto)."""
     from himerge.methods import METHODS
-    out, hi = [], []
+    first, later = [], []
     for target in targets:
         n = len(zoo_targets(zoo)[target])
         for name, m in METHODS.items():
             if m.min_sources > n or (m.max_sources is not None and n > m.max_sources): continue
-            (hi if name == "hi-merging" else out).append((target, name, "fair grid"))
-        if "hi-merging" in METHODS: hi += [(target, "hi-merging", v) for v in HI_VARIANTS]
-    return out + hi
+            (later if name in SEARCHING else first).append((target, name, "fair grid"))
+        if "hi-merging" in METHODS:
+            first.append((target, "hi-merging", "defaults"))
+            later += [(target, "hi-merging", v) for v in HI_VARIANTS]
+    return first + later
 
 
 def result_path(results: Path, target: str, method: str, setting: str) -> Path:
@@ -61,6 +69,8 @@ def run_one(zoo_root: Path, target: str, method: str, setting: str, out: Path):
     zoo = load_zoo(zoo_root)
     cfg = merge_config(zoo, zoo_targets(zoo)[target])
     grids = None
+    if setting == "defaults":
+        grids = {method: {}}                               # one point: the method's own defaults
     if setting in HI_VARIANTS:
         cfg["options"].update(HI_VARIANTS[setting])
         grids = {method: {"auto": [False, True]}}          # the rest of Hi-Merging's fair grid

@@ -11,8 +11,8 @@ import torch
 from .prune import prune_scale, kept_count, check_fraction, PruneError
 
 # %% auto #0
-__all__ = ['RESCALES', 'MERGEKIT_ARGS', 'COMBINES', 'BaselineError', 'task_arithmetic', 'linear', 'ties', 'dare_linear',
-           'dare_ties', 'breadcrumbs', 'breadcrumbs_ties', 'della_keep_probabilities', 'della', 'slerp',
+__all__ = ['RESCALES', 'ARITHMETICS', 'MERGEKIT_ARGS', 'COMBINES', 'BaselineError', 'task_arithmetic', 'linear', 'ties',
+           'dare_linear', 'dare_ties', 'breadcrumbs', 'breadcrumbs_ties', 'della_keep_probabilities', 'della', 'slerp',
            'combine_deltas']
 
 # %% ../nbs/04_baselines.ipynb #abf73f5f
@@ -54,13 +54,15 @@ def _weighted(stacked: torch.Tensor, weights: list) -> torch.Tensor:
     w = torch.tensor(weights, dtype=stacked.dtype)
     return stacked * w.view(w.shape + (1,) * (stacked.dim() - 1))
 
-def _sum(stacked_weighted, weights, divide: str):
-    "Σ_m w_m δ_m, divided by Σ_m w_m when `divide='weight'` (mergekit's `normalize`)."
+def _sum(stacked_weighted, weights, divide: str, mergekit_order: bool = False):
+    """Σ_m w_m δ_m, divided by Σ_m w_m when `divide='weight'` (mergekit's `normalize`); in mergekit's order, that
+    sum is of the weights as a tensor of the deltas' dtype, as mergekit sums them."""
     mixed = stacked_weighted.sum(dim=0)
     if _choice(divide, "divide", ("none", "weight")) == "weight":
         total = sum(weights)
         if abs(total) < 1e-8: raise BaselineError(f"weights: they sum to {total}, cannot divide by their sum")
-        mixed = mixed / torch.tensor(total, dtype=mixed.dtype)
+        mixed = mixed / (torch.tensor(weights, dtype=mixed.dtype).sum() if mergekit_order
+                         else torch.tensor(total, dtype=mixed.dtype))
     return mixed
 
 # %% ../nbs/04_baselines.ipynb #32a9e245
@@ -74,7 +76,7 @@ RESCALES = (True, False, "l1")
 def _rescale(t, mask, probs, rescale, eps=1e-7):
     "`t·mask` rescaled: by 1/probs (True), to t's L1 norm ('l1', as mergekit), or not (False)."
     _choice(rescale, "rescale", RESCALES)
-    kept = t * mask
+    kept = t * mask.to(t.dtype)     # in t's dtype: mergekit rescales in the dtype it computes in
     if rescale is False: return kept
     if rescale == "l1":
         before, after = t.abs().sum(), kept.abs().sum()
@@ -101,6 +103,24 @@ def _disjoint(weighted, mask, weights, divide: str):
         divisor[divisor == 0] = 1
         return mixed / divisor
     return mixed
+
+# %% ../nbs/04_baselines.ipynb #c4d2e6f8
+ARITHMETICS = ("himerge", "mergekit_float32", "mergekit_bfloat16")
+
+def _arithmetic(ds: list, arithmetic: str) -> tuple:
+    "The deltas in the dtype the merge computes in, and whether equal magnitudes are ordered as mergekit orders them."
+    if _choice(arithmetic, "arithmetic", ARITHMETICS) == "himerge": return ds, False
+    dtype = getattr(torch, arithmetic.removeprefix("mergekit_"))
+    return [d.to(dtype) for d in ds], True
+
+def _top_magnitude(t, p, rounding, source, mergekit_order: bool):
+    "The rounding(p·n) largest |t|; of equal ones, the lowest indices (himerge) or those mergekit's sort puts first."
+    if not mergekit_order: return _magnitude(t, p, rounding, source)
+    if p >= 1: return t
+    order = torch.argsort(t.abs().reshape(-1).float(), descending=True)     # unstable, as mergekit's `magnitude`
+    mask = torch.zeros(t.numel(), dtype=t.dtype)
+    mask[order[:kept_count(t.numel(), p, rounding)]] = 1
+    return t * mask.view(t.shape)
 
 # %% ../nbs/04_baselines.ipynb #a567252f
 def task_arithmetic(deltas, weights, *, densities=None, generator=None, rounding="half_up", divide="none", lamb=1.0):
@@ -132,7 +152,7 @@ def linear(deltas, weights, *, densities=None, generator=None, rounding="half_up
 
 # %% ../nbs/04_baselines.ipynb #47a27b7a
 def ties(deltas, weights, *, densities=None, generator=None, majority="total", sign_on="raw",
-         divide="count", rounding="half_up", lamb=1.0):
+         divide="count", rounding="half_up", lamb=1.0, arithmetic="himerge"):
     """TIES-merging: magnitude-prune each δ_m to p_m, elect a sign per entry, average the agreeing weighted deltas.
 
     Args:
@@ -145,11 +165,13 @@ def ties(deltas, weights, *, densities=None, generator=None, majority="total", s
         divide: average the agreeing deltas by their count (count, PEFT), by the sum of their weights
             (weight, mergekit), or sum them (none).
         rounding: how p·n becomes a count: half_up (himerge), floor (PEFT), floor_at_least_one (mergekit).
-        lamb: a factor on the merged delta, applied last (mergekit's `lambda`)."""
+        lamb: a factor on the merged delta, applied last (mergekit's `lambda`).
+        arithmetic: himerge (float32, ties by index) or mergekit_<dtype> (mergekit's dtype and order)."""
     ds, ws, ps = _inputs(deltas, weights, densities)
-    pruned = torch.stack([_magnitude(d, p, rounding, i) for i, (d, p) in enumerate(zip(ds, ps))])
+    ds, mergekit_order = _arithmetic(ds, arithmetic)
+    pruned = torch.stack([_top_magnitude(d, p, rounding, i, mergekit_order) for i, (d, p) in enumerate(zip(ds, ps))])
     weighted = _weighted(pruned, ws)
-    return _disjoint(weighted, _elected(pruned, weighted, sign_on, majority), ws, divide) * lamb
+    return (_disjoint(weighted, _elected(pruned, weighted, sign_on, majority), ws, divide) * lamb).float()
 
 # %% ../nbs/04_baselines.ipynb #76234990
 def _dare(ds, ps, generator, rescale):
@@ -157,10 +179,11 @@ def _dare(ds, ps, generator, rescale):
     for d, p in zip(ds, ps):
         if p >= 1: out.append(d); continue
         probs = torch.full_like(d, p)
-        out.append(_rescale(d, _bernoulli(probs, generator), p, rescale))
+        out.append(_rescale(d, _bernoulli(probs, generator), p, rescale).to(d.dtype))
     return torch.stack(out)
 
-def dare_linear(deltas, weights, *, densities=None, generator=None, rescale=True, divide="none", lamb=1.0):
+def dare_linear(deltas, weights, *, densities=None, generator=None, rescale=True, divide="none", lamb=1.0,
+                arithmetic="himerge"):
     """DARE: keep each entry of δ_m with probability p_m, rescale (1/p_m, or 'l1'), then Σ_m w_m δ̃_m.
 
     Args:
@@ -170,12 +193,14 @@ def dare_linear(deltas, weights, *, densities=None, generator=None, rescale=True
         generator: the seeded `torch.Generator` of the random drop (None: torch's global RNG).
         rescale: divide the survivors by p_m (True), match δ_m's L1 norm ('l1', mergekit), or not (False).
         divide: none (a sum) or weight (divided by Σ w_m).
-        lamb: a factor on the merged delta, applied last (mergekit's `lambda`)."""
+        lamb: a factor on the merged delta, applied last (mergekit's `lambda`).
+        arithmetic: himerge (float32, ties by index) or mergekit_<dtype> (mergekit's dtype and order)."""
     ds, ws, ps = _inputs(deltas, weights, densities)
-    return _sum(_weighted(_dare(ds, ps, generator, rescale), ws), ws, divide) * lamb
+    ds, mergekit_order = _arithmetic(ds, arithmetic)
+    return (_sum(_weighted(_dare(ds, ps, generator, rescale), ws), ws, divide, mergekit_order) * lamb).float()
 
 def dare_ties(deltas, weights, *, densities=None, generator=None, rescale=True, majority="total",
-              sign_on="raw", divide="count", lamb=1.0):
+              sign_on="raw", divide="count", lamb=1.0, arithmetic="himerge"):
     """DARE drop and rescale, then TIES sign election and disjoint merge.
 
     Args:
@@ -188,24 +213,26 @@ def dare_ties(deltas, weights, *, densities=None, generator=None, rescale=True, 
         sign_on: elect signs on the raw deltas (raw, PEFT) or the weighted ones (weighted, mergekit).
         divide: average the agreeing deltas by their count (count), by the sum of their weights (weight), or
             sum them (none, mergekit's dare_ties).
-        lamb: a factor on the merged delta, applied last (mergekit's `lambda`)."""
+        lamb: a factor on the merged delta, applied last (mergekit's `lambda`).
+        arithmetic: himerge (float32, ties by index) or mergekit_<dtype> (mergekit's dtype and order)."""
     ds, ws, ps = _inputs(deltas, weights, densities)
-    dropped = _dare(ds, ps, generator, rescale)
+    dropped = _dare(_arithmetic(ds, arithmetic)[0], ps, generator, rescale)
     weighted = _weighted(dropped, ws)
-    return _disjoint(weighted, _elected(dropped, weighted, sign_on, majority), ws, divide) * lamb
+    return (_disjoint(weighted, _elected(dropped, weighted, sign_on, majority), ws, divide) * lamb).float()
 
 # %% ../nbs/04_baselines.ipynb #42b4636d
-def _breadcrumbs_mask(t, p, gamma, rounding):
+def _breadcrumbs_mask(t, p, gamma, rounding, mergekit_order=False):
     n = t.numel()
     k = kept_count(n, p, rounding)
     n_top = min(kept_count(n, gamma, "floor" if rounding == "floor_at_least_one" else rounding), n - k)
-    order = torch.sort(t.abs().reshape(-1), descending=True, stable=True).indices
     mask = torch.zeros(n, dtype=torch.bool)
-    mask[order[n_top:n_top + k]] = True
+    if mergekit_order:     # mergekit sorts |t| (as float32) upwards, unstably, and keeps k below the n_top largest
+        mask[torch.sort(t.abs().reshape(-1).float()).indices[n - n_top - k:n - n_top]] = True
+    else: mask[torch.sort(t.abs().reshape(-1), descending=True, stable=True).indices[n_top:n_top + k]] = True
     return mask.view(t.shape)
 
 def breadcrumbs(deltas, weights, *, densities=None, generator=None, gamma=0.01, rounding="half_up", divide="none",
-                lamb=1.0):
+                lamb=1.0, arithmetic="himerge"):
     """Model Breadcrumbs: drop the top `gamma` and the bottom of each δ_m by |δ|, keep p_m·n, then Σ_m w_m δ̃_m.
 
     Args:
@@ -216,17 +243,20 @@ def breadcrumbs(deltas, weights, *, densities=None, generator=None, gamma=0.01, 
         gamma: the top fraction of each δ_m dropped as outliers, in [0, 1): one number or one per source.
         rounding: how p·n becomes a count: half_up (himerge), floor (PEFT), floor_at_least_one (mergekit).
         divide: none (a sum) or weight (divided by Σ w_m).
-        lamb: a factor on the merged delta, applied last (mergekit's `lambda`)."""
+        lamb: a factor on the merged delta, applied last (mergekit's `lambda`).
+        arithmetic: himerge (float32, ties by index) or mergekit_<dtype> (mergekit's dtype and order)."""
     ds, ws, ps = _inputs(deltas, weights, densities)
+    ds, mergekit_order = _arithmetic(ds, arithmetic)
     gammas = _per_source(gamma, "gamma", len(ds))
     for i, g in enumerate(gammas):
         if not 0 <= g < 1: raise BaselineError(f"gamma of source {i}: {g!r} is not in [0, 1)")
-    pruned = torch.stack([d if p >= 1 else d * _breadcrumbs_mask(d, p, g, rounding) for d, p, g in zip(ds, ps, gammas)])
-    return _sum(_weighted(pruned, ws), ws, divide) * lamb
+    pruned = torch.stack([d if p >= 1 else d * _breadcrumbs_mask(d, p, g, rounding, mergekit_order)
+                          for d, p, g in zip(ds, ps, gammas)])
+    return (_sum(_weighted(pruned, ws), ws, divide, mergekit_order) * lamb).float()
 
 # %% ../nbs/04_baselines.ipynb #ab900b64
 def breadcrumbs_ties(deltas, weights, *, densities=None, generator=None, gamma=0.01, rounding="half_up",
-                     majority="total", sign_on="raw", divide="count", lamb=1.0):
+                     majority="total", sign_on="raw", divide="count", lamb=1.0, arithmetic="himerge"):
     """Model Breadcrumbs' pruning of each δ_m, then TIES' sign election and disjoint merge (mergekit's
     `breadcrumbs_ties`).
 
@@ -241,14 +271,17 @@ def breadcrumbs_ties(deltas, weights, *, densities=None, generator=None, gamma=0
         sign_on: elect signs on the raw deltas (raw) or the weighted ones (weighted, mergekit).
         divide: average the agreeing deltas by their count (count), by the sum of their weights (weight), or
             sum them (none, mergekit's default here).
-        lamb: a factor on the merged delta, applied last (mergekit's `lambda`)."""
+        lamb: a factor on the merged delta, applied last (mergekit's `lambda`).
+        arithmetic: himerge (float32, ties by index) or mergekit_<dtype> (mergekit's dtype and order)."""
     ds, ws, ps = _inputs(deltas, weights, densities)
+    ds, mergekit_order = _arithmetic(ds, arithmetic)
     gammas = _per_source(gamma, "gamma", len(ds))
     for i, g in enumerate(gammas):
         if not 0 <= g < 1: raise BaselineError(f"gamma of source {i}: {g!r} is not in [0, 1)")
-    pruned = torch.stack([d if p >= 1 else d * _breadcrumbs_mask(d, p, g, rounding) for d, p, g in zip(ds, ps, gammas)])
+    pruned = torch.stack([d if p >= 1 else d * _breadcrumbs_mask(d, p, g, rounding, mergekit_order)
+                          for d, p, g in zip(ds, ps, gammas)])
     weighted = _weighted(pruned, ws)
-    return _disjoint(weighted, _elected(pruned, weighted, sign_on, majority), ws, divide) * lamb
+    return (_disjoint(weighted, _elected(pruned, weighted, sign_on, majority), ws, divide) * lamb).float()
 
 # %% ../nbs/04_baselines.ipynb #fed84506
 def della_keep_probabilities(t: torch.Tensor, p: float, epsilon: float) -> torch.Tensor:
@@ -262,7 +295,7 @@ def della_keep_probabilities(t: torch.Tensor, p: float, epsilon: float) -> torch
     return ((p - epsilon) + rank_norm * 2 * epsilon).reshape(t.shape)
 
 def della(deltas, weights, *, densities=None, generator=None, epsilon=0.15, rescale=True,
-          majority="total", sign_on="weighted", divide="weight", lamb=1.0):
+          majority="total", sign_on="weighted", divide="weight", lamb=1.0, arithmetic="himerge"):
     """DELLA: magnitude-ranked random drop with keep probabilities p_m ± ε, rescale, then TIES-style merge.
 
     Args:
@@ -277,19 +310,20 @@ def della(deltas, weights, *, densities=None, generator=None, epsilon=0.15, resc
         sign_on: elect signs on the raw deltas (raw, PEFT) or the weighted ones (weighted, mergekit).
         divide: average the agreeing deltas by the sum of their weights (weight), by their count (count), or
             sum them (none).
-        lamb: a factor on the merged delta, applied last (mergekit's `lambda`)."""
+        lamb: a factor on the merged delta, applied last (mergekit's `lambda`).
+        arithmetic: himerge (float32, ties by index) or mergekit_<dtype> (mergekit's dtype and order)."""
     ds, ws, ps = _inputs(deltas, weights, densities)
-    out = []
+    ds, out = _arithmetic(ds, arithmetic)[0], []
     for i, (d, p, epsilon) in enumerate(zip(ds, ps, _per_source(epsilon, "epsilon", len(ds)))):
         if p >= 1: out.append(d); continue
         if not (p - epsilon > 0 and p + epsilon <= 1):
             raise BaselineError(f"epsilon: {epsilon!r} puts the keep probability of source {i} (density {p}) "
                                 "outside (0, 1]")
         probs = della_keep_probabilities(d, p, epsilon)
-        out.append(_rescale(d, _bernoulli(probs, generator), probs, rescale))
+        out.append(_rescale(d, _bernoulli(probs, generator), probs, rescale).to(d.dtype))
     dropped = torch.stack(out)
     weighted = _weighted(dropped, ws)
-    return _disjoint(weighted, _elected(dropped, weighted, sign_on, majority), ws, divide) * lamb
+    return (_disjoint(weighted, _elected(dropped, weighted, sign_on, majority), ws, divide) * lamb).float()
 
 # %% ../nbs/04_baselines.ipynb #0ced459f
 def slerp(deltas, weights, *, densities=None, generator=None, base=None, t=0.5, dot_threshold=0.9995, eps=1e-8):
@@ -324,12 +358,12 @@ def slerp(deltas, weights, *, densities=None, generator=None, base=None, t=0.5, 
 # %% ../nbs/04_baselines.ipynb #5a0d588e
 MERGEKIT_ARGS = {
     "task_arithmetic": dict(rounding="floor_at_least_one"),
-    "ties": dict(rounding="floor_at_least_one", sign_on="weighted", divide="weight"),
-    "dare_linear": dict(rescale="l1"),
-    "dare_ties": dict(rescale="l1", sign_on="weighted", divide="none"),
-    "breadcrumbs": dict(rounding="floor"),
-    "breadcrumbs_ties": dict(rounding="floor", sign_on="weighted", divide="none"),
-    "della": dict(rescale="l1", sign_on="weighted", divide="weight"),
+    "ties": dict(rounding="floor_at_least_one", sign_on="weighted", divide="weight", arithmetic="mergekit_float32"),
+    "dare_linear": dict(rescale="l1", arithmetic="mergekit_float32"),
+    "dare_ties": dict(rescale="l1", sign_on="weighted", divide="none", arithmetic="mergekit_float32"),
+    "breadcrumbs": dict(rounding="floor", arithmetic="mergekit_float32"),
+    "breadcrumbs_ties": dict(rounding="floor", sign_on="weighted", divide="none", arithmetic="mergekit_float32"),
+    "della": dict(rescale="l1", sign_on="weighted", divide="weight", arithmetic="mergekit_float32"),
     "linear": dict(),
 }
 

@@ -29,9 +29,9 @@ __all__ = ['REPORT', 'CONFIG', 'HEATMAP', 'CARD', 'PAPER_URL', 'HUB_METRIC', 'RO
            'eval_results', 'is_adapter', 'hub_models', 'card_data', 'md_table', 'pm', 'layer_key', 'source_link',
            'data_link', 'sources_table', 'applied_options', 'score_cell', 'score_table', 'layer_actions', 'gamma_table',
            'conflict_summary', 'decisions_table', 'candidates_table', 'contributions_table', 'auto_section',
-           'grid_table', 'grid_title', 'adapter_section', 'reproduce_config', 'local_inputs', 'local_paths',
-           'check_no_local_paths', 'template_path', 'default_model_name', 'method_info', 'rows_note', 'card_variables',
-           'build_card', 'is_himerge_card', 'write_card']
+           'grid_table', 'grid_title', 'adapter_section', 'hub_pin', 'reproduce_config', 'local_inputs',
+           'registry_tasks', 'local_paths', 'check_no_local_paths', 'template_path', 'default_model_name',
+           'method_info', 'rows_note', 'card_variables', 'build_card', 'is_himerge_card', 'write_card']
 
 # %% ../nbs/10_card.ipynb #ee7a7ff5
 REPORT, CONFIG, HEATMAP, CARD = "himerge_report.json", "himerge_config.yaml", "gamma_heatmap.png", "README.md"
@@ -365,30 +365,54 @@ def adapter_section(report) -> dict | None:
     return dict(summary=summary, table=table if tensors else None, n_tensors=len(tensors))
 
 # %% ../nbs/10_card.ipynb #c329ab1b
-def reproduce_config(output_dir, report) -> str | None:
-    "The output's merge config as YAML for the card: no output folder, no cache folder, no local path."
+def hub_pin(rec) -> str | None:
+    "A Hub model as `org/name@commit`, at the commit the merge read (else the revision asked for); None if local."
+    if not (rec and rec.get("repo_id")): return None
+    ref = rec.get("commit_sha") or rec.get("revision")
+    return f"{rec['repo_id']}@{ref}" if ref else rec["repo_id"]
+
+def _saved_config(output_dir) -> dict | None:
     path = Path(output_dir) / CONFIG
     if not path.is_file(): return None
     try: config = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e: raise CardError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(config, dict): raise CardError(f"{path}: expected a mapping, got {type(config).__name__}")
-    config.pop("output", None)
-    hub = lambda rec: bool(rec and rec.get("repo_id"))
-    if config.get("base") is not None and not hub(report["base"]): config["base"] = local_name(config["base"])
+    return config
+
+def _pin_sources(config: dict, report) -> None:
+    "Hub models at the commits read (a source keeps its name), local ones by their folder names."
+    if config.get("base") is not None: config["base"] = hub_pin(report["base"]) or local_name(config["base"])
     for i, s in enumerate(config.get("sources") or []):
         rec = report["sources"][i] if i < len(report["sources"]) else None
-        if isinstance(s, dict) and "path" in s and not hub(rec): s["path"] = local_name(s["path"])
-        elif isinstance(s, str) and not hub(rec): config["sources"][i] = local_name(s)
+        path, pin = (s.get("path") if isinstance(s, dict) else s), hub_pin(rec)
+        new = pin or local_name(path)
+        if isinstance(s, dict) and "path" in s:
+            if pin and pin != path: s.setdefault("name", rec["name"])   # its name, not one made from the commit
+            s["path"] = new
+        elif isinstance(s, str): config["sources"][i] = {"path": new, "name": rec["name"]} if pin and pin != s else new
+
+def reproduce_config(output_dir, report) -> str | None:
+    """The output's merge config as YAML for the card: every Hub input pinned to the commit the merge read (a model
+    as `org/name@commit`, a dataset by its `revision`), local ones by their folder names; no output or cache folder."""
+    config = _saved_config(output_dir)
+    if config is None: return None
+    config.pop("output", None)
+    _pin_sources(config, report)
     for name, spec in (config.get("tasks") or {}).items():
         if isinstance(spec, dict) and spec.get("data") is not None:
             known = (report.get("tasks") or {}).get(name) or {"data": spec["data"]}
-            if hub_dataset(known) is None: spec["data"] = local_name(spec["data"])
+            dataset = hub_dataset(known)
+            if dataset is None: spec["data"] = local_name(spec["data"])
+            elif known.get("commit_sha"):
+                rest = {k: v for k, v in spec.items() if k not in ("data", "revision")}
+                config["tasks"][name] = {"data": dataset[0], "revision": known["commit_sha"], **rest}
     options = config.get("options")
     if isinstance(options, dict):
         options.pop("cache_dir", None)
         if options.get("tokenizer"): options["tokenizer"] = local_name(options["tokenizer"])
     return yaml.safe_dump(config, sort_keys=False, allow_unicode=True).rstrip()
 
+# %% ../nbs/10_card.ipynb #6f7a8b9c
 def local_inputs(report) -> list:
     "The inputs the reproduce config names by their local folder's name: `name` (what it was), for the card."
     base, tasks = report["base"], report.get("tasks") or {}
@@ -397,6 +421,15 @@ def local_inputs(report) -> list:
               if not s.get("repo_id")]
     return found + [f"`{local_name(t['data'])}` (the data of task {name})" for name, t in tasks.items()
                     if isinstance(t, dict) and t.get("data") and hub_dataset(t) is None]
+
+def registry_tasks(output_dir, report) -> list:
+    "The tasks named from LightEval's registry, whose data revision a config cannot pin: what this merge read."
+    config, records = _saved_config(output_dir) or {}, report.get("tasks") or {}
+    named = {n: s["lighteval"] for n, s in (config.get("tasks") or {}).items()
+             if isinstance(s, dict) and "lighteval" in s}
+    read = lambda r: f"`{(hub_dataset(r) or (r.get('data'),))[0]}` at commit `{r['commit_sha']}`" \
+        if r.get("commit_sha") else f"`{local_name(r.get('data'))}` (local)"
+    return [f"{n} (`{task}`: this merge read {read(records.get(n) or {})})" for n, task in named.items()]
 
 # %% ../nbs/10_card.ipynb #08b57a4f
 _ABSOLUTE = re.compile(r"(?<![\w.~/:\\-])~?/[^\s`'\"|<>()\[\]{},;*]+")
@@ -487,6 +520,8 @@ def card_variables(output_dir, report, model_name: str) -> dict:
         decisions_table=decisions_table(report), candidates_table=candidates_table(report),
         contributions_table=contributions_table(report), auto=auto_section(report),
         config_file=CONFIG, config_yaml=reproduce_config(output_dir, report), local_inputs=local_inputs(report),
+        registry_tasks=registry_tasks(output_dir, report),
+        hub_inputs=any(hub_pin(r) for r in [base] + report["sources"]) or any(map(hub_dataset, tasks.values())),
         conflict_z=f"{z:g}" if (z := (report.get("resolution") or {}).get("conflict_z")) and report.get("impaired")
         is not None else None)
 

@@ -13,7 +13,7 @@ from .config import ConfigError
 # %% auto #0
 __all__ = ['MERGEKIT_MARKS', 'READ_KEYS', 'REFUSED_KEYS', 'MERGEKIT_METHODS', 'SHARED', 'DTYPE_NAMES', 'is_mergekit',
            'MergekitMethod', 'whole_merge_parameters', 'model_parameters', 'model_spec', 'saved_dtype', 'fold_weights',
-           'from_mergekit', 'convert_config']
+           'mergekit_arithmetic', 'from_mergekit', 'convert_config']
 
 # %% ../nbs/08e_mergekit.ipynb #14ab0871
 MERGEKIT_MARKS = ("merge_method", "models", "slices", "modules", "base_model")
@@ -160,9 +160,9 @@ def saved_dtype(data: dict) -> str:
 # %% ../nbs/08e_mergekit.ipynb #a6541aad
 def fold_weights(weights: list, lamb: float, divides: bool) -> tuple:
     "(scales in (0, 1], lamb) that merge as `weights` and `lamb` do; `divides`: the method divides by the weights."
-    top = max(weights)
-    if top <= 1: return list(weights), lamb
-    return [w / top for w in weights], (lamb if divides else lamb * top)
+    factor = 1.0
+    while factor < max(weights): factor *= 2      # a power of two: w / factor rounds nothing
+    return [w / factor for w in weights], (lamb if divides or factor == 1 else lamb * factor)
 
 # %% ../nbs/08e_mergekit.ipynb #a496fd9d
 def _family(name: str, base, specs: list, params: list, whole: dict) -> dict:
@@ -235,6 +235,11 @@ def _slerp(base, specs: list, whole: dict) -> dict:
     return dict(base=base, sources=[{"path": others[0]}], method="slerp", options={"t": whole["t"]})
 
 # %% ../nbs/08e_mergekit.ipynb #34ca8b91
+def mergekit_arithmetic(data: dict) -> str:
+    """How mergekit computes the merge of `data`: in bfloat16 at each step for `dtype: bfloat16`, else in float32
+    (float16, and a missing dtype on bfloat16 checkpoints, are computed in float32 and rounded once)."""
+    return "mergekit_bfloat16" if str(data.get("dtype")).removeprefix("torch.") == "bfloat16" else "mergekit_float32"
+
 def from_mergekit(data: dict) -> dict:
     """The himerge config (a dict for `MergeConfig.from_dict`) that runs the merge of the mergekit config `data`;
     a `ConfigError` naming the mergekit key at fault where it asks for something himerge cannot honour."""
@@ -252,6 +257,7 @@ def from_mergekit(data: dict) -> dict:
     if name == "slerp": merge = _slerp(base, specs, whole)
     elif name == "linear": merge = _linear(base, specs, params, whole)
     else: merge = _family(name, base, specs, params, whole)
+    if "arithmetic" in merge.get("options", {}): merge["options"]["arithmetic"] = mergekit_arithmetic(data)
     return {**merge, "dtype": saved_dtype(data)}
 
 # %% ../nbs/08e_mergekit.ipynb #fbc3b72e

@@ -305,6 +305,10 @@ _sign_on = lambda default: option(default, "elect signs on the raw or on the wei
                                   choices=("raw", "weighted"))
 _divide = lambda default, allowed: option(default, "divide the agreeing deltas' sum by their count, their weights, "
                                           "or nothing", choices=allowed)
+_arithmetic = lambda: option("himerge", "dtype and order of the arithmetic: himerge (float32, rounded once when saved, "
+                             "equal magnitudes by index) or mergekit_<dtype> (each step in that dtype, in mergekit's "
+                             "order: how a mergekit config is followed)",
+                             choices=("himerge", "mergekit_float32", "mergekit_bfloat16"))
 _rescale = lambda: option(True, "after a random drop, rescale by 1/p (true), to the delta's L1 norm ('l1', mergekit), "
                           "or not", choices=(True, False, "l1"))
 
@@ -315,6 +319,7 @@ class SignElectionOptions:
     sign_on: str = _sign_on("raw")
     divide: str = _divide("count", ("count", "weight", "none"))
     lamb: float = _lamb()
+    arithmetic: str = _arithmetic()
 
 @dataclass
 class TiesOptions(SignElectionOptions):
@@ -327,6 +332,7 @@ class DareLinearOptions:
     rescale: bool | str = _rescale()
     divide: str = _divide("none", ("none", "weight"))
     lamb: float = _lamb()
+    arithmetic: str = _arithmetic()
 
 @dataclass
 class DareTiesOptions(SignElectionOptions):
@@ -341,6 +347,7 @@ class BreadcrumbsOptions:
     rounding: str = _rounding()
     divide: str = _divide("none", ("none", "weight"))
     lamb: float = _lamb()
+    arithmetic: str = _arithmetic()
 
 @dataclass
 class DellaOptions(DareTiesOptions):

@@ -127,7 +127,10 @@ def plain_model(model, layers: int | None = None):
     return plain.eval()
 
 # %% ../nbs/00b_real_zoo.ipynb #91ccc228
-BASE_README = """# {name}
+BASE_README = """---
+license: apache-2.0
+---
+# {name}
 
 A local copy of [{upstream}](https://huggingface.co/{upstream}) (Apache-2.0) built by `himerge zoo build --real`,
 {how}. {blocks} transformer blocks. It is not the Hub repository: see `provenance.json`.
@@ -159,12 +162,12 @@ NOUNS = ("apple river chair tiger candle garden mirror pencil rabbit window bott
          "engine flower guitar island ladder monkey parrot planet spoon summer teacher ticket tomato village wallet "
          "winter").split()
 REAL_TASKS = {  # name -> (type, instruction, answer of the word list)
-    "last": ("multiple_choice", "Which word comes last", lambda w: w[-1]),
+    "third": ("multiple_choice", "Which word comes third", lambda w: w[2]),
     "reverse": ("generative", "Write the words in reverse order", lambda w: ", ".join(w[::-1])),
-    "rotate": ("generative", "Move the first word to the end", lambda w: ", ".join(w[1:] + w[:1])),
+    "sort": ("generative", "Write the words in alphabetical order", lambda w: ", ".join(sorted(w))),
 }
 REAL_SPLITS = dict(train=1000, validation=64, test=128)
-LIST_LENGTH = 3
+LIST_LENGTH = 4
 
 def real_row(task: str, words: list) -> dict:
     "One row of `task` on the list `words`: the question, and the answer (a choice index, or the reference)."
@@ -193,12 +196,12 @@ def real_task_specs() -> dict:
     for name, (kind, _, _) in REAL_TASKS.items():
         d = dict(data=f"data/{name}", type=kind, prompt=PROMPT, gold_field="answer", split="validation")
         if kind == "multiple_choice": d.update(choices_field="choices", metric="loglikelihood_acc")
-        else: d.update(metric="rougeL", generation_size=12, stop_sequences=["\n"])
+        else: d.update(metric="rougeL", generation_size=16, stop_sequences=["\n"])
         specs[name] = d
     return specs
 
 # %% ../nbs/00b_real_zoo.ipynb #97a3038a
-REAL_RECIPE = dict(seed=0, ft_seed=3, steps=40, lr=2e-3, batch_size=8, threads=1)
+REAL_RECIPE = dict(seed=0, ft_seed=3, steps=16, stop_loss=0.1, lr=2e-3, batch_size=8, threads=2)
 
 def _write_json(path: Path, obj):
     "Write `obj` as JSON to `path` through a temporary file (a reader never sees half of it)."
@@ -241,7 +244,8 @@ def train_adapter(root: Path, task: str, index: int, r: dict, log=print) -> list
     pm = get_peft_model(model, LoraConfig(**LORA))
     rows = read_rows([root / "data" / task / "train.jsonl"])
     examples = encode_pairs(tok, [row_text(x) for x in rows], True)
-    losses = train(pm, examples, r["steps"], r["lr"], r["batch_size"], r["ft_seed"] + index, tok.pad_token_id)
+    losses = train(pm, examples, r["steps"], r["lr"], r["batch_size"], r["ft_seed"] + index, tok.pad_token_id,
+                   stop_loss=r.get("stop_loss"))
     with atomic_dir(root / f"lora-{task}") as tmp:
         pm.save_pretrained(tmp)
         cfg_path = tmp / "adapter_config.json"

@@ -140,8 +140,9 @@ def encode_pairs(tok, pairs, completion_only: bool) -> list:
         out.append((pi + ci, ([-100] * len(pi) if completion_only else pi) + ci))
     return out
 
-def train(model, examples, steps: int, lr: float, batch_size: int, seed: int, pad_id: int) -> list:
-    """Train `model` in place; return the loss of every step.
+def train(model, examples, steps: int, lr: float, batch_size: int, seed: int, pad_id: int,
+          stop_loss: float | None = None) -> list:
+    """Train `model` in place; return the loss of every step taken.
 
     Args:
         model: a causal LM (or a PEFT model: only its trainable parameters are trained).
@@ -150,7 +151,8 @@ def train(model, examples, steps: int, lr: float, batch_size: int, seed: int, pa
         lr: peak learning rate of the linear warm-up (10% of the steps) and decay schedule.
         batch_size: examples per step, drawn with replacement.
         seed: seed of the batch draws.
-        pad_id: the token that pads short examples."""
+        pad_id: the token that pads short examples.
+        stop_loss: stop early once the mean loss of the last 3 steps is below it (None: run every step)."""
     import torch
     g = random.Random(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -170,6 +172,7 @@ def train(model, examples, steps: int, lr: float, batch_size: int, seed: int, pa
             loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
             opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sched.step()
             losses.append(loss.item())
+            if stop_loss is not None and len(losses) >= 3 and sum(losses[-3:]) / 3 < stop_loss: break
     model.eval()
     return losses
 

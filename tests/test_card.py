@@ -131,6 +131,11 @@ def test_hi_merging_card_body(tmp_path):
     embedded = yaml.safe_load(text.split("```yaml\n", 1)[1].split("\n```", 1)[0])
     written = yaml.safe_load((out / "himerge_config.yaml").read_text())
     written["options"].pop("cache_dir")   # null in the file; the card leaves the cache folder out altogether
+    # Hub inputs pinned to the commits read (the file names the branches and tags it was given)
+    written["base"] = "himerge-zoo/tiny-base@" + "a" * 40
+    for s, digit in zip(written["sources"], "123"): s["path"] = s["path"].split("@")[0] + "@" + digit * 40
+    written["tasks"]["arith"].update(data="himerge-zoo/arith-qa", revision="7" * 40)
+    written["tasks"]["capitals"].update(revision="8" * 40)
     assert embedded == written
     assert "himerge 0.1.0" in text
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
@@ -141,7 +146,7 @@ def test_only_the_options_that_apply(tmp_path):
     options = text.split("| option | value | meaning |", 1)[1].split("\n\n", 1)[0]
     shown = re.findall(r"^\| `(\w+)` \|", options, re.M)
     # TIES' own options, then the one run option changed from its default (batch_size 16); not seed, shard size, ...
-    assert shown == ["divide", "lamb", "majority", "rounding", "sign_on", "batch_size"]
+    assert shown == ["arithmetic", "divide", "lamb", "majority", "rounding", "sign_on", "batch_size"]
     assert "| `batch_size` | `16` | evaluation batch size |" in options
 
 def test_baseline_card_has_no_analysis(tmp_path):

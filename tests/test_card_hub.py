@@ -4,6 +4,7 @@ made-up org). Its card records every commit read, the datasets' beside the model
 `model-index`, and holds no local path. huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE into its
 `constants` at import, so the test patches those as well as the environment."""
 import hashlib, json, os, shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,10 +32,25 @@ def put_in_cache(cache: Path, repo_id: str, folder: Path, repo_type: str = "mode
     return sha
 
 
+@contextmanager
+def offline_hub(cache: Path):
+    "huggingface_hub offline, reading `cache` (its constants too, read at import), restored after."
+    import huggingface_hub.constants as C
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_HUB_CACHE")}
+    constants = (C.HF_HUB_OFFLINE, C.HF_HUB_CACHE)
+    os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache))
+    C.HF_HUB_OFFLINE, C.HF_HUB_CACHE = True, str(cache)
+    try: yield
+    finally:
+        C.HF_HUB_OFFLINE, C.HF_HUB_CACHE = constants
+        for k, v in saved.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
+
 @pytest.fixture(scope="module")
 def hub_merge(tmp_path_factory):
     "(output folder, {repo id: commit}, work folder) of a scored task-arithmetic merge of Hub inputs only."
-    import huggingface_hub.constants as C
     zoo, work = load_zoo(), tmp_path_factory.mktemp("hub-card")
     cache, shas = work / "hub-cache", {}
     shas[f"{ORG}/zoo-base"] = put_in_cache(cache, f"{ORG}/zoo-base", zoo.base)
@@ -52,19 +68,15 @@ def hub_merge(tmp_path_factory):
         sources.append(dict(path=f"{ORG}/lora-{t}", task=t, name=t))
     config = dict(base=f"{ORG}/zoo-base", sources=sources, tasks=tasks, method="task_arithmetic", dtype="float32",
                   options=dict(test_scores=True, cache_dir=str(work / "evaluations")))
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_HUB_CACHE")}
-    constants = (C.HF_HUB_OFFLINE, C.HF_HUB_CACHE)
-    os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache))
-    C.HF_HUB_OFFLINE, C.HF_HUB_CACHE = True, str(cache)
-    try:
+    with offline_hub(cache):
         from himerge.merge import merge
         out = merge(config, out=work / "merged", progress=False).output
-    finally:
-        C.HF_HUB_OFFLINE, C.HF_HUB_CACHE = constants
-        for k, v in saved.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
     return out, shas, work
+
+
+def embedded_config(text: str) -> str:
+    "The YAML of the card's Reproduce section."
+    return text.split("## Reproduce", 1)[1].split("```yaml\n", 1)[1].split("\n```", 1)[0]
 
 
 def test_report_records_the_datasets_commits(hub_merge):
@@ -90,10 +102,31 @@ def test_card_names_every_commit_and_no_local_path(hub_merge):
     got = {r["dataset"]["name"]: (r["dataset"]["revision"], r["dataset"]["split"]) for r in results}
     assert got == {f"{ORG}/data-{t}": (shas[f"{ORG}/data-{t}"], "test") for t in load_zoo().demo_tasks}
     assert meta["base_model"][0] == f"{ORG}/zoo-base" and meta["base_model_relation"] == "merge"
-    embedded = yaml.safe_load(text.split("```yaml\n", 1)[1].split("\n```", 1)[0])
-    assert embedded["base"] == f"{ORG}/zoo-base"
-    assert [s["path"] for s in embedded["sources"]] == [f"{ORG}/lora-{t}" for t in load_zoo().demo_tasks]
-    assert {t: s["data"] for t, s in embedded["tasks"].items()} == {t: f"{ORG}/data-{t}" for t in load_zoo().demo_tasks}
+
+
+def test_reproduce_config_pins_every_hub_input(hub_merge, tmp_path):
+    """The card's config names each Hub repo at the commit read (a model as `org/name@sha`, a dataset by `revision`),
+    says no input was local, holds no machine path, and himerge reads it back: planning it (every source and
+    task resolved, no weight loaded) finds the same commits in the offline cache, and the same source names."""
+    out, shas, work = hub_merge
+    text = (out / "README.md").read_text()
+    config_yaml = embedded_config(text)
+    assert str(work) not in config_yaml and local_paths(config_yaml) == []
+    assert "Every input from the Hub is pinned to the commit this merge read." in text
+    assert "local inputs" not in text.split("## Reproduce", 1)[1]
+    embedded, demo = yaml.safe_load(config_yaml), load_zoo().demo_tasks
+    assert embedded["base"] == f"{ORG}/zoo-base@{shas[f'{ORG}/zoo-base']}"
+    assert [(s["path"], s["name"]) for s in embedded["sources"]] == [
+        (f"{ORG}/lora-{t}@{shas[f'{ORG}/lora-{t}']}", t) for t in demo]
+    assert {t: (s["data"], s["revision"]) for t, s in embedded["tasks"].items()} == {
+        t: (f"{ORG}/data-{t}", shas[f"{ORG}/data-{t}"]) for t in demo}
+    (tmp_path / "reproduce.yml").write_text(config_yaml)
+    from himerge.merge import plan
+    with offline_hub(work / "hub-cache"):
+        p = plan(tmp_path / "reproduce.yml", out=tmp_path / "again", writer=False)
+    assert p.sources.base.commit_sha == shas[f"{ORG}/zoo-base"]
+    assert [(s.name, s.commit_sha) for s in p.sources.sources] == [(t, shas[f"{ORG}/lora-{t}"]) for t in demo]
+    assert {t: s.data_sha for t, s in p.tasks.items()} == {t: shas[f"{ORG}/data-{t}"] for t in demo}
 
 
 def test_card_for_the_hub_names_the_repo(hub_merge):
