@@ -8,7 +8,7 @@ Docs: https://himerge.github.io/himerge/auto.html.md"""
 from __future__ import annotations
 import dataclasses, logging, time
 
-from .compare import mean_gain_kept
+from .gains import mean_gain_kept
 from .methods import METHODS, Counts, MergeContext, Merged, auto_candidates, auto_points, implements, \
     parse_options, point_cost
 from .scoring import Probe, State, base_state, means

@@ -13,15 +13,14 @@ from typing import Callable, Protocol
 import torch
 
 from .deltas import LazyLayer, map_layer
-from .methods import METHODS, MergeContext, Merged, implements, load_mergers, processed_key
+from .methods import MergeContext, Merged, implements, processed_key
 from .prune import ProcessedDeltas, prune_scale, kept_count, check_fraction, PruneError
 from .scoring import State
 
 # %% auto #0
 __all__ = ['RESCALES', 'ARITHMETICS', 'MERGEKIT_ARGS', 'COMBINES', 'TensorMerge', 'PerTensorMethod', 'per_tensor_method',
-           'per_tensor_methods', 'BaselineError', 'task_arithmetic', 'linear', 'ties', 'dare_linear', 'dare_ties',
-           'breadcrumbs', 'breadcrumbs_ties', 'della_keep_probabilities', 'della', 'slerp', 'combine_deltas',
-           'task_arithmetic_merger']
+           'BaselineError', 'task_arithmetic', 'linear', 'ties', 'dare_linear', 'dare_ties', 'breadcrumbs',
+           'breadcrumbs_ties', 'della_keep_probabilities', 'della', 'slerp', 'combine_deltas', 'task_arithmetic_merger']
 
 # %% ../nbs/04_baselines.ipynb #b424109a
 class TensorMerge(Protocol):
@@ -72,11 +71,6 @@ def per_tensor_method(name: str, *, needs_base: bool = False, linear: Callable |
         implements(name)(PerTensorMethod(name, function, needs_base, linear))
         return function
     return attach
-
-def per_tensor_methods() -> dict:
-    "name -> `PerTensorMethod` of every registered per-tensor method."
-    load_mergers()
-    return {name: m.merger for name, m in METHODS.items() if isinstance(m.merger, PerTensorMethod)}
 
 # %% ../nbs/04_baselines.ipynb #abf73f5f
 class BaselineError(ValueError):

@@ -10,7 +10,7 @@ import dataclasses
 
 from .auto import reference_scores
 from .baselines import combine_deltas
-from .compare import mean_gain_kept
+from .gains import mean_gain_kept
 from .deltas import map_layer
 from .methods import (Counts, HiMergingOptions, MergeContext, Merged, hi_merging_evaluations, implements,
                              processed_key)

@@ -15,7 +15,7 @@ from .options import OptionError, non_default, option, options_table, parse_opti
 
 # %% auto #0
 __all__ = ['METHODS', 'SCOPES', 'ROUNDING', 'LAMB', 'SPECTRA', 'NOT_COMPARED', 'Counts', 'no_evaluations', 'MergeMethod',
-           'MergeContext', 'Merged', 'register', 'get_method', 'implements', 'load_mergers', 'TaskArithmeticOptions',
+           'MergeContext', 'Merged', 'register', 'get_method', 'implements', 'TaskArithmeticOptions',
            'source_state_key', 'processed_key', 'SignElectionOptions', 'TiesOptions', 'DareLinearOptions',
            'DareTiesOptions', 'BreadcrumbsOptions', 'DellaOptions', 'LinearOptions', 'check_della',
            'BreadcrumbsTiesOptions', 'SlerpOptions', 'TsvOptions', 'IsoCOptions', 'IsoCtsOptions', 'KnotsOptions',
@@ -56,9 +56,9 @@ class MergeMethod:
     merger: Callable | None = None   # MergeContext -> Merged, attached by `implements` where the method is written
 
     def build(self, context):
-        "Run the merger on `context` (its module imported on first use); return its `Merged`."
-        if self.merger is None: load_mergers()
-        if self.merger is None: raise LookupError(f"method {self.name!r}: no module gives its merger (@implements)")
+        "Run the merger on `context`; return its `Merged`."
+        if self.merger is None:   # attached when the method's module is imported: himerge.mergers imports them all
+            raise LookupError(f"method {self.name!r}: no merger attached; import himerge.mergers first")
         return self.merger(context)
 
 @dataclass
@@ -105,11 +105,6 @@ def implements(name: str) -> Callable:
         return merger
     return attach
 
-def load_mergers():
-    """Import the modules that implement the methods, so that each `implements` has attached its merger. They need
-    torch, so this runs when a merge builds, never when the command line lists methods or checks a config."""
-    from himerge import auto, baselines, knots, layerwise, resolve, svd_merging  # noqa: F401
-
 # %% ../nbs/08a_methods.ipynb #5a9bed69
 SCOPES = ("tensor", "layer", "model")
 ROUNDING = ("half_up", "floor", "floor_at_least_one")
@@ -136,12 +131,6 @@ def source_state_key(source_key, density: float, scale: float, scope: str):
 def processed_key(context: MergeContext, scope: str) -> list:
     "Every source's cache key after Stage 1."
     return [source_state_key(k, p, s, scope) for k, p, s in zip(context.source_keys, context.densities, context.scales)]
-
-def __getattr__(name: str):
-    "`task_arithmetic_merger`, which `himerge.merge` reads here, is written in `himerge.baselines`."
-    if name != "task_arithmetic_merger": raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    load_mergers()
-    return METHODS["task_arithmetic"].merger
 
 register(MergeMethod("task_arithmetic", "Σ λ_m · prune(δ_m, p_m): the sum of the sources' processed deltas",
                      TaskArithmeticOptions,

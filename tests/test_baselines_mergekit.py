@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from himerge import baselines
-from himerge.baselines import MERGEKIT_ARGS, per_tensor_methods
+from himerge.baselines import MERGEKIT_ARGS
+from himerge.mergers import per_tensor_methods
 
 torch.set_num_threads(1)
 FIXTURES = Path(__file__).parent / "fixtures" / "mergekit"

@@ -108,7 +108,7 @@ def test_lora_deltas_stay_in_the_sources_span_with_the_numerical_rank(fn):
 def test_each_method_merges_the_zoo_full_checkpoints_from_a_config(tmp_path, method, options):
     from safetensors.torch import load_file
     from himerge.merge import merge
-    from himerge.baselines import per_tensor_methods
+    from himerge.mergers import per_tensor_methods
     from himerge.methods import get_method, parse_options
     from himerge.zoo import load_zoo
     zoo = load_zoo()
