@@ -271,6 +271,9 @@ def main():
     ap.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts to time")
     ap.add_argument("--blocks", type=int, nargs="+", help="keep only these blocks' deltas in the adapters (fewer "
                     "probes, each as costly; e.g. 0 6 12 18 24 29 on a loaded machine; default: all 30)")
+    ap.add_argument("--scaling2", type=float, help="the 2-process / 1-process time ratio the 8-GPU projection "
+                    "extrapolates (default: this run's; on a loaded machine give one measured quietly, e.g. "
+                    "bench_distributed's)")
     ap.add_argument("--json", help="write the raw figures to this file (before printing them)")
     ap.add_argument("--replay", help="print the figures of a file --json wrote; run nothing")
     a = ap.parse_args()
@@ -289,7 +292,7 @@ def main():
         if a.json:      # written before anything is printed: the figures of a long run are never lost
             Path(a.json).write_text(json.dumps(dict(limit=a.limit, pair=a.pair, blocks=a.blocks, profile=profile,
                                                     runs=res), indent=1))
-    show(res, profile, a.limit, types, len(a.blocks or range(30)))
+    show(res, profile, a.limit, types, len(a.blocks or range(30)), a.scaling2)
 
 
 def measure(zoo, a, types: dict) -> tuple:
@@ -309,7 +312,7 @@ def measure(zoo, a, types: dict) -> tuple:
     return res, profile
 
 
-def show(res: dict, profile: dict, limit: int, types: dict, n_blocks: int):
+def show(res: dict, profile: dict, limit: int, types: dict, n_blocks: int, scaling2: float | None = None):
     show_measured(res, limit, types, n_blocks, profile)
     first = res[min(res)]
     bp = first["report"]["evaluations"].get("block_passes")
@@ -318,8 +321,8 @@ def show(res: dict, profile: dict, limit: int, types: dict, n_blocks: int):
     else: print("\nno forward profile: the 1-process run was not timed (--processes without 1)")
     mc = next((s for s in profile.values() if s.get("type") == "multiple_choice"), None)
     gen = next((s for s in profile.values() if s.get("type") == "generative"), None)
-    scaling2 = (res[2]["report"]["timings"]["method_s"] / res[1]["report"]["timings"]["method_s"]
-                if 1 in res and 2 in res else None)
+    if scaling2 is None and 1 in res and 2 in res:
+        scaling2 = res[2]["report"]["timings"]["method_s"] / res[1]["report"]["timings"]["method_s"]
     if mc and gen:
         pe = first["per_eval"]
         forward_cpu = mc["prefill_cpu_s"] + gen["prefill_cpu_s"] + gen.get("decode_cpu_s", 0.0)
