@@ -6,9 +6,8 @@ Docs: https://himerge.github.io/himerge/scoring.html.md"""
 
 # %% ../nbs/06c_scoring.ipynb #a0abc233
 from __future__ import annotations
-import ctypes, ctypes.util, logging, time
+import logging, time
 from dataclasses import dataclass, field
-from functools import cache
 
 import numpy as np
 import torch
@@ -17,6 +16,7 @@ from fastcore.basics import patch
 from .cache import EvalCache, fingerprint, task_key
 from .editor import LayerEditor
 from .evaluate import Evaluator
+from .heap import trim_heap
 from .prefix import PrefixError, PrefixForward, prefix_chain
 # what loads the model is himerge.loading; himerge.merge still reads these names here
 from .loading import (check_device, check_loaded, compute_dtype, input_device, load_model,  # noqa: F401
@@ -25,8 +25,8 @@ from .loading import (check_device, check_loaded, compute_dtype, input_device, l
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'PROBE_KINDS', 'SHARED_ROUND', 'State', 'base_state', 'Probe', 'Scorer', 'libc', 'trim_heap', 'sum_in', 'means',
-           'prefix_forward', 'lighteval_scorer']
+__all__ = ['log', 'PROBE_KINDS', 'SHARED_ROUND', 'State', 'base_state', 'Probe', 'Scorer', 'sum_in', 'means', 'prefix_forward',
+           'lighteval_scorer']
 
 # %% ../nbs/06c_scoring.ipynb #e2484773
 @dataclass(frozen=True, eq=False)
@@ -115,20 +115,6 @@ class Scorer:
     def key(self, probe: Probe, task: str, split: str) -> str:
         "The cache key of `probe` scored on `task` of `split`."
         return fingerprint({"probe": probe.key(), "task": self.task_key(task, split)})
-
-# %% ../nbs/06c_scoring.ipynb #01120ae8
-@cache
-def libc():
-    "The C library, looked up once (finding it costs about 2 ms), or None where there is none to load."
-    try: return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError: return None
-
-def trim_heap():
-    """Hand the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing). Between probes it
-    returns what the last evaluation's small buffers left in the heap: on bench_scale.py's bf16 run, the heap at the
-    peak went from 48 to 38 MiB, at the same speed."""
-    try: libc().malloc_trim(0)
-    except AttributeError: pass                # no C library, or not glibc
 
 # %% ../nbs/06c_scoring.ipynb #67f3b839
 def sum_in(base, delta, dtype, chunk_bytes: int = 2**20):
