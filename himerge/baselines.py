@@ -180,7 +180,8 @@ def _top_magnitude(t, p, rounding, source, mergekit_order: bool):
     return t * mask.view(t.shape)
 
 # %% ../nbs/04_baselines.ipynb #a567252f
-def task_arithmetic(deltas, weights, *, densities=None, generator=None, rounding="half_up", divide="none", lamb=1.0):
+def task_arithmetic(deltas, weights, *, densities=None, generator=None, rounding="half_up", divide="none", lamb=1.0,
+                    arithmetic="himerge"):
     """Σ_m w_m · prune(δ_m, p_m) (magnitude pruning, `rounding` of p·n); divided by Σ w_m when `divide='weight'`.
 
     Args:
@@ -190,10 +191,12 @@ def task_arithmetic(deltas, weights, *, densities=None, generator=None, rounding
         generator: unused (the method is deterministic); part of the common signature.
         rounding: how p·n becomes a count: half_up (himerge), floor (PEFT), floor_at_least_one (mergekit).
         divide: none (a sum) or weight (divided by Σ w_m, mergekit's `normalize`).
-        lamb: a factor on the merged delta, applied last (mergekit's `lambda`)."""
+        lamb: a factor on the merged delta, applied last (mergekit's `lambda`).
+        arithmetic: himerge (float32, ties by index) or mergekit_<dtype> (mergekit's dtype and order)."""
     ds, ws, ps = _inputs(deltas, weights, densities)
-    pruned = torch.stack([_magnitude(d, p, rounding, i) for i, (d, p) in enumerate(zip(ds, ps))])
-    return _sum(_weighted(pruned, ws), ws, divide) * lamb
+    ds, mergekit_order = _arithmetic(ds, arithmetic)
+    pruned = torch.stack([_top_magnitude(d, p, rounding, i, mergekit_order) for i, (d, p) in enumerate(zip(ds, ps))])
+    return (_sum(_weighted(pruned, ws), ws, divide, mergekit_order) * lamb).float()
 
 # %% ../nbs/04_baselines.ipynb #e9d30a3a
 @per_tensor_method("linear", linear=lambda weights: [w / sum(weights) for w in weights])  # the soup
@@ -422,7 +425,7 @@ def slerp(deltas, weights, *, densities=None, generator=None, base=None, t=0.5, 
 
 # %% ../nbs/04_baselines.ipynb #5a0d588e
 MERGEKIT_ARGS = {
-    "task_arithmetic": dict(rounding="floor_at_least_one"),
+    "task_arithmetic": dict(rounding="floor_at_least_one", arithmetic="mergekit_float32"),
     "ties": dict(rounding="floor_at_least_one", sign_on="weighted", divide="weight", arithmetic="mergekit_float32"),
     "dare_linear": dict(rescale="l1", arithmetic="mergekit_float32"),
     "dare_ties": dict(rescale="l1", sign_on="weighted", divide="none", arithmetic="mergekit_float32"),
@@ -451,10 +454,20 @@ def combine_deltas(per_source: list[dict], how: str = "sum"):
     return LazyLayer(dict.fromkeys(n for d in per_source for n in d), combine, owned=True)
 
 # %% ../nbs/04_baselines.ipynb #573ec636
+def _task_arithmetic_tensor(deltas, weights, *, densities=None, generator=None, prune_scope="tensor", **options):
+    "`task_arithmetic` of one tensor under the registered method's options (pruned within the tensor)."
+    return task_arithmetic(deltas, weights, densities=densities, **options)
+
 @implements("task_arithmetic")
 def task_arithmetic_merger(context: MergeContext) -> Merged:
-    "Σ_m λ_m · prune(δ_m, p_m), times `lamb`."
+    """Σ_m λ_m · prune(δ_m, p_m), times `lamb`; tensor by tensor, as the per-tensor methods, where it divides by
+    Σ λ_m or computes as mergekit does (`arithmetic: mergekit_<dtype>`)."""
     opts = context.options
+    if opts.divide != "none" or opts.arithmetic != "himerge":
+        if opts.prune_scope != "tensor" and any(p < 1 for p in context.densities):
+            raise BaselineError(f"prune_scope: {opts.prune_scope!r} prunes across tensors; with divide "
+                                f"{opts.divide!r} and arithmetic {opts.arithmetic!r} task arithmetic prunes each tensor")
+        return PerTensorMethod("task_arithmetic", _task_arithmetic_tensor)(context)
     processed = ProcessedDeltas(context.deltas, density=context.densities, scale=context.scales, scope=opts.prune_scope)
     def layer_delta(layer):
         merged = combine_deltas([processed.source_layer(i, layer) for i in range(len(context.names))], "sum")

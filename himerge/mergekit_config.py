@@ -184,14 +184,12 @@ def _family(name: str, base, specs: list, params: list, whole: dict) -> dict:
     if rescale and m.sparsify in ("magnitude", "outliers"):
         raise ConfigError(f"parameters.rescale: himerge rescales only after a random drop (dare_*, della), not "
                           f"after {name}'s magnitude pruning; remove it")
-    options = {k: v for k, v in MERGEKIT_ARGS.get(m.himerge, {}).items() if m.himerge != "task_arithmetic"}
+    options = dict(MERGEKIT_ARGS.get(m.himerge, {}))
+    if m.himerge == "task_arithmetic": options.pop("rounding")    # it does not prune: no count to round
     if m.sparsify in ("random", "della"): options["rescale"] = "l1" if rescale else False
-    if m.himerge == "task_arithmetic":
-        total = sum(weights) if normalize and abs(sum(weights)) >= 1e-8 else 1.0
-        scales, options["lamb"] = fold_weights([w / total for w in weights], lamb, divides=False)
-    else:
-        options["divide"] = "weight" if normalize else "none"
-        scales, options["lamb"] = fold_weights(weights, lamb, divides=normalize)
+    if m.himerge == "task_arithmetic" and abs(sum(weights)) < 1e-8: normalize = False   # mergekit divides by 1
+    options["divide"] = "weight" if normalize else "none"
+    scales, options["lamb"] = fold_weights(weights, lamb, divides=normalize)
     defaults = {"gamma": 0.01, "epsilon": 0.15}   # mergekit's
     for p in m.per_model: options[p] = [params[i].get(p, defaults[p]) for i in keep]
     sources = [{"path": specs[i], "scale": s, "density": _density(params[i], i)} for i, s in zip(keep, scales)]

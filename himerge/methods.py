@@ -108,13 +108,32 @@ def implements(name: str) -> Callable:
 # %% ../nbs/08a_methods.ipynb #5a9bed69
 SCOPES = ("tensor", "layer", "model")
 ROUNDING = ("half_up", "floor", "floor_at_least_one")
+LAMB = dict(low=0, low_open=True)
+_lamb = lambda: option(1.0, "factor on the merged delta, applied last (mergekit's lambda)", **LAMB)
+_rounding = lambda: option("half_up", "how p·n is rounded to a count of kept entries (floor: PEFT; "
+                           "floor_at_least_one: mergekit)", choices=ROUNDING)
+_majority = lambda: option("total", "sign election by total mass (TIES) or by count of signs",
+                           choices=("total", "frequency"))
+_sign_on = lambda default: option(default, "elect signs on the raw or on the weighted deltas (mergekit: weighted)",
+                                  choices=("raw", "weighted"))
+_divide = lambda default, allowed: option(default, "divide the agreeing deltas' sum by their count, their weights, "
+                                          "or nothing", choices=allowed)
+_arithmetic = lambda: option("himerge", "dtype and order of the arithmetic: himerge (float32, rounded once when saved, "
+                             "equal magnitudes by index) or mergekit_<dtype> (each step in that dtype, in mergekit's "
+                             "order: how a mergekit config is followed)",
+                             choices=("himerge", "mergekit_float32", "mergekit_bfloat16"))
+_rescale = lambda: option(True, "after a random drop, rescale by 1/p (true), to the delta's L1 norm ('l1', mergekit), "
+                          "or not", choices=(True, False, "l1"))
+
 
 @dataclass
 class TaskArithmeticOptions:
     "Options of task arithmetic."
     prune_scope: str = option("tensor", "where the top-p threshold is taken: each tensor, each layer, or the whole "
                               "delta", choices=SCOPES)
-    lamb: float = option(1.0, "factor on the merged delta, applied last (mergekit's lambda)", low=0, low_open=True)
+    lamb: float = _lamb()
+    divide: str = _divide("none", ("none", "weight"))
+    arithmetic: str = _arithmetic()
 
 def source_state_key(source_key, density: float, scale: float, scope: str):
     """A source's cache key after Stage 1: its files, density, scale and scope (its files alone when p = λ = 1).
@@ -138,23 +157,6 @@ register(MergeMethod("task_arithmetic", "Σ λ_m · prune(δ_m, p_m): the sum of
                      search={"scale": [0.4, 0.6, 0.8, 1.0]}))
 
 # %% ../nbs/08a_methods.ipynb #0734cb0f
-LAMB = dict(low=0, low_open=True)
-_lamb = lambda: option(1.0, "factor on the merged delta, applied last (mergekit's lambda)", **LAMB)
-_rounding = lambda: option("half_up", "how p·n is rounded to a count of kept entries (floor: PEFT; "
-                           "floor_at_least_one: mergekit)", choices=ROUNDING)
-_majority = lambda: option("total", "sign election by total mass (TIES) or by count of signs",
-                           choices=("total", "frequency"))
-_sign_on = lambda default: option(default, "elect signs on the raw or on the weighted deltas (mergekit: weighted)",
-                                  choices=("raw", "weighted"))
-_divide = lambda default, allowed: option(default, "divide the agreeing deltas' sum by their count, their weights, "
-                                          "or nothing", choices=allowed)
-_arithmetic = lambda: option("himerge", "dtype and order of the arithmetic: himerge (float32, rounded once when saved, "
-                             "equal magnitudes by index) or mergekit_<dtype> (each step in that dtype, in mergekit's "
-                             "order: how a mergekit config is followed)",
-                             choices=("himerge", "mergekit_float32", "mergekit_bfloat16"))
-_rescale = lambda: option(True, "after a random drop, rescale by 1/p (true), to the delta's L1 norm ('l1', mergekit), "
-                          "or not", choices=(True, False, "l1"))
-
 @dataclass
 class SignElectionOptions:
     "Options of the methods that elect a sign per entry and merge the agreeing deltas (TIES and its kin)."

@@ -73,8 +73,9 @@ def _shared_validation(cfg: MergeConfig, n_tasks: int) -> int:
 
 def _plain_sum_is_merge(cfg: MergeConfig) -> bool:
     "Whether the merge is the plain sum of the deltas (then its test score is the reference's)."
-    return cfg.method == "task_arithmetic" and cfg.method_options.lamb == 1 and \
-        all(s.density == 1 and s.scale == 1 for s in cfg.sources)
+    opts = cfg.method_options
+    return cfg.method == "task_arithmetic" and opts.lamb == 1 and opts.divide == "none" and \
+        opts.arithmetic == "himerge" and all(s.density == 1 and s.scale == 1 for s in cfg.sources)
 
 def auto_grid(run, density, scale) -> tuple:
     "(densities, scales) a source's 'auto' search tries: the grid for what is 'auto', thinned to the budget."
