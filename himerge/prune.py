@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from decimal import Decimal, ROUND_HALF_UP
 import torch
 
+from .deltas import Layer, LayerDeltas, map_layer
+
 # %% auto #0
 __all__ = ['ROUNDINGS', 'NONFINITE_BITS', 'KEEP_NONE', 'SCOPES', 'PruneError', 'check_fraction', 'kept_count', 'abs_bits',
            'Threshold', 'select_threshold', 'keep_mask', 'prune_scale', 'prune_scale_group', 'ProcessedDeltas']
@@ -168,9 +170,10 @@ def _per_source(values, parameter: str, names: list) -> list:
         raise PruneError(f"{parameter}: {len(values)} values for {len(names)} sources ({', '.join(map(str, names))})")
     return [check_fraction(v, parameter, s) for v, s in zip(values, names)]
 
-class ProcessedDeltas:
+class ProcessedDeltas(LayerDeltas):
     "Deltas pruned to `density` and scaled by `scale` (one value or one per source), read layer by layer."
-    def __init__(self, deltas, density=1.0, scale=1.0, scope: str = "tensor", *, rounding: str = "half_up"):
+    def __init__(self, deltas: LayerDeltas, density=1.0, scale=1.0, scope: str = "tensor", *,
+                 rounding: str = "half_up"):
         """Args:
             deltas: the source deltas (`layers`, `names`, `base_layer`, `source_layer`), e.g. `Deltas`.
             density: p, one value for every source or one per source.
@@ -191,16 +194,16 @@ class ProcessedDeltas:
     def layers(self): return self.deltas.layers
     @property
     def n_sources(self) -> int: return len(self.source_names)
-    def base_layer(self, layer): return self.deltas.base_layer(layer)
-    def names(self, layer): return self.deltas.names(layer)
-    def __getattr__(self, attr):  # anything else (sources, base, close, ...) is the wrapped deltas'
-        if attr.startswith("_") or attr == "deltas": raise AttributeError(attr)
-        return getattr(self.deltas, attr)
+    def base_layer(self, layer: Layer): return self.deltas.base_layer(layer)
+    def names(self, layer: Layer) -> list: return self.deltas.names(layer)
+    # What is not about pruning is the wrapped deltas'.
+    def changed_layers(self, i: int | None = None) -> list: return self.deltas.changed_layers(i)
+    def unassigned_tensors(self) -> dict: return self.deltas.unassigned_tensors()
+    def close(self): self.deltas.close()
 
-    def source_layer(self, i: int, layer) -> dict:
+    def source_layer(self, i: int, layer: Layer) -> dict:
         """Source `i`'s processed delta in `layer` (name -> float32 tensor, only the tensors it changes): computed
         tensor by tensor as it is read in tensor scope; the whole layer at once in layer and model scope."""
-        from himerge.deltas import map_layer
         delta = self.deltas.source_layer(i, layer)
         p, lam, src = self.density[i], self.scale[i], self.source_names[i]
         if p == 1: return delta if lam == 1 else map_layer(delta, lambda n, t: t * lam)   # read-only downstream
@@ -217,7 +220,7 @@ class ProcessedDeltas:
             out[n] = _apply(delta[n], mask, lam)
         return {n: out[n] for n in delta}
 
-    def costly(self, i: int, layer) -> bool:
+    def costly(self, i: int, layer: Layer) -> bool:
         "Whether reading source `i`'s `layer` selects entries (a top-p over a tensor or more), worth memoising."
         return self.density[i] < 1
 

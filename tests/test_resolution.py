@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from himerge.contributions import Contributions
+from himerge.deltas import LayerDeltas
 from himerge.merge import demo_config, merge
 from himerge.resolve import Measures, ResolveSettings, ResolvedDeltas, improvement, resolve
 
@@ -81,7 +82,7 @@ def test_the_dry_run_counts_the_candidates(tmp_path):
 # The property, on random inputs: whatever the γ table and whatever the validation scores of each state, the
 # verified merge's mean gain-normalised validation score is never below the pre-merge's.
 
-class InMemoryDeltas:
+class InMemoryDeltas(LayerDeltas):
     def __init__(self, layers, sources):
         self.layers, self.scale = list(range(layers)), [1.0] * sources
         self.delta = {(i, layer): {f"layers.{layer}.w": torch.ones(2, 2) * (i + 1)} for i in range(sources)
