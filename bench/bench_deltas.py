@@ -6,16 +6,17 @@ sharded safetensors in a temporary folder, then runs, each in its own subprocess
       written as it goes;
   (b) mergekit 0.1.5 `mergekit-yaml` task_arithmetic (weights 1, no normalisation, float32 maths, bf16 output),
       from its own virtualenv (default /work/venvs/mergekit-prune), CPU, default options.
-Prints wall time, CPU time (user + system) and peak RSS (resource.getrusage(RUSAGE_CHILDREN) of a wrapper process
-per run) and the ratios himerge / mergekit (CPU time moves less than wall time when other processes share the
-CPUs), then checks that the two merged models agree tensor by tensor (bf16 rounding).
-With --rounds N the two run alternately N times (load on a shared machine hits both alike) and the ratios of the
-best and of the median runs are printed. With --before DIR, a second himerge source tree (an earlier commit, e.g.
+Prints wall time, CPU time (user + system, and system alone), peak RSS and minor page faults
+(resource.getrusage(RUSAGE_CHILDREN) of a wrapper process per run) and the ratios himerge / mergekit (CPU time moves
+less than wall time when other processes share the CPUs), then checks that the two merged models agree tensor by
+tensor (bf16 rounding).
+The two run alternately --rounds times (3 by default: load on a shared machine hits both alike) and the ratios of
+the best and of the median runs are printed. With --before DIR, a second himerge source tree (an earlier commit, e.g.
 from `git archive`) runs in the same rounds, for a before/after comparison.
 
     python bench/bench_deltas.py --params 2e8
     python bench/bench_deltas.py --params 1e9 --mergekit /work/venvs/mergekit-prune/bin/mergekit-yaml
-    python bench/bench_deltas.py --params 2.7e8 --rounds 3
+    python bench/bench_deltas.py --params 2.7e8 --rounds 5
 """
 import argparse, json, os, shutil, statistics, subprocess, sys, tempfile, textwrap, time
 from pathlib import Path
@@ -29,7 +30,8 @@ MEASURE = textwrap.dedent("""
     rc = subprocess.run(sys.argv[2:], stdout=open(sys.argv[1], "w"), stderr=subprocess.STDOUT).returncode
     wall = time.perf_counter() - t0
     use = resource.getrusage(resource.RUSAGE_CHILDREN)
-    print(json.dumps(dict(rc=rc, wall_s=wall, cpu_s=use.ru_utime + use.ru_stime, peak_rss_mb=use.ru_maxrss / 1024)))
+    print(json.dumps(dict(rc=rc, wall_s=wall, cpu_s=use.ru_utime + use.ru_stime, system_s=use.ru_stime,
+                          peak_rss_mb=use.ru_maxrss / 1024, page_faults=use.ru_minflt)))
 """)
 
 HIMERGE_RUN = textwrap.dedent("""
@@ -162,7 +164,7 @@ def main(argv=None):
                     help="where to generate (default: a temporary folder, removed afterwards); models of the same "
                          "shape already there are reused")
     ap.add_argument("--keep", action="store_true", help="keep the generated models and outputs")
-    ap.add_argument("--rounds", type=int, default=1, help="alternated runs of each tool")
+    ap.add_argument("--rounds", type=int, default=3, help="alternated runs of each tool")
     ap.add_argument("--before", default=None, help="another himerge source tree, run in the same rounds")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -199,8 +201,9 @@ def main(argv=None):
             out_dtype: bfloat16
             """))
         runs = {"himerge": [], "mergekit": [], "before": []}
-        show = lambda r, who, x: print(f"round {r + 1}  {who:9}: {x['wall_s']:8.1f} s   CPU {x['cpu_s']:7.1f} s   "
-                                       f"peak RSS {x['peak_rss_mb']:8.0f} MB", flush=True)
+        show = lambda r, who, x: print(f"round {r + 1}  {who:9}: {x['wall_s']:8.1f} s   CPU {x['cpu_s']:7.1f} s "
+                                       f"(system {x['system_s']:5.1f} s)   peak RSS {x['peak_rss_mb']:8.0f} MB   "
+                                       f"page faults {x['page_faults']:9d}", flush=True)
         for r in range(args.rounds):
             for out in (out_hi, out_mk, root / "out-before"): shutil.rmtree(out, ignore_errors=True)
             if args.before:

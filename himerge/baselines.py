@@ -379,8 +379,9 @@ def combine_deltas(per_source: list[dict], how: str = "sum"):
         having = [d for d in per_source if name in d]
         if len(having) > 1 and how == "ties":
             return ties([d[name] for d in having], [1.0] * len(having))
-        out = having[0][name].clone()
+        out = having[0][name]
+        if not getattr(having[0], "owned", False): out = out.clone()   # a new tensor already: no copy
         for d in having[1:]:                    # in place, each source's tensor read when it is added
             tensor = d[name]; out += tensor; del tensor
         return out
-    return LazyLayer(dict.fromkeys(n for d in per_source for n in d), combine)
+    return LazyLayer(dict.fromkeys(n for d in per_source for n in d), combine, owned=True)

@@ -282,7 +282,8 @@ def open_run(p: Plan, progress=True, group=None):
     total = p.total_evaluations + len(deltas.layers)     # evaluations, then one step per layer written
     main = group is None or group.main
     bar = tqdm(total=total, desc=f"himerge {p.config.method}", unit="step", disable=not (progress and main))
-    run = Run(deltas, source_key(p.sources.base), [source_key(s) for s in p.sources.sources], progress=bar,
+    key = source_key if p.tasks else lambda s: ""   # the keys name weights in the score cache: no scores, no hashing
+    run = Run(deltas, key(p.sources.base), [key(s) for s in p.sources.sources], progress=bar,
               densities=[s.density for s in p.config.sources], scales=[s.scale for s in p.config.sources])
     try:
         if p.tasks:

@@ -13,7 +13,8 @@ from pathlib import Path
 from .errors import InputError
 
 # %% auto #0
-__all__ = ['REPORT_FILE', 'write_point', 'OutputError', 'parse_size', 'ShardWriter', 'saved_dtype', 'write_model',
+__all__ = ['M_TRIM_THRESHOLD', 'M_MMAP_MAX', 'REPORT_FILE', 'write_point', 'OutputError', 'parse_size', 'shard_headers',
+           'header_bytes', 'ShardWriter', 'reused_heap', 'saved_dtype', 'written_layout', 'write_model',
            'OutputExistsError', 'is_himerge_output', 'check_output', 'staging_dir', 'commit_output', 'discard',
            'clear_stale', 'OutputLockedError', 'output_lock', 'DiskFullError', 'output_estimate', 'check_free_space',
            'is_disk_full', 'disk_full_error', 'input_stamps', 'InputChangedError', 'check_unchanged']
@@ -52,62 +53,128 @@ _SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bf
                        "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
                        "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
 
+def _entry(name: str, shape, dtype, start: int, size: int) -> dict:
+    "A tensor's safetensors header entry: dtype, shape and byte offsets in its shard."
+    dtype = str(dtype).removeprefix("torch.")
+    if dtype not in _SAFETENSORS_DTYPES: raise OutputError(f"tensor {name!r}: safetensors has no dtype {dtype}")
+    return dict(dtype=_SAFETENSORS_DTYPES[dtype], shape=list(shape), data_offsets=[start, start + size])
+
+def _starts_shard(entries: dict, used: int, size: int, width: int, max_bytes: int) -> bool:
+    "Whether a tensor of `size` bytes (`width` an element) begins a new shard after `entries` (`used` bytes)."
+    # Tensors lie back to back: one that would start off its dtype's alignment begins a new shard.
+    return bool(entries) and (used + size > max_bytes or used % width > 0)
+
+def shard_headers(layout, max_bytes: int) -> list:
+    """The header (name -> entry) of each shard that the tensors of `layout`, (name, shape, dtype) in the order they
+    are added, fill: the same split a `ShardWriter` makes as they come."""
+    import math, torch
+    shards, entries, used = [], {}, 0
+    for name, shape, dtype in layout:
+        width = torch.empty((), dtype=dtype).element_size()
+        size = math.prod(shape) * width
+        if _starts_shard(entries, used, size, width, max_bytes): shards.append(entries); entries, used = {}, 0
+        entries[name] = _entry(name, shape, dtype, used, size); used += size
+    return shards + [entries] if entries or not shards else shards     # an empty model: one empty shard
+
+def header_bytes(entries: dict) -> bytes:
+    "A safetensors file's first bytes: the header's length, then the header, padded so the tensors start 8-aligned."
+    header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header
+
+# %% ../nbs/08c_output.ipynb #shardwrt
 class ShardWriter:
     """Write tensors to safetensors shards of at most `max_bytes`, then the index when closed; one tensor in memory at
-    a time."""
-    def __init__(self, folder, max_bytes: int):
+    a time. Given the `layout` of every tensor to come ((name, shape, dtype), in order), each shard's header is
+    written first and the tensors once, behind it; without it, they go to a data file copied behind the header when
+    the shard is full."""
+    def __init__(self, folder, max_bytes: int, layout=None):
         self.folder, self.max_bytes = Path(folder), max_bytes
         self.shards, self.total = [], 0
-        self._data, self._entries, self._bytes = None, {}, 0   # the open shard: its tensor bytes, header, size
+        self._planned = None if layout is None else iter(shard_headers(layout, max_bytes))
+        self._header = None                                    # the open shard's planned header
+        self._data, self._entries, self._bytes = None, {}, 0   # the open shard: its file, entries so far, size
 
     def add(self, name: str, tensor):
         "Add one tensor: its bytes go to disk now (a full shard is finished first)."
         import torch
-        size = tensor.numel() * tensor.element_size()
-        dtype = str(tensor.dtype).removeprefix("torch.")
-        if dtype not in _SAFETENSORS_DTYPES: raise OutputError(f"tensor {name!r}: safetensors has no dtype {dtype}")
-        # Tensors lie back to back: one that would start off its dtype's alignment begins a new shard.
-        if self._entries and (self._bytes + size > self.max_bytes or self._bytes % tensor.element_size()):
-            self._flush()
-        if self._data is None: self._data = open(self._path(".data"), "wb")
+        width = tensor.element_size()
+        size = tensor.numel() * width
+        if _starts_shard(self._entries, self._bytes, size, width, self.max_bytes): self._flush()
+        if self._data is None: self._open()
+        entry = _entry(name, tensor.shape, tensor.dtype, self._bytes, size)
+        if self._header is not None and self._header.get(name) != entry:    # a bug of the caller's layout
+            raise RuntimeError(f"tensor {name!r}: {entry} is not what the layout planned ({self._header.get(name)})")
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         self._data.write(flat.view(torch.uint8).numpy().data)     # little-endian, as safetensors stores it
-        self._entries[name] = dict(dtype=_SAFETENSORS_DTYPES[dtype], shape=list(tensor.shape),
-                                   data_offsets=[self._bytes, self._bytes + size])
+        self._entries[name] = entry
         self._bytes += size; self.total += size
 
     def _path(self, suffix: str) -> Path: return self.folder / f"shard-{len(self.shards):05d}{suffix}"
 
+    def _open(self):
+        "Begin a shard: its file with the header, when planned; else a data file for the tensor bytes alone."
+        if self._planned is None: self._data = open(self._path(".data"), "wb"); return
+        self._header = next(self._planned, None)
+        if self._header is None: raise RuntimeError("more shards than the layout planned")
+        self._data = open(self._path(".tmp"), "wb")
+        self._data.write(header_bytes(self._header))
+
     def _flush(self):
-        "Finish the open shard: the header, known now, then the tensor bytes copied after it."
-        if self._data is None: self._data = open(self._path(".data"), "wb")   # an empty model: an empty shard
+        "Finish the open shard: check it holds what its header planned, or write the header and copy the bytes after."
+        if self._data is None: self._open()           # an empty model: an empty shard
         self._data.close()
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)                         # the tensor bytes start 8-byte aligned
-        data, tmp = self._path(".data"), self._path(".tmp")
-        with open(tmp, "wb") as out, open(data, "rb") as src:
-            out.write(len(header).to_bytes(8, "little")); out.write(header)
-            shutil.copyfileobj(src, out, 16 * 2**20)
-        data.unlink()
+        tmp = self._path(".tmp")
+        if self._header is not None:
+            if self._entries != self._header:
+                raise RuntimeError(f"shard {len(self.shards) + 1}: {sorted(set(self._header) - set(self._entries))} "
+                                   "planned but not added")
+        else:
+            data = self._path(".data")
+            with open(tmp, "wb") as out, open(data, "rb") as src:
+                out.write(header_bytes(self._entries)); shutil.copyfileobj(src, out, 16 * 2**20)
+            data.unlink()
         write_point("shard")
         self.shards.append((tmp, list(self._entries)))
-        self._data, self._entries, self._bytes = None, {}, 0
+        self._data, self._header, self._entries, self._bytes = None, None, {}, 0
 
-    def close(self) -> list:
-        "Name the shards as transformers does, write the index if there are several; return the file names."
-        if self._entries or not self.shards: self._flush()
-        n = len(self.shards)
-        if n == 1:
-            self.shards[0][0].rename(self.folder / "model.safetensors")
-            return ["model.safetensors"]
-        weight_map, files = {}, []
-        for i, (tmp, names) in enumerate(self.shards):
-            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            tmp.rename(self.folder / fname); files.append(fname)
-            weight_map.update({k: fname for k in names})
-        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        return files + ["model.safetensors.index.json"]
+
+# %% ../nbs/08c_output.ipynb #shardcls
+def _close(self) -> list:
+    "Name the shards as transformers does, write the index if there are several; return the file names."
+    if self._entries or not self.shards: self._flush()
+    if self._planned is not None and next(self._planned, None) is not None:
+        raise RuntimeError("the layout planned more shards than were written")
+    n = len(self.shards)
+    if n == 1:
+        self.shards[0][0].rename(self.folder / "model.safetensors")
+        return ["model.safetensors"]
+    weight_map, files = {}, []
+    for i, (tmp, names) in enumerate(self.shards):
+        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        tmp.rename(self.folder / fname); files.append(fname)
+        weight_map.update({k: fname for k in names})
+    index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+    (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return files + ["model.safetensors.index.json"]
+
+ShardWriter.close = _close
+
+# %% ../nbs/08c_output.ipynb #heapexp0
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4          # glibc's mallopt parameters
+_GLIBC_DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_MMAP_MAX: 65536}
+
+@contextmanager
+def reused_heap():
+    "While the block runs, freed buffers stay in the C heap for the next ones (glibc; elsewhere nothing)."
+    from himerge.scoring import libc, trim_heap
+    mallopt = getattr(libc(), "mallopt", None)
+    if mallopt is None: yield; return
+    mallopt(M_MMAP_MAX, 0); mallopt(M_TRIM_THRESHOLD, 2**31 - 1)   # no buffer of its own; no trim on each free
+    try: yield
+    finally:
+        for param, value in _GLIBC_DEFAULTS.items(): mallopt(param, value)
+        trim_heap()
 
 # %% ../nbs/08c_output.ipynb #d9c37ec1
 _COPY_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
@@ -117,6 +184,14 @@ def saved_dtype(base_config: dict, dtype: str) -> str:
     "The dtype name the model is saved in: `dtype`, or the base's own for 'auto'."
     stored = base_config.get("dtype") or base_config.get("torch_dtype") or "float32"
     return stored if dtype == "auto" else dtype
+
+def written_layout(deltas, dtype) -> list | None:
+    "(name, shape, `dtype`) of each tensor `write_model` writes, in order, from the base's headers; None if unknown."
+    store = getattr(deltas, "base_store", None)
+    if store is None or not hasattr(deltas, "base_tensor"): return None
+    shapes = {name: h.shape for name, h in store.headers().items()}
+    names = [n for layer in deltas.layers for n in deltas.names(layer)] + list(getattr(deltas, "unassigned", []))
+    return [(name, shapes[name], dtype) for name in names]
 
 def write_model(folder: Path, deltas, merged_layer, base, dtype: str = "auto", max_shard_size="1GB",
                 progress=None) -> list:
@@ -133,17 +208,20 @@ def write_model(folder: Path, deltas, merged_layer, base, dtype: str = "auto", m
     import torch
     dtype_name = saved_dtype(dict(base.config), dtype)
     target = getattr(torch, dtype_name)
-    writer = ShardWriter(folder, parse_size(max_shard_size))
-    for layer in deltas.layers:
-        delta = merged_layer(layer)
-        # one base tensor at a time when the deltas can read them so, else the whole layer
-        tensors = ((n, deltas.base_tensor(n)) for n in deltas.names(layer)) if hasattr(deltas, "base_tensor") \
-            else deltas.base_layer(layer).items()
-        for name, t in tensors:
-            writer.add(name, (t + delta[name] if name in delta else t).to(target))
-        if progress is not None: progress.update(1)
-    for name, t in getattr(deltas, "unassigned_tensors", lambda: {})().items():
-        writer.add(name, t.to(target))
+    writer = ShardWriter(folder, parse_size(max_shard_size), layout=written_layout(deltas, target))
+    with reused_heap():
+        for layer in deltas.layers:
+            delta = merged_layer(layer)
+            # one base tensor at a time when the deltas can read them so, else the whole layer
+            tensors = ((n, deltas.base_tensor(n)) for n in deltas.names(layer)) if hasattr(deltas, "base_tensor") \
+                else deltas.base_layer(layer).items()
+            for name, t in tensors:
+                if name not in delta: writer.add(name, t.to(target)); continue
+                change = delta[name]     # a new tensor of the merge's own (`owned`): the base is added into it
+                writer.add(name, (change.add_(t) if getattr(delta, "owned", False) else t + change).to(target))
+            if progress is not None: progress.update(1)
+        for name, t in getattr(deltas, "unassigned_tensors", lambda: {})().items():
+            writer.add(name, t.to(target))
     files = writer.close()
     for f in sorted(Path(base.path).iterdir()):
         if f.is_file() and f.suffix in _COPY_SUFFIXES and f.name not in _SKIP and not f.name.startswith("."):
