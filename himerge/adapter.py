@@ -8,10 +8,19 @@ Docs: https://himerge.github.io/himerge/adapter.html.md"""
 from __future__ import annotations
 import warnings
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
+from .deltas import TensorStore, compute_deltas, lora_scaling
 from .errors import InputError
-from .sources import Source, SourceSet, adapter_module, adapter_weights, resolve_source, target_tensor
+from .lazy import lazy
+from .sources import (Source, SourceSet, _declared_base_path, adapter_module, adapter_weights, readable_shapes,
+                             resolve_source, target_tensor)
+
+_peft, _peft_other = lazy("peft"), lazy("peft.utils.other")   # PEFT imports transformers: only to write a config
 
 # %% auto #0
 __all__ = ['LOW_RANK_ROLES', 'OVERSAMPLE', 'POWER_ITERATIONS', 'ADAPTER_RANK_CAP', 'LAYOUTS', 'NON_ADDITIVE', 'AdapterError',
@@ -32,7 +41,6 @@ class LoraFactors:
         if source.kind != "lora":
             kind = "full checkpoint" if source.kind == "full" else source.kind
             raise AdapterError(f"source {source.name!r} is a {kind}, not a LoRA adapter")
-        from himerge.deltas import TensorStore
         self.source, self.name, self.config = source, source.name, source.config
         self.store = TensorStore([adapter_weights(source.path, allow_pickle)])
         # base tensor name -> {role: key} / key
@@ -57,7 +65,6 @@ class LoraFactors:
 
     def scaling(self, name: str) -> float:
         "PEFT's scaling s of the module of `name`."
-        from himerge.deltas import lora_scaling
         return lora_scaling(self.config, name.removesuffix(".weight"))
 
     def rank(self, name: str) -> int:
@@ -80,7 +87,6 @@ class LoraFactors:
 # %% ../nbs/08d_adapter.ipynb #282a6f37
 def exact_factors(terms: list) -> tuple:
     "(A, B) with B @ A = Σ c·B_i @ A_i for terms [(A_i, B_i, c_i)]: A stacked, B side by side; zero c adds no rank."
-    import torch
     if not terms: raise ValueError("exact_factors: no terms")
     A0, B0, _ = terms[0]
     for A_i, B_i, _ in terms:
@@ -96,12 +102,10 @@ OVERSAMPLE, POWER_ITERATIONS = 10, 4
 
 def frobenius(x) -> float:
     "‖x‖_F, accurate for large float32 matrices: row norms in float32, their sum of squares in float64."
-    import torch
     return torch.linalg.vector_norm(x, dim=-1).double().square().sum().sqrt().item()
 
 def _top_singular(delta, k: int, method: str, seed: int):
     "U [out, q], S [q], Vh [q, in] with q ≥ k, the leading singular triplets of `delta`."
-    import torch
     if method == "auto": method = "lowrank" if k + OVERSAMPLE <= min(delta.shape) // 4 else "full"
     if method == "full": return torch.linalg.svd(delta, full_matrices=False)
     if method != "lowrank": raise ValueError(f"method: {method!r} is not 'auto', 'full' or 'lowrank'")
@@ -119,7 +123,6 @@ def truncated_factors(delta, rank: int, *, method: str = "auto", seed: int = 0) 
         method: the SVD: full (`torch.linalg.svd`), lowrank (`torch.svd_lowrank`), or auto (lowrank when the rank is
             small against the shape).
         seed: the seed of lowrank's random projection (the global RNG is left as it was)."""
-    import torch
     if rank < 1: raise ValueError(f"adapter_rank: {rank!r} is not a positive integer")
     delta = delta.float()
     norm = frobenius(delta)
@@ -160,7 +163,6 @@ class AdapterWriter:
         self.biases, self.full = set(), []
 
     def _store(self, key, t):
-        import torch
         self.tensors["base_model.model." + key] = t.detach().to(getattr(torch, self.dtype)).contiguous()
 
     def add(self, tensor_name: str, A, B, kind: str = "exact", error: float = 0.0, layout: str = "linear"):
@@ -229,22 +231,20 @@ def _check_writable(writer: AdapterWriter, full_modules: set):
 
 def _check_patterns(rank_pattern: dict, modules: list):
     "Each rank_pattern key must select its own module, and only it, under PEFT's matching rule."
-    from peft.utils.other import get_pattern_key
     for module in modules:
-        key = get_pattern_key(rank_pattern.keys(), module)
+        key = _peft_other.get_pattern_key(rank_pattern.keys(), module)
         if (key in rank_pattern) != (module in rank_pattern) or (module in rank_pattern and key != module):
             raise AdapterError(f"module {module!r}: rank_pattern key {key!r} would also select it; "
                                "cannot write its rank")
 
 def _adapter_config(writer: AdapterWriter, full_modules: list):
-    from peft import LoraConfig
     modules = sorted(writer.ranks)
     r = Counter(writer.ranks.values()).most_common(1)[0][0] if modules else 1
     rank_pattern = {m: k for m, k in writer.ranks.items() if k != r}
     _check_patterns(rank_pattern, modules)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # LoraConfig's notes on unusual settings
-        return LoraConfig(r=r, lora_alpha=r, rank_pattern=rank_pattern, alpha_pattern=dict(rank_pattern),
+        return _peft.LoraConfig(r=r, lora_alpha=r, rank_pattern=rank_pattern, alpha_pattern=dict(rank_pattern),
                           target_modules=modules, modules_to_save=full_modules or None,
                           fan_in_fan_out="fan_in_fan_out" in writer.layouts.values(),
                           lora_bias=bool(writer.biases), lora_dropout=0.0, bias="none", task_type=writer.task_type,
@@ -252,7 +252,6 @@ def _adapter_config(writer: AdapterWriter, full_modules: list):
 
 def _write_files(self: AdapterWriter) -> list:
     "Check, then write the adapter's two files."
-    from safetensors.torch import save_file
     full_modules = sorted({n.rsplit(".", 1)[0] for n in self.full})
     _check_writable(self, set(full_modules))
     if not self.ranks and not self.full:
@@ -269,13 +268,11 @@ NON_ADDITIVE = {"use_dora": "DoRA rescales the base weight by a learned magnitud
                 "layer_replication": "layer replication adds layers to the base"}
 
 def _declared(src: Source) -> str:
-    from himerge.sources import _declared_base_path
     local = _declared_base_path(src)
     return str(local) if local is not None else str(src.declared_base or "").split("@")[0]
 
 def check_adapter_output(source_set: SourceSet):
     "Raise AdapterError (naming the source or tensor) if the merge of `source_set` cannot be written as a LoRA adapter."
-    from himerge.sources import readable_shapes
     tied = bool(source_set.base.config.get("tie_word_embeddings"))
     bases, embedding, bias = {}, None, None
     for src in source_set.sources:
@@ -308,7 +305,6 @@ def check_adapter_output(source_set: SourceSet):
 # %% ../nbs/08d_adapter.ipynb #3cf77ba9
 def _weight_into(writer, name, factors, merged, weights, rank, method):
     "Write one LoRA-targeted weight: stacked factors (exact) or its truncated merged delta."
-    import torch
     holders = [f for f in factors if name in f.modules]
     layout = holders[0].layout(name)
     if weights is not None:
@@ -320,7 +316,6 @@ def _weight_into(writer, name, factors, merged, weights, rank, method):
 
 def _layer_into(writer, layer, deltas, factors, merged, weights, rank, method):
     "Write one layer's merged delta into `writer`."
-    import torch
     saved = {n for f in factors for n in f.saved_tensors}
     lora = {n for f in factors for n in f.modules}
     names = deltas.names(layer)
@@ -363,8 +358,6 @@ def write_adapter(folder, source_set: SourceSet, merged_layer, *, weights=None, 
         base_model_name_or_path: the base as the adapter names it (default: its Hub id, else its folder's name).
         deltas: the deltas the merge was computed on (so units of finer granularity match); read from the files if None.
         progress: anything with update(n), advanced once per layer written."""
-    from contextlib import nullcontext
-    from himerge.deltas import compute_deltas
     check_adapter_output(source_set)
     factors = [LoraFactors(s, source_set.allow_pickle) for s in source_set.sources]
     base = source_set.base

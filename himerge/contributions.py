@@ -24,13 +24,13 @@ from .prune import ProcessedDeltas
 from .scoring import Probe, State, Scorer, base_state, means
 
 if TYPE_CHECKING: import pandas as pd
-pandas, pyplot = lazy("pandas"), lazy("matplotlib.pyplot")   # imported by the tables and plots that use them
+_pandas, _pyplot = lazy("pandas"), lazy("matplotlib.pyplot")   # imported by the tables and plots that use them
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['pandas', 'pyplot', 'log', 'states_for', 'LayerMemo', 'MemoDeltas', 'memo_budget', 'paired', 'NoGainError',
-           'Contributions', 'records', 'ContributionAnalysis', 'plot_gamma', 'GridResult', 'choose_density_scale']
+__all__ = ['log', 'states_for', 'LayerMemo', 'MemoDeltas', 'memo_budget', 'paired', 'NoGainError', 'Contributions', 'records',
+           'ContributionAnalysis', 'plot_gamma', 'GridResult', 'choose_density_scale']
 
 # %% ../nbs/07_contributions.ipynb #f8da4c6a
 def states_for(deltas, source_names: list, *, combine: str = "sum", merged=None, edits_key=None,
@@ -247,7 +247,7 @@ def _tables(self, states, ref_scores: dict, probe_scores: dict, gains: dict) -> 
         for layer in self.layers:
             g, g_se = paired(contrib[(f"source:{n}", layer, t)] - contrib[("pre_merge", layer, t)])
             grows.append(dict(layer=layer, source=n, gamma=g, gamma_se=g_se, significant=bool(abs(g) > 2 * g_se)))
-    return pandas.DataFrame(rows), pandas.DataFrame(grows)
+    return _pandas.DataFrame(rows), _pandas.DataFrame(grows)
 
 def _run(self, merged=None, edits_key=None) -> Contributions:
     "Measure α, β, c per layer for each source alone and for the pre-merge, and γ per source and layer."
@@ -294,7 +294,7 @@ ContributionAnalysis.rows_merged = _rows_merged
 def plot_gamma(contributions: Contributions, ax=None, title="γ: conflict per layer and source"):
     "Heatmap of γ (layers × sources), symmetric colour scale around 0."
     g = contributions.gamma_matrix()
-    if ax is None: _, ax = pyplot.subplots(figsize=(1.6 + 1.1 * g.shape[1], 0.8 + 0.32 * g.shape[0]))
+    if ax is None: _, ax = _pyplot.subplots(figsize=(1.6 + 1.1 * g.shape[1], 0.8 + 0.32 * g.shape[0]))
     lim = float(np.nanmax(np.abs(g.values))) or 1.0
     im = ax.imshow(g.values.astype(float), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
     ax.set_xticks(range(g.shape[1]), g.columns); ax.set_yticks(range(g.shape[0]), [str(layer) for layer in g.index])
@@ -327,13 +327,13 @@ class GridResult:
     def plot(self, ax=None):
         "Heatmap of the grid, the best pair boxed."
         t = self.table
-        if ax is None: _, ax = pyplot.subplots(figsize=(1.2 + 0.6 * t.shape[1], 1.0 + 0.45 * t.shape[0]))
+        if ax is None: _, ax = _pyplot.subplots(figsize=(1.2 + 0.6 * t.shape[1], 1.0 + 0.45 * t.shape[0]))
         im = ax.imshow(t.values.astype(float), cmap="viridis", origin="lower", aspect="auto")
         ax.set_xticks(range(t.shape[1]), [f"{v:g}" for v in t.columns])
         ax.set_yticks(range(t.shape[0]), [f"{v:g}" for v in t.index])
         ax.set_xlabel("scale λ"); ax.set_ylabel("density p"); ax.set_title(f"{self.source} on {self.task}")
         i, j = list(t.index).index(self.best[0]), list(t.columns).index(self.best[1])
-        ax.add_patch(pyplot.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+        ax.add_patch(_pyplot.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
         ax.figure.colorbar(im, ax=ax, fraction=0.05)
         return ax.figure
 
@@ -363,7 +363,7 @@ def choose_density_scale(scorer: Scorer, deltas, i: int, task: str, densities=(0
         key = {"base": base_key, "source": source_state_key(source_key or name, p, lam, scope)}
         state = State(f"grid:{name}", lambda layer, proc=proc: proc.source_layer(i, layer), key)
         requests.append((Probe(state), [task], "validation"))
-    grid = pandas.DataFrame(index=list(densities), columns=list(scales), dtype=float)
+    grid = _pandas.DataFrame(index=list(densities), columns=list(scales), dtype=float)
     for (p, lam), scores in zip(points, scorer.run(requests)): grid.loc[p, lam] = float(scores[task].mean())
     best = max(points, key=lambda pl: (grid.loc[pl], pl[0], pl[1]))
     spent = dict(done=scorer.cache.done - done0, reused=scorer.cache.reused - reused0)

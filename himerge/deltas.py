@@ -13,15 +13,20 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
+from safetensors import safe_open
 
+from .lazy import lazy
 from .sources import (SourceError, SourceSet, TensorHeader, adapter_module, adapter_weights, check_lora,
                              file_headers, lora_rank, peft_default, target_tensor, weight_files)
+
+_peft_other = lazy("peft.utils.other")   # PEFT imports transformers: only for an adapter with an alpha pattern
 
 # %% auto #0
 __all__ = ['DTYPE_BYTES', 'LAYER_GROUPS_FIRST', 'LAYER_GROUPS_LAST', 'Layer', 'GRANULARITIES', 'n_blocks', 'layer_of',
            'lora_scaling', 'lora_delta', 'nonfinite', 'check_finite', 'load_pickle_weights', 'stored_bytes',
            'TensorStore', 'group_layers', 'LazyLayer', 'map_layer', 'full_reader', 'lora_modules', 'lora_reader',
-           'source_reader', 'LayerDeltas', 'Deltas', 'compute_deltas', 'reconstruct', 'unit_of', 'UnitDeltas']
+           'source_reader', 'LayerDeltas', 'wrapped', 'Deltas', 'compute_deltas', 'reconstruct', 'unit_of',
+           'UnitDeltas']
 
 # %% ../nbs/02_deltas.ipynb #49bab315
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer|decoder_layers)\.(\d+)\.")
@@ -52,8 +57,7 @@ def lora_scaling(config: dict, module: str) -> float:
     alpha = config["lora_alpha"] if "lora_alpha" in config else peft_default("lora_alpha")
     alphas = config.get("alpha_pattern") or {}
     if alphas:
-        from peft.utils.other import get_pattern_key
-        alpha = alphas.get(get_pattern_key(alphas.keys(), module), alpha)
+        alpha = alphas.get(_peft_other.get_pattern_key(alphas.keys(), module), alpha)
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 def lora_delta(parts: dict, config: dict, module: str) -> dict:
@@ -138,7 +142,6 @@ class TensorStore:
 
     def get(self, name) -> torch.Tensor:
         "The float32 tensor `name`, checked for NaN and infinity: a new tensor, the caller's to change."
-        from safetensors import safe_open
         f = self.where[name]
         if isinstance(f, dict): t, file = f[name], self._headers[name].file
         else:
@@ -314,6 +317,10 @@ class LayerDeltas(Protocol):
     def close(self):
         "Let go of open files (by default, there are none)."
 
+def wrapped(name: str) -> property:
+    "A read-only member of a wrapper that is the wrapped deltas' own `name` (`self.deltas.<name>`), declared by name."
+    return property(lambda self: getattr(self.deltas, name), doc=f"The wrapped deltas' `{name}`.")
+
 
 # %% ../nbs/02_deltas.ipynb #10e30c8e
 class Deltas(LayerDeltas):
@@ -426,14 +433,11 @@ class UnitDeltas(LayerDeltas):
         changed = set(self.deltas.changed_layers(i))
         return [u for u in self.layers if self._block.get(u, u) in changed]
     def costly(self, i: int, layer: Layer) -> bool: return self.deltas.costly(i, layer)
-    @property
-    def source_names(self) -> list: return self.deltas.source_names
-    @property
-    def n_sources(self) -> int: return self.deltas.n_sources
-    @property
-    def config(self) -> dict: return self.deltas.config
-    @property
-    def base_store(self) -> TensorStore | None: return self.deltas.base_store
+    # What is not about layers is the wrapped `Deltas`' own: its sources, the base's files, the tensors outside layers.
+    source_set, base, sources, source_names = wrapped("source_set"), wrapped("base"), wrapped("sources"), \
+        wrapped("source_names")
+    n_sources, config, allow_pickle = wrapped("n_sources"), wrapped("config"), wrapped("allow_pickle")
+    base_store, unassigned, tied = wrapped("base_store"), wrapped("unassigned"), wrapped("tied")
     def base_tensor(self, name: str): return self.deltas.base_tensor(name)
     def unassigned_tensors(self) -> dict: return self.deltas.unassigned_tensors()
     def close(self): self.deltas.close()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from decimal import Decimal, ROUND_HALF_UP
 import torch
 
-from .deltas import Layer, LayerDeltas, map_layer
+from .deltas import Layer, LayerDeltas, map_layer, wrapped
 
 # %% auto #0
 __all__ = ['ROUNDINGS', 'NONFINITE_BITS', 'KEEP_NONE', 'SCOPES', 'PruneError', 'check_fraction', 'kept_count', 'abs_bits',
@@ -197,6 +197,7 @@ class ProcessedDeltas(LayerDeltas):
     def base_layer(self, layer: Layer): return self.deltas.base_layer(layer)
     def names(self, layer: Layer) -> list: return self.deltas.names(layer)
     # What is not about pruning is the wrapped deltas'.
+    sources, base, config = wrapped("sources"), wrapped("base"), wrapped("config")
     def changed_layers(self, i: int | None = None) -> list: return self.deltas.changed_layers(i)
     def unassigned_tensors(self) -> dict: return self.deltas.unassigned_tensors()
     def close(self): self.deltas.close()

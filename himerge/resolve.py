@@ -19,15 +19,15 @@ from .methods import Merged, processed_key, refinement
 from .prune import ProcessedDeltas, prune_scale, prune_scale_group
 from .scoring import means
 
-patches = lazy("matplotlib.patches")   # for the figures only
+_patches = lazy("matplotlib.patches")   # for the figures only
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['patches', 'log', 'SEVERE', 'PARTIAL', 'MUTUAL', 'ZERO', 'RESOLUTIONS', 'REFINES', 'LEAVE', 'impaired',
-           'total_conflict', 'classify', 'LayerEdit', 'ResolvedDeltas', 'ResolveSettings', 'Measures', 'LayerView',
-           'layer_view', 'Candidate', 'paper_action', 'candidates', 'improvement', 'accept', 'Decision',
-           'candidate_record', 'resolve', 'Resolution', 'plot_resolution', 'resolve_settings', 'hi_merging']
+__all__ = ['log', 'SEVERE', 'PARTIAL', 'MUTUAL', 'ZERO', 'RESOLUTIONS', 'REFINES', 'LEAVE', 'impaired', 'total_conflict',
+           'classify', 'LayerEdit', 'ResolvedDeltas', 'ResolveSettings', 'Measures', 'LayerView', 'layer_view',
+           'Candidate', 'paper_action', 'candidates', 'improvement', 'accept', 'Decision', 'candidate_record',
+           'resolve', 'Resolution', 'plot_resolution', 'resolve_settings', 'hi_merging']
 
 # %% ../nbs/08_resolve.ipynb #2dbd49c0
 SEVERE, PARTIAL, MUTUAL = "severe", "partial", "mutual"
@@ -501,7 +501,7 @@ def plot_resolution(resolution: Resolution, ax=None):
     return fig
 
 def _dashed_box(xy, width, height):
-    return patches.Rectangle(xy, width, height, fill=False, edgecolor="black", linewidth=2, linestyle="--")
+    return _patches.Rectangle(xy, width, height, fill=False, edgecolor="black", linewidth=2, linestyle="--")
 
 # %% ../nbs/08_resolve.ipynb #27a3c00a
 def resolve_settings(context) -> ResolveSettings:
