@@ -341,6 +341,7 @@ def _layer_into(writer, layer, deltas, factors, merged, weights, rank, method):
             if module not in writer.biases and module + ".bias" in names:
                 writer.add_bias(module + ".bias", torch.zeros_like(deltas.base_store.get(module + ".bias")))
 
+# %% ../nbs/08d_adapter.ipynb #60860054
 def write_adapter(folder, source_set: SourceSet, merged_layer, *, weights=None, rank: int | None = None, layers=None,
                   method: str = "auto", dtype: str = "float32", base_model_name_or_path: str | None = None,
                   deltas=None, progress=None) -> dict:

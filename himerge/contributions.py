@@ -277,6 +277,7 @@ def _run(self, merged=None, edits_key=None) -> Contributions:
              len(self.layers), evaluations["done"], evaluations["reused"], evaluations["seconds"])
     return Contributions(reference, table, gamma, gains, evaluations, self.layers)
 
+# %% ../nbs/07_contributions.ipynb #1748f81b
 def _rows_merged(self, resolved: list) -> list:
     "Per-sample scores on every task of the pre-merge of each resolved deltas (by their `key()`), in one call."
     requests = [(Probe(self.states(r, r.key())[-1]), self.all_tasks, "validation") for r in resolved]
@@ -337,6 +338,7 @@ class GridResult:
         ax.figure.colorbar(im, ax=ax, fraction=0.05)
         return ax.figure
 
+# %% ../nbs/07_contributions.ipynb #d2da4bf8
 def choose_density_scale(scorer: Scorer, deltas, i: int, task: str, densities=(0.2, 0.4, 0.6, 0.8, 1.0),
                          scales=(0.2, 0.4, 0.6, 0.8, 1.0), *, scope="tensor", base_key: str = "", source_key: str = "",
                          source_name: str | None = None) -> GridResult:

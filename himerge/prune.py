@@ -14,7 +14,8 @@ from .deltas import Layer, LayerDeltas, map_layer, wrapped
 
 # %% auto #0
 __all__ = ['ROUNDINGS', 'NONFINITE_BITS', 'KEEP_NONE', 'SCOPES', 'PruneError', 'check_fraction', 'kept_count', 'abs_bits',
-           'Threshold', 'select_threshold', 'keep_mask', 'prune_scale', 'prune_scale_group', 'ProcessedDeltas']
+           'Threshold', 'select_threshold', 'keep_mask', 'prune_scale', 'prune_scale_group', 'model_thresholds',
+           'ProcessedDeltas']
 
 # %% ../nbs/03_prune.ipynb #197beb78
 class PruneError(ValueError):
@@ -149,7 +150,7 @@ def prune_scale_group(tensors: dict, density: float, scale: float = 1.0, *, roun
         out[k] = _apply(tensors[k], mask, scale)
     return {k: out[k] for k in tensors}
 
-# %% ../nbs/03_prune.ipynb #3027fa3b
+# %% ../nbs/03_prune.ipynb #8ea1481b
 SCOPES = ("tensor", "layer", "model")
 
 def _source_names(deltas, n_hint=None) -> list:
@@ -170,6 +171,30 @@ def _per_source(values, parameter: str, names: list) -> list:
         raise PruneError(f"{parameter}: {len(values)} values for {len(names)} sources ({', '.join(map(str, names))})")
     return [check_fraction(v, parameter, s) for v, s in zip(values, names)]
 
+# %% ../nbs/03_prune.ipynb #09858747
+def _stream(deltas: LayerDeltas, i: int):
+    "Source i's delta tensors in the fixed order: layers in model order, tensors by sorted name."
+    for layer in deltas.layers:
+        d = deltas.source_layer(i, layer)
+        for n in sorted(d): yield n, d[n]
+
+def model_thresholds(deltas: LayerDeltas, density: list, rounding: str) -> tuple:
+    """Model scope: ([each source's `Threshold` over all its deltas, None where p is 1], [per source, layer -> the
+    entries equal to the threshold met in earlier layers, where some equal entries are dropped])."""
+    ths, ties_before = [], []
+    for i, p in enumerate(density):
+        th = (select_threshold(lambda i=i: _stream(deltas, i), lambda n, p=p: kept_count(n, p, rounding))
+              if p < 1 else None)
+        before = {}
+        if th is not None and th.ties < th.equal:   # some equal entries are dropped: count them per layer
+            seen = 0
+            for layer in deltas.layers:
+                before[layer] = seen
+                seen += sum(int((abs_bits(t) == th.bits).sum()) for t in deltas.source_layer(i, layer).values())
+        ths.append(th); ties_before.append(before)
+    return ths, ties_before
+
+# %% ../nbs/03_prune.ipynb #3027fa3b
 class ProcessedDeltas(LayerDeltas):
     "Deltas pruned to `density` and scaled by `scale` (one value or one per source), read layer by layer."
     def __init__(self, deltas: LayerDeltas, density=1.0, scale=1.0, scope: str = "tensor", *,
@@ -190,14 +215,12 @@ class ProcessedDeltas(LayerDeltas):
         self._thresholds = None   # model scope: per source, a Threshold
         self._ties_before = None  # model scope: per source, layer -> ties consumed by earlier layers
 
-    @property
-    def layers(self): return self.deltas.layers
+    layers = wrapped("layers")
     @property
     def n_sources(self) -> int: return len(self.source_names)
     def base_layer(self, layer: Layer): return self.deltas.base_layer(layer)
     def names(self, layer: Layer) -> list: return self.deltas.names(layer)
-    # What is not about pruning is the wrapped deltas'.
-    sources, base, config = wrapped("sources"), wrapped("base"), wrapped("config")
+    sources, base, config = wrapped("sources"), wrapped("base"), wrapped("config")   # not about pruning: the deltas'
     def changed_layers(self, i: int | None = None) -> list: return self.deltas.changed_layers(i)
     def unassigned_tensors(self) -> dict: return self.deltas.unassigned_tensors()
     def close(self): self.deltas.close()
@@ -220,34 +243,14 @@ class ProcessedDeltas(LayerDeltas):
             ties_left -= used
             out[n] = _apply(delta[n], mask, lam)
         return {n: out[n] for n in delta}
-
     def costly(self, i: int, layer: Layer) -> bool:
         "Whether reading source `i`'s `layer` selects entries (a top-p over a tensor or more), worth memoising."
         return self.density[i] < 1
-
-    def _stream(self, i):
-        "Source i's delta tensors in the fixed order: layers in model order, tensors by sorted name."
-        for layer in self.layers:
-            d = self.deltas.source_layer(i, layer)
-            for n in sorted(d): yield n, d[n]
 
     def thresholds(self) -> list:
         "Model scope: each source's exact global threshold (computed once by streaming, then cached)."
         if self.scope != "model":
             raise PruneError(f"thresholds: only model scope has global thresholds (scope is {self.scope!r})")
         if self._thresholds is None:
-            ths, ties_before = [], []
-            for i in range(self.n_sources):
-                p = self.density[i]
-                th = (select_threshold(lambda i=i: self._stream(i), lambda n, p=p: kept_count(n, p, self.rounding))
-                      if p < 1 else None)
-                before = {}
-                if th is not None and th.ties < th.equal:   # some equal entries are dropped: count them per layer
-                    seen = 0
-                    for layer in self.layers:
-                        before[layer] = seen
-                        seen += sum(int((abs_bits(t) == th.bits).sum())
-                                    for t in self.deltas.source_layer(i, layer).values())
-                ths.append(th); ties_before.append(before)
-            self._thresholds, self._ties_before = ths, ties_before
+            self._thresholds, self._ties_before = model_thresholds(self.deltas, self.density, self.rounding)
         return self._thresholds

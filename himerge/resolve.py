@@ -440,6 +440,7 @@ def resolve(contributions, processed, source_names: list, source_tasks: list, se
     return Resolution(loop.resolved, loop.decisions, classes, stopped, loop.spent, loop.current,
                       loop.current is not contributions, z, hurt, settings, contributions)
 
+# %% ../nbs/08_resolve.ipynb #bfc824a2
 def _score_deferred(loop: _Loop, measures: Measures):
     "The paper's steps, scored in one call once every decision is made: each decision's neighbours in the list."
     if not loop.steps or not loop.decisions: return
