@@ -121,7 +121,7 @@ def main():
     ap.add_argument("--results", help="where job results are cached (default: <zoo>/bench)")
     ap.add_argument("--targets", nargs="*", help="targets to run (default: every pair, then all)")
     ap.add_argument("--methods", nargs="*", help="run only these methods (or method:setting, "
-                    "e.g. hi-merging:defaults), in this order within each target")
+                    "e.g. hi-merging:defaults), in this order, each over every target")
     ap.add_argument("--report", action="store_true", help="print the finished jobs' tables; run nothing")
     ap.add_argument("--one", nargs=3, metavar=("TARGET", "METHOD", "SETTING"), help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -134,8 +134,8 @@ def main():
     targets = a.targets or list(zoo_targets(zoo))
     if not a.report:
         todo = [j for j in jobs(zoo, targets) if not result_path(results, *j).is_file()]
-        if a.methods:   # target by target, in the order given
-            todo = [j for t in targets for m in a.methods for j in todo if j[0] == t and m in (j[1], f"{j[1]}:{j[2]}")]
+        if a.methods:   # method by method, in the order given, each over every target
+            todo = [j for m in a.methods for t in targets for j in todo if j[0] == t and m in (j[1], f"{j[1]}:{j[2]}")]
         for k, (target, method, setting) in enumerate(todo, 1):
             print(f"[{time.strftime('%H:%M:%S')}] job {k}/{len(todo)}: {target} {method} {setting}", flush=True)
             cmd = [sys.executable, __file__, "--zoo", str(zoo_root), "--results", str(results),
