@@ -11,16 +11,15 @@ from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
-from .deltas import TensorStore, compute_deltas, lora_scaling
 from .errors import InputError
 from .lazy import lazy
 from .sources import (Source, SourceSet, _declared_base_path, adapter_module, adapter_weights, readable_shapes,
                              resolve_source, target_tensor)
 
-_peft, _peft_other = lazy("peft"), lazy("peft.utils.other")   # PEFT imports transformers: only to write a config
+# `--dry-run` checks an adapter merge without torch (tests/test_adapter.py holds it to that): torch, and the deltas
+# and safetensors' writer that import it, are imported by the first write; PEFT (which imports transformers) too.
+_torch, _deltas, _safetensors_torch = lazy("torch"), lazy("himerge.deltas"), lazy("safetensors.torch")
+_peft, _peft_other = lazy("peft"), lazy("peft.utils.other")
 
 # %% auto #0
 __all__ = ['LOW_RANK_ROLES', 'OVERSAMPLE', 'POWER_ITERATIONS', 'ADAPTER_RANK_CAP', 'LAYOUTS', 'NON_ADDITIVE', 'AdapterError',
@@ -42,7 +41,7 @@ class LoraFactors:
             kind = "full checkpoint" if source.kind == "full" else source.kind
             raise AdapterError(f"source {source.name!r} is a {kind}, not a LoRA adapter")
         self.source, self.name, self.config = source, source.name, source.config
-        self.store = TensorStore([adapter_weights(source.path, allow_pickle)])
+        self.store = _deltas.TensorStore([adapter_weights(source.path, allow_pickle)])
         # base tensor name -> {role: key} / key
         self.modules, self.biases, self.saved_tensors, self.base_copies = {}, {}, {}, {}
         for key in self.store.keys():
@@ -65,7 +64,7 @@ class LoraFactors:
 
     def scaling(self, name: str) -> float:
         "PEFT's scaling s of the module of `name`."
-        return lora_scaling(self.config, name.removesuffix(".weight"))
+        return _deltas.lora_scaling(self.config, name.removesuffix(".weight"))
 
     def rank(self, name: str) -> int:
         "The rank of the module of `name` (from the stored A)."
@@ -95,23 +94,23 @@ def exact_factors(terms: list) -> tuple:
                              f"a delta of shape {[B0.shape[0], A0.shape[1]]}")
     kept = [(A_i.float(), B_i.float() * c) for A_i, B_i, c in terms if c != 0]
     if not kept: return A0.new_zeros(0, A0.shape[1]), B0.new_zeros(B0.shape[0], 0)
-    return torch.cat([a for a, _ in kept]), torch.cat([b for _, b in kept], dim=1)
+    return _torch.cat([a for a, _ in kept]), _torch.cat([b for _, b in kept], dim=1)
 
 # %% ../nbs/08d_adapter.ipynb #5806f281
 OVERSAMPLE, POWER_ITERATIONS = 10, 4
 
 def frobenius(x) -> float:
     "‖x‖_F, accurate for large float32 matrices: row norms in float32, their sum of squares in float64."
-    return torch.linalg.vector_norm(x, dim=-1).double().square().sum().sqrt().item()
+    return _torch.linalg.vector_norm(x, dim=-1).double().square().sum().sqrt().item()
 
 def _top_singular(delta, k: int, method: str, seed: int):
     "U [out, q], S [q], Vh [q, in] with q ≥ k, the leading singular triplets of `delta`."
     if method == "auto": method = "lowrank" if k + OVERSAMPLE <= min(delta.shape) // 4 else "full"
-    if method == "full": return torch.linalg.svd(delta, full_matrices=False)
+    if method == "full": return _torch.linalg.svd(delta, full_matrices=False)
     if method != "lowrank": raise ValueError(f"method: {method!r} is not 'auto', 'full' or 'lowrank'")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        U, S, V = torch.svd_lowrank(delta, q=min(k + OVERSAMPLE, min(delta.shape)), niter=POWER_ITERATIONS)
+    with _torch.random.fork_rng(devices=[]):
+        _torch.manual_seed(seed)
+        U, S, V = _torch.svd_lowrank(delta, q=min(k + OVERSAMPLE, min(delta.shape)), niter=POWER_ITERATIONS)
     return U, S, V.T
 
 def truncated_factors(delta, rank: int, *, method: str = "auto", seed: int = 0) -> tuple:
@@ -129,7 +128,7 @@ def truncated_factors(delta, rank: int, *, method: str = "auto", seed: int = 0) 
     out_f, in_f = delta.shape
     if norm == 0: return delta.new_zeros(0, in_f), delta.new_zeros(out_f, 0), 0.0
     U, S, Vh = _top_singular(delta, min(rank, out_f, in_f), method, seed)
-    noise = S[0] * max(out_f, in_f) * torch.finfo(torch.float32).eps
+    noise = S[0] * max(out_f, in_f) * _torch.finfo(_torch.float32).eps
     k = min(rank, int((S > noise).sum()))
     root = S[:k].sqrt()
     B, A = (U[:, :k] * root).contiguous(), (root[:, None] * Vh[:k]).contiguous()
@@ -163,7 +162,7 @@ class AdapterWriter:
         self.biases, self.full = set(), []
 
     def _store(self, key, t):
-        self.tensors["base_model.model." + key] = t.detach().to(getattr(torch, self.dtype)).contiguous()
+        self.tensors["base_model.model." + key] = t.detach().to(getattr(_torch, self.dtype)).contiguous()
 
     def add(self, tensor_name: str, A, B, kind: str = "exact", error: float = 0.0, layout: str = "linear"):
         """Add the factors of base weight `tensor_name` (ΔW = B @ A, base orientation); rank 0 writes nothing.
@@ -258,7 +257,8 @@ def _write_files(self: AdapterWriter) -> list:
         raise AdapterError("the merged adapter would be empty: every source was dropped everywhere")
     config = _adapter_config(self, full_modules)
     self.folder.mkdir(parents=True, exist_ok=True)
-    save_file(self.tensors, str(self.folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _safetensors_torch.save_file(self.tensors, str(self.folder / "adapter_model.safetensors"),
+                                 metadata={"format": "pt"})
     config.save_pretrained(str(self.folder))
     return ["adapter_model.safetensors", "adapter_config.json"]
 
@@ -310,7 +310,7 @@ def _weight_into(writer, name, factors, merged, weights, rank, method):
     if weights is not None:
         terms = [(*f.factors(name)[:2], w * f.scaling(name)) for f, w in zip(factors, weights) if name in f.modules]
         return writer.add(name, *exact_factors(terms), layout=layout)
-    if name not in merged: return writer.add(name, torch.zeros(0, 0), torch.zeros(0, 0), "svd", 0.0, layout)
+    if name not in merged: return writer.add(name, _torch.zeros(0, 0), _torch.zeros(0, 0), "svd", 0.0, layout)
     A, B, err = truncated_factors(merged[name], rank or default_rank([f.rank(name) for f in holders]), method=method)
     writer.add(name, A, B, "svd", err, layout)
 
@@ -321,7 +321,7 @@ def _layer_into(writer, layer, deltas, factors, merged, weights, rank, method):
     names = deltas.names(layer)
     for f in factors:
         for name, key in f.base_copies.items():
-            if name in names and not torch.equal(f.store.get(key), deltas.base_store.get(name)):
+            if name in names and not _torch.equal(f.store.get(key), deltas.base_store.get(name)):
                 raise AdapterError(f"source {f.name!r}: its saved copy {key!r} differs from the base's {name!r}; was "
                                    "it trained on another base?")
     for name in names:
@@ -339,7 +339,7 @@ def _layer_into(writer, layer, deltas, factors, merged, weights, rank, method):
     if any(f.biases for f in factors):  # lora_bias: every LoRA module needs a bias
         for module in [n.removesuffix(".weight") for n in names if n.removesuffix(".weight") in writer.ranks]:
             if module not in writer.biases and module + ".bias" in names:
-                writer.add_bias(module + ".bias", torch.zeros_like(deltas.base_store.get(module + ".bias")))
+                writer.add_bias(module + ".bias", _torch.zeros_like(deltas.base_store.get(module + ".bias")))
 
 # %% ../nbs/08d_adapter.ipynb #60860054
 def write_adapter(folder, source_set: SourceSet, merged_layer, *, weights=None, rank: int | None = None, layers=None,
@@ -366,7 +366,7 @@ def write_adapter(folder, source_set: SourceSet, merged_layer, *, weights=None, 
     revision = base.commit_sha or base.revision if base.repo_id else None
     writer = AdapterWriter(folder, name, revision=revision, dtype=dtype)
     # headers, base read per tensor
-    with (nullcontext(deltas) if deltas is not None else compute_deltas(source_set)) as d:
+    with (nullcontext(deltas) if deltas is not None else _deltas.compute_deltas(source_set)) as d:
         for layer in (layers if layers is not None else d.layers):
             w = weights(layer) if weights is not None else None
             if w is not None and len(w) != len(factors):
