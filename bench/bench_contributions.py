@@ -32,7 +32,7 @@ def main():
     from himerge.evaluate import Evaluator
     from himerge.cache import EvalCache
     from himerge.contributions import ContributionAnalysis, LayerMemo, MemoDeltas, states_for
-    from himerge.merge import demo_config
+    from himerge.zoo import demo_config
     from himerge.scoring import Scorer, load_model
     from transformers import AutoTokenizer
 

@@ -50,13 +50,13 @@ def run(cmd: list, env: dict) -> None:
 
 def zoo_config(out: Path) -> dict:
     "The zoo's demo merge."
-    from himerge.merge import demo_config
+    from himerge.zoo import demo_config
     return demo_config(out)
 
 
 def zoo_rows_config(root: Path, rows: int):
     "A function out -> the demo merge with `rows` rows per task, from the zoo's training split, as validation."
-    from himerge.merge import demo_config
+    from himerge.zoo import demo_config
     from himerge.zoo import load_zoo
     zoo = load_zoo()
     for task in zoo.demo_tasks:

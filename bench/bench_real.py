@@ -115,6 +115,27 @@ def report(results: Path, zoo, targets: list) -> str:
     return "\n".join(lines)
 
 
+def summary(results: Path, zoo, targets: list) -> str:
+    """Mean gain kept on test, one row per method (or Hi-Merging setting), one column per target, with the mean over
+    the pairs where a method has every pair; and the evaluations and wall seconds it spent over them."""
+    import pandas as pd
+    kept, spent, wall = {}, {}, {}
+    for target in targets:
+        for _, method, setting in jobs(zoo, [target]):
+            p = result_path(results, target, method, setting)
+            if not p.is_file(): continue
+            r = json.loads(p.read_text())
+            name = method if setting == "fair grid" else f"{method} {setting}"
+            kept.setdefault(name, {})[target] = r["tables"]["test"][method]["mean gain kept"]
+            spent[name] = spent.get(name, 0) + r["evaluations"]; wall[name] = wall.get(name, 0) + r["seconds"]
+    if not kept: return "nothing has finished"
+    table = pd.DataFrame(kept).T.reindex(columns=targets)
+    pairs = [t for t in targets if t != "all"]
+    table["mean over pairs"] = table[pairs].mean(axis=1, skipna=False)
+    table["evaluations"], table["wall s"] = pd.Series(spent), pd.Series(wall).round(0)
+    return table.sort_values("mean over pairs", ascending=False).to_string(float_format=lambda x: f"{x:.3f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--zoo", help="the real zoo (default: himerge zoo build --real's folder)")
@@ -123,6 +144,7 @@ def main():
     ap.add_argument("--methods", nargs="*", help="run only these methods (or method:setting, "
                     "e.g. hi-merging:defaults), in this order, each over every target")
     ap.add_argument("--report", action="store_true", help="print the finished jobs' tables; run nothing")
+    ap.add_argument("--summary", action="store_true", help="print mean gain kept per method and target; run nothing")
     ap.add_argument("--one", nargs=3, metavar=("TARGET", "METHOD", "SETTING"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     from himerge.real_zoo import default_root
@@ -132,6 +154,7 @@ def main():
     if a.one: return run_one(zoo_root, *a.one, result_path(results, *a.one))
     zoo = load_zoo(zoo_root)
     targets = a.targets or list(zoo_targets(zoo))
+    if a.summary: return print(summary(results, zoo, targets))
     if not a.report:
         todo = [j for j in jobs(zoo, targets) if not result_path(results, *j).is_file()]
         if a.methods:   # method by method, in the order given, each over every target

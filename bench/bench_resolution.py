@@ -21,7 +21,7 @@ VARIANTS = {
 
 
 def mean_gain_kept(scores: dict, sources: list) -> float:
-    from himerge.compare import mean_gain_kept as kept
+    from himerge.gains import mean_gain_kept as kept
     owner = {s["task"]: scores["sources"][s["name"]] for s in sources}
     return kept(scores["merged"], scores["base"], owner)
 
@@ -42,7 +42,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=str(Path(__file__).parent / "results" / "resolution.json"))
     args = ap.parse_args()
-    from himerge.merge import demo_config
+    from himerge.zoo import demo_config
     results_path = Path(args.results)
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     root = Path(tempfile.mkdtemp(prefix="himerge-bench-resolution-"))

@@ -67,7 +67,7 @@ class AutoRecord:
 
 # %% ../nbs/09b_auto.ipynb #5248be10
 def _gain(scores, base, owner):
-    from himerge.compare import mean_gain_kept
+    from himerge.gains import mean_gain_kept
     return mean_gain_kept(scores, base, owner)
 
 def auto_merger(context: MergeContext) -> Merged:

@@ -6,10 +6,22 @@ Docs: https://himerge.github.io/himerge/card.html.md"""
 
 # %% ../nbs/10_card.ipynb #08daa820
 from __future__ import annotations
-import json, os, re, tempfile
+import dataclasses, json, os, re, tempfile
+from importlib.resources import files
 from pathlib import Path
 
+import yaml
+
+from . import __version__
+from .config import RunOptions
 from .errors import InputError
+from .gains import gain_kept   # the comparison's definition, so the card and the tables agree
+from .methods import METHODS
+
+def _hub():
+    "huggingface_hub, imported when a card is built or read: `himerge --help` builds the push arguments, no card."
+    import huggingface_hub
+    return huggingface_hub
 
 # %% auto #0
 __all__ = ['REPORT', 'CONFIG', 'HEATMAP', 'CARD', 'PAPER_URL', 'HUB_METRIC', 'ROW_LABELS', 'MERGE_ROWS', 'BELOW', 'FREE_TEXT',
@@ -83,7 +95,6 @@ def final_scores(report) -> tuple:
 # %% ../nbs/10_card.ipynb #0abe68db
 def eval_results(report) -> list:
     "One `EvalResult` per task on Hub data, for the merged model's final scores."
-    from huggingface_hub import EvalResult
     split, merged = final_scores(report)
     results = []
     for task, score in merged.items():
@@ -91,7 +102,7 @@ def eval_results(report) -> list:
         dataset = hub_dataset(record)
         if score is None or dataset is None: continue
         metric = hub_metric(record.get("metric"))
-        results.append(EvalResult(task_type="text-generation", task_name=task, dataset_type=dataset[0],
+        results.append(_hub().EvalResult(task_type="text-generation", task_name=task, dataset_type=dataset[0],
                                   dataset_name=dataset[0], dataset_revision=record.get("commit_sha") or dataset[1],
                                   dataset_split=split if split == "test" else record.get("split", split),
                                   metric_type=metric, metric_name=f"{metric} ({task})", metric_value=float(score)))
@@ -109,10 +120,9 @@ def hub_models(report) -> list:
 
 def card_data(report, model_name: str):
     "The card's metadata (`ModelCardData`) for a merge report."
-    from huggingface_hub import ModelCardData
     adapter = is_adapter(report)
     base_model = report["base"].get("repo_id") if adapter else (hub_models(report) or None)
-    return ModelCardData(model_name=model_name, base_model=base_model,
+    return _hub().ModelCardData(model_name=model_name, base_model=base_model,
                          base_model_relation=("adapter" if adapter else "merge") if base_model else None,
                          library_name="peft" if adapter else "transformers", pipeline_tag="text-generation",
                          license=report["base"].get("license") or None,
@@ -178,9 +188,6 @@ def sources_table(report) -> str:
 # %% ../nbs/10_card.ipynb #027155a4
 def applied_options(report) -> list:
     "[option, value, meaning] for the method's own options and the run options that differ from their defaults."
-    import dataclasses
-    from himerge.config import RunOptions
-    from himerge.methods import METHODS
     options = report.get("options") or {}
     method = METHODS.get(report["method"])
     own = report.get("method_options")
@@ -194,8 +201,6 @@ def applied_options(report) -> list:
     return [[f"`{k}`", f"`{shown(k, options.get(k))}`", helps.get(k, "")] for k in list(own) + changed if k in options]
 
 # %% ../nbs/10_card.ipynb #1dad1e79
-from .compare import gain_kept   # the comparison's definition, so the card and the tables agree
-
 ROW_LABELS = {"pre_merge": "pre-merge (before resolution)", "task_arithmetic": "task arithmetic (plain sum)",
               "merged": "**merged**"}
 MERGE_ROWS = ("pre_merge", "task_arithmetic", "merged")   # rows that are merges: flagged, and given their gain kept
@@ -367,7 +372,6 @@ def hub_pin(rec) -> str | None:
     return f"{rec['repo_id']}@{ref}" if ref else rec["repo_id"]
 
 def _saved_config(output_dir) -> dict | None:
-    import yaml
     path = Path(output_dir) / CONFIG
     if not path.is_file(): return None
     try: config = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -390,7 +394,6 @@ def _pin_sources(config: dict, report) -> None:
 def reproduce_config(output_dir, report) -> str | None:
     """The output's merge config as YAML for the card: every Hub input pinned to the commit the merge read (a model
     as `org/name@commit`, a dataset by its `revision`), local ones by their folder names; no output or cache folder."""
-    import yaml
     config = _saved_config(output_dir)
     if config is None: return None
     config.pop("output", None)
@@ -447,7 +450,6 @@ FREE_TEXT = ("prompt", "stop_sequences")   # task fields that hold the user's ow
 def check_no_local_paths(text: str, where, config_yaml: str | None = None) -> None:
     "Raise `CardLeakError` if `text` (the card of `where`, with `config_yaml` in it) holds a path of this machine."
     if config_yaml:
-        import yaml
         config = yaml.safe_load(config_yaml)
         for spec in (config.get("tasks") or {}).values():
             for key in FREE_TEXT:
@@ -460,7 +462,6 @@ def check_no_local_paths(text: str, where, config_yaml: str | None = None) -> No
 # %% ../nbs/10_card.ipynb #adc24409
 def template_path() -> Path:
     "The model card's Jinja template, shipped in the package."
-    from importlib.resources import files
     return Path(str(files("himerge") / "templates" / "modelcard_template.md"))
 
 def default_model_name(output_dir) -> str:
@@ -469,7 +470,6 @@ def default_model_name(output_dir) -> str:
 
 def method_info(report) -> dict:
     "{name, summary, reference} of the report's method, from the registry."
-    from himerge.methods import METHODS
     m = METHODS.get(report["method"])
     return dict(name=report["method"], summary=m.summary if m else "", reference=m.reference if m else "")
 
@@ -489,7 +489,6 @@ def rows_note(report) -> str | None:
 
 def card_variables(output_dir, report, model_name: str) -> dict:
     "What the template shows, computed from the report and the output folder."
-    from himerge import __version__
     output_dir, base, tasks = Path(output_dir), report["base"], report.get("tasks") or {}
     score_tables, below = [], []
     for split, title in (("validation", "Validation: the analysis split"), ("test", "Test: held out")):
@@ -529,20 +528,18 @@ def card_variables(output_dir, report, model_name: str) -> dict:
 # %% ../nbs/10_card.ipynb #9dc9bf38
 def build_card(output_dir, model_name: str | None = None):
     "The `ModelCard` of the merge output in `output_dir`, named `model_name` (default: the folder's name)."
-    from huggingface_hub import ModelCard
     output_dir = Path(output_dir)
     report = read_report(output_dir)
     name = model_name or default_model_name(output_dir)
     variables = card_variables(output_dir, report, name)
-    card = ModelCard.from_template(card_data(report, name), template_path=str(template_path()), **variables)
+    card = _hub().ModelCard.from_template(card_data(report, name), template_path=str(template_path()), **variables)
     check_no_local_paths(str(card), output_dir, variables["config_yaml"])
     return card
 
 # %% ../nbs/10_card.ipynb #27849560
 def is_himerge_card(path) -> bool:
     "Whether the card at `path` was written by himerge (it carries the `himerge` tag)."
-    from huggingface_hub import metadata_load
-    try: return "himerge" in ((metadata_load(path) or {}).get("tags") or [])
+    try: return "himerge" in ((_hub().metadata_load(path) or {}).get("tags") or [])
     except Exception: return False   # unreadable metadata: not ours
 
 def write_card(output_dir, *, force: bool = False, model_name: str | None = None) -> Path:

@@ -10,9 +10,16 @@ __all__ = ['SUBCOMMANDS', 'subcommand', 'build_parser', 'setup_logging', 'main',
            'run_convert']
 
 # %% ../nbs/12_cli.ipynb #3b9bf063
-import argparse, os, sys
+import argparse, logging, os, signal, sys, threading
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
 from . import __version__
-from .methods import METHODS   # the registry: names and options, nothing heavy
+from .config import load_config
+from .errors import InputError
+from .methods import METHODS, options_table   # the registry: names and options, nothing heavy
+from .push import add_push_arguments, push_command
 
 # %% ../nbs/12_cli.ipynb #a502cc23
 SUBCOMMANDS = []  # functions (subparsers) -> None, each adding one working subcommand
@@ -36,7 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
 # %% ../nbs/12_cli.ipynb #6ed248cd
 def setup_logging(verbosity: int, rank=None):
     "Log himerge's stages to stderr: warnings only (-q), the stages (default), or details (-v); rank 0 of a job alone."
-    import logging
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
     if rank: level = logging.WARNING   # other ranks of a shared job speak only of problems
     handler = logging.StreamHandler(sys.stderr)
@@ -46,14 +52,11 @@ def setup_logging(verbosity: int, rank=None):
 
 def _logs_above_the_bar():
     "Log lines printed above tqdm's progress bar instead of through it."
-    import logging
     from tqdm.contrib.logging import logging_redirect_tqdm
     return logging_redirect_tqdm(loggers=[logging.getLogger("himerge")])
 
 def main(argv=None) -> int:
     "Run the `himerge` command line with `argv` (default: `sys.argv[1:]`); return the exit code."
-    from contextlib import nullcontext
-    from himerge.errors import InputError
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "run", None) is None:
@@ -82,7 +85,6 @@ def main(argv=None) -> int:
 class _StopLikeCtrlC:
     "While installed, SIGTERM stops a run as Ctrl-C does (a KeyboardInterrupt); `signum` is the signal that came."
     def __init__(self):
-        import signal, threading
         self.signum, self.previous = signal.SIGINT, None
         if threading.current_thread() is threading.main_thread():   # only the main thread may set handlers
             self.previous = signal.signal(signal.SIGTERM, self._stop)
@@ -92,7 +94,6 @@ class _StopLikeCtrlC:
         raise KeyboardInterrupt
 
     def restore(self):
-        import signal
         if self.previous is not None: signal.signal(signal.SIGTERM, self.previous)
 
 # %% ../nbs/12_cli.ipynb #da2bf1ee
@@ -112,7 +113,7 @@ def _print_summary(result):
             print(f"\n{split} scores:")
             print(result.scores(split).round(4).to_string())
     if rep.get("decisions") is not None and rep.get("gamma"):
-        from himerge.merge import conflict_table
+        from himerge.zoo import conflict_table
         print("\nconflicts per layer (γ > 0: merging made the layer serve that source's task worse):")
         print(conflict_table(result).round(3).to_string())
         print(f"resolution: {rep['resolution']['stopped']}")
@@ -124,6 +125,8 @@ def add_verbosity(p):
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (details of every stage)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, and only warnings and errors")
 
+
+# %% ../nbs/12_cli.ipynb #f85aa993
 @subcommand
 def _merge_command(sub):
     p = sub.add_parser("merge", help="merge the sources of a YAML config (Hi-Merging or a baseline method)",
@@ -137,10 +140,7 @@ def _merge_command(sub):
     p.add_argument("--as-adapter", action="store_true",
                    help="write a LoRA adapter of the base (every source a LoRA adapter)")
     add_verbosity(p)
-    try:
-        from himerge.push import add_push_arguments
-        add_push_arguments(p)
-    except ImportError: pass
+    add_push_arguments(p)
     p.set_defaults(run=run_merge)
 
 def run_merge(args) -> int:
@@ -148,8 +148,6 @@ def run_merge(args) -> int:
     from himerge.merge import merge
     config = args.config
     if args.method or args.as_adapter:
-        from dataclasses import replace
-        from himerge.config import load_config
         config = load_config(config)
         changes = {"method": args.method or config.method,
                    "options": {**config.options, **({"output_format": "adapter"} if args.as_adapter else {})}}
@@ -162,9 +160,7 @@ def run_merge(args) -> int:
         return 0
     _print_summary(result)
     if getattr(args, "push_to_hub", None):
-        from himerge.push import push_command
-        import argparse as _ap
-        return push_command(_ap.Namespace(dir=str(result.output), repo_id=args.push_to_hub, private=args.private,
+        return push_command(argparse.Namespace(dir=str(result.output), repo_id=args.push_to_hub, private=args.private,
                                           revision=args.revision, commit_message=args.commit_message,
                                           token=getattr(args, "token", None))) or 0
     return 0
@@ -182,7 +178,7 @@ def _demo_command(sub):
 
 def run_demo(args) -> int:
     "`himerge demo`: Hi-Merging on the zoo."
-    from himerge.merge import demo
+    from himerge.zoo import demo
     _print_summary(demo(args.out, force=args.force, progress=not args.quiet))
     return 0
 
@@ -195,7 +191,6 @@ def _methods_command(sub):
 
 def run_methods(args) -> int:
     "`himerge methods [NAME]`."
-    from himerge.methods import options_table
     if args.name is None:
         width = max(map(len, METHODS))
         for m in METHODS.values(): print(f"{m.name:<{width}}  {m.summary}")
@@ -234,6 +229,8 @@ def _zoo_command(sub):
     c.add_argument("--limit", type=int, help="rows scored per split, validation and test (default: all 64 and 128)")
     c.set_defaults(run=run_zoo_config)
 
+
+# %% ../nbs/12_cli.ipynb #6108574e
 def run_zoo_config(args) -> int:
     "`himerge zoo config`."
     import yaml
@@ -245,7 +242,6 @@ def run_zoo_config(args) -> int:
 
 def run_zoo_build(args) -> int:
     "`himerge zoo build`."
-    from pathlib import Path
     from himerge.zoo import build_zoo
     if args.real: return run_real_zoo_build(args)
     out = Path(args.out or "himerge-zoo")
@@ -275,7 +271,6 @@ def _push_command(sub):
 
 def run_push(args) -> int:
     "`himerge push`: upload an existing output."
-    from himerge.push import push_command
     return push_command(args) or 0
 
 # %% ../nbs/12_cli.ipynb #cachecmd

@@ -10,36 +10,12 @@ import dataclasses, itertools, tempfile, time
 from pathlib import Path
 
 from .config import MergeConfig, RunOptions, load_config
+from .gains import comparison_table, mean_gain_kept
+from .merge import merge
 from .methods import METHODS
 
 # %% auto #0
-__all__ = ['PEERS', 'gain_kept', 'mean_gain_kept', 'comparison_table', 'grid_points', 'point_config', 'Comparison',
-           'compare_methods']
-
-# %% ../nbs/09a_compare.ipynb #53fb1406
-def gain_kept(score, base, source) -> float | None:
-    "Share of a source's gain over the base that `score` keeps; None where the source does not beat the base."
-    if None in (score, base, source) or source - base <= 0: return None   # no gain to keep: a share means nothing
-    return (score - base) / (source - base)
-
-def mean_gain_kept(scores: dict, base: dict, owner: dict) -> float | None:
-    "Mean over tasks of `gain_kept`; `scores`, `base`: task -> score; `owner`: task -> the scores of its source."
-    kept = [k for t in owner if (k := gain_kept(scores.get(t), base.get(t), owner[t].get(t))) is not None]
-    return sum(kept) / len(kept) if kept else None
-
-def comparison_table(rows: dict, owner_of: dict):
-    "Rows (name -> {task: score}) with each task's share of gain kept and the mean share and normalised score."
-    import pandas as pd
-    base = rows["base"]
-    owner = {t: rows[f"source {n}"] for t, n in owner_of.items()}
-    table = pd.DataFrame(rows).T
-    for t in owner_of:
-        kept = [gain_kept(r.get(t), base.get(t), owner[t].get(t)) for r in rows.values()]
-        table[f"gain kept {t}"] = pd.to_numeric(pd.Series(kept, index=table.index, dtype=object))   # None: NaN
-    table["mean gain kept"] = table[[f"gain kept {t}" for t in owner_of]].mean(axis=1)   # over tasks with a gain
-    own = {t: owner[t][t] or float("nan") for t in owner_of}                              # a source scoring 0
-    table["mean normalised"] = pd.DataFrame({t: table[t] / own[t] for t in owner_of}).mean(axis=1)
-    return table
+__all__ = ['PEERS', 'grid_points', 'point_config', 'Comparison', 'compare_methods']
 
 # %% ../nbs/09a_compare.ipynb #0bdf9559
 def grid_points(grid: dict) -> list:
@@ -92,7 +68,6 @@ def compare_methods(config, methods=None, grids=None, out_root=None, progress=Fa
         grids: method -> grid, replacing the registry's `search` for that method.
         out_root: where the merged models go (default: a temporary folder).
         progress: show each merge's progress bar."""
-    from himerge.merge import merge
     cfg, grids = load_config(config), {**{m: e.search for m, e in METHODS.items()}, **(grids or {})}
     root = Path(out_root) if out_root else Path(tempfile.mkdtemp(prefix="himerge-compare-"))
     n = len(cfg.sources)

@@ -50,7 +50,7 @@ class LayerwiseRecord:
                                          history=self.candidates, scales=scales)}
 
 def _gain(scores, base, owner):
-    from himerge.compare import mean_gain_kept
+    from himerge.gains import mean_gain_kept
     return mean_gain_kept(scores, base, owner)
 
 # %% ../nbs/08e_layerwise_search.ipynb #b6dad519

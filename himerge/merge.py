@@ -6,596 +6,22 @@ Docs: https://himerge.github.io/himerge/merge.html.md"""
 
 # %% ../nbs/09_merge.ipynb #da299a43
 from __future__ import annotations
-import dataclasses, datetime, json, logging, tempfile, time
+import os, tempfile, time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
-from .config import ConfigError, MergeConfig, load_config, prefix_bytes, resolved_paths
-from .methods import Counts, MergeContext, MergeMethod, non_default
-from .output import (check_free_space, check_output, discard, disk_full_error, is_disk_full, is_himerge_output,
-                            output_estimate, output_lock, staging_dir, REPORT_FILE)
-from .scoring import check_device, resolve_tokenizer
-
-log = logging.getLogger(__name__)
+from .errors import InputError
+from .gains import comparison_table
+from .output import (check_free_space, check_output, discard, disk_full_error, is_disk_full, output_estimate,
+                            output_lock, staging_dir)
+from .plan import Plan, plan
+from .report import write_output
+from .run import choose_auto, open_run, release_model, run_method, score_models, write_adapter_first
 
 # %% auto #0
-__all__ = ['log', 'Plan', 'auto_grid', 'count_evaluations', 'memory_estimate', 'protected_inputs', 'check_task_rows', 'plan',
-           'units_of', 'Run', 'open_run', 'release_model', 'LoadedBase', 'return_freed_memory', 'choose_auto',
-           'run_method', 'write_adapter_first', 'reference_states', 'score_models', 'source_record', 'portable_config',
-           'task_data', 'build_report', 'write_output', 'adapter_record', 'MergeResult', 'join_launched',
-           'group_device', 'agreed', 'leave_group', 'Interrupted', 'merge', 'demo_config', 'conflict_table', 'demo']
-
-# %% ../nbs/09_merge.ipynb #39c52680
-@dataclass
-class Plan:
-    "What a merge will do, known before any weight is loaded."
-    config: MergeConfig        # the validated config
-    method: MergeMethod        # the registered method it names
-    sources: object            # himerge.sources.SourceSet
-    tasks: dict                # task name -> TaskSpec (analysis split), the tasks the sources name
-    output: Path               # the output folder, checked
-    layers: list               # the layers some source changes: the ones contribution analysis probes
-    evaluations: dict          # stage -> number of task evaluations (upper bounds are labelled "at most")
-    inputs: dict = field(default_factory=dict)   # what the output may not touch: name -> path
-    cache_dir: Path | None = None                # the evaluation cache's folder (None: no cache)
-    device: str = "cpu"                          # where the base is placed
-    tokenizer: str | None = None                 # a local folder holding the tokenizer the tasks use
-    rows: dict = field(default_factory=dict)     # (task, split) -> rows scored
-    memory: dict = field(default_factory=dict)   # expected bytes: the model as held, the largest layer delta
-    output_field: str = "--out"                  # how errors name the output: --out, or the config's output field
-    stamps: dict = field(default_factory=dict)   # base and source file -> (size, mtime) when planned
-
-    @property
-    def n_layers(self) -> int: return len(self.layers)
-    @property
-    def source_tasks(self) -> list: return [s.task for s in self.config.sources]
-    @property
-    def total_evaluations(self) -> int: return sum(self.evaluations.values())
-
-# %% ../nbs/09_merge.ipynb #ff3051ad
-def _shared_validation(cfg: MergeConfig, n_tasks: int) -> int:
-    "Validation scores of the pipeline that the method (Hi-Merging's analysis, a search) has already measured."
-    # then an upper bound; a method that scored its own merge shares that score, unless written as an adapter
-    if cfg.merge_method.scores_merge: return n_tasks if cfg.run.output_format != "adapter" else 0
-    if cfg.method != "hi-merging" or any("auto" in (s.density, s.scale) for s in cfg.sources): return 0
-    unprocessed = sum(1 for s in cfg.sources if s.density == 1 and s.scale == 1)  # a source alone, on its own task
-    # the merge its decisions scored, unless written as an adapter: then the adapter read back is scored anew
-    scored = cfg.method_options.score_decisions or cfg.method_options.resolution == "verified"
-    merged = n_tasks if scored and cfg.run.output_format != "adapter" else 0
-    return n_tasks + unprocessed + merged
-
-def _plain_sum_is_merge(cfg: MergeConfig) -> bool:
-    "Whether the merge is the plain sum of the deltas (then its test score is the reference's)."
-    return cfg.method == "task_arithmetic" and cfg.method_options.lamb == 1 and \
-        all(s.density == 1 and s.scale == 1 for s in cfg.sources)
-
-def auto_grid(run, density, scale) -> tuple:
-    "(densities, scales) a source's 'auto' search tries: the grid for what is 'auto', thinned to the budget."
-    from himerge.config import AUTO
-    grid = sorted(set(run.auto_grid))
-    axes = [grid if density == AUTO else [density], grid if scale == AUTO else [scale]]
-    while len(axes[0]) * len(axes[1]) > run.auto_budget:
-        longer = 0 if len(axes[0]) >= len(axes[1]) else 1
-        axes[longer] = axes[longer][::-1][::2][::-1]     # every other value, keeping the largest
-    return axes[0], axes[1]
-
-def count_evaluations(cfg: MergeConfig, n_layers: int) -> dict:
-    "Task evaluations of a merge, by stage, on a fresh cache (resolution steps and 'auto' searches are upper bounds)."
-    from himerge.config import AUTO
-    method, n = cfg.merge_method, len(cfg.sources)
-    n_tasks = len({s.task for s in cfg.sources if s.task})
-    if not n_tasks: return {}
-    searched = [auto_grid(cfg.run, s.density, s.scale) for s in cfg.sources if AUTO in (s.density, s.scale)]
-    ev = {"auto density and scale (at most)": sum(len(d) * len(s) for d, s in searched)} if searched else {}
-    ev.update(method.evaluations(Counts(n, n_tasks, n_layers, cfg.run.test_scores), cfg.method_options))
-    ev["validation scores"] = (n + 2) * n_tasks - _shared_validation(cfg, n_tasks)
-    if cfg.run.test_scores:
-        ev["test scores"] = (n + 2 + (n > 1)) * n_tasks - (n_tasks if _plain_sum_is_merge(cfg) and n > 1 else 0)
-    return {k: v for k, v in ev.items() if v}
-
-# %% ../nbs/09_merge.ipynb #569a8abc
-def memory_estimate(deltas, layers: list, compute_option: str, device: str) -> dict:
-    """Bytes: the base as held (`model`), the largest layer converted to the compute dtype (`layer`), the largest layer
-    delta in float32 (`delta`); and the stored and compute dtypes.
-
-    Args:
-        deltas: the sources' deltas (their headers give the sizes; nothing is loaded).
-        layers: the layers the merge changes.
-        compute_option: the `compute_dtype` option (auto, float32, bfloat16, float16).
-        device: the device the base is placed on.
-    """
-    import math
-    from himerge.deltas import stored_bytes
-    from himerge.scoring import compute_dtype, stored_dtype
-    headers = deltas.base_store.headers()
-    stored = stored_dtype(deltas.config)
-    compute = compute_dtype(compute_option, stored, device)
-    width = {"float32": 4, "bfloat16": 2, "float16": 2}
-    numel = lambda names: sum(math.prod(headers[n].shape) for n in names if n in headers)
-    model = stored_bytes(headers)
-    biggest = max((numel(deltas.names(layer)) for layer in deltas.layers), default=0)
-    delta = max((numel(deltas.names(layer)) for layer in layers), default=0) * 4
-    return dict(model=model, layer=biggest * width[compute] if compute != stored else 0, delta=delta,
-                stored=stored, compute=compute)
-
-def _gb(n: int) -> str: return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-# %% ../nbs/09_merge.ipynb #987f1176
-def protected_inputs(cfg: MergeConfig, sources, tasks: dict, cache_dir) -> dict:
-    """name -> path of everything a merge reads, which its output may not be, hold or lie inside.
-
-    Args:
-        cfg: the validated config (its file, and the tokenizer it names).
-        sources: the resolved `SourceSet` (the base and each source's folder).
-        tasks: task name -> TaskSpec (their data folders).
-        cache_dir: the evaluation cache's folder, if any.
-    """
-    inputs = {"the base": sources.base.path}
-    inputs.update({f"source {s.name!r}": s.path for s in sources.sources})
-    inputs.update({f"the data of task {name!r}": spec.data_dir for name, spec in tasks.items()
-                   if spec.data_dir is not None})
-    if cfg.config_file: inputs["the config file"] = cfg.config_file
-    if cache_dir is not None: inputs["the evaluation cache"] = cache_dir
-    if cfg.run.tokenizer and Path(cfg.run.tokenizer).expanduser().exists(): inputs["the tokenizer"] = cfg.run.tokenizer
-    return inputs
-
-# %% ../nbs/09_merge.ipynb #213b620e
-def _check_local_sources(given: MergeConfig, cfg: MergeConfig):
-    "A local source folder that does not exist, named by its field (`sources[1].path`) as the config gives it."
-    for i, (spec, path) in enumerate((g.path, s.path) for g, s in zip(given.sources, cfg.sources)):
-        if not Path(path).is_absolute() or Path(path).exists(): continue
-        looked = f" (looked in {path})" if str(spec) != str(path) else ""
-        raise ConfigError(f"sources[{i}].path: {spec!r}: no such folder{looked}, and not a Hub id of the form "
-                          "org/name[@revision]")
-
-# %% ../nbs/09_merge.ipynb #56cc0438
-def check_task_rows(tasks: dict, test_scores: bool) -> dict:
-    "Every row that will be scored, checked (validation, and test when test scores are on); (task, split) -> rows."
-    rows = {}
-    for name, spec in tasks.items():
-        rows[(name, spec.split)] = spec.check_rows()
-        # names the task if the split is missing
-        if test_scores: rows[(name, "test")] = spec.with_split("test").check_rows()
-    return rows
-
-def plan(config, out=None, device=None, writer: bool = True) -> Plan:
-    """Resolve and check sources, tasks, output, cache, device and tokenizer, and count evaluations; load no weight.
-
-    Args:
-        config: a merge config: a dict, a YAML file's path, or a `MergeConfig`.
-        out: the output folder (default: the config's `output`).
-        device: where the model will run (cpu, cuda, cuda:N, mps).
-        writer: whether this process writes the output and the cache (in a shared job, only rank 0 does)."""
-    given = load_config(config)                   # first: a typo in the config is found before torch is imported
-    cfg = resolved_paths(given)
-    _check_local_sources(given, cfg)
-    if out is not None and not str(out).strip(): raise ConfigError("--out: empty; give the output folder")
-    field = "--out" if out is not None else (f"{cfg.config_file}: output" if cfg.config_file else "output")
-    from himerge.cache import check_cache_dir, check_cache_path, default_cache_dir
-    from himerge.deltas import compute_deltas
-    from himerge.output import input_stamps
-    from himerge.sources import resolve_sources
-    from himerge.tasks import load_tasks
-    used = {t: cfg.tasks[t] for t in dict.fromkeys(s.task for s in cfg.sources if s.task)}
-    tasks = load_tasks(used, root=cfg.root) if used else {}
-    rows = check_task_rows(tasks, cfg.run.test_scores)
-    device = check_device(device)
-    sources = resolve_sources([s.path for s in cfg.sources], base=cfg.base, override_base=cfg.run.override_base,
-                              allow_pickle=cfg.run.allow_pickle)
-    for i, (src, sc) in enumerate(zip(sources.sources, cfg.sources)):
-        if sc.name: src.name = sc.name
-    names = [s.name for s in sources.sources]
-    for i, name in enumerate(names):
-        if names.count(name) > 1:
-            raise ConfigError(f"sources[{i}]: two sources are both called {name!r}; give them a `name:`")
-    with units_of(compute_deltas(sources), cfg) as d:    # headers only
-        layers = d.changed_layers()
-        memory = memory_estimate(d, layers, cfg.run.compute_dtype, device) if tasks else {}
-    cache_dir = check_cache_dir(cfg.run.cache_dir or default_cache_dir()) if tasks and writer else None
-    if cache_dir is None and cfg.run.cache_dir: check_cache_path(cfg.run.cache_dir)   # named, even if unused
-    output = Path(out if out is not None else cfg.output).expanduser().resolve()
-    if cfg.run.output_format == "adapter":
-        from himerge.adapter import check_adapter_output
-        check_adapter_output(sources)        # every source a LoRA adapter of this base, every tensor carried
-    tokenizer = None
-    if tasks:
-        who = "options.tokenizer" if cfg.run.tokenizer else f"the base ({sources.base.spec}) has no tokenizer:"
-        tokenizer = resolve_tokenizer(cfg.run.tokenizer or sources.base.path, who, cfg.run.trust_remote_code)
-    inputs = protected_inputs(cfg, sources, tasks, cache_dir)
-    # an existing output is for `merge` to judge
-    if writer: check_output(output, force=True, inputs=inputs, field=field)
-    return Plan(cfg, cfg.merge_method, sources, tasks, output, layers, count_evaluations(cfg, len(layers)), inputs,
-                cache_dir, device, tokenizer, rows, memory, field,
-                input_stamps([sources.base.path, *(s.path for s in sources.sources)]))
-
-# %% ../nbs/09_merge.ipynb #47e29ec4
-def units_of(deltas, cfg: MergeConfig):
-    "`deltas` grouped as the method's granularity asks: by block, or by attention and MLP."
-    from himerge.deltas import UnitDeltas
-    return UnitDeltas(deltas) if getattr(cfg.method_options, "granularity", "layer") == "module" else deltas
-
-# %% ../nbs/09_merge.ipynb #9eda9d26
-def _plan_text(self) -> str:
-    c, s = self.config, self.sources
-    exists = self.output.exists()
-    lines = [f"himerge {__version__}: {c.method} of {len(s.sources)} sources -> {self.output}"
-             + ("  (exists: --force replaces it)" if exists and is_himerge_output(self.output) else ""),
-             f"  base     {s.base.spec}" + (f"  (commit {s.base.commit_sha[:12]})" if s.base.commit_sha else "")]
-    for src, sc in zip(s.sources, c.sources):
-        rev = f"  (commit {src.commit_sha[:12]})" if src.commit_sha else ""
-        p_, lam = (v if isinstance(v, str) else f"{v:g}" for v in (sc.density, sc.scale))
-        lines.append(f"  source   {src.name:<16} {src.kind:<5} task={sc.task or '-':<10} p={p_} λ={lam}  "
-                     f"{src.spec}{rev}")
-    for name, t in self.tasks.items():
-        counts = ", ".join(f"{split} {n}" for (task, split), n in self.rows.items() if task == name and n is not None)
-        lines.append(f"  task     {name:<16} {t.type:<16} metric={t.metric} rows: {counts or t.split}")
-    options = {**non_default(c.run), **dataclasses.asdict(c.method_options)}
-    lines.append("  options  " + (", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"))
-    lines.append(f"  layers   {self.n_layers} changed by the sources: {', '.join(map(str, self.layers))}")
-    if self.memory:
-        m = self.memory
-        how = (f"held in {m['stored']}, computing in {m['compute']} one layer at a time (+{_gb(m['layer'])})"
-               if m["layer"] else f"in {m['compute']}")
-        lines.append(f"  memory   about {_gb(m['model'] + m['layer'] + m['delta'])} on {self.device}: the base "
-                     f"{_gb(m['model'])} {how}, the largest layer delta {_gb(m['delta'])} (float32)")
-    if self.evaluations:
-        at_most = any("at most" in k for k in self.evaluations)
-        lines.append("  evaluations  " + ", ".join(f"{k}: {v}" for k, v in self.evaluations.items())
-                     + f"  (total {'at most ' if at_most else ''}{self.total_evaluations})")
-    size = output_estimate(self)
-    lines.append(f"  output   {'at most' if size['at_most'] else 'about'} {_gb(size['bytes'])} ({c.run.output_format})")
-    return "\n".join(lines)
-
-Plan.__str__ = _plan_text
-
-# %% ../nbs/09_merge.ipynb #0e9b306d
-@dataclass
-class Run:
-    "The open resources of a merge being executed."
-    deltas: object             # himerge.deltas.Deltas
-    base_key: str              # the base's cache key
-    source_keys: list          # each source's cache key
-    scorer: object = None      # himerge.scoring.Scorer, when there are tasks
-    cache: object = None       # himerge.cache.EvalCache
-    progress: object = None    # the run's progress bar, if shown
-    timings: dict = field(default_factory=dict)     # stage -> seconds
-    densities: list = field(default_factory=list)   # each source's p and λ, 'auto' ones chosen
-    scales: list = field(default_factory=list)      # each source's λ, 'auto' ones chosen
-    grids: list = field(default_factory=list)       # the searches that chose them (GridResult)
-    block_passes: dict | None = None                # what prefix reuse ran and skipped, kept when the model goes
-
-@contextmanager
-def _timed(run: Run, name: str):
-    t0 = time.perf_counter()
-    try: yield
-    finally: run.timings[name] = run.timings.get(name, 0.0) + time.perf_counter() - t0
-
-@contextmanager
-def open_run(p: Plan, progress=True, group=None):
-    "The deltas, keys, model and scorer of plan `p` (scoring shared with `group`, if any), closed when the block ends."
-    from himerge.cache import EvalCache, source_key
-    from himerge.deltas import compute_deltas
-    from tqdm.auto import tqdm
-    deltas = units_of(compute_deltas(p.sources), p.config)
-    total = p.total_evaluations + len(deltas.layers)     # evaluations, then one step per layer written
-    main = group is None or group.main
-    bar = tqdm(total=total, desc=f"himerge {p.config.method}", unit="step", disable=not (progress and main))
-    key = source_key if p.tasks else lambda s: ""   # the keys name weights in the score cache: no scores, no hashing
-    run = Run(deltas, key(p.sources.base), [key(s) for s in p.sources.sources], progress=bar,
-              densities=[s.density for s in p.config.sources], scales=[s.scale for s in p.config.sources])
-    try:
-        if p.tasks:
-            return_freed_memory()                 # many layer-sized buffers come and go from here on
-            from himerge.scoring import check_loaded, input_device, lighteval_scorer, load_model
-            log.info("loading the base model %r on %s", p.sources.base.name, p.device)
-            with _timed(run, "load_s"):
-                r = p.config.run
-                model = load_model(p.sources.base.path, p.device, r.trust_remote_code, r.compute_dtype, r.device_map)
-                check_loaded(model)
-                run.cache = EvalCache(p.cache_dir if main else None)   # rank 0's cache is the job's
-                computes = getattr(model, "himerge_compute_dtype", model.dtype)
-                runtime = {"compute_dtype": str(computes).removeprefix("torch.")}
-                model_bytes = sum(param.numel() * param.element_size() for param in model.parameters())
-                run.scorer = lighteval_scorer(model, LoadedBase(model, deltas), p.tasks, p.tokenizer,
-                                              device=input_device(model, p.device), batch_size=r.batch_size,
-                                              cache=run.cache, progress=bar, runtime=runtime, group=group,
-                                              prefix_bytes=prefix_bytes(r, model_bytes))
-                del model                         # the scorer holds it; `release_model` lets it go
-        yield run
-    finally:
-        bar.close()
-        deltas.close()
-
-
-
-def release_model(run: Run):
-    "Let the model, its evaluators and the layer cache go once every score is known: writing does not need them."
-    import gc
-    if run.scorer is None: return
-    prefix = run.scorer.prefix
-    if prefix is not None:
-        stats = prefix.stats
-        run.block_passes = dict(run=stats["blocks_run"], skipped=stats["blocks_skipped"], evicted=stats["evicted"])
-    for evaluator in run.scorer.evaluators.values():
-        if hasattr(evaluator, "close"): evaluator.close()
-    run.scorer = None
-    gc.collect()                                  # the evaluators' wrappers hold the model in reference cycles
-    return_freed_memory(trim=True)
-
-# %% ../nbs/09_merge.ipynb #97874d6b
-from collections.abc import Mapping
-
-class _LoadedLayer(Mapping):
-    """name -> a float32 CPU copy of a loaded tensor, made on each read; `stored` holds the loaded tensors themselves,
-    uncopied, for a writer that adds into them (`himerge.scoring.sum_in`)."""
-    def __init__(self, tensors: dict): self.tensors = self.stored = tensors
-    def __getitem__(self, name):
-        import torch
-        return self.tensors[name].to(device="cpu", dtype=torch.float32, copy=True)
-    def __iter__(self): return iter(self.tensors)
-    def __len__(self): return len(self.tensors)
-
-class LoadedBase:
-    """The base's layers (`layers`, `names`, `base_layer`) read from the tensors `model` loaded, not from the files
-    of `deltas`; anything else is `deltas`'."""
-    def __init__(self, model, deltas):
-        self.deltas = deltas
-        headers = deltas.base_store.headers() if getattr(deltas, "base_store", None) is not None else {}
-        self.loaded = {n: t for n, t in model.state_dict().items()   # the tensors as loaded, shared, never copied
-                       if t.device.type != "meta" and (n not in headers or tuple(t.shape) == tuple(headers[n].shape))}
-
-    def base_layer(self, layer):
-        """The base's float32 tensors of `layer` (on the CPU), as the files hold them: a mapping that makes each copy
-        when it is read, so that a caller going tensor by tensor holds one at a time."""
-        names = self.deltas.names(layer)
-        if not all(n in self.loaded for n in names): return self.deltas.base_layer(layer)
-        return _LoadedLayer({n: self.loaded[n] for n in names})
-
-    def __getattr__(self, attr):  # layers, names, ... are the deltas'
-        if attr.startswith("_") or attr in ("deltas", "loaded"): raise AttributeError(attr)
-        return getattr(self.deltas, attr)
-
-def return_freed_memory(trim: bool = False):
-    """Make the C heap hand freed tensors back to the system: buffers of 256 KiB or more get mappings of their own,
-    unmapped when freed (glibc's M_MMAP_THRESHOLD, which otherwise grows to 32 MiB, so that freed layers and
-    activations stayed inside the heap, counted in the process's memory: on bench_scale.py's bf16 run the heap kept
-    72 MiB with a 4 MiB threshold, 27 MiB with 1 MiB; the peak fell by 0.014x the model from 1 MiB to 256 KiB, at
-    the same speed); with `trim`, the heap's free memory is released now. Elsewhere than glibc, nothing."""
-    from himerge.scoring import libc, trim_heap
-    try: libc().mallopt(-3, 2**18)                  # M_MMAP_THRESHOLD
-    except AttributeError: pass                     # no C library, or not glibc
-    if trim: trim_heap()
-
-# %% ../nbs/09_merge.ipynb #41caf0da
-def choose_auto(p: Plan, run: Run):
-    "Replace each 'auto' density or scale in `run` by the best of its grid search; keep the searches in `run.grids`."
-    from himerge.config import AUTO
-    from himerge.contributions import choose_density_scale
-    scope = getattr(p.config.method_options, "prune_scope", "tensor")
-    for i, (src, sc) in enumerate(zip(p.sources.sources, p.config.sources)):
-        if AUTO not in (sc.density, sc.scale): continue
-        densities, scales = auto_grid(p.config.run, sc.density, sc.scale)
-        with _timed(run, "auto_s"):
-            grid = choose_density_scale(run.scorer, run.deltas, i, sc.task, densities, scales, scope=scope,
-                                        base_key=run.base_key, source_key=run.source_keys[i], source_name=src.name)
-        run.densities[i], run.scales[i] = grid.best
-        run.grids.append(grid)
-        log.info("source %s: chose density %g and scale %g on %s (%d points)", src.name, *grid.best, sc.task,
-                 len(densities) * len(scales))
-
-# %% ../nbs/09_merge.ipynb #91c6d512
-def run_method(p: Plan, run: Run):
-    "The method's `Merged`: the merged weights as a state, and its records."
-    cfg = p.config
-    context = MergeContext(run.deltas, [s.name for s in p.sources.sources], p.source_tasks, list(run.densities),
-                           list(run.scales), cfg.method_options, cfg.run, p.layers, run.base_key, run.source_keys,
-                           run.scorer)
-    log.info("%s of %d sources", p.method.name, len(context.names))
-    with _timed(run, "method_s"): merged = p.method.build(context)
-    if run.progress is not None:   # the method's upper bounds are settled: the steps it did not need are skipped
-        rest = p.evaluations.get("validation scores", 0) + p.evaluations.get("test scores", 0) + len(run.deltas.layers)
-        unused = (run.progress.total or 0) - run.progress.n - rest
-        if unused > 0: run.progress.update(unused)      # the total stays the plan's, as the bar first showed it
-    return merged
-
-# %% ../nbs/09_merge.ipynb #be875281
-def write_adapter_first(p: Plan, run: Run, merged, tmp: Path):
-    """Write the merge as an adapter into `tmp`; return (the adapter's summary, the merge as the adapter reads back).
-
-    Args:
-        p: the plan.
-        run: the open run (its deltas).
-        merged: the method's `Merged`.
-        tmp: the staging folder.
-    """
-    from himerge.adapter import write_adapter
-    from himerge.cache import content_key
-    from himerge.deltas import compute_deltas
-    from himerge.methods import Merged
-    from himerge.scoring import State
-    from himerge.sources import resolve_sources
-    log.info("writing the merge as a LoRA adapter to %s", p.output)
-    with _timed(run, "adapter_s"):
-        summary = write_adapter(tmp, p.sources, merged.state.layer_delta, weights=merged.linear,
-                                rank=p.config.run.adapter_rank, layers=run.deltas.layers, deltas=run.deltas,
-                                progress=run.progress)
-    back = resolve_sources([str(tmp)], base=str(p.sources.base.path), override_base=True)
-    written = units_of(compute_deltas(back), p.config)
-    key = {"adapter": content_key(tmp), "base": run.base_key}
-    state = State("merged", lambda layer: written.source_layer(0, layer), key)
-    return summary, Merged(state, merged.records, merged.scores)
-
-# %% ../nbs/09_merge.ipynb #cd5a12da
-def reference_states(p: Plan, run: Run) -> dict:
-    "name -> State of the base, each source as given, and the plain sum of the deltas."
-    from himerge.methods import TaskArithmeticOptions, task_arithmetic_merger
-    from himerge.scoring import State, base_state
-    n = len(p.sources.sources)
-    states = {"base": base_state(run.base_key)}
-    for i, src in enumerate(p.sources.sources):
-        states[f"source:{src.name}"] = State(f"source:{src.name}", lambda layer, i=i: run.deltas.source_layer(i, layer),
-                                              {"base": run.base_key, "source": run.source_keys[i]})
-    if n > 1:
-        plain = MergeContext(run.deltas, [s.name for s in p.sources.sources], p.source_tasks, [1.0] * n, [1.0] * n,
-                             TaskArithmeticOptions(), p.config.run, p.layers, run.base_key, run.source_keys)
-        states["task_arithmetic"] = task_arithmetic_merger(plain).state
-    return states
-
-def score_models(p: Plan, run: Run, merged) -> dict:
-    "{split: {row: {task: mean score}}}: base, sources, (test: task arithmetic), merge, and the method's own rows."
-    from himerge.scoring import Probe, means
-    if run.scorer is None: return {}
-    tasks, states = list(p.tasks), reference_states(p, run)
-    splits = ["validation"] + (["test"] if p.config.run.test_scores else [])
-    scores = {}
-    log.info("scoring the base, the sources and the merge on %s", " and ".join(splits))
-    with _timed(run, "scores_s"):
-        for split in splits:
-            rows = [name for name in states if split == "test" or name != "task_arithmetic"] + ["merged"]
-            chosen = {**states, "merged": merged.state}
-            results = run.scorer.run([(Probe(chosen[name]), tasks, split) for name in rows])
-            by_row = {name: means(r) for name, r in zip(rows, results)}
-            scores[split] = {"base": by_row["base"],
-                             "sources": {s.name: by_row[f"source:{s.name}"] for s in p.sources.sources},
-                             **({"task_arithmetic": by_row["task_arithmetic"]} if "task_arithmetic" in by_row else {}),
-                             "merged": by_row["merged"]}
-        scores["validation"].update(merged.scores)
-    return scores
-
-# %% ../nbs/09_merge.ipynb #7a8898b2
-def _portable(spec) -> str:
-    "A Hub id as given; a local path (one that exists, or is absolute) as its last part."
-    local = Path(str(spec)).expanduser()
-    return local.name if (local.exists() or local.is_absolute()) else str(spec)
-
-def source_record(src, sc=None) -> dict:
-    "A source (or the base) for the report: its name, its Hub id and revision or its folder's name, its kind."
-    rec = dict(name=src.name, spec=src.spec if src.repo_id else Path(src.path).name, kind=src.kind, repo_id=src.repo_id,
-               revision=src.revision, commit_sha=src.commit_sha)
-    if sc is not None: rec.update(task=sc.task, density=sc.density, scale=sc.scale)
-    return rec
-
-def portable_config(p: Plan) -> dict:
-    "The config to save with the output: local paths as folder names, no output folder, no cache folder."
-    d = p.config.to_dict()
-    d.pop("output", None)
-    d["base"] = source_record(p.sources.base)["spec"]
-    for s, src in zip(d["sources"], p.sources.sources): s["path"] = source_record(src)["spec"]
-    for name, spec in d["tasks"].items():
-        if isinstance(spec, dict) and spec.get("data"):
-            known = p.tasks.get(name)
-            spec["data"] = task_data(known) if known is not None else _portable(spec["data"])
-    d["options"]["cache_dir"] = None
-    if d["options"].get("tokenizer"): d["options"]["tokenizer"] = _portable(d["options"]["tokenizer"])
-    return d
-
-def task_data(spec) -> str:
-    "A task's data for the record: a Hub dataset id as given, or the local folder's name."
-    return str(spec.data) if spec.data_sha else Path(str(spec.data_dir or spec.data)).name
-
-def _base_license(base):
-    try:
-        readme = Path(base.path) / "README.md"
-        if readme.exists():
-            from huggingface_hub import ModelCard
-            return ModelCard.load(readme).data.to_dict().get("license")
-    except Exception: return None   # a card we cannot read only means no licence to copy
-    return None
-
-def build_report(p: Plan, run: Run, merged, scores: dict, files: list) -> dict:
-    """The report of a finished merge (JSON-ready).
-
-    Args:
-        p: the plan.
-        run: the finished run (timings, chosen densities and scales, grids).
-        merged: the method's `Merged` (its records).
-        scores: split -> model -> task -> mean score (from `score_models`).
-        files: the files written, relative to the output folder.
-    """
-    cfg = p.config
-    report = dict(himerge_version=__version__, method=cfg.method,
-                  created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  base={**source_record(p.sources.base), "license": _base_license(p.sources.base)},
-                  sources=[{**source_record(s, sc), "density": d, "scale": lam,
-                            **({"auto": [k for k in ("density", "scale") if getattr(sc, k) == "auto"]}
-                               if "auto" in (sc.density, sc.scale) else {})}
-                           for s, sc, d, lam in zip(p.sources.sources, cfg.sources, run.densities, run.scales)],
-                  options={**dataclasses.asdict(cfg.run), **dataclasses.asdict(cfg.method_options)},
-                  method_options=sorted(f.name for f in dataclasses.fields(cfg.method_options)),
-                  tasks={t: dict(metric=s.metric, data=task_data(s), hub=bool(s.data_sha), revision=s.revision,
-                                 commit_sha=s.data_sha, split=s.split, type=s.type, limit=s.limit,
-                                 test_limit=s.test_limit)
-                         for t, s in p.tasks.items()},
-                  scores=scores, files=files)
-    report["options"]["cache_dir"] = None
-    if cfg.run.tokenizer: report["options"]["tokenizer"] = _portable(cfg.run.tokenizer)
-    for record in merged.records.values():
-        if hasattr(record, "to_report"): report.update(record.to_report())
-    if run.grids: report["grids"] = [g.to_record() for g in run.grids]
-    cache = run.cache
-    report["evaluations"] = dict(done=cache.done if cache else 0, reused=cache.reused if cache else 0,
-                                 planned=p.total_evaluations)
-    if run.block_passes is not None:   # how much of the block passes the prefix reuse saved
-        report["evaluations"]["block_passes"] = run.block_passes
-    return report
-
-# %% ../nbs/09_merge.ipynb #ad7f0d2f
-def write_output(p: Plan, run: Run, merged, scores: dict, force: bool, tmp: Path | None = None, adapter=None) -> dict:
-    """Write model (unless `adapter` is already in `tmp`), figures, report, config and card to the staging folder, then
-    move it to `p.output`; return the report.
-
-    Args:
-        p: the plan.
-        run: the open run.
-        merged: the method's `Merged`.
-        scores: the scores of `score_models`.
-        force: replace an existing himerge output.
-        tmp: the staging folder, if one was made already (an adapter is written first).
-        adapter: the summary of the adapter written to `tmp`, if the output is an adapter."""
-    import yaml
-    from himerge.output import commit_output, discard, staging_dir, write_model
-    t0 = time.perf_counter()
-    tmp = tmp or staging_dir(p.output)
-    try:
-        if adapter is None:
-            log.info("writing the merged model to %s", p.output)
-            files = write_model(tmp, run.deltas, merged.state.layer_delta, p.sources.base, p.config.dtype,
-                                p.config.run.max_shard_size, progress=run.progress)
-        else: files = list(adapter["files"])
-        figures = {}    # a later record's figure replaces an earlier one of the same name (resolution's heatmap)
-        for record in merged.records.values():
-            figures.update(record.figures() if hasattr(record, "figures") else {})
-        for name, fig in figures.items():
-            import matplotlib.pyplot as plt
-            fig.savefig(tmp / name, dpi=120, bbox_inches="tight"); plt.close(fig); files.append(name)
-        report = build_report(p, run, merged, scores, files)
-        report["output_format"] = p.config.run.output_format
-        if adapter is not None: report["adapter"] = adapter_record(adapter)
-        run.timings["write_s"] = time.perf_counter() - t0
-        run.timings["total_s"] = run.timings.get("total_s", 0.0) + run.timings["write_s"]
-        report["timings"] = {k: round(v, 3) for k, v in run.timings.items()}
-        config = yaml.safe_dump(portable_config(p), sort_keys=False, allow_unicode=True)
-        (tmp / "himerge_config.yaml").write_text(config)
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
-        from himerge.card import write_card
-        write_card(tmp, model_name=p.output.name)
-        from himerge.push import check_no_local_paths_in
-        check_no_local_paths_in(tmp)              # no file of the output names a path of this machine
-        for f in tmp.iterdir(): f.chmod(0o644)   # readable like any downloaded model, whatever the writer's umask
-        commit_output(tmp, p.output, force, p.stamps)
-    except BaseException:
-        discard(tmp); raise
-    return report
-
-# %% ../nbs/09_merge.ipynb #4e4c22da
-def adapter_record(summary: dict) -> dict:
-    "The report's `adapter` entry from `write_adapter`'s summary."
-    tensors = [dict(tensor=name, rank=r["rank"], kind=r["kind"], relative_error=r["error"])
-               for name, r in summary["records"].items()]
-    return dict(rank=summary["rank_max"], rank_min=summary["rank_min"], exact=all(t["kind"] != "svd" for t in tensors),
-                max_relative_error=summary["max_error"], parameters=summary["parameters"], tensors=tensors)
+__all__ = ['MergeResult', 'join_launched', 'group_device', 'agreed', 'leave_group', 'Job', 'launched_job', 'Interrupted',
+           'explained_failures', 'execute', 'merge']
 
 # %% ../nbs/09_merge.ipynb #83684811
 @dataclass
@@ -613,7 +39,7 @@ class MergeResult:
 
     def scores(self, split="test", gains=True):
         """Scores as a table: one row per model (base, sources, pre-merge, task arithmetic, merged), a column per task,
-        and (with `gains`) each row's share of each source's own gain kept, and its mean (see `himerge.compare`)."""
+        and (with `gains`) each row's share of each source's own gain kept, and its mean (see `himerge.gains`)."""
         import pandas as pd
         s = self.report["scores"].get(split, {})
         rows = {"base": s.get("base", {})}
@@ -622,32 +48,31 @@ class MergeResult:
             if s.get(k): rows[k] = s[k]
         owner = {src["task"]: src["name"] for src in self.report["sources"] if src.get("task")}
         if not gains or not owner or not s: return pd.DataFrame(rows).T
-        from himerge.compare import comparison_table
         return comparison_table(rows, owner).drop(columns="mean normalised")
 
 # %% ../nbs/09_merge.ipynb #8efead16
+def _distributed():
+    "`himerge.distributed`, imported in a shared job only: a single process imports nothing distributed."
+    import himerge.distributed
+    return himerge.distributed
+
 def join_launched(device):
     "The process group of a job a launcher (torchrun, accelerate launch) started as several processes; None otherwise."
-    import os
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1: return None   # a single process imports nothing distributed
-    from himerge.distributed import join
-    return join(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1: return None
+    return _distributed().join(device)
 
 def group_device(group, device):
     "This process's device: its own GPU in a shared job on GPUs, else `device`."
     if group is None: return device
-    from himerge.distributed import rank_device
-    return rank_device(group, device)
+    return _distributed().rank_device(group, device)
 
 def agreed(group, step):
     "`step()`; in a shared job, every rank learns whether every rank succeeded, and all stop on an input error."
-    from himerge.errors import InputError
     if group is None: return step()
-    from himerge.distributed import agree
     error, result = None, None
     try: result = step()
     except InputError as e: error = str(e)
-    failures = agree(group, error)
+    failures = _distributed().agree(group, error)
     if failures:
         messages = list(dict.fromkeys(e for _, e in failures))
         raise InputError(messages[0] if len(messages) == 1 else
@@ -656,15 +81,84 @@ def agreed(group, step):
 
 def leave_group(group, wait: bool = True):
     "Wait for every rank (rank 0 may still be writing) unless this one failed, then leave the process group."
-    import torch.distributed as dist
-    from himerge.distributed import leave
+    import torch.distributed as dist       # torch, in a shared job only
     if wait: dist.barrier()
-    leave()
+    _distributed().leave()
+
+# %% ../nbs/09_merge.ipynb #df515b83
+@dataclass
+class Job:
+    "This process's share of a merge: all of it, or one rank of a job a launcher started (`group`)."
+    group: object = None        # the process group (`himerge.distributed.Group`); None for a single process
+    device: str | None = None   # where this process runs the model
+    finished: bool = False      # the merge ended without an error: on leaving, this rank waits for the others
+
+    @property
+    def writer(self) -> bool: return self.group is None or self.group.main   # rank 0 writes the output and the cache
+    def agreed(self, step): return agreed(self.group, step)
+
+@contextmanager
+def launched_job(device):
+    "This process's `Job`: in a shared job the group is joined on entering, and left on leaving."
+    job = Job(join_launched(device))
+    try:
+        job.device = group_device(job.group, device)
+        yield job
+    finally:
+        # After a failure no rank may wait for the others: the launcher ends the job when a rank exits with an error.
+        if job.group is not None: leave_group(job.group, wait=job.finished)
 
 # %% ../nbs/09_merge.ipynb #604a4a30
 class Interrupted(KeyboardInterrupt):
     "A merge stopped by the user (Ctrl-C); `resume_hint` says what was saved and how to resume."
     def __init__(self, resume_hint: str): super().__init__(resume_hint); self.resume_hint = resume_hint
+
+# %% ../nbs/09_merge.ipynb #15cae43e
+@contextmanager
+def explained_failures(p: Plan, run, size, writer: bool):
+    """A full disk said as such, with the space the output needs; Ctrl-C as an `Interrupted` that says what was saved.
+
+    Args:
+        p: the plan.
+        run: the open run (its evaluation cache says what was saved).
+        size: the output's expected size, as `check_free_space` gave it.
+        writer: whether this process writes the output (only its disk can fill)."""
+    try: yield
+    except BaseException as e:
+        if is_disk_full(e) and writer: raise disk_full_error(e, p.output, size, p.output_field) from None
+        if not isinstance(e, KeyboardInterrupt): raise
+        saved = run.cache.done if run.cache else 0
+        where = f" in {p.cache_dir}" if p.cache_dir else ""
+        raise Interrupted(f"{saved} evaluations of this run are saved{where}; run the same command again to "
+                          "resume from them.") from None
+
+# %% ../nbs/09_merge.ipynb #de48405a
+def execute(p: Plan, run, writer: bool, force: bool, t0: float) -> tuple:
+    """(the report, None on a rank that does not write; the method's `Merged`): in the open `run` of plan `p`, 'auto'
+    values chosen, the method run, its merge scored and written.
+
+    Args:
+        p: the plan.
+        run: the open run.
+        writer: whether this process writes the output.
+        force: replace an existing output.
+        t0: when the merge started (`time.perf_counter()`), for the total time."""
+    tmp = adapter = None
+    try:
+        choose_auto(p, run)
+        merged = run_method(p, run)
+        if p.config.run.output_format == "adapter":   # written first: the scores are the adapter's as written
+            tmp = staging_dir(p.output) if writer else Path(tempfile.mkdtemp(prefix="himerge-adapter-"))
+            adapter, merged = write_adapter_first(p, run, merged, tmp)
+        scores = score_models(p, run, merged)
+        release_model(run)            # the output is written from the base's files, not from the model
+        run.timings["total_s"] = time.perf_counter() - t0
+        report = write_output(p, run, merged, scores, force, tmp, adapter) if writer else None
+        if not writer and tmp is not None: discard(tmp)      # another rank's copy, only read back to score
+        return report, merged
+    except BaseException:
+        if tmp is not None: discard(tmp)
+        raise
 
 # %% ../nbs/09_merge.ipynb #af11f31d
 def merge(config, *, out=None, force=False, dry_run=False, device=None, progress=True):
@@ -678,65 +172,14 @@ def merge(config, *, out=None, force=False, dry_run=False, device=None, progress
         device: where the model runs: cpu, cuda, cuda:N or mps (a shared job's ranks take their own GPU).
         progress: show the run's progress bar."""
     t0 = time.perf_counter()
-    group = join_launched(device)                           # None unless a launcher started several processes
-    finished = False
-    try:
-        device = group_device(group, device)
-        p = agreed(group, lambda: plan(config, out, device, writer=group is None or group.main))
+    with launched_job(device) as job:          # one process, unless a launcher started several
+        p = job.agreed(lambda: plan(config, out, job.device, writer=job.writer))
         if dry_run: return p
-        writer = group is None or group.main
-        agreed(group, lambda: check_output(p.output, force, p.inputs, p.output_field) if writer else None)
-        size = agreed(group, lambda: check_free_space(p.output, output_estimate(p), p.output_field) if writer else None)
-        with output_lock(p.output, p.output_field) if writer else nullcontext(), open_run(p, progress, group) as run:
-            tmp = adapter = None
-            try:
-                choose_auto(p, run)
-                merged = run_method(p, run)
-                if p.config.run.output_format == "adapter":   # written first: the scores are the adapter's as written
-                    tmp = staging_dir(p.output) if writer else Path(tempfile.mkdtemp(prefix="himerge-adapter-"))
-                    adapter, merged = write_adapter_first(p, run, merged, tmp)
-                scores = score_models(p, run, merged)
-                release_model(run)            # the output is written from the base's files, not from the model
-                run.timings["total_s"] = time.perf_counter() - t0
-                report = write_output(p, run, merged, scores, force, tmp, adapter) if writer else None
-                if not writer and tmp is not None: discard(tmp)      # another rank's copy, only read back to score
-            except BaseException as e:
-                if tmp is not None: discard(tmp)
-                if is_disk_full(e) and writer: raise disk_full_error(e, p.output, size, p.output_field) from None
-                if not isinstance(e, KeyboardInterrupt): raise
-                saved = run.cache.done if run.cache else 0
-                where = f" in {p.cache_dir}" if p.cache_dir else ""
-                raise Interrupted(f"{saved} evaluations of this run are saved{where}; run the same command again to "
-                                  "resume from them.") from None
-        finished = True
+        writer = job.writer
+        job.agreed(lambda: check_output(p.output, force, p.inputs, p.output_field) if writer else None)
+        size = job.agreed(lambda: check_free_space(p.output, output_estimate(p), p.output_field) if writer else None)
+        with output_lock(p.output, p.output_field) if writer else nullcontext(), \
+                open_run(p, progress, job.group) as run, explained_failures(p, run, size, writer):
+            report, merged = execute(p, run, writer, force, t0)
+        job.finished = True
         return MergeResult(p.output, report, p, merged.records)
-    finally:
-        # After a failure no rank may wait for the others: the launcher ends the job when a rank exits with an error.
-        if group is not None: leave_group(group, wait=finished)
-
-# %% ../nbs/09_merge.ipynb #b4185c38
-def demo_config(out="himerge-demo") -> dict:
-    "The demo's merge config over the embedded zoo: one multiple-choice and one generative LoRA source."
-    from himerge.zoo import load_zoo
-    zoo = load_zoo()
-    picks = zoo.demo_tasks
-    tasks = {t: {**zoo.tasks[t].to_dict(), "data": str(zoo.tasks[t].data_dir)} for t in picks}
-    return dict(base=str(zoo.base), sources=[dict(path=str(zoo.adapters[t]), task=t, name=t) for t in picks],
-                tasks=tasks, method="hi-merging", options=dict(test_scores=True), dtype="float32", output=str(out))
-
-def conflict_table(result: MergeResult):
-    "One row per layer: γ per source, the conflict class, and the action taken."
-    import pandas as pd
-    rep = result.report
-    g = pd.DataFrame(rep["gamma"]).pivot(index="layer", columns="source", values="gamma")
-    g = g.reindex(list(dict.fromkeys(r["layer"] for r in rep["gamma"])))   # model order, as analysed
-    g.columns = [f"γ {c}" for c in g.columns]
-    g["class"] = [rep["classes"].get(str(layer), "") for layer in g.index]
-    from himerge.card import layer_actions
-    actions = layer_actions(rep)          # as the card lists them: every step of the layer, in order
-    g["action"] = ["; ".join(actions.get(str(layer), [])) or "kept" for layer in g.index]
-    return g
-
-def demo(out="himerge-demo", force=False, progress=True) -> MergeResult:
-    "Run Hi-Merging on the embedded zoo and return the result."
-    return merge(demo_config(out), out=out, force=force, progress=progress)

@@ -157,6 +157,8 @@ class MergeMethod:
     validate: Callable | None = None # (sources, options) -> None: checks only this method can make, OptionError if not
     search: dict = field(default_factory=dict)  # the grid a fair comparison searches (see himerge.compare)
     scores_merge: bool = False       # the merger scores its own merge on validation (the run's score is then shared)
+    # the merger measures contributions: each source alone on its task and the pre-merge, on validation (Hi-Merging)
+    measures_contributions: bool = False
 
     def build(self, context):
         "Run the merger on `context`; return its `Merged`."
@@ -604,6 +606,6 @@ def hi_merging_evaluations(counts: Counts, options: HiMergingOptions) -> dict:
 register(MergeMethod("hi-merging", "Hi-Merging: prune and scale each delta, measure every layer's contribution to "
                      "each task, resolve the conflicted layers one by one", HiMergingOptions,
                      "himerge.resolve:hi_merging",
-                     needs_tasks=True, min_sources=2, evaluations=hi_merging_evaluations,
+                     needs_tasks=True, min_sources=2, evaluations=hi_merging_evaluations, measures_contributions=True,
                      reference="Training-free LLM Merging for Multi-task Learning (arXiv 2506.12379)",
                      search={"conflict_z": [0.0, 1.0, 2.0], "auto": [False, True]}))

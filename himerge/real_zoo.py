@@ -365,7 +365,7 @@ def real_evidence_table(root=None, split: str = "test"):
 def real_gain_kept(root=None, split: str = "test"):
     "One row per (pairwise task arithmetic merge, task): base, adapter and merged scores, gain, gain kept, in the band."
     import pandas as pd
-    from himerge.compare import gain_kept
+    from himerge.gains import gain_kept
     ev, rows = real_scores(root, split), []
     for name, s in ev.items():
         if not name.startswith("ta:"): continue

@@ -6,15 +6,24 @@ Docs: https://himerge.github.io/himerge/zoo.html.md"""
 
 # %% ../nbs/00_zoo.ipynb #e876166b
 from __future__ import annotations
-import json, math, random, shutil, string, time
+import copy, dataclasses, itertools, json, math, random, shutil, string, time
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
+
+import yaml
+
+from .card import layer_actions
+from .evaluate import Evaluator
+from .gains import gain_kept
+from .merge import MergeResult, merge
+from .tasks import load_tasks
 
 # %% auto #0
 __all__ = ['DOMAINS', 'RULES', 'TASKS', 'SKILLS', 'PROMPT', 'SPLITS', 'MODEL', 'RECIPE', 'LORA', 'make_row', 'make_splits',
            'task_specs', 'vocabulary', 'build_tokenizer', 'build_base_model', 'row_text', 'encode_pairs', 'train',
            'build_zoo', 'Zoo', 'path', 'load_zoo', 'demo_sources', 'zoo_config', 'measure_evidence', 'contents',
-           'size_bytes', 'evidence_table', 'pair_gain_kept']
+           'size_bytes', 'evidence_table', 'pair_gain_kept', 'demo_config', 'conflict_table', 'demo']
 
 # %% ../nbs/00_zoo.ipynb #92b43bc8
 DOMAINS = dict(lower=list(string.ascii_lowercase),                                # `a` .. `z`
@@ -185,6 +194,29 @@ def _check_tokenizer_roundtrip(tok, folder: Path):
         raise ValueError(f"{folder}: AutoTokenizer loads the zoo tokenizer as {type(loaded).__name__}, "
                          "which encodes differently")
 
+
+# %% ../nbs/00_zoo.ipynb #c7410d60
+def _fine_tune(tmp: Path, base, tok, data: dict, r: dict):
+    "Each task's LoRA fine-tune of `base` into `tmp/lora-TASK` (and, for the tasks of `r['full']`, `tmp/full-TASK`)."
+    import torch
+    from peft import LoraConfig, get_peft_model
+    for i, t in enumerate(TASKS):
+        ft_seed = r["ft_seed"] + i
+        torch.manual_seed(ft_seed)  # before get_peft_model: it draws the LoRA A matrices
+        pm = get_peft_model(copy.deepcopy(base), LoraConfig(**LORA))
+        ex = encode_pairs(tok, [row_text(x) for x in data[t]["train"]], True)
+        train(pm, ex, r["ft_steps"], r["ft_lr"], r["batch_size"], ft_seed, tok.pad_token_id)
+        pm.save_pretrained(tmp / f"lora-{t}")
+        cfg_path = tmp / f"lora-{t}" / "adapter_config.json"
+        ac = json.loads(cfg_path.read_text()); ac["base_model_name_or_path"] = "../base"
+        cfg_path.write_text(json.dumps(ac, indent=2))
+        (tmp / f"lora-{t}" / "README.md").unlink(missing_ok=True)  # PEFT's template card, all placeholders
+        if t in r["full"]:
+            full = pm.merge_and_unload()
+            full.save_pretrained(tmp / f"full-{t}"); tok.save_pretrained(tmp / f"full-{t}")
+
+
+# %% ../nbs/00_zoo.ipynb #3ef9937c
 def build_zoo(out_dir, seed: int = 0, force: bool = False, measure: bool = True, **recipe) -> dict:
     """Build the zoo into `out_dir` (deterministic for the seeds and the thread count); return the evidence.
 
@@ -195,8 +227,7 @@ def build_zoo(out_dir, seed: int = 0, force: bool = False, measure: bool = True,
         measure: score every model on validation and test into evidence.json (slow part; False skips it).
         recipe: overrides of `RECIPE` (`pre_rows`, `pre_steps`, `pre_lr`, `ft_seed`, `ft_steps`, `ft_lr`,
             `batch_size`, `full`, `threads`)."""
-    import copy, torch, yaml
-    from peft import LoraConfig, get_peft_model
+    import torch
     r = {**RECIPE, **recipe, "seed": seed}
     out = Path(out_dir)
     if out.exists():
@@ -222,20 +253,7 @@ def build_zoo(out_dir, seed: int = 0, force: bool = False, measure: bool = True,
         base.generation_config.pad_token_id, base.generation_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
         base.save_pretrained(tmp / "base"); tok.save_pretrained(tmp / "base")
         _check_tokenizer_roundtrip(tok, tmp / "base")
-        for i, t in enumerate(TASKS):
-            ft_seed = r["ft_seed"] + i
-            torch.manual_seed(ft_seed)  # before get_peft_model: it draws the LoRA A matrices
-            pm = get_peft_model(copy.deepcopy(base), LoraConfig(**LORA))
-            ex = encode_pairs(tok, [row_text(x) for x in data[t]["train"]], True)
-            train(pm, ex, r["ft_steps"], r["ft_lr"], r["batch_size"], ft_seed, tok.pad_token_id)
-            pm.save_pretrained(tmp / f"lora-{t}")
-            cfg_path = tmp / f"lora-{t}" / "adapter_config.json"
-            ac = json.loads(cfg_path.read_text()); ac["base_model_name_or_path"] = "../base"
-            cfg_path.write_text(json.dumps(ac, indent=2))
-            (tmp / f"lora-{t}" / "README.md").unlink(missing_ok=True)  # PEFT's template card, all placeholders
-            if t in r["full"]:
-                full = pm.merge_and_unload()
-                full.save_pretrained(tmp / f"full-{t}"); tok.save_pretrained(tmp / f"full-{t}")
+        _fine_tune(tmp, base, tok, data, r)
         build_s = time.perf_counter() - t0
         evidence = measure_evidence(tmp) if measure else {}
         evidence["build"] = dict(recipe={k: list(v) if isinstance(v, tuple) else v for k, v in r.items()}, lora=LORA,
@@ -273,12 +291,10 @@ class Zoo:
 
 def path() -> Path:
     "The folder of the zoo shipped with himerge."
-    from importlib.resources import files
     return Path(str(files("himerge"))) / "zoo_data"  # not __file__: the notebook runs this cell too
 
 def load_zoo(root=None) -> Zoo:
     "The zoo at `root` (default: the shipped one)."
-    from himerge.tasks import load_tasks
     root = Path(root) if root is not None else path()
     if not (root / "tasks.yaml").is_file(): raise FileNotFoundError(f"{root}: not a himerge zoo (no tasks.yaml)")
     tasks = load_tasks(root / "tasks.yaml", root=root)
@@ -314,7 +330,7 @@ def zoo_config(method: str = "hi-merging", out: str = "himerge-zoo-merge", zoo: 
 # %% ../nbs/00_zoo.ipynb #bdaad6fd
 def _variants(root: Path) -> dict:
     "name -> state dict of every model the evidence scores (adapters merged exactly as PEFT merges them)."
-    import itertools, torch
+    import torch
     from transformers import AutoModelForCausalLM
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -332,10 +348,8 @@ def _variants(root: Path) -> dict:
 
 def measure_evidence(root) -> dict:
     "Scores of base, sources and pairwise task-arithmetic merges on every task (validation and test)."
-    import dataclasses, torch
+    import torch
     from transformers import AutoModelForCausalLM
-    from himerge.tasks import load_tasks
-    from himerge.evaluate import Evaluator
     root = Path(root)
     tasks = load_tasks(root / "tasks.yaml", root=root)
     specs = dict(tasks)
@@ -382,7 +396,6 @@ def evidence_table(zoo: Zoo, split="validation"):
 
 def pair_gain_kept(zoo: Zoo, split="validation"):
     "For each pairwise task-arithmetic merge and each of its tasks: the share of the adapter's own gain it keeps."
-    from himerge.compare import gain_kept
     ev, rows = zoo.evidence["scores"][split], []
     for name, s in ev.items():
         if not name.startswith("ta:"): continue
@@ -391,3 +404,28 @@ def pair_gain_kept(zoo: Zoo, split="validation"):
                              gain_kept=gain_kept(s[t], ev["base"][t], ev[f"lora-{t}"][t])))
     import pandas as pd
     return pd.DataFrame(rows)
+
+# %% ../nbs/00_zoo.ipynb #b4185c38
+def demo_config(out="himerge-demo") -> dict:
+    "The demo's merge config over the embedded zoo: one multiple-choice and one generative LoRA source."
+    zoo = load_zoo()
+    picks = zoo.demo_tasks
+    tasks = {t: {**zoo.tasks[t].to_dict(), "data": str(zoo.tasks[t].data_dir)} for t in picks}
+    return dict(base=str(zoo.base), sources=[dict(path=str(zoo.adapters[t]), task=t, name=t) for t in picks],
+                tasks=tasks, method="hi-merging", options=dict(test_scores=True), dtype="float32", output=str(out))
+
+def conflict_table(result: MergeResult):
+    "One row per layer: γ per source, the conflict class, and the action taken."
+    import pandas as pd
+    rep = result.report
+    g = pd.DataFrame(rep["gamma"]).pivot(index="layer", columns="source", values="gamma")
+    g = g.reindex(list(dict.fromkeys(r["layer"] for r in rep["gamma"])))   # model order, as analysed
+    g.columns = [f"γ {c}" for c in g.columns]
+    g["class"] = [rep["classes"].get(str(layer), "") for layer in g.index]
+    actions = layer_actions(rep)          # as the card lists them: every step of the layer, in order
+    g["action"] = ["; ".join(actions.get(str(layer), [])) or "kept" for layer in g.index]
+    return g
+
+def demo(out="himerge-demo", force=False, progress=True) -> MergeResult:
+    "Run Hi-Merging on the embedded zoo and return the result."
+    return merge(demo_config(out), out=out, force=force, progress=progress)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from himerge.merge import demo_config, merge
+from himerge.merge import merge
+from himerge.zoo import demo_config
 from himerge.errors import InputError
 
 torch.set_grad_enabled(False)

@@ -6,7 +6,8 @@ from safetensors.torch import load_file
 
 from himerge.compare import point_config
 from himerge.config import MergeConfig, load_config
-from himerge.merge import demo_config, merge
+from himerge.merge import merge
+from himerge.zoo import demo_config
 
 torch.set_num_threads(1)
 CANDIDATES = "task_arithmetic, ties, iso_c"

@@ -35,6 +35,7 @@ import torch
 import yaml
 
 import himerge.merge as merge_module
+import himerge.plan as plan_module
 from himerge.cli import main
 from himerge.methods import METHODS
 from himerge.zoo import load_zoo
@@ -647,8 +648,8 @@ def _interrupt_in(target: str):
 
 
 @pytest.mark.parametrize("where,setup,expect", [
-    ("while planning", _interrupt_in("himerge.merge.resolve_tokenizer"), r"himerge: interrupted\."),
-    ("while writing over an old output", _interrupt_in("himerge.output.write_model"),
+    ("while planning", _interrupt_in("himerge.plan.resolve_tokenizer"), r"himerge: interrupted\."),
+    ("while writing over an old output", _interrupt_in("himerge.report.write_model"),
                  r"himerge: interrupted\. \d+ evaluations of this run are saved in .*; run the same command again.*"),
 ], ids=["planning", "writing"])
 def test_ctrl_c_anywhere_prints_one_line_and_keeps_the_old_output(where, setup, expect, world, capsys, monkeypatch):
@@ -681,7 +682,7 @@ def test_a_source_that_does_not_improve_its_task_stops_the_run_at_its_own_score(
 
 def test_a_programming_error_keeps_its_traceback(world, capsys, monkeypatch):
     def broken(*a, **k): raise ZeroDivisionError("a bug in himerge")
-    monkeypatch.setattr(merge_module, "count_evaluations", broken)
+    monkeypatch.setattr(plan_module, "count_evaluations", broken)
     with pytest.raises(ZeroDivisionError, match="a bug in himerge"):
         main(["merge", str(world.cfg), "--dry-run"])
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from himerge.merge import demo_config, merge
+from himerge.merge import merge
+from himerge.zoo import demo_config
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 

@@ -43,7 +43,7 @@ WORKERS = 2
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
     "The world every case copies: base/, lora-last/, lora-swap/, tasks.yaml, plain.yaml, old.yaml."
-    from himerge.merge import demo_config
+    from himerge.zoo import demo_config
     root = tmp_path_factory.mktemp("template") / "w"
     root.mkdir()
     c = demo_config("out")

@@ -3,7 +3,8 @@ and the merge written is the chosen per-layer scales applied to the sources' del
 import torch
 from safetensors.torch import load_file
 
-from himerge.merge import demo_config, merge
+from himerge.merge import merge
+from himerge.zoo import demo_config
 
 torch.set_num_threads(1)
 

@@ -17,7 +17,8 @@ from test_bad_inputs_merge import HIMERGE, run_cli, template, world   # noqa: F4
 from hub_standin import HubStandIn
 import himerge
 from himerge.card import local_paths
-from himerge.merge import merge, units_of
+from himerge.merge import merge
+from himerge.plan import units_of
 from himerge.push import VOCABULARY_FILES, push_to_hub
 from himerge.sources import resolve_sources
 
@@ -164,10 +165,10 @@ def test_a_missing_input_is_named_once_by_its_field(world, capsys):   # noqa: F8
 
 def test_a_file_naming_a_machine_path_is_not_written(world, monkeypatch):   # noqa: F811 (the fixture)
     "A path of this machine that reaches a written file (here the saved config) is a bug: the output is not written."
-    import himerge.merge as merge_module
+    import himerge.report as report_module
     from himerge.push import LocalPathLeak
     from test_bad_inputs_merge import staging_left
-    monkeypatch.setattr(merge_module, "portable_config", lambda p: {"base": str(world.root / "base")})
+    monkeypatch.setattr(report_module, "portable_config", lambda p: {"base": str(world.root / "base")})
     with pytest.raises(LocalPathLeak, match=f"himerge_config.yaml would publish local path.*{world.root / 'base'}"):
         merge(str(world.cfg), progress=False)
     assert not (world.root / "merged").exists() and staging_left(world.root) == []

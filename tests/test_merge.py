@@ -7,7 +7,8 @@ import torch
 import yaml
 
 from himerge.config import ConfigError
-from himerge.merge import merge, Plan
+from himerge.merge import merge
+from himerge.plan import Plan
 from himerge.output import OutputExistsError
 
 HIMERGE = str(Path(sys.executable).parent / "himerge")   # the console script of this environment
@@ -74,7 +75,7 @@ def test_force_never_replaces_a_folder_himerge_did_not_write(tmp_path):
 
 
 def test_dry_run_loads_nothing_and_counts_evaluations(tmp_path):
-    from himerge.merge import demo_config
+    from himerge.zoo import demo_config
     cfg = demo_config(tmp_path / "demo")
     p = merge(cfg, dry_run=True)
     assert isinstance(p, Plan) and not (tmp_path / "demo").exists()
@@ -87,7 +88,7 @@ def test_dry_run_loads_nothing_and_counts_evaluations(tmp_path):
 
 
 def test_cli_dry_run_and_config_errors(tmp_path):
-    from himerge.merge import demo_config
+    from himerge.zoo import demo_config
     cfg = demo_config(tmp_path / "demo")
     path = tmp_path / "merge.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -2,7 +2,8 @@
 gives the same scores, γ, classes and decisions, and the report says how many block passes reuse saved."""
 import json
 
-from himerge.merge import demo_config, merge
+from himerge.merge import merge
+from himerge.zoo import demo_config
 
 
 def _run(tmp_path, name, prefix_cache):

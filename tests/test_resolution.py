@@ -12,7 +12,8 @@ from hypothesis import given, settings, strategies as st
 
 from himerge.contributions import Contributions
 from himerge.deltas import LayerDeltas
-from himerge.merge import demo_config, merge
+from himerge.merge import merge
+from himerge.zoo import demo_config
 from himerge.resolve import Measures, ResolveSettings, ResolvedDeltas, improvement, resolve
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "demo_paper_decisions.json").read_text())

@@ -7,7 +7,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from himerge.compare import gain_kept
+from himerge.gains import gain_kept
 from himerge.zoo import MODEL, PROMPT, SPLITS, TASKS, build_zoo, demo_sources, load_zoo, path, size_bytes
 
 
