@@ -17,7 +17,7 @@ import argparse, statistics, time
 
 def build_model(kind: str):
     import torch
-    from himerge.scoring import load_model
+    from himerge.loading import load_model
     from himerge.zoo import load_zoo
     zoo = load_zoo()
     if kind == "zoo": return load_model(zoo.base), zoo

@@ -33,7 +33,8 @@ def main():
     from himerge.cache import EvalCache
     from himerge.contributions import ContributionAnalysis, LayerMemo, MemoDeltas, states_for
     from himerge.zoo import demo_config
-    from himerge.scoring import Scorer, load_model
+    from himerge.loading import load_model
+    from himerge.scoring import Scorer
     from transformers import AutoTokenizer
 
     cfg = demo_config()
@@ -94,7 +95,7 @@ def main():
     layers = [layer for layer in processed.layers if isinstance(layer, int)][: args.reload_layers]
     score_code = ("import sys, torch; torch.set_num_threads(%d)\n"
                   "from himerge.zoo import load_zoo\n"
-                  "from himerge.scoring import load_model\n"
+                  "from himerge.loading import load_model\n"
                   "from himerge.evaluate import Evaluator\n"
                   "z = load_zoo(); t = sys.argv[2]\n"
                   "print(Evaluator(load_model(sys.argv[1]), sys.argv[1], {t: z.tasks[t]}).score(t).score)"

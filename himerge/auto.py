@@ -8,8 +8,10 @@ Docs: https://himerge.github.io/himerge/auto.html.md"""
 from __future__ import annotations
 import dataclasses, logging, time
 
-from himerge.methods import METHODS, Counts, MergeContext, Merged, auto_candidates, auto_points, parse_options, \
-    point_cost
+from .gains import mean_gain_kept
+from .methods import METHODS, Counts, MergeContext, Merged, auto_candidates, auto_points, implements, \
+    parse_options, point_cost
+from .scoring import Probe, State, base_state, means
 from .contributions import NoGainError
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,6 @@ def point_context(context: MergeContext, name: str, point: dict) -> MergeContext
 # %% ../nbs/09b_auto.ipynb #6d917d7a
 def reference_scores(context: MergeContext, tasks: list, split: str) -> tuple:
     "(base scores, owner) on `split`: owner maps each source's task to that source's scores."
-    from himerge.scoring import Probe, State, base_state, means
     sources = [State(f"source:{name}", lambda layer, i=i: context.deltas.source_layer(i, layer),
                      {"base": context.base_key, "source": context.source_keys[i]})
                for i, name in enumerate(context.names)]
@@ -66,13 +67,9 @@ class AutoRecord:
                              skipped=[dict(method=m, point=p) for m, p in self.skipped])}
 
 # %% ../nbs/09b_auto.ipynb #5248be10
-def _gain(scores, base, owner):
-    from himerge.gains import mean_gain_kept
-    return mean_gain_kept(scores, base, owner)
-
+@implements("auto")
 def auto_merger(context: MergeContext) -> Merged:
     "The merger of `method: auto`: every candidate's grid on validation, the best merge, all scores recorded."
-    from himerge.scoring import means
     opts, scorer, n = context.options, context.scorer, len(context.names)
     tasks = list(dict.fromkeys(context.tasks))
     counts = Counts(n, len(tasks), len(context.layers))
@@ -89,7 +86,7 @@ def auto_merger(context: MergeContext) -> Merged:
                 log.warning("method: auto: %s left out: %s", name, e); spent += scorer.cache.done - done
                 skipped.append((name, point)); continue
             scores = means(scorer.score(merged.state, tasks, "validation"))
-            kept = _gain(scores, base, owner)
+            kept = mean_gain_kept(scores, base, owner)
             spent += scorer.cache.done - done
             searched.append(dict(point=point, validation_gain_kept=kept, evaluations=scorer.cache.done - done,
                                  seconds=round(time.perf_counter() - t0, 3)))
@@ -109,11 +106,10 @@ def auto_merger(context: MergeContext) -> Merged:
 
 def _score_test(context, tasks, rows, best_merge):
     "Each method's best point on test, with its share of gain kept there."
-    from himerge.scoring import means
     base, owner = reference_scores(context, tasks, "test")
     for row in rows:
         done, t0 = context.scorer.cache.done, time.perf_counter()
         row["test"] = means(context.scorer.score(best_merge[row["method"]].state, tasks, "test"))
-        row["test_gain_kept"] = _gain(row["test"], base, owner)
+        row["test_gain_kept"] = mean_gain_kept(row["test"], base, owner)
         row["evaluations"] += context.scorer.cache.done - done
         row["seconds"] = round(row["seconds"] + time.perf_counter() - t0, 3)

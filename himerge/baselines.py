@@ -6,14 +6,71 @@ Docs: https://himerge.github.io/himerge/baselines.html.md"""
 
 # %% ../nbs/04_baselines.ipynb #c1ecaae5
 from __future__ import annotations
-import math
+import dataclasses, math, zlib
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
 import torch
-from .prune import prune_scale, kept_count, check_fraction, PruneError
+
+from .deltas import LazyLayer, map_layer
+from .methods import MergeContext, Merged, implements, processed_key
+from .prune import ProcessedDeltas, prune_scale, kept_count, check_fraction, PruneError
+from .scoring import State
 
 # %% auto #0
-__all__ = ['RESCALES', 'ARITHMETICS', 'MERGEKIT_ARGS', 'COMBINES', 'BaselineError', 'task_arithmetic', 'linear', 'ties',
-           'dare_linear', 'dare_ties', 'breadcrumbs', 'breadcrumbs_ties', 'della_keep_probabilities', 'della', 'slerp',
-           'combine_deltas']
+__all__ = ['RESCALES', 'ARITHMETICS', 'MERGEKIT_ARGS', 'COMBINES', 'TensorMerge', 'PerTensorMethod', 'per_tensor_method',
+           'BaselineError', 'task_arithmetic', 'linear', 'ties', 'dare_linear', 'dare_ties', 'breadcrumbs',
+           'breadcrumbs_ties', 'della_keep_probabilities', 'della', 'slerp', 'combine_deltas', 'task_arithmetic_merger']
+
+# %% ../nbs/04_baselines.ipynb #b424109a
+class TensorMerge(Protocol):
+    "A per-tensor method: the merged delta of one tensor from every source's delta of it."
+    def __call__(self, deltas: list[torch.Tensor], weights: list[float], *, densities: list[float] | None = None,
+                 generator: torch.Generator | None = None, **options) -> torch.Tensor: ...
+
+def _tensor_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+@dataclass(frozen=True)
+class PerTensorMethod:
+    "The merger of a per-tensor method: its function applied to every tensor of every layer."
+    name: str                         # the registered method
+    function: TensorMerge             # the merged delta of one tensor
+    needs_base: bool = False          # the function also takes the base tensor, as `base=`
+    linear: Callable | None = None    # weights -> coefficients c_m when at density 1 the merge is Σ_m c_m δ_m
+
+    def __call__(self, context: MergeContext) -> Merged:
+        "The merge of `context`: each layer's tensors merged as they are read."
+        options, seed = dataclasses.asdict(context.options), context.run.seed
+        key = {"method": self.name, "options": options, "seed": seed, "base": context.base_key,
+               "sources": context.source_keys, "densities": list(context.densities), "scales": list(context.scales)}
+        linear = None
+        if self.linear is not None and all(p == 1 for p in context.densities):
+            weights = self.linear(list(context.scales))
+            linear = lambda layer: weights
+        return Merged(State("merged", lambda layer: self.layer(context, options, layer), key), linear=linear)
+
+    def layer(self, context: MergeContext, options: dict, layer) -> LazyLayer:
+        "The merged `layer`, each tensor merged when it is read (its seed is its name's: the order does not matter)."
+        deltas = context.deltas
+        per_source = [deltas.source_layer(i, layer) for i in range(len(context.names))]
+        base = deltas.base_layer(layer) if self.needs_base else {}
+        def merge_tensor(name):
+            tensors = [d[name] if name in d else None for d in per_source]
+            ref = next(t for t in tensors if t is not None)
+            tensors = [torch.zeros_like(ref) if t is None else t for t in tensors]
+            extra = {"base": base[name]} if self.needs_base else {}
+            return self.function(tensors, list(context.scales), densities=list(context.densities),
+                                 generator=torch.Generator().manual_seed(_tensor_seed(context.run.seed, name)),
+                                 **extra, **options)
+        return LazyLayer(dict.fromkeys(t for d in per_source for t in d), merge_tensor)
+
+def per_tensor_method(name: str, *, needs_base: bool = False, linear: Callable | None = None) -> Callable:
+    "Decorator: the function is the per-tensor merge of the registered method `name`, needing what it declares."
+    def attach(function: TensorMerge) -> TensorMerge:
+        implements(name)(PerTensorMethod(name, function, needs_base, linear))
+        return function
+    return attach
 
 # %% ../nbs/04_baselines.ipynb #abf73f5f
 class BaselineError(ValueError):
@@ -139,6 +196,7 @@ def task_arithmetic(deltas, weights, *, densities=None, generator=None, rounding
     return _sum(_weighted(pruned, ws), ws, divide) * lamb
 
 # %% ../nbs/04_baselines.ipynb #e9d30a3a
+@per_tensor_method("linear", linear=lambda weights: [w / sum(weights) for w in weights])  # the soup
 def linear(deltas, weights, *, densities=None, generator=None, rounding="half_up"):
     """Σ_m w_m δ_m / Σ_m w_m: base + result is the weighted average of the models (model soup).
 
@@ -151,6 +209,7 @@ def linear(deltas, weights, *, densities=None, generator=None, rounding="half_up
     return task_arithmetic(deltas, weights, densities=densities, rounding=rounding, divide="weight")
 
 # %% ../nbs/04_baselines.ipynb #47a27b7a
+@per_tensor_method("ties")
 def ties(deltas, weights, *, densities=None, generator=None, majority="total", sign_on="raw",
          divide="count", rounding="half_up", lamb=1.0, arithmetic="himerge"):
     """TIES-merging: magnitude-prune each δ_m to p_m, elect a sign per entry, average the agreeing weighted deltas.
@@ -182,6 +241,7 @@ def _dare(ds, ps, generator, rescale):
         out.append(_rescale(d, _bernoulli(probs, generator), p, rescale).to(d.dtype))
     return torch.stack(out)
 
+@per_tensor_method("dare_linear")
 def dare_linear(deltas, weights, *, densities=None, generator=None, rescale=True, divide="none", lamb=1.0,
                 arithmetic="himerge"):
     """DARE: keep each entry of δ_m with probability p_m, rescale (1/p_m, or 'l1'), then Σ_m w_m δ̃_m.
@@ -199,6 +259,7 @@ def dare_linear(deltas, weights, *, densities=None, generator=None, rescale=True
     ds, mergekit_order = _arithmetic(ds, arithmetic)
     return (_sum(_weighted(_dare(ds, ps, generator, rescale), ws), ws, divide, mergekit_order) * lamb).float()
 
+@per_tensor_method("dare_ties")
 def dare_ties(deltas, weights, *, densities=None, generator=None, rescale=True, majority="total",
               sign_on="raw", divide="count", lamb=1.0, arithmetic="himerge"):
     """DARE drop and rescale, then TIES sign election and disjoint merge.
@@ -231,6 +292,7 @@ def _breadcrumbs_mask(t, p, gamma, rounding, mergekit_order=False):
     else: mask[torch.sort(t.abs().reshape(-1), descending=True, stable=True).indices[n_top:n_top + k]] = True
     return mask.view(t.shape)
 
+@per_tensor_method("breadcrumbs")
 def breadcrumbs(deltas, weights, *, densities=None, generator=None, gamma=0.01, rounding="half_up", divide="none",
                 lamb=1.0, arithmetic="himerge"):
     """Model Breadcrumbs: drop the top `gamma` and the bottom of each δ_m by |δ|, keep p_m·n, then Σ_m w_m δ̃_m.
@@ -255,6 +317,7 @@ def breadcrumbs(deltas, weights, *, densities=None, generator=None, gamma=0.01, 
     return (_sum(_weighted(pruned, ws), ws, divide, mergekit_order) * lamb).float()
 
 # %% ../nbs/04_baselines.ipynb #ab900b64
+@per_tensor_method("breadcrumbs_ties")
 def breadcrumbs_ties(deltas, weights, *, densities=None, generator=None, gamma=0.01, rounding="half_up",
                      majority="total", sign_on="raw", divide="count", lamb=1.0, arithmetic="himerge"):
     """Model Breadcrumbs' pruning of each δ_m, then TIES' sign election and disjoint merge (mergekit's
@@ -294,6 +357,7 @@ def della_keep_probabilities(t: torch.Tensor, p: float, epsilon: float) -> torch
     rank_norm = ranks.float() / (c - 1) if c > 1 else torch.full(rows.shape, 0.5)
     return ((p - epsilon) + rank_norm * 2 * epsilon).reshape(t.shape)
 
+@per_tensor_method("della")
 def della(deltas, weights, *, densities=None, generator=None, epsilon=0.15, rescale=True,
           majority="total", sign_on="weighted", divide="weight", lamb=1.0, arithmetic="himerge"):
     """DELLA: magnitude-ranked random drop with keep probabilities p_m ± ε, rescale, then TIES-style merge.
@@ -326,6 +390,7 @@ def della(deltas, weights, *, densities=None, generator=None, epsilon=0.15, resc
     return (_disjoint(weighted, _elected(dropped, weighted, sign_on, majority), ws, divide) * lamb).float()
 
 # %% ../nbs/04_baselines.ipynb #0ced459f
+@per_tensor_method("slerp", needs_base=True)
 def slerp(deltas, weights, *, densities=None, generator=None, base=None, t=0.5, dot_threshold=0.9995, eps=1e-8):
     """SLERP of the two models θ_F + w_m δ_m at fraction `t` (0: the first, 1: the second); returns θ − θ_F.
 
@@ -373,7 +438,6 @@ COMBINES = ("sum", "ties")
 def combine_deltas(per_source: list[dict], how: str = "sum"):
     """Combine the layer deltas of several sources (each name -> float32 tensor) into one delta per tensor name: a
     `himerge.deltas.LazyLayer`, each tensor combined when it is read."""
-    from himerge.deltas import LazyLayer
     if how not in COMBINES: raise BaselineError(f"combine: {how!r} is not one of {COMBINES}")
     def combine(name):
         having = [d for d in per_source if name in d]
@@ -385,3 +449,18 @@ def combine_deltas(per_source: list[dict], how: str = "sum"):
             tensor = d[name]; out += tensor; del tensor
         return out
     return LazyLayer(dict.fromkeys(n for d in per_source for n in d), combine, owned=True)
+
+# %% ../nbs/04_baselines.ipynb #573ec636
+@implements("task_arithmetic")
+def task_arithmetic_merger(context: MergeContext) -> Merged:
+    "Σ_m λ_m · prune(δ_m, p_m), times `lamb`."
+    opts = context.options
+    processed = ProcessedDeltas(context.deltas, density=context.densities, scale=context.scales, scope=opts.prune_scope)
+    def layer_delta(layer):
+        merged = combine_deltas([processed.source_layer(i, layer) for i in range(len(context.names))], "sum")
+        return merged if opts.lamb == 1 else map_layer(merged, lambda n, t: t * opts.lamb)
+    key = {"method": "task_arithmetic", "base": context.base_key, "sources": processed_key(context, opts.prune_scope),
+           "lamb": opts.lamb}
+    weights = [s * opts.lamb for s in context.scales]
+    exact = all(p == 1 for p in context.densities)   # nothing pruned: Σ λ_m · lamb · δ_m
+    return Merged(State("merged", layer_delta, key), linear=(lambda layer: weights) if exact else None)

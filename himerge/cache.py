@@ -6,9 +6,11 @@ Docs: https://himerge.github.io/himerge/cache.html.md"""
 
 # %% ../nbs/06b_cache.ipynb #38fd4dcc
 from __future__ import annotations
-import errno, hashlib, json, logging, os, shutil, stat, tempfile
+import errno, hashlib, json, logging, os, shutil, stat, tempfile, time
 from dataclasses import asdict
 from pathlib import Path
+
+import xxhash
 
 from .errors import InputError
 from .output import write_point
@@ -28,7 +30,6 @@ def fingerprint(obj) -> str:
 # %% ../nbs/06b_cache.ipynb #7c6e4d3f
 def content_key(path) -> str:
     "A digest of the weight and config files of a local model or adapter folder."
-    import xxhash
     digest, root = xxhash.xxh3_128(), Path(path)
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".bin"))
     for p in files:
@@ -163,7 +164,6 @@ STALE_TMP_S = 600   # a temporary file older than this was left by a stopped run
 
 def damaged_records(root) -> list:
     "(path, why) of every damaged record under `root`, and of temporary files that stopped runs left."
-    import time
     found = []
     for path in sorted(Path(root).glob("*/*")):
         if path.name.endswith(".json"):

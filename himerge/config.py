@@ -10,9 +10,12 @@ import dataclasses
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 
+import yaml
+
 from .errors import InputError
 from .output import parse_size
-from .methods import MergeMethod, OptionError, get_method, option, options_table, parse_options
+from .methods import METHODS, MergeMethod, get_method
+from .options import OptionError, option, parse_options
 
 # %% auto #0
 __all__ = ['DTYPES', 'CONFIG_FIELDS', 'SOURCE_FIELDS', 'AUTO', 'ConfigError', 'RunOptions', 'SourceConfig', 'MergeConfig',
@@ -54,8 +57,6 @@ class RunOptions:
     allow_pickle: bool = option(False, "load pickle .bin checkpoints (unsafe: only for files you trust)")
     override_base: bool = option(False, "accept adapters whose declared base differs from `base`")
     trust_remote_code: bool = option(False, "run model code from the base's repository")
-
-options_table(RunOptions)[:3]
 
 # %% ../nbs/08b_config.ipynb #ba988796
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -128,6 +129,7 @@ def _source(s, i: int, tasks: dict, method: MergeMethod) -> SourceConfig:
         raise ConfigError(f"{where}.{which}: 'auto' is chosen on the source's own task; give it a task")
     return SourceConfig(s["path"], task, density, scale, name)
 
+# %% ../nbs/08b_config.ipynb #df2818e8
 def _options(options, method: MergeMethod) -> tuple:
     "(RunOptions, the method's options) from a config's `options:` mapping."
     if not isinstance(options, dict): raise ConfigError("options: expected a mapping")
@@ -138,7 +140,6 @@ def _options(options, method: MergeMethod) -> tuple:
     method_names = {f.name for f in dataclasses.fields(method.options)}
     for name in options:
         if name in run_names or name in method_names: continue
-        from himerge.methods import METHODS
         owners = [m.name for m in METHODS.values() if name in {f.name for f in dataclasses.fields(m.options)}]
         if owners:
             raise ConfigError(f"options.{name}: not an option of {method.name} (it is one of {', '.join(owners)})")
@@ -219,7 +220,6 @@ MergeConfig.from_dict = classmethod(_from_dict)
 # %% ../nbs/08b_config.ipynb #d9b780b7
 def _unique_key_loader():
     "A YAML SafeLoader that refuses a key given twice in one mapping (plain YAML silently keeps the last one)."
-    import yaml
     class UniqueKeyLoader(yaml.SafeLoader): pass
     def mapping(loader, node, deep=False):
         seen = {}
@@ -249,7 +249,6 @@ def _yaml_problem(e, text: str) -> tuple:
 
 def _read_yaml(path: Path):
     "The data of a YAML file; a `ConfigError` naming the file (and the line) if it cannot be read as YAML."
-    import yaml
     if path.is_dir(): raise ConfigError(f"{path}: a folder, not a config file (give the YAML file inside it)")
     if not path.is_file(): raise ConfigError(f"{path}: no such config file")
     try: text = path.read_text(encoding="utf-8")

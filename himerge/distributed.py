@@ -6,8 +6,11 @@ Docs: https://himerge.github.io/himerge/distributed.html.md"""
 
 # %% ../nbs/06d_distributed.ipynb #a1a2db37
 from __future__ import annotations
-import datetime, os
+import datetime, os, threading
 from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
 
 # %% auto #0
 __all__ = ['Group', 'launched', 'join', 'rank_device', 'leave', 'broadcast', 'gather', 'agree', 'Exchange', 'assign',
@@ -31,7 +34,6 @@ def launched() -> bool:
 
 def join(device: str | None = None, timeout_s: float = 1800.0) -> Group:
     "Initialise the default process group from the launcher's environment (NCCL on GPUs, gloo otherwise)."
-    import torch, torch.distributed as dist
     local = int(os.environ.get("LOCAL_RANK", "0"))
     gpus = torch.cuda.is_available() and str(device or "cuda").startswith("cuda")
     backend = "nccl" if gpus else "gloo"
@@ -46,20 +48,17 @@ def rank_device(group: Group, device: str | None) -> str:
 
 def leave():
     "Destroy the default process group, if any."
-    import torch.distributed as dist
     if dist.is_initialized(): dist.destroy_process_group()
 
 # %% ../nbs/06d_distributed.ipynb #23a77006
 def broadcast(group: Group, obj=None):
     "Rank 0's `obj`, on every rank."
-    import torch.distributed as dist
     box = [obj if group.main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 def gather(group: Group, obj) -> list:
     "Every rank's `obj`, in rank order, on every rank."
-    import torch.distributed as dist
     out = [None] * group.world
     dist.all_gather_object(out, obj)
     return out
@@ -72,13 +71,11 @@ def agree(group: Group, error: str | None) -> list:
 class Exchange:
     "Every rank's `obj`, gathered in the background: `poll()` says whether it has arrived, `result()` waits for it."
     def __init__(self, group: Group, obj):
-        import threading
         self.group, self._out, self._error = group, [None] * group.world, None
         self._thread = threading.Thread(target=self._gather, args=(obj,), name="himerge-exchange", daemon=True)
         self._thread.start()
 
     def _gather(self, obj):
-        import torch, torch.distributed as dist
         try:
             if self.group.backend == "nccl": torch.cuda.set_device(self.group.local_rank)   # a thread's own setting
             dist.all_gather_object(self._out, obj)

@@ -6,17 +6,24 @@ Docs: https://himerge.github.io/himerge/evaluate.html.md"""
 
 # %% ../nbs/06_evaluate.ipynb #ba58b848
 from __future__ import annotations
-import functools, logging, tempfile, time
+import functools, importlib, inspect, logging, tempfile, threading, time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from fastcore.basics import patch
+from torch.nn.utils.rnn import pad_sequence
+
+from .tasks import LazyImports
 from .tasks import TaskSpec, TaskError, to_lighteval, load_tasks
 
 # %% auto #0
-__all__ = ['LIGHTEVAL_MODULES', 'TESTED_LIGHTEVAL', 'ONE_PASS_ATTENTION', 'TaskScore', 'import_lighteval', 'lighteval_tested',
-           'quiet_lighteval', 'choice_tree', 'build_docs', 'Evaluator']
+__all__ = ['LIGHTEVAL_MODULES', 'lighteval', 'TESTED_LIGHTEVAL', 'ONE_PASS_ATTENTION', 'TaskScore', 'import_lighteval',
+           'lighteval_tested', 'quiet_lighteval', 'choice_tree', 'build_docs', 'Evaluator']
 
 # %% ../nbs/06_evaluate.ipynb #e73d0619
 @dataclass
@@ -40,7 +47,6 @@ LIGHTEVAL_MODULES = ("lighteval.metrics", "lighteval.tasks.lighteval_task",
 @functools.cache
 def import_lighteval():
     "Import `LIGHTEVAL_MODULES` once, in a thread of its own, so that no import-time traceback pins the caller's stack."
-    import importlib, threading
     failed = []
     def run():
         try:
@@ -50,31 +56,36 @@ def import_lighteval():
     thread.start(); thread.join()
     if failed: raise failed[0]
 
+# LightEval's names, imported on first use, after import_lighteval
+_MODEL = "lighteval.models.transformers.transformers_model"
+lighteval = LazyImports(import_lighteval, TransformersModel=_MODEL, TransformersModelConfig=_MODEL, Batch=_MODEL,
+                        STARTING_BATCH_SIZE=_MODEL, MultiTokenEOSCriteria=_MODEL,
+                        ModelResponse="lighteval.models.model_output",
+                        LoglikelihoodDataset="lighteval.data", GenerativeTaskDataset="lighteval.data",
+                        LightevalTask="lighteval.tasks.lighteval_task", apply_metric="lighteval.metrics")
+
 # %% ../nbs/06_evaluate.ipynb #10f2a513
 TESTED_LIGHTEVAL = ("0.13",)   # release lines whose private methods the fast paths below replace, tested
 
 def lighteval_tested() -> bool:
     "Whether the installed LightEval is a release line the fast paths were tested against."
-    from importlib.metadata import version
     import himerge.evaluate as this   # read at call time, so a test can change it
     return ".".join(version("lighteval").split(".")[:2]) in this.TESTED_LIGHTEVAL
 
 @functools.cache
 def _warn_untested():
-    from importlib.metadata import version
     logging.getLogger("himerge").warning(
         "LightEval %s is not a version himerge's fast scoring paths were tested with (%s): using LightEval's own "
         "scoring methods, which give the same scores more slowly", version("lighteval"), ", ".join(TESTED_LIGHTEVAL))
 
 def _lighteval_classes():
     "LightEval's model config and wrapper, adapted to a model in memory scored many times."
-    from lighteval.models.transformers.transformers_model import TransformersModel, TransformersModelConfig
 
-    class InMemoryModelConfig(TransformersModelConfig):
+    class InMemoryModelConfig(lighteval.TransformersModelConfig):
         "Config of a model already in memory: no Hub look-up of its name."
         def get_model_sha(self): return ""
 
-    class ReusableTransformersModel(TransformersModel):
+    class ReusableTransformersModel(lighteval.TransformersModel):
         """LightEval's wrapper, scoring the same documents many times: weight-independent work done once, no progress
         bars."""
         @property
@@ -110,15 +121,12 @@ def quiet_lighteval(level=logging.ERROR):
 # %% ../nbs/06_evaluate.ipynb #bf259c1b
 def _per_doc(context: list, continuations: list) -> tuple:
     "A document's context and continuations as LightEval's responses carry them, and its number of choices."
-    import torch
-    from torch.nn.utils.rnn import pad_sequence
     return (torch.tensor(context, dtype=torch.long),
             pad_sequence([torch.tensor(x, dtype=torch.long) for x in continuations], batch_first=True,
                          padding_value=-1), len(continuations))
 
 def _padded_reads(positions: list, tokens: list) -> tuple:
     "Each choice's logit positions and tokens padded to one width, the mask of the real ones, each choice's length."
-    import torch
     width = max(len(t) for t in tokens)
     pad = lambda rows: torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
     mask = torch.tensor([[True] * len(t) + [False] * (width - len(t)) for t in tokens])
@@ -127,7 +135,6 @@ def _padded_reads(positions: list, tokens: list) -> tuple:
 def _loglikelihood_batch(wrapper, batch: list):
     """The weight-independent parts of a log-likelihood batch, once per batch, one row per choice as LightEval builds
     them: inputs, the row, positions and tokens each choice reads, per-doc tensors (None for a cut input)."""
-    import torch
     memo = wrapper.__dict__.setdefault("_ll_memo", {})
     key = tuple(id(d) for d in batch)
     if key in memo: return memo[key][1]
@@ -175,7 +182,6 @@ def choice_tree(context: list, continuations: list) -> tuple:
 def _one_pass_batch(wrapper, batch: list):
     """The weight-independent parts of a batch scored in one pass per document: packed ids, positions, which token
     sees which, and the logits to read; None where the per-choice path must run (a cut input, an empty context)."""
-    import torch
     memo = wrapper.__dict__.setdefault("_one_pass_memo", {})
     key = tuple(id(d) for d in batch)
     if key in memo: return memo[key][1]
@@ -209,7 +215,6 @@ def _one_pass_batch(wrapper, batch: list):
 def _model_inputs(wrapper, inputs: dict) -> dict:
     """The model's arguments for a prepared batch: the packed batch's mask in the form the model's attention takes
     (True where a token may look for sdpa, 0 or the dtype's lowest for eager), its positions, the logits to keep."""
-    import torch
     model = wrapper.model
     out = {k: v.to(wrapper.device) for k, v in inputs.items()}
     if "attention_mask" in out:
@@ -224,13 +229,10 @@ def _model_inputs(wrapper, inputs: dict) -> dict:
 
 @functools.cache
 def _takes_logits_to_keep(model_class) -> bool:
-    import inspect
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 def _choice_responses(wrapper, batch: list, prepared: tuple, forward=None) -> list:
     "LightEval's `ModelResponse`s of a prepared batch: one forward, one gather, each choice's sum in LightEval's order."
-    import torch.nn.functional as F
-    from lighteval.models.model_output import ModelResponse
     inputs, rows, positions, tokens, mask, lengths, per_doc = prepared
     kwargs, keep = _model_inputs(wrapper, inputs)
     input_ids = kwargs.pop("input_ids")
@@ -249,7 +251,7 @@ def _choice_responses(wrapper, batch: list, prepared: tuple, forward=None) -> li
     greedy = ((read.argmax(-1) == tokens) | ~mask).all(-1).tolist()
     responses, row = [], 0
     for context, continuation, n in per_doc:
-        responses.append(ModelResponse(argmax_logits_eq_gold=greedy[row:row + n], logprobs=sums[row:row + n],
+        responses.append(lighteval.ModelResponse(argmax_logits_eq_gold=greedy[row:row + n], logprobs=sums[row:row + n],
                                        input_tokens=context, output_tokens=continuation))
         row += n
     return responses
@@ -274,13 +276,11 @@ def _one_pass_agrees(wrapper, batch: list) -> bool:
 def _loglikelihood_tokens(wrapper, docs: list, rolling=False) -> list:
     """LightEval's `_loglikelihood_tokens` with the same responses: prepared batches reused, one gather per batch, and
     each document's choices scored from one pass where they can be (else LightEval's batches, one row per choice)."""
-    from lighteval.data import LoglikelihoodDataset
-    from lighteval.models.transformers.transformers_model import STARTING_BATCH_SIZE, TransformersModel
     if rolling or wrapper.accelerator is not None:
-        return TransformersModel._loglikelihood_tokens(wrapper, docs, rolling)
+        return lighteval.TransformersModel._loglikelihood_tokens(wrapper, docs, rolling)
     state, forward = wrapper.__dict__, wrapper.__dict__.get("prefix_forward")   # a `PrefixForward`, if given
-    dataset = LoglikelihoodDataset(requests=docs, num_dataset_splits=1)
-    starting, responses = STARTING_BATCH_SIZE, []
+    dataset = lighteval.LoglikelihoodDataset(requests=docs, num_dataset_splits=1)
+    starting, responses = lighteval.STARTING_BATCH_SIZE, []
     for split in dataset.splits_iterator():
         # The batch size exactly as LightEval computes it: rows, then documents (one row per choice).
         c0, k0 = wrapper.tok_encode_pair(wrapper.prompt_manager.prepare_prompt(split[0]), split[0].choices,
@@ -304,7 +304,7 @@ def _loglikelihood_tokens(wrapper, docs: list, rolling=False) -> list:
                 responses.extend(_choice_responses(wrapper, batch, packed, forward)); continue
             for part in (batch[j:j + size] for j in range(0, len(batch), size)):
                 prepared = _loglikelihood_batch(wrapper, part)
-                responses.extend(TransformersModel._loglikelihood_tokens(wrapper, part) if prepared is None
+                responses.extend(lighteval.TransformersModel._loglikelihood_tokens(wrapper, part) if prepared is None
                                  else _choice_responses(wrapper, part, prepared, forward))
     return dataset.get_original_order(responses)
 
@@ -312,9 +312,8 @@ def _loglikelihood_tokens(wrapper, docs: list, rolling=False) -> list:
 @functools.cache
 def _decoded_once_criteria():
     "LightEval's multi-token stop criterion, decoding each distinct tail of tokens once (texts kept in a shared dict)."
-    from lighteval.models.transformers.transformers_model import MultiTokenEOSCriteria
 
-    class DecodedOnceEOSCriteria(MultiTokenEOSCriteria):
+    class DecodedOnceEOSCriteria(lighteval.MultiTokenEOSCriteria):
         def __init__(self, sequence, tokenizer, batch, texts: dict):
             super().__init__(sequence, tokenizer, batch)
             self.texts = texts
@@ -351,12 +350,11 @@ def _generation_batch(wrapper, batch: list, max_allowed: int) -> dict:
                              padded=(tokenized["attention_mask"] == 0).sum(1).tolist()))
     return memo[key][1]
 
+# %% ../nbs/06_evaluate.ipynb #909e614c
 def _generate_batch(wrapper, b: dict) -> list:
     "Generate for one prepared batch with LightEval's generation settings; its `ModelResponse`s."
-    from lighteval.models.model_output import ModelResponse
-    from lighteval.models.transformers.transformers_model import Batch
     input_ids, mask = b["input_ids"].to(wrapper.device), b["mask"].to(wrapper.device)
-    shape = Batch(input_ids=input_ids, input_mask=mask, input_lengths=[], truncated=[], padded=[])
+    shape = lighteval.Batch(input_ids=input_ids, input_mask=mask, input_lengths=[], truncated=[], padded=[])
     texts = wrapper.__dict__.setdefault("_tail_texts", {})
     criteria = [_decoded_once_criteria()(s, wrapper.tokenizer, shape, texts) for s in b["stop"]]
     config = wrapper.generation_config_dict.copy()
@@ -370,7 +368,7 @@ def _generate_batch(wrapper, b: dict) -> list:
     responses = []
     for i, text in enumerate(wrapper.tok_decode(generated)):
         for term in b["stop"]: text = text.split(term)[0]
-        responses.append(ModelResponse(text=[text], output_tokens=[generated[i]], logits=None,
+        responses.append(lighteval.ModelResponse(text=[text], output_tokens=[generated[i]], logits=None,
                                        input_tokens=b["input_tokens"][i],
                                        truncated_tokens_count=b["truncated"][i], padded_tokens_count=b["padded"][i]))
     return responses
@@ -378,12 +376,10 @@ def _generate_batch(wrapper, b: dict) -> list:
 def _padded_greedy_until(wrapper, docs: list) -> list:
     """LightEval's `_padded_greedy_until` with the same batches and responses: prepared batches reused, stop checks
     decoded once."""
-    from lighteval.data import GenerativeTaskDataset
-    from lighteval.models.transformers.transformers_model import STARTING_BATCH_SIZE, TransformersModel
     if wrapper.accelerator is not None or any(d.num_samples != 1 for d in docs):
-        return TransformersModel._padded_greedy_until(wrapper, docs)
-    dataset = GenerativeTaskDataset(requests=docs, num_dataset_splits=wrapper.DATASET_SPLITS)
-    starting, responses = STARTING_BATCH_SIZE, []
+        return lighteval.TransformersModel._padded_greedy_until(wrapper, docs)
+    dataset = lighteval.GenerativeTaskDataset(requests=docs, num_dataset_splits=wrapper.DATASET_SPLITS)
+    starting, responses = lighteval.STARTING_BATCH_SIZE, []
     for split in dataset.splits_iterator():
         # The context budget and batch size exactly as LightEval computes them.
         if wrapper.generation_config_dict.get("max_new_tokens", None) is not None:
@@ -403,14 +399,13 @@ def _padded_greedy_until(wrapper, docs: list) -> list:
 # %% ../nbs/06_evaluate.ipynb #cda96402
 def build_docs(spec: TaskSpec) -> list:
     "LightEval `Doc`s of `spec`, in row order, with the task's generation settings."
-    from lighteval.tasks.lighteval_task import LightevalTask
     cfg = to_lighteval(spec)
-    task = LightevalTask(cfg)
+    task = lighteval.LightevalTask(cfg)
     if spec.lighteval_config is None or spec.data_dir is not None:   # rows himerge reads: the split's first `limit`
         task.dataset = {spec.split: [dict(r) for r in spec.rows()]}
         docs = task.get_docs(None)
     else:
-        LightevalTask.load_datasets({spec.name: task})
+        lighteval.LightevalTask.load_datasets({spec.name: task})
         docs = task.get_docs(spec.limit)
     docs = sorted(docs, key=lambda d: int(d.id))
     if not docs: raise TaskError(f"task {spec.name!r}, field 'split': no samples in split {spec.split!r}")
@@ -432,15 +427,13 @@ class Evaluator:
             fast_paths: replace LightEval's scoring methods by the faster ones above (same answers).
             one_pass: with the fast paths, score a document's choices from one pass over its context (the same
                 log-likelihoods within float tolerance); False: one row per choice, LightEval's exact numbers."""
-        import torch
         import_lighteval()
         grad = torch.is_grad_enabled()
         try:
-            from lighteval.metrics import apply_metric
             Config, Wrapper = _lighteval_classes()
         finally: torch.set_grad_enabled(grad)  # importing lighteval's model module switches grad off globally
-        self._apply_metric, self._torch = apply_metric, torch
-        self.tasks = self._normalize_tasks(tasks)
+        self._apply_metric, self._torch = lighteval.apply_metric, torch
+        self.tasks = _task_specs(tasks)
         self.model, self.device = model, str(device)
         placed = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
         # one device: the evaluator must be on it (accelerate's hooks move inputs for a spread model)
@@ -470,62 +463,69 @@ class Evaluator:
         self.wrapper.__dict__["one_pass"] = fast_paths and one_pass
         # LightEval's own methods, unchanged (a peer for benchmarks, and a way out if LightEval changes)
         if not fast_paths:
-            from lighteval.models.transformers.transformers_model import TransformersModel
             for name in ("_loglikelihood_tokens", "_padded_greedy_until"):
-                setattr(self.wrapper, name, getattr(TransformersModel, name).__get__(self.wrapper))
+                setattr(self.wrapper, name, getattr(lighteval.TransformersModel, name).__get__(self.wrapper))
         # building docs warns that few-shot examples come from the evaluation split: we use none
         with quiet_lighteval():
             self.docs = {name: build_docs(spec) for name, spec in self.tasks.items()}
             self.metrics = {name: to_lighteval(spec).metrics[0] for name, spec in self.tasks.items()}
 
-    @staticmethod
-    def _normalize_tasks(tasks) -> dict:
-        if isinstance(tasks, (TaskSpec,)) or type(tasks).__name__ == "LightevalTaskConfig": tasks = [tasks]
-        specs = isinstance(tasks, dict) and all(isinstance(v, TaskSpec) for v in tasks.values())
-        out = dict(tasks) if specs else load_tasks(tasks)
-        if not out: raise TaskError("no tasks given to the evaluator")
-        return out
+# %% ../nbs/06_evaluate.ipynb #a830fa3c
+def _task_specs(tasks) -> dict:
+    "The evaluator's tasks as {name: TaskSpec}, from specs, LightEval configs or a tasks file."
+    if isinstance(tasks, (TaskSpec,)) or type(tasks).__name__ == "LightevalTaskConfig": tasks = [tasks]
+    specs = isinstance(tasks, dict) and all(isinstance(v, TaskSpec) for v in tasks.values())
+    out = dict(tasks) if specs else load_tasks(tasks)
+    if not out: raise TaskError("no tasks given to the evaluator")
+    return out
 
-    def _run_model(self, name: str, docs: list):
-        if self.tasks[name].type == "multiple_choice": return self.wrapper.loglikelihood(docs)
-        return self.wrapper.greedy_until(docs)
+@patch
+def _run_model(self: Evaluator, name: str, docs: list):
+    if self.tasks[name].type == "multiple_choice": return self.wrapper.loglikelihood(docs)
+    return self.wrapper.greedy_until(docs)
 
-    def score(self, task: str) -> TaskScore:
-        "Score the model's current weights on `task`: mean and per-sample metric (row order)."
-        if task not in self.tasks:
-            raise KeyError(f"task {task!r} is not one of this evaluator's tasks {list(self.tasks)}")
-        torch, model = self._torch, self.model
-        t0 = time.perf_counter()
-        docs, metric = self.docs[task], self.metrics[task]
-        was_training, model_time = model.training, [0.0]
-        def pre(*_): model_time.append(-time.perf_counter())
-        def post(*_): model_time[-1] += time.perf_counter()
-        hooks = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
-        try:
-            if was_training: model.eval()
-            with torch.no_grad(), quiet_lighteval(): responses = self._run_model(task, docs)
-        finally:
-            for h in hooks: h.remove()
-            if was_training: model.train()
-        outputs = self._apply_metric(responses=responses, docs=docs, metrics=[metric])
-        per_sample = np.array([float(o[metric.metric_name]) for o in outputs], dtype=np.float64)
-        return TaskScore(task=task, metric=self.tasks[task].metric, score=float(per_sample.mean()),
-                         per_sample=per_sample, n=len(per_sample), seconds=time.perf_counter() - t0,
-                         model_seconds=float(sum(model_time)))
+@patch
+def score(self: Evaluator, task: str) -> TaskScore:
+    "Score the model's current weights on `task`: mean and per-sample metric (row order)."
+    if task not in self.tasks:
+        raise KeyError(f"task {task!r} is not one of this evaluator's tasks {list(self.tasks)}")
+    torch, model = self._torch, self.model
+    t0 = time.perf_counter()
+    docs, metric = self.docs[task], self.metrics[task]
+    was_training, model_time = model.training, [0.0]
+    def pre(*_): model_time.append(-time.perf_counter())
+    def post(*_): model_time[-1] += time.perf_counter()
+    hooks = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
+    try:
+        if was_training: model.eval()
+        with torch.no_grad(), quiet_lighteval(): responses = self._run_model(task, docs)
+    finally:
+        for h in hooks: h.remove()
+        if was_training: model.train()
+    outputs = self._apply_metric(responses=responses, docs=docs, metrics=[metric])
+    per_sample = np.array([float(o[metric.metric_name]) for o in outputs], dtype=np.float64)
+    return TaskScore(task=task, metric=self.tasks[task].metric, score=float(per_sample.mean()),
+                     per_sample=per_sample, n=len(per_sample), seconds=time.perf_counter() - t0,
+                     model_seconds=float(sum(model_time)))
 
-    def use_prefix(self, forward):
-        "Run log-likelihood batches through `forward` (a `himerge.prefix.PrefixForward` of this model), or None."
-        if forward is not None and forward.model is not self.model:
-            raise ValueError("the prefix forward wraps another model than this evaluator's")
-        self.wrapper.__dict__["prefix_forward"] = forward
+@patch
+def use_prefix(self: Evaluator, forward):
+    "Run log-likelihood batches through `forward` (a `himerge.prefix.PrefixForward` of this model), or None."
+    if forward is not None and forward.model is not self.model:
+        raise ValueError("the prefix forward wraps another model than this evaluator's")
+    self.wrapper.__dict__["prefix_forward"] = forward
 
-    def score_all(self) -> dict:
-        "Scores of every task, by name."
-        return {t: self.score(t) for t in self.tasks}
+@patch
+def score_all(self: Evaluator) -> dict:
+    "Scores of every task, by name."
+    return {t: self.score(t) for t in self.tasks}
 
-    def close(self):
-        "Remove the temporary directory LightEval's wrapper was given."
-        self._tmp.cleanup()
+@patch
+def close(self: Evaluator):
+    "Remove the temporary directory LightEval's wrapper was given."
+    self._tmp.cleanup()
 
-    def __enter__(self): return self
-    def __exit__(self, *exc): self.close()
+@patch
+def __enter__(self: Evaluator): return self
+@patch
+def __exit__(self: Evaluator, *exc): self.close()

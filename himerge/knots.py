@@ -7,7 +7,7 @@ Docs: https://himerge.github.io/himerge/knots.html.md"""
 # %% ../nbs/04b_knots.ipynb #74fb4b6a
 from __future__ import annotations
 import torch
-from .baselines import _choice, _inputs, dare_ties, ties
+from .baselines import _choice, _inputs, dare_ties, per_tensor_method, ties
 from .svd_merging import numerical_rank
 
 # %% auto #0
@@ -25,6 +25,7 @@ def shared_basis(ds: list) -> tuple:
     return u[:, :r] * s[:r], [vh[:r, i * n:(i + 1) * n] for i in range(len(ds))]
 
 # %% ../nbs/04b_knots.ipynb #97c20cc0
+@per_tensor_method("knots")
 def knots(deltas, weights, *, densities=None, generator=None, inner="ties", majority="total", sign_on="raw",
           divide="count", rounding="half_up", rescale=True, lamb=1.0):
     """KnOTS: TIES (or DARE-TIES) on the sources' coordinates in the shared basis of their SVD, mapped back.

@@ -8,7 +8,14 @@ Docs: https://himerge.github.io/himerge/layerwise_search.html.md"""
 from __future__ import annotations
 import dataclasses
 
-from .methods import Counts, HiMergingOptions, MergeContext, Merged, hi_merging_evaluations, processed_key
+from .auto import reference_scores
+from .baselines import combine_deltas
+from .gains import mean_gain_kept
+from .deltas import map_layer
+from .methods import (Counts, HiMergingOptions, MergeContext, Merged, hi_merging_evaluations, implements,
+                             processed_key)
+from .prune import ProcessedDeltas
+from .scoring import Probe, State, means
 
 # %% auto #0
 __all__ = ['default_budget', 'scaled_state', 'LayerwiseRecord', 'layerwise_search']
@@ -20,9 +27,6 @@ def default_budget(counts: Counts) -> int:
 
 def scaled_state(context: MergeContext, processed, scales: dict):
     "The `State` whose layer `l` is `Σ_m scales[l][m] · processed_m,l` (layers not in `scales`: unchanged)."
-    from himerge.baselines import combine_deltas
-    from himerge.deltas import map_layer
-    from himerge.scoring import State
     n = len(context.names)
     def layer_delta(layer):
         w = scales.get(layer)
@@ -49,17 +53,11 @@ class LayerwiseRecord:
                                          start_gain_kept=self.candidates[0], best_gain_kept=best,
                                          history=self.candidates, scales=scales)}
 
-def _gain(scores, base, owner):
-    from himerge.gains import mean_gain_kept
-    return mean_gain_kept(scores, base, owner)
-
 # %% ../nbs/08e_layerwise_search.ipynb #b6dad519
+@implements("layerwise_search")
 def layerwise_search(context: MergeContext) -> Merged:
     "The merger of `method: layerwise_search`: CMA-ES over per-layer, per-source scales, on validation."
-    import cma
-    from himerge.auto import reference_scores
-    from himerge.prune import ProcessedDeltas
-    from himerge.scoring import Probe, means
+    import cma   # 1.3 s to import: only this method needs it, and every merge imports the method modules
     opts, layers, n = context.options, list(context.layers), len(context.names)
     tasks = list(dict.fromkeys(context.tasks))
     budget = opts.budget or default_budget(Counts(n, len(tasks), len(layers)))
@@ -70,7 +68,7 @@ def layerwise_search(context: MergeContext) -> Merged:
     def score(xs):
         states = [scaled_state(context, processed, as_scales(x)) for x in xs]
         results = context.scorer.run([(Probe(s), tasks, "validation") for s in states])
-        return [_gain(means(r), base, owner) for r in results]
+        return [mean_gain_kept(means(r), base, owner) for r in results]
     start = [1.0] * (n * len(layers))
     tried, gains = [start], score([start])
     es = cma.CMAEvolutionStrategy(start, opts.sigma, {"bounds": [0, opts.max_scale], "seed": context.run.seed + 1,

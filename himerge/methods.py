@@ -6,127 +6,22 @@ Docs: https://himerge.github.io/himerge/methods.html.md"""
 
 # %% ../nbs/08a_methods.ipynb #db5c80b8
 from __future__ import annotations
-import dataclasses, importlib, itertools, math, typing
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import InputError
+# non_default and options_table are read through this module too (merge, cli)
+from .options import OptionError, non_default, option, options_table, parse_options  # noqa: F401
 
 # %% auto #0
-__all__ = ['METHODS', 'PER_TENSOR', 'PER_TENSOR_BASE', 'PER_TENSOR_LINEAR', 'SCOPES', 'ROUNDING', 'LAMB', 'SPECTRA',
-           'NOT_COMPARED', 'OptionError', 'option', 'check_value', 'parse_options', 'options_table', 'non_default',
-           'Counts', 'no_evaluations', 'MergeMethod', 'MergeContext', 'Merged', 'register', 'get_method', 'per_tensor',
-           'TaskArithmeticOptions', 'source_state_key', 'processed_key', 'task_arithmetic_merger',
-           'SignElectionOptions', 'TiesOptions', 'DareLinearOptions', 'DareTiesOptions', 'BreadcrumbsOptions',
-           'DellaOptions', 'LinearOptions', 'check_della', 'BreadcrumbsTiesOptions', 'SlerpOptions', 'TsvOptions',
-           'IsoCOptions', 'IsoCtsOptions', 'KnotsOptions', 'AutoOptions', 'auto_candidates', 'auto_points',
-           'point_cost', 'check_auto', 'auto_evaluations', 'LayerwiseSearchOptions', 'layerwise_evaluations',
-           'HiMergingOptions', 'refinement', 'hi_merging_evaluations']
-
-# %% ../nbs/08a_methods.ipynb #6b63a656
-class OptionError(InputError):
-    "An option that is unknown, of the wrong type, or out of range; the message names it."
-
-def option(default, help: str, *, choices=None, low=None, high=None, low_open=False, high_open=False, per_source=False):
-    """A dataclass field with help text and the values it accepts.
-
-    Args:
-        default: the value when the config does not give one.
-        help: one line for listings and docs.
-        choices: the allowed values, if a fixed set.
-        low, high, low_open, high_open: the allowed range of a number (open ends exclude the bound).
-        per_source: a number may also be a list of numbers, one per source."""
-    meta = dict(help=help, choices=tuple(choices) if choices is not None else None, low=low, high=high,
-                low_open=low_open, high_open=high_open, per_source=per_source)
-    if isinstance(default, (list, dict)): return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-# %% ../nbs/08a_methods.ipynb #bafe0856
-def _describe(m: dict) -> str:
-    if m.get("choices"): return "one of " + ", ".join(map(repr, m["choices"]))
-    lo, hi = m.get("low"), m.get("high")
-    if lo is None and hi is None: return ""
-    if hi is None: return f"{'>' if m.get('low_open') else '≥'} {lo:g}"
-    if lo is None: return f"{'<' if m.get('high_open') else '≤'} {hi:g}"
-    left = "(" if m.get("low_open") else "["
-    right = ")" if m.get("high_open") else "]"
-    return f"in {left}{lo:g}, {hi:g}{right}"
-
-def _check_number(value, m: dict, where: str):
-    if not math.isfinite(value): raise OptionError(f"{where}: {value!r} is not a finite number")
-    lo, hi = m.get("low"), m.get("high")
-    bad = (lo is not None and (value < lo or (m.get("low_open") and value == lo))) or \
-          (hi is not None and (value > hi or (m.get("high_open") and value == hi)))
-    if bad: raise OptionError(f"{where}: {value!r} is not {_describe(m)}")
-
-def check_value(value, m: dict, kind, where: str):
-    """`value` checked against a field's metadata `m` and annotated type `kind`, as that type (an int given: a float).
-
-    Args:
-        value: the value the config gives.
-        m: the field's metadata, as `option` writes it (choices, range, per_source).
-        kind: the field's annotated type (`float`, `int | None`, `str`, ...).
-        where: the config path of the value, for errors (`options.density_factor`).
-    """
-    args = typing.get_args(kind)
-    allows_none = kind is type(None) or type(None) in args
-    if value is None:
-        if allows_none: return None
-        raise OptionError(f"{where}: a value is required")
-    base = next((a for a in args if a is not type(None)), kind) if args else kind
-    if m.get("per_source") and isinstance(value, (list, tuple)):
-        return [check_value(v, {**m, "per_source": False}, base, f"{where}[{i}]")
-                for i, v in enumerate(value)]
-    if m.get("choices") is not None:
-        if value in m["choices"] and type(value) in {type(c) for c in m["choices"]}: return value
-        raise OptionError(f"{where}: {value!r} is not {_describe(m)}")
-    if base is bool:
-        if isinstance(value, bool): return value
-        raise OptionError(f"{where}: expected true or false, got {value!r}")
-    if base in (int, float):
-        ok = isinstance(value, int) if base is int else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok:
-            raise OptionError(f"{where}: expected {'an integer' if base is int else 'a number'}"
-                              f"{' ' + _describe(m) if _describe(m) else ''}, got {value!r}")
-        _check_number(value, m, where)
-        return base(value)
-    if base is str:
-        if isinstance(value, str) and value: return value
-        raise OptionError(f"{where}: expected a non-empty string, got {value!r}")
-    if base is list:   # a list of numbers, each checked against the option's range
-        if not isinstance(value, (list, tuple)) or not value:
-            raise OptionError(f"{where}: expected a non-empty list of numbers, got {value!r}")
-        return [check_value(v, {**m, "per_source": False}, float, f"{where}[{i}]") for i, v in enumerate(value)]
-    return value
-
-# %% ../nbs/08a_methods.ipynb #341f9c00
-def parse_options(cls, values: dict | None, where: str = "options"):
-    "The options dataclass `cls` from `values`, every name and value checked; errors name `where.<name>`."
-    values = values or {}
-    if not isinstance(values, dict):
-        raise OptionError(f"{where}: expected a mapping of option names to values, got {values!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for name in values:
-        if name not in fields:
-            raise OptionError(f"{where}.{name}: unknown option (known: {', '.join(fields) or 'none'})")
-    hints = typing.get_type_hints(cls)
-    checked = {name: check_value(v, fields[name].metadata, hints[name], f"{where}.{name}")
-               for name, v in values.items()}
-    return cls(**checked)
-
-def _default(f):
-    if f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING: return f.default_factory()
-    return f.default
-
-def options_table(cls) -> list:
-    "One dict per option of `cls`: name, default, allowed values, help."
-    return [dict(option=f.name, default=_default(f), allowed=_describe(f.metadata), help=f.metadata.get("help", ""))
-            for f in dataclasses.fields(cls)]
-
-def non_default(options) -> dict:
-    "The options of a dataclass instance that differ from their defaults."
-    values = {f.name: (getattr(options, f.name), _default(f)) for f in dataclasses.fields(options)}
-    return {name: value for name, (value, default) in values.items() if value != default}
+__all__ = ['METHODS', 'SCOPES', 'ROUNDING', 'LAMB', 'SPECTRA', 'NOT_COMPARED', 'Counts', 'no_evaluations', 'MergeMethod',
+           'MergeContext', 'Merged', 'register', 'get_method', 'implements', 'TaskArithmeticOptions',
+           'source_state_key', 'processed_key', 'SignElectionOptions', 'TiesOptions', 'DareLinearOptions',
+           'DareTiesOptions', 'BreadcrumbsOptions', 'DellaOptions', 'LinearOptions', 'check_della',
+           'BreadcrumbsTiesOptions', 'SlerpOptions', 'TsvOptions', 'IsoCOptions', 'IsoCtsOptions', 'KnotsOptions',
+           'AutoOptions', 'auto_candidates', 'auto_points', 'point_cost', 'check_auto', 'auto_evaluations',
+           'LayerwiseSearchOptions', 'layerwise_evaluations', 'HiMergingOptions', 'refinement',
+           'hi_merging_evaluations']
 
 # %% ../nbs/08a_methods.ipynb #34ba4730
 @dataclass
@@ -141,13 +36,12 @@ def no_evaluations(counts: Counts, options) -> dict:
     "A method that decides without scoring anything."
     return {}
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class MergeMethod:
-    "A merge method: its name, typed options, needs, planned evaluations and merger."
+    "A merge method: its name, typed options, needs, planned evaluations, and the merger its module attaches."
     name: str                        # what the config's `method` says
     summary: str                     # one line: what it computes, for listings and the card
     options: type                    # dataclass of typed options (see `option`)
-    merger: str                      # "module:function" building the merge from a MergeContext
     needs_tasks: bool = False        # every source must name its task
     min_sources: int = 1             # the fewest sources it merges
     max_sources: int | None = None   # the most sources it merges (None: any number)
@@ -159,11 +53,13 @@ class MergeMethod:
     scores_merge: bool = False       # the merger scores its own merge on validation (the run's score is then shared)
     # the merger measures contributions: each source alone on its task and the pre-merge, on validation (Hi-Merging)
     measures_contributions: bool = False
+    merger: Callable | None = None   # MergeContext -> Merged, attached by `implements` where the method is written
 
     def build(self, context):
         "Run the merger on `context`; return its `Merged`."
-        module, function = self.merger.split(":")
-        return getattr(importlib.import_module(module), function)(context)
+        if self.merger is None:   # attached when the method's module is imported: himerge.mergers imports them all
+            raise LookupError(f"method {self.name!r}: no merger attached; import himerge.mergers first")
+        return self.merger(context)
 
 @dataclass
 class MergeContext:
@@ -202,48 +98,12 @@ def get_method(name: str, where: str = "method") -> MergeMethod:
     if name not in METHODS: raise OptionError(f"{where}: {name!r} is not one of {', '.join(METHODS)}")
     return METHODS[name]
 
-# %% ../nbs/08a_methods.ipynb #9239bce8
-PER_TENSOR: dict = {}        # method name -> "module:function" of its per-tensor function
-PER_TENSOR_BASE: set = set() # methods whose function takes the base tensor as `base=`
-PER_TENSOR_LINEAR: dict = {} # methods that are a weighted sum of the deltas at density 1: weights -> coefficients
-
-def _tensor_seed(seed: int, name: str) -> int:
-    import zlib
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
-
-def per_tensor(context: MergeContext, method_name: str) -> Merged:
-    "The merge of a per-tensor method: its function applied to every tensor of every layer."
-    import torch
-    from himerge.scoring import State
-    module, function = PER_TENSOR[method_name].split(":")
-    fn = getattr(importlib.import_module(module), function)
-    kwargs, deltas, n = dataclasses.asdict(context.options), context.deltas, len(context.names)
-    uses_base, seed = method_name in PER_TENSOR_BASE, context.run.seed
-    def layer_delta(layer):
-        "The merged layer, each tensor merged when it is read (its seed is its name's: the order does not matter)."
-        from himerge.deltas import LazyLayer
-        per_source = [deltas.source_layer(i, layer) for i in range(n)]
-        base = deltas.base_layer(layer) if uses_base else {}
-        def merge_tensor(name):
-            tensors = [d[name] if name in d else None for d in per_source]
-            ref = next(t for t in tensors if t is not None)
-            tensors = [torch.zeros_like(ref) if t is None else t for t in tensors]
-            extra = {"base": base[name]} if uses_base else {}
-            return fn(tensors, list(context.scales), densities=list(context.densities),
-                      generator=torch.Generator().manual_seed(_tensor_seed(seed, name)), **extra, **kwargs)
-        return LazyLayer(dict.fromkeys(t for d in per_source for t in d), merge_tensor)
-    key = {"method": method_name, "options": kwargs, "seed": seed, "base": context.base_key,
-           "sources": context.source_keys, "densities": list(context.densities), "scales": list(context.scales)}
-    linear = None
-    if method_name in PER_TENSOR_LINEAR and all(p == 1 for p in context.densities):
-        weights = PER_TENSOR_LINEAR[method_name](list(context.scales))
-        linear = lambda layer: weights
-    return Merged(State("merged", layer_delta, key), linear=linear)
-
-def _per_tensor_merger(name: str) -> str:
-    "The `merger` of a per-tensor method: a function of this module bound to its name."
-    globals()[f"_merge_{name}"] = lambda context: per_tensor(context, name)
-    return f"himerge.methods:_merge_{name}"
+def implements(name: str) -> Callable:
+    "Decorator: the decorated `MergeContext -> Merged` is the merger of the registered method `name`."
+    def attach(merger):
+        get_method(name).merger = merger
+        return merger
+    return attach
 
 # %% ../nbs/08a_methods.ipynb #5a9bed69
 SCOPES = ("tensor", "layer", "model")
@@ -272,25 +132,8 @@ def processed_key(context: MergeContext, scope: str) -> list:
     "Every source's cache key after Stage 1."
     return [source_state_key(k, p, s, scope) for k, p, s in zip(context.source_keys, context.densities, context.scales)]
 
-def task_arithmetic_merger(context: MergeContext) -> Merged:
-    "Σ_m λ_m · prune(δ_m, p_m), times `lamb`."
-    from himerge.baselines import combine_deltas
-    from himerge.deltas import map_layer
-    from himerge.prune import ProcessedDeltas
-    from himerge.scoring import State
-    opts = context.options
-    processed = ProcessedDeltas(context.deltas, density=context.densities, scale=context.scales, scope=opts.prune_scope)
-    def layer_delta(layer):
-        merged = combine_deltas([processed.source_layer(i, layer) for i in range(len(context.names))], "sum")
-        return merged if opts.lamb == 1 else map_layer(merged, lambda n, t: t * opts.lamb)
-    key = {"method": "task_arithmetic", "base": context.base_key, "sources": processed_key(context, opts.prune_scope),
-           "lamb": opts.lamb}
-    weights = [s * opts.lamb for s in context.scales]
-    exact = all(p == 1 for p in context.densities)   # nothing pruned: Σ λ_m · lamb · δ_m
-    return Merged(State("merged", layer_delta, key), linear=(lambda layer: weights) if exact else None)
-
 register(MergeMethod("task_arithmetic", "Σ λ_m · prune(δ_m, p_m): the sum of the sources' processed deltas",
-                     TaskArithmeticOptions, "himerge.methods:task_arithmetic_merger",
+                     TaskArithmeticOptions,
                      reference="Ilharco et al. 2023, Editing models with task arithmetic",
                      search={"scale": [0.4, 0.6, 0.8, 1.0]}))
 
@@ -339,6 +182,7 @@ class DareTiesOptions(SignElectionOptions):
     "Options of DARE with TIES' sign election."
     rescale: bool | str = _rescale()
 
+# %% ../nbs/08a_methods.ipynb #2c0cc3d9
 @dataclass
 class BreadcrumbsOptions:
     "Options of Model Breadcrumbs."
@@ -371,6 +215,7 @@ def check_della(sources: list, options) -> None:
                               f"(density {s.density:g}) outside (0, 1]; choose epsilon below "
                               f"{min(s.density, 1 - s.density):g}")
 
+# %% ../nbs/08a_methods.ipynb #f67d2fbe
 for _name, _summary, _options, _density, _reference in [
         ("ties", "TIES: trim each delta to density p, elect a sign per entry, average the agreeing deltas",
          TiesOptions, 0.5, "Yadav et al. 2023, TIES-Merging"),
@@ -383,11 +228,9 @@ for _name, _summary, _options, _density, _reference in [
          DellaOptions, 0.5, "Deep et al. 2024, DELLA-Merging"),
         ("linear", "Weighted average of the models (a model soup): Σ w_m δ_m / Σ w_m", LinearOptions, 1.0,
          "Wortsman et al. 2022, Model soups")]:
-    PER_TENSOR[_name] = f"himerge.baselines:{_name}"
-    register(MergeMethod(_name, _summary, _options, _per_tensor_merger(_name), default_density=_density,
+    register(MergeMethod(_name, _summary, _options, default_density=_density,
                          reference=_reference, validate=check_della if _name == "della" else None,
                          search={"density": [0.3, 0.5, 0.7], "scale": [0.6, 1.0]} if _density != 1 else {}))
-PER_TENSOR_LINEAR["linear"] = lambda weights: [w / sum(weights) for w in weights]   # the soup: Σ w_m δ_m / Σ w_m
 
 # %% ../nbs/08a_methods.ipynb #ebfda832
 @dataclass
@@ -397,9 +240,8 @@ class BreadcrumbsTiesOptions(SignElectionOptions):
                           "for all", low=0, high=1, high_open=True, per_source=True)
     rounding: str = _rounding()
 
-PER_TENSOR["breadcrumbs_ties"] = "himerge.baselines:breadcrumbs_ties"
 register(MergeMethod("breadcrumbs_ties", "Model Breadcrumbs' pruning, then TIES' sign election and disjoint merge",
-                     BreadcrumbsTiesOptions, _per_tensor_merger("breadcrumbs_ties"), default_density=0.5,
+                     BreadcrumbsTiesOptions, default_density=0.5,
                      reference="Davari and Belilovsky 2024; mergekit's breadcrumbs_ties",
                      search={"density": [0.3, 0.5, 0.7], "scale": [0.6, 1.0]}))
 
@@ -410,10 +252,8 @@ class SlerpOptions:
     t: float = option(0.5, "interpolation factor: 0 gives the first source's model (or the base, given one source), "
                       "1 the last source's", low=0, high=1)
 
-PER_TENSOR["slerp"] = "himerge.baselines:slerp"
-PER_TENSOR_BASE.add("slerp")
 register(MergeMethod("slerp", "SLERP: spherical interpolation between two models at fraction t", SlerpOptions,
-                     _per_tensor_merger("slerp"), min_sources=1, max_sources=2,
+                     min_sources=1, max_sources=2,
                      reference="Shoemake 1985; mergekit's slerp", search={"t": [0.3, 0.5, 0.7]}))
 
 # %% ../nbs/08a_methods.ipynb #4c4ad4ae
@@ -452,9 +292,7 @@ for _name, _summary, _options, _search, _reference in [
         ("iso_cts", "Iso-CTS: the sum's common directions plus each source's own, orthogonalised, isotropic",
          IsoCtsOptions, {"lamb": _ISO_LAMBS, "common_fraction": [0.5, 0.8]},
          "Marczak et al. 2025, No Task Left Behind (ICML)")]:
-    PER_TENSOR[_name] = f"himerge.svd_merging:{_name}"
-    register(MergeMethod(_name, _summary, _options, _per_tensor_merger(_name), reference=_reference,
-                         search=_search))
+    register(MergeMethod(_name, _summary, _options, reference=_reference, search=_search))
 
 # %% ../nbs/08a_methods.ipynb #5088a77f
 @dataclass
@@ -468,9 +306,8 @@ class KnotsOptions:
     rescale: bool | str = _rescale()
     lamb: float = _lamb()
 
-PER_TENSOR["knots"] = "himerge.knots:knots"
 register(MergeMethod("knots", "KnOTS: one SVD of the sources' updates side by side, TIES or DARE-TIES on their "
-                     "coordinates in that shared basis", KnotsOptions, _per_tensor_merger("knots"),
+                     "coordinates in that shared basis", KnotsOptions,
                      default_density=0.5, reference="Stoica et al. 2025, Model merging with SVD to tie the KnOTS "
                      "(ICLR)", search={"density": [0.3, 0.5, 0.7], "scale": [0.6, 1.0]}))
 
@@ -522,7 +359,7 @@ def auto_evaluations(counts: Counts, options: AutoOptions) -> dict:
     return ev
 
 register(MergeMethod("auto", "every method's grid scored on validation, the best one merged; all their scores "
-                     "reported", AutoOptions, "himerge.auto:auto_merger", needs_tasks=True, min_sources=2,
+                     "reported", AutoOptions, needs_tasks=True, min_sources=2,
                      evaluations=auto_evaluations, validate=check_auto, scores_merge=True,
                      reference="himerge: the fair comparison of 09a_compare, inside one merge"))
 
@@ -541,7 +378,7 @@ def layerwise_evaluations(counts: Counts, options: LayerwiseSearchOptions) -> di
     return {"layerwise search (validation)": max(1, budget // counts.tasks) * counts.tasks}
 
 register(MergeMethod("layerwise_search", "per-layer, per-source scales found by CMA-ES on validation, at "
-                     "Hi-Merging's evaluation budget", LayerwiseSearchOptions, "himerge.layerwise:layerwise_search",
+                     "Hi-Merging's evaluation budget", LayerwiseSearchOptions,
                      needs_tasks=True, evaluations=layerwise_evaluations, scores_merge=True,
                      reference="Akiba et al. 2025, Evolutionary optimization of model merging recipes; "
                                "mergekit-evolve"))
@@ -580,6 +417,7 @@ class HiMergingOptions:
                          "under the same accept rule and budget; auto: layer_scale when verified, none with the "
                          "paper's rule", choices=("auto", "none", "layer_scale"))
 
+# %% ../nbs/08a_methods.ipynb #4c2b2913
 def refinement(options: HiMergingOptions) -> str:
     "The refinement a Hi-Merging run makes: `refine`, with auto read as layer_scale when verified, none otherwise."
     if options.refine != "auto": return options.refine
@@ -605,7 +443,6 @@ def hi_merging_evaluations(counts: Counts, options: HiMergingOptions) -> dict:
 
 register(MergeMethod("hi-merging", "Hi-Merging: prune and scale each delta, measure every layer's contribution to "
                      "each task, resolve the conflicted layers one by one", HiMergingOptions,
-                     "himerge.resolve:hi_merging",
                      needs_tasks=True, min_sources=2, evaluations=hi_merging_evaluations, measures_contributions=True,
                      reference="Training-free LLM Merging for Multi-task Learning (arXiv 2506.12379)",
                      search={"conflict_z": [0.0, 1.0, 2.0], "auto": [False, True]}))

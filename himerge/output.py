@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import InputError
+from .heap import libc, trim_heap
 
 # %% auto #0
 __all__ = ['M_TRIM_THRESHOLD', 'M_MMAP_MAX', 'REPORT_FILE', 'write_point', 'OutputError', 'parse_size', 'shard_headers',
@@ -167,7 +168,6 @@ _GLIBC_DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_MMAP_MAX: 65536}
 @contextmanager
 def reused_heap():
     "While the block runs, freed buffers stay in the C heap for the next ones (glibc; elsewhere nothing)."
-    from himerge.scoring import libc, trim_heap
     mallopt = getattr(libc(), "mallopt", None)
     if mallopt is None: yield; return
     mallopt(M_MMAP_MAX, 0); mallopt(M_TRIM_THRESHOLD, 2**31 - 1)   # no buffer of its own; no trim on each free

@@ -11,6 +11,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from fastcore.basics import patch
 from torch import nn
 
 from .errors import InputError
@@ -286,6 +287,7 @@ def _check_same(logits, full, start):
         raise AssertionError(f"the forward from block {start} gave other logits than the full forward (largest "
                              f"difference {difference:.3g}): the unit keys do not describe the weights")
 
+# %% ../nbs/06a_prefix.ipynb #1dfa9209
 class PrefixForward:
     """`model(input_ids, **kwargs).logits`, started at the deepest block whose input is stored for this batch and these
     weights below."""
@@ -338,18 +340,21 @@ class PrefixForward:
         if self.verify and start: _check_same(logits, self.model(input_ids, **kwargs).logits, start)
         return logits
 
-    def forget(self, unit_keys, keep=()) -> int:
-        """Drop the inputs stored under the prefixes of `unit_keys`, except those shared with the weights in `keep`;
-        how many went."""
-        mine, kept = set(prefix_chain(unit_keys)), {p for other in keep for p in prefix_chain(other)}
-        return self.cache.drop(lambda batch, block, prefix: prefix not in mine or prefix in kept)
+# %% ../nbs/06a_prefix.ipynb #4a4cbefc
+@patch
+def forget(self: PrefixForward, unit_keys, keep=()) -> int:
+    """Drop the inputs stored under the prefixes of `unit_keys`, except those shared with the weights in `keep`;
+    how many went."""
+    mine, kept = set(prefix_chain(unit_keys)), {p for other in keep for p in prefix_chain(other)}
+    return self.cache.drop(lambda batch, block, prefix: prefix not in mine or prefix in kept)
 
-    def clear(self): self.cache.drop(lambda *_: False)
+@patch
+def clear(self: PrefixForward): self.cache.drop(lambda *_: False)
 
-    @property
-    def stats(self) -> dict:
-        "The counts, the entries evicted and held, bytes held and allowed, and the share of block passes run."
-        c, cache = self.counts, self.cache
-        total = c["blocks_run"] + c["blocks_skipped"]
-        return {**c, "evicted": cache.evicted, "entries": len(cache), "bytes": cache.bytes,
-                "max_bytes": cache.max_bytes, "run_share": c["blocks_run"] / total if total else float("nan")}
+@patch(as_prop=True)
+def stats(self: PrefixForward) -> dict:
+    "The counts, the entries evicted and held, bytes held and allowed, and the share of block passes run."
+    c, cache = self.counts, self.cache
+    total = c["blocks_run"] + c["blocks_skipped"]
+    return {**c, "evicted": cache.evicted, "entries": len(cache), "bytes": cache.bytes,
+            "max_bytes": cache.max_bytes, "run_share": c["blocks_run"] / total if total else float("nan")}

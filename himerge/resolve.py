@@ -15,7 +15,7 @@ import numpy as np
 from .contributions import ContributionAnalysis, Contributions, paired, plot_gamma
 from .deltas import Layer, LayerDeltas, map_layer
 from .lazy import lazy
-from .methods import Merged, processed_key, refinement
+from .methods import Merged, implements, processed_key, refinement
 from .prune import ProcessedDeltas, prune_scale, prune_scale_group
 from .scoring import means
 
@@ -512,6 +512,7 @@ def resolve_settings(context) -> ResolveSettings:
                            opts.scale_factor, opts.conflict_z, opts.accept_z, refine=refinement(opts),
                            remeasure=opts.remeasure, budget=opts.budget, scope=opts.prune_scope)
 
+@implements("hi-merging")
 def hi_merging(context):
     "The merger of `method: hi-merging`: Stage 1, the contribution analysis and conflict resolution; a `Merged`."
     opts = context.options

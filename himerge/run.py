@@ -17,9 +17,11 @@ import tqdm.auto
 from .adapter import write_adapter
 from .cache import EvalCache, content_key, source_key
 from .config import AUTO, prefix_bytes
+from . import mergers  # noqa: F401  (imports every method's module, which attaches its merger)
 from .methods import MergeContext, Merged, TaskArithmeticOptions, get_method
 from .plan import Plan, auto_grid, units_of
-from .scoring import (Probe, State, base_state, check_loaded, input_device, libc, lighteval_scorer, load_model,
+from .heap import libc
+from .scoring import (Probe, State, base_state, check_loaded, input_device, lighteval_scorer, load_model,
                              means, trim_heap)
 from .sources import resolve_sources
 

@@ -8,94 +8,25 @@ Docs: https://himerge.github.io/himerge/scoring.html.md"""
 from __future__ import annotations
 import logging, time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
+import torch
+from fastcore.basics import patch
 
-from .cache import EvalCache, fingerprint
-from .errors import InputError
+from .cache import EvalCache, fingerprint, task_key
+from .editor import LayerEditor
+from .evaluate import Evaluator
+from .heap import trim_heap
+from .prefix import PrefixError, PrefixForward, prefix_chain
+# what loads the model is himerge.loading; himerge.merge still reads these names here
+from .loading import (check_device, check_loaded, compute_dtype, input_device, load_model,  # noqa: F401
+                             resolve_tokenizer, stored_dtype)
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'PROBE_KINDS', 'SHARED_ROUND', 'COMPUTE_DTYPES', 'TOKENIZER_PATTERNS', 'LayerEditor', 'State', 'base_state',
-           'Probe', 'Scorer', 'libc', 'trim_heap', 'sum_in', 'run', 'score', 'means', 'prefix_forward', 'unit_keys',
-           'describe_weights', 'stored_dtype', 'compute_dtype', 'compute_in', 'load_model', 'input_device',
-           'DeviceError', 'check_device', 'TokenizerError', 'resolve_tokenizer', 'check_loaded', 'lighteval_scorer']
-
-# %% ../nbs/06c_scoring.ipynb #b5d163c2
-def _offload_slot(model, name: str):
-    "(weights map, key) holding tensor `name` for an accelerate hook that offloads it, or None."
-    module_name, _, _ = name.rpartition(".")
-    parts = module_name.split(".") if module_name else []
-    for depth in range(len(parts), -1, -1):                 # the nearest hooked ancestor
-        module = model.get_submodule(".".join(parts[:depth]))
-        hook = getattr(module, "_hf_hook", None)
-        for h in getattr(hook, "hooks", [hook]) if hook is not None else []:
-            weights = getattr(h, "weights_map", None)
-            if getattr(h, "offload", False) and weights is not None:
-                return weights, name[len(".".join(parts[:depth])) + 1 if depth else 0:]
-    return None
-
-def _map_set(weights, key: str, value):
-    "Write `value` under `key` of an accelerate weights map (a dict, or a PrefixedDataset over one or over a loader)."
-    if hasattr(weights, "prefix"): weights, key = weights.dataset, weights.prefix + key
-    getattr(weights, "state_dict", weights)[key] = value    # an offload loader looks in its state_dict first
-
-class LayerEditor:
-    "Write tensors into a loaded model's parameters by name; `reset` puts the loaded tensors back exactly."
-    def __init__(self, model):
-        self.model = model
-        self.params = model.state_dict(keep_vars=True)   # names -> live parameters and buffers
-        self.dtype = getattr(model, "himerge_compute_dtype", None)   # set by `compute_in`: write in the compute dtype
-        self.loaded = {}                                   # key -> (restore function, the loaded tensor)
-
-    def target_dtype(self, name: str):
-        "The dtype an edit of `name` is held in: the compute dtype for a floating-point weight, else its own."
-        param = self.params[name]
-        return self.dtype if (self.dtype is not None and param.is_floating_point()) else param.dtype
-
-    def write(self, values: dict, owned: bool = False):
-        """Make the model hold `values` (name -> tensor), converted to each parameter's (compute) dtype and device;
-        with `owned`, the caller hands the tensors over and one already in that dtype and device is not copied."""
-        import torch
-        with torch.no_grad():
-            for name, value in values.items():
-                if name not in self.params: raise KeyError(f"tensor {name!r} is not a parameter of the loaded model")
-                param = self.params[name]
-                if param.shape != value.shape:
-                    raise ValueError(f"tensor {name!r}: the model has shape {tuple(param.shape)}, "
-                                     f"the edit {tuple(value.shape)}")
-                slot = _offload_slot(self.model, name) if param.device.type == "meta" else None
-                if slot is not None:
-                    weights, key = slot
-                    old = weights[key]
-                    restore = lambda t, w=weights, k=key: _map_set(w, k, t)
-                    self.loaded.setdefault(("map", id(weights), key), (restore, old))
-                    _map_set(weights, key, value.to(dtype=old.dtype, device=old.device, copy=True))
-                    continue
-                self.loaded.setdefault(id(param), (lambda t, p=param: setattr(p, "data", t), param.data))
-                new = value.to(device=param.device, dtype=self.target_dtype(name))
-                param.data = new.clone() if new is value and not owned else new   # never alias the caller's tensor
-
-    def reset(self, names=None):
-        "Put the loaded tensors back into `names` (every edited parameter if None)."
-        if names is None: targets = list(self.loaded)
-        else:
-            targets = []
-            for n in names:
-                if n not in self.params: continue
-                slot = _offload_slot(self.model, n) if self.params[n].device.type == "meta" else None
-                targets.append(("map", id(slot[0]), slot[1]) if slot else id(self.params[n]))
-        for key in targets:
-            if key in self.loaded:
-                restore, original = self.loaded.pop(key)
-                restore(original)
-
-    @property
-    def edited(self) -> int:
-        "How many parameters hold something other than their loaded tensor."
-        return len(self.loaded)
+__all__ = ['log', 'PROBE_KINDS', 'SHARED_ROUND', 'State', 'base_state', 'Probe', 'Scorer', 'sum_in', 'means', 'prefix_forward',
+           'lighteval_scorer']
 
 # %% ../nbs/06c_scoring.ipynb #e2484773
 @dataclass(frozen=True, eq=False)
@@ -172,6 +103,7 @@ class Scorer:
         self.model_seconds, self.writes = 0.0, 0
         self.prefix = prefix_forward(model, base, prefix_bytes)   # None: no reuse
         self._blocks_of = {}                  # layer -> the blocks its tensors sit in
+        self._prefix_state = None             # the state whose inputs the prefix cache keeps
 
     def evaluator(self, split: str):
         "The evaluator of `split`, made on first use (given the prefix reuse, if it can take it)."
@@ -184,23 +116,6 @@ class Scorer:
         "The cache key of `probe` scored on `task` of `split`."
         return fingerprint({"probe": probe.key(), "task": self.task_key(task, split)})
 
-# %% ../nbs/06c_scoring.ipynb #01120ae8
-from functools import cache
-
-@cache
-def libc():
-    "The C library, looked up once (finding it costs about 2 ms), or None where there is none to load."
-    import ctypes, ctypes.util
-    try: return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError: return None
-
-def trim_heap():
-    """Hand the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing). Between probes it
-    returns what the last evaluation's small buffers left in the heap: on bench_scale.py's bf16 run, the heap at the
-    peak went from 48 to 38 MiB, at the same speed."""
-    try: libc().malloc_trim(0)
-    except AttributeError: pass                # no C library, or not glibc
-
 # %% ../nbs/06c_scoring.ipynb #67f3b839
 def sum_in(base, delta, dtype, chunk_bytes: int = 2**20):
     """`base + delta`, added in float32 and returned in `dtype` on `base`'s device, a few rows at a time: the same
@@ -211,7 +126,6 @@ def sum_in(base, delta, dtype, chunk_bytes: int = 2**20):
         delta: its float32 delta.
         dtype: the dtype of the result (the dtype the model holds edits in).
         chunk_bytes: the float32 bytes added at a time."""
-    import torch
     delta = delta.to(base.device)
     if delta.dim() < 2 or delta.numel() * 4 <= chunk_bytes: return (base.to(torch.float32) + delta).to(dtype)
     out = torch.empty(delta.shape, dtype=dtype, device=base.device)
@@ -221,7 +135,8 @@ def sum_in(base, delta, dtype, chunk_bytes: int = 2**20):
     return out
 
 # %% ../nbs/06c_scoring.ipynb #5dc61c4f
-def _hold(self, probe: Probe):
+@patch
+def hold(self: Scorer, probe: Probe):
     "Make the model hold `probe`'s weights, writing only the layers that change."
     state = probe.state
     for layer in self.layers:
@@ -240,16 +155,16 @@ def _hold(self, probe: Probe):
         else:
             self.holding.pop(layer, None)
 
-def _restore(self):
+@patch
+def restore(self: Scorer):
     "Put every loaded weight back."
     self.editor.reset(); self.holding.clear()
-
-Scorer.hold, Scorer.restore = _hold, _restore
 
 # %% ../nbs/06c_scoring.ipynb #a1d622f6
 _KIND_ORDER = {"full": 0, "delete": 1, "add": 2}
 
-def _visit_order(self, items: list, chosen: list) -> list:
+@patch
+def _visit_order(self: Scorer, items: list, chosen: list) -> list:
     "The indexes `chosen` of `items` (probe, task, split), grouped by state and kind, in layer order."
     position = {layer: i for i, layer in enumerate(self.layers)}
     first_seen = {}
@@ -259,14 +174,16 @@ def _visit_order(self, items: list, chosen: list) -> list:
         return first_seen[probe.state.digest], _KIND_ORDER[probe.kind], position.get(probe.layer, -1), split, task
     return sorted(chosen, key=order)
 
-def _store(self, item, per_sample, seconds: float):
+@patch
+def _store(self: Scorer, item, per_sample, seconds: float):
     "Keep a score in the cache (on disk when the cache has a folder)."
     probe, task, split = item
     self.cache.put(self.key(*item), {"score": float(np.mean(per_sample)), "per_sample": list(map(float, per_sample)),
                                      **probe.record(), "task": task, "split": split, "seconds": round(seconds, 4)})
     self.cache.done += 1
 
-def _cached(self, items: list) -> dict:
+@patch
+def _cached(self: Scorer, items: list) -> dict:
     "index -> per-sample scores of the `items` the cache has (a score found on disk is a step of the plan done)."
     got = {}
     for j, item in enumerate(items):
@@ -278,7 +195,9 @@ def _cached(self, items: list) -> dict:
         if self.progress is not None and not seen: self.progress.update(1)
     return got
 
-def _score_items(self, items: list, order: list, restore: bool = True) -> dict:
+# %% ../nbs/06c_scoring.ipynb #6c000002
+@patch
+def _score_items(self: Scorer, items: list, order: list, restore: bool = True) -> dict:
     """Score `items[j]` for each j of `order`, in that order, writing each probe's weights; index -> (scores, seconds,
     share of the blocks run, or None without prefix reuse). With `restore` the loaded weights are put back at the
     end; a caller that scores more soon may keep them (and puts them back itself)."""
@@ -288,23 +207,25 @@ def _score_items(self, items: list, order: list, restore: bool = True) -> dict:
             probe, task, split = items[j]
             trim_heap()                           # the last evaluation's activations, freed, back to the system
             self.hold(probe)
-            if self.prefix is not None: describe_weights(self, probe)
+            if self.prefix is not None: self.describe_weights(probe)
             evaluator = self.evaluator(split)     # made (and its library imported) before the clock starts
             counts = dict(self.prefix.counts) if self.prefix is not None else None
             t0 = time.perf_counter()
             per_sample = np.asarray(evaluator.score(task).per_sample, dtype=float)
             seconds = time.perf_counter() - t0
             self.model_seconds += seconds
-            _store(self, items[j], per_sample, seconds)
-            out[j] = (per_sample, seconds, _share_run(self, counts))
+            self._store(items[j], per_sample, seconds)
+            out[j] = (per_sample, seconds, self._share_run(counts))
             # a shared job learns costs from gathered results
-            if self.group is None: _learn(self, items[j], *out[j][1:])
+            if self.group is None: self._learn(items[j], *out[j][1:])
             if self.progress is not None: self.progress.update(1)
     finally:
         if restore: self.restore()
     return out
 
-def run(self, requests: list) -> list:
+# %% ../nbs/06c_scoring.ipynb #6c000003
+@patch
+def run(self: Scorer, requests: list) -> list:
     "Per-sample scores for each `(probe, tasks, split)` request: one dict task -> array per request."
     items, slots, index = [], [], {}
     for i, (probe, tasks, split) in enumerate(requests):
@@ -313,16 +234,17 @@ def run(self, requests: list) -> list:
             if item not in index: index[item] = len(items); items.append(item)
             slots.append((i, task, index[item]))
     if self.group is None:
-        got = _cached(self, items)
+        got = self._cached(items)
         missing = [j for j in range(len(items)) if j not in got]
-        got.update({j: out[0] for j, out in _score_items(self, items, _visit_order(self, items, missing)).items()})
+        got.update({j: out[0] for j, out in self._score_items(items, self._visit_order(items, missing)).items()})
     else:
-        got = _run_shared(self, items)
+        got = self._run_shared(items)
     results = [dict() for _ in requests]
     for i, task, j in slots: results[i][task] = got[j]
     return results
 
-def score(self, state: State, tasks: list, split: str = "validation") -> dict:
+@patch
+def score(self: Scorer, state: State, tasks: list, split: str = "validation") -> dict:
     "Per-sample scores of the full state on `tasks` of `split`."
     return self.run([(Probe(state), list(tasks), split)])[0]
 
@@ -330,59 +252,57 @@ def means(per_sample: dict) -> dict:
     "Mean score per task."
     return {task: float(np.mean(v)) for task, v in per_sample.items()}
 
-Scorer.run, Scorer.score = run, score
-
 # %% ../nbs/06c_scoring.ipynb #b194c8c6
 def prefix_forward(model, base, max_bytes: int):
     "A `PrefixForward` of `model` within `max_bytes`; None if off (0), or if the blocks or layer names are unknown."
     if not max_bytes: return None
-    from himerge.prefix import PrefixError, PrefixForward
     if not hasattr(base, "names"): return None      # a layer's tensor names say which block it sits in
     try: return PrefixForward(model, max_bytes)
     except PrefixError as e:
         log.warning("probes run every block: %s", e)
         return None
 
-def _blocks(self, layer) -> frozenset:
+@patch
+def _blocks(self: Scorer, layer) -> frozenset:
     "The blocks the tensors of `layer` sit in; -1 stands for any tensor outside the blocks."
     if layer not in self._blocks_of:
         index = self.prefix.blocks.index_of
         self._blocks_of[layer] = frozenset(-1 if index(n) is None else index(n) for n in self.base.names(layer))
     return self._blocks_of[layer]
 
-def unit_keys(self) -> list:
+@patch
+def unit_keys(self: Scorer) -> list:
     "What the model holds, for the prefix cache: a key for what is outside the blocks, then one key per block."
     keys = [[] for _ in range(len(self.prefix.blocks) + 1)]
     for layer, (digest, _) in self.holding.items():
-        for block in _blocks(self, layer): keys[block + 1].append((str(layer), digest))
+        for block in self._blocks(layer): keys[block + 1].append((str(layer), digest))
     return [tuple(sorted(k)) for k in keys]
 
-def describe_weights(self, probe: Probe):
+@patch
+def describe_weights(self: Scorer, probe: Probe):
     "Give the prefix cache the weights the model holds for `probe`, and the blocks whose input it should keep."
-    from himerge.prefix import prefix_chain
     state = probe.state.digest
     if state != self._prefix_state:                 # a new state: the last one's inputs serve nobody now
         base = set(prefix_chain([()] * (len(self.prefix.blocks) + 1)))
         self.prefix.cache.drop(lambda batch, block, prefix: prefix in base)
         self._prefix_state = state
-    record_at = "all" if probe.kind == "full" else range(min(_blocks(self, probe.layer)) + 1)
-    self.prefix.set_weights(unit_keys(self), record_at)
-
-Scorer._prefix_state = None
-Scorer.unit_keys = unit_keys
+    record_at = "all" if probe.kind == "full" else range(min(self._blocks(probe.layer)) + 1)
+    self.prefix.set_weights(self.unit_keys(), record_at)
 
 # %% ../nbs/06c_scoring.ipynb #7a46ecf2
 SHARED_ROUND = 2   # a round's most expected evaluations: short, since no rank waits for a gathering, so that
                    # the queues are rebalanced often; a failure loses at most two rounds
 
-def _share_run(self, counts) -> float | None:
+@patch
+def _share_run(self: Scorer, counts) -> float | None:
     "The share of the block passes that the evaluation since `counts` ran (None if it made no prefix forward)."
     if counts is None: return None
     calls = self.prefix.counts["calls"] - counts["calls"]
     if not calls: return None                       # generation, or no prefix path: every block ran
     return (self.prefix.counts["blocks_run"] - counts["blocks_run"]) / (calls * len(self.prefix.blocks))
 
-def _learn(self, item, seconds: float, share):
+@patch
+def _learn(self: Scorer, item, seconds: float, share):
     """Learn a task's cost from one evaluation: its seconds as those of every block, and how much of what a prefix
     could skip it skipped (each a mean with what was known); the share of the blocks run at the probe's layer."""
     probe, task, split = item
@@ -391,37 +311,41 @@ def _learn(self, item, seconds: float, share):
     reuse = None                                    # no prefix forward: every block runs at every depth
     if share is not None:
         self.shares[(task, split, probe.kind, probe.layer)] = share
-        could = 1 - _depth_share(self, probe)      # the share a probe this deep skips when every prefix is kept
+        could = 1 - self._depth_share(probe)      # the share a probe this deep skips when every prefix is kept
         # A prefix cache within its budget keeps the inputs of some blocks only: learn how much of `could` it skips.
         seen = min(max((1 - share) / could, 0.0), 1.0) if could > 0 else None
         prior = 1.0 if known_reuse is None else known_reuse        # until a probe says otherwise: every prefix kept
         reuse = prior if seen is None else seen if known_reuse is None else (seen + known_reuse) / 2
     self.timing[(task, split)] = ((full + known_full) / 2 if known_full is not None else full, reuse)
 
-def _depth_share(self, probe: Probe) -> float:
+@patch
+def _depth_share(self: Scorer, probe: Probe) -> float:
     "The expected share of the blocks a probe runs when its task reuses prefixes: from the block below its layer."
     if self.prefix is None or probe.kind == "full": return 1.0
-    n, first = len(self.prefix.blocks), min(_blocks(self, probe.layer))   # -1: a tensor outside the blocks
+    n, first = len(self.prefix.blocks), min(self._blocks(probe.layer))   # -1: a tensor outside the blocks
     return (n - max(first - 1, 0)) / n
 
-def _cost(self, item) -> float:
+@patch
+def _cost(self: Scorer, item) -> float:
     """Expected seconds of one evaluation: the share of the blocks the last probe of its kind and layer ran, else
     the share its depth and the task's reuse so far suggest (1 per block share, every prefix kept, until timed)."""
     probe, task, split = item
     seconds, reuse = self.timing.get((task, split), (1.0, 1.0))
     if reuse is None: return seconds
     share = self.shares.get((task, split, probe.kind, probe.layer))
-    return seconds * (share if share is not None else 1 - reuse * (1 - _depth_share(self, probe)))
+    return seconds * (share if share is not None else 1 - reuse * (1 - self._depth_share(probe)))
 
-def _units(self, items: list, missing: list) -> list:
+# %% ../nbs/06c_scoring.ipynb #6c000004
+@patch
+def _units(self: Scorer, items: list, missing: list) -> list:
     "The `missing` items in units: one state's probes on one split, in visit order."
     units = {}
-    for j in _visit_order(self, items, missing):
+    for j in self._visit_order(items, missing):
         probe, task, split = items[j]
         units.setdefault((probe.state.digest, split), []).append(j)
     return list(units.values())
 
-def _commit(self, queue: list, cost, span: float, skip=()) -> list:
+def _commit(queue: list, cost, span: float, skip=()) -> list:
     "The items at the front of `queue` (units), but those in `skip`, whose expected seconds fill `span` (at least one)."
     chosen, spent = [], 0.0
     for j in (j for unit in queue for j in unit if j not in skip):
@@ -436,17 +360,19 @@ def _drop(queues: list, taken):
         for unit in queue: unit[:] = [j for j in unit if j not in taken]
         queue[:] = [unit for unit in queue if unit]
 
-def _run_shared(self, items: list) -> dict:
+# %% ../nbs/06c_scoring.ipynb #6c000005
+@patch
+def _run_shared(self: Scorer, items: list) -> dict:
     "Scores of every item, each computed by one rank, known to all."
-    from himerge.distributed import Exchange, assign, broadcast, rebalance, split_units
+    from himerge.distributed import Exchange, assign, broadcast, rebalance, split_units   # never in one process
     group, shared = self.group, self.shared
     t0 = time.perf_counter()
-    known = broadcast(group, {j: v.tolist() for j, v in _cached(self, items).items()} if group.main else None)
+    known = broadcast(group, {j: v.tolist() for j, v in self._cached(items).items()} if group.main else None)
     shared["wait_s"] += time.perf_counter() - t0
     got = {j: np.asarray(v, dtype=float) for j, v in known.items()}
     missing = [j for j in range(len(items)) if j not in got]
-    cost = lambda j: _cost(self, items[j])
-    units = _units(self, items, missing)
+    cost = lambda j: self._cost(items[j])
+    units = self._units(items, missing)
     units, costs = split_units(units, [sum(map(cost, unit)) for unit in units], group.world, cost)
     owner = assign(costs, group.world, kinds=[tuple(sorted({items[j][1] for j in unit})) for unit in units])
     # A moved piece's first probe runs the blocks below it again: about a full pass more than its estimate.
@@ -461,18 +387,18 @@ def _run_shared(self, items: list) -> dict:
             n_left = sum(len(unit) for queue in queues for unit in queue)
             mean = sum(loads) / n_left if n_left else 0.0
             span = min(SHARED_ROUND * mean, max(max(loads) / 3, mean))    # shorter rounds near the end
-            promise = _commit(self, queues[group.rank], cost, span, skip=set(ahead))
+            promise = _commit(queues[group.rank], cost, span, skip=set(ahead))
             # Send what I scored and what I will score next; score it while the gathering goes on.
             exchange = Exchange(group, dict(scores={j: (v.tolist(), secs, share) for j, (v, secs, share)
                                                     in mine.items()}, promise=promise, ahead=ahead))
             t0 = time.perf_counter()
-            mine = _score_items(self, items, promise, restore=False)
+            mine = self._score_items(items, promise, restore=False)
             # Still ahead of a rank? Go on down my queue until the gathering arrives, rather than wait. What rebalance
             # moves meanwhile may then be scored twice; the first result gathered stands.
             sent, ahead = set(promise) | set(ahead), []
             for j in (j for unit in queues[group.rank] for j in unit if j not in sent and j not in got):
                 if exchange.poll(): break
-                mine.update(_score_items(self, items, [j], restore=False)); ahead.append(j)
+                mine.update(self._score_items(items, [j], restore=False)); ahead.append(j)
             scored_here.update(mine)
             t1 = time.perf_counter()
             parts = exchange.result()
@@ -481,10 +407,10 @@ def _run_shared(self, items: list) -> dict:
                 for j, (values, secs, share) in part["scores"].items():
                     if j in got: continue
                     if j not in scored_here:
-                        _store(self, items[j], values, secs)
+                        self._store(items[j], values, secs)
                         if self.progress is not None: self.progress.update(1)
                     got[j] = np.asarray(values, dtype=float)
-                    _learn(self, items[j], secs, share)
+                    self._learn(items[j], secs, share)
                 _drop(queues, part["ahead"] + part["promise"])
             outstanding = any(part["promise"] for part in parts) or any(queues)
             rebalance(queues, cost, min_gain=mean / 20, taken=[sum(map(cost, part["promise"])) for part in parts],
@@ -494,140 +420,6 @@ def _run_shared(self, items: list) -> dict:
     lost = [j for j in range(len(items)) if j not in got]
     if lost: raise RuntimeError(f"shared scoring lost {len(lost)} evaluations, the first {items[lost[0]][1]!r}")
     return got
-
-# %% ../nbs/06c_scoring.ipynb #c87312bf
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-def stored_dtype(config: dict) -> str:
-    "The dtype a checkpoint's config says its weights are stored in (float32 if it says nothing)."
-    return str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
-
-def compute_dtype(option: str, stored: str, device: str) -> str:
-    "The dtype a merge computes in: `option`, or for 'auto' the stored dtype on a GPU and float32 on a CPU."
-    if option != "auto": return option
-    return stored if str(device).split(":")[0] in ("cuda", "mps") else "float32"
-
-def compute_in(model, dtype):
-    """Make `model` compute in `dtype` while its weights stay stored as they are: each module converts its own weights
-    around its forward, into buffers that the next module of the same shape reuses (`model.himerge_buffers`)."""
-    import torch
-    free = {}                                  # (shape, device) -> converted-weight buffers not in use
-    def up(module, args):
-        saved = []
-        for p in module.parameters(recurse=False):
-            if not p.is_floating_point() or p.dtype == dtype: continue
-            pool = free.get((tuple(p.shape), p.device))
-            buffer = pool.pop() if pool else torch.empty(p.shape, dtype=dtype, device=p.device)
-            buffer.copy_(p.data)
-            saved.append((p, p.data, buffer)); p.data = buffer
-        module.__dict__.setdefault("_himerge_stored", []).append(saved)
-    def down(module, args, output):
-        for p, data, buffer in module.__dict__["_himerge_stored"].pop():
-            p.data = data
-            free.setdefault((tuple(buffer.shape), buffer.device), []).append(buffer)
-    for module in model.modules():
-        if any(True for _ in module.parameters(recurse=False)):
-            module.register_forward_pre_hook(up); module.register_forward_hook(down)
-    model.himerge_compute_dtype, model.himerge_buffers = dtype, free
-    return model
-
-# %% ../nbs/06c_scoring.ipynb #6240a118
-def load_model(path, device="cpu", trust_remote_code=False, dtype="auto", device_map=None):
-    """The base model in eval mode, stored in its own dtype, computing in `dtype` (see `compute_dtype`).
-
-    Args:
-        path: the base's local folder.
-        device: where it runs: cpu, cuda, cuda:N or mps (ignored with a `device_map`).
-        trust_remote_code: run model code from the base's repository.
-        dtype: the compute dtype option: auto, float32, bfloat16 or float16.
-        device_map: None (all on `device`), or accelerate's placement such as "auto"."""
-    import json, torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-    config = json.loads((Path(path) / "config.json").read_text())
-    stored = stored_dtype(config)
-    placed = device_map if device_map is not None else {"": str(device)}
-    target_device = "cuda" if device_map is not None and torch.cuda.is_available() else device
-    compute = compute_dtype(dtype, stored, target_device)
-    big = sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) > 2**30
-    bar = hf_logging.is_progress_bar_enabled()
-    if not big: hf_logging.disable_progress_bar()   # a one-second load needs no bar; a big one shows its own
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, stored), device_map=placed,
-                                                     trust_remote_code=trust_remote_code)
-    finally:
-        if bar: hf_logging.enable_progress_bar()
-    model.generation_config.temperature = None   # greedy decoding: an unused sampling flag only produces a warning
-    model.eval()
-    if compute != stored: compute_in(model, getattr(torch, compute))
-    return model
-
-# %% ../nbs/06c_scoring.ipynb #d867ddc1
-def input_device(model, default="cpu") -> str:
-    "The device inputs of `model` go to: its input embeddings' device (or `default` for an offloaded placeholder)."
-    device = model.get_input_embeddings().weight.device
-    return default if device.type == "meta" else str(device)
-
-# %% ../nbs/06c_scoring.ipynb #e39271b2
-class DeviceError(InputError):
-    "A device that does not exist or is not available on this machine."
-
-def check_device(device) -> str:
-    "`device` as a torch device string ('cpu' when None), if it exists here; else a `DeviceError` saying what there is."
-    import torch
-    if device is None: return "cpu"
-    try: dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DeviceError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:N, mps)") from None
-    if dev.type == "cpu": return "cpu"
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-        n = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= n:
-            raise DeviceError(f"--device {device}: no such GPU; this machine has {n} (cuda:0 to cuda:{n - 1})")
-        return str(dev)
-    if dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise DeviceError(f"--device {device}: MPS is not available on this machine")
-        return "mps"
-    raise DeviceError(f"--device {device}: himerge runs on cpu, cuda or mps, not {dev.type}")
-
-class TokenizerError(InputError):
-    "The tokenizer the tasks need cannot be loaded."
-
-TOKENIZER_PATTERNS = ["tokenizer*", "*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
-
-def resolve_tokenizer(spec, who: str = "options.tokenizer", trust_remote_code: bool = False) -> str:
-    """A local folder holding a tokenizer that loads, from a folder or a Hub id (tokenizer files only); else a
-    `TokenizerError`."""
-    folder = Path(str(spec)).expanduser()
-    if not folder.exists():
-        try:
-            from huggingface_hub import snapshot_download
-            repo, _, revision = str(spec).partition("@")
-            folder = Path(snapshot_download(repo, revision=revision or None, allow_patterns=TOKENIZER_PATTERNS))
-        except Exception as e:
-            raise TokenizerError(f"{who} {spec!r}: no such folder, and not a Hub model that can be fetched "
-                                 f"({type(e).__name__})") from None
-    try:
-        from transformers import AutoTokenizer
-        AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TokenizerError(f"{who} {spec}: no tokenizer loads from {folder} ({first}); "
-                             "give one with options.tokenizer") from None
-    return str(folder)
-
-def check_loaded(model, who: str = "base"):
-    "Refuse a loaded model with a NaN or an infinity in any weight, naming the tensor."
-    from himerge.deltas import nonfinite
-    from himerge.sources import SourceError
-    for name, tensor in model.state_dict().items():
-        found = nonfinite(tensor)
-        if found is not None:
-            raise SourceError(f"{who}: tensor {name!r} holds {found[0]} NaN and {found[1]} infinite value(s) "
-                              "after loading; its scores would be meaningless")
 
 # %% ../nbs/06c_scoring.ipynb #31efb2bd
 def lighteval_scorer(model, base, tasks: dict, tokenizer, *, device="cpu", batch_size=32, cache=None, progress=None,
@@ -646,8 +438,6 @@ def lighteval_scorer(model, base, tasks: dict, tokenizer, *, device="cpu", batch
         runtime: settings that change scores (compute dtype, ...), folded into the task keys.
         group: a process group to share the scoring with.
         prefix_bytes: memory for the hidden states that log-likelihood probes reuse (0: none)."""
-    from himerge.cache import task_key
-    from himerge.evaluate import Evaluator
     runtime = {"batch_size": batch_size, "device": str(device).split(":")[0], **(runtime or {})}
     specs = {}
     def spec(task, split):

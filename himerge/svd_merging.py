@@ -7,7 +7,7 @@ Docs: https://himerge.github.io/himerge/svd_merging.html.md"""
 # %% ../nbs/04a_svd_merging.ipynb #07be29ba
 from __future__ import annotations
 import torch
-from .baselines import BaselineError, _inputs, _magnitude, _choice
+from .baselines import BaselineError, _inputs, _magnitude, _choice, per_tensor_method
 
 # %% auto #0
 __all__ = ['SPECTRA', 'processed', 'mean_delta', 'numerical_rank', 'polar', 'tsv', 'iso_c', 'joint_rank', 'iso_cts']
@@ -43,6 +43,7 @@ def _top(d: torch.Tensor, k: int, spectrum: str):
     if spectrum == "numerical_rank": k = min(k, numerical_rank(s, d.shape))
     return u[:, :k], s[:k], vh[:k]
 
+@per_tensor_method("tsv")
 def tsv(deltas, weights, *, densities=None, generator=None, spectrum="numerical_rank", lamb=1.0):
     """TSV-M: each source's top singular directions, concatenated and orthogonalised, with their singular values.
 
@@ -63,6 +64,7 @@ def tsv(deltas, weights, *, densities=None, generator=None, spectrum="numerical_
     return ((polar(u) * s) @ polar(vh) * lamb).float()
 
 # %% ../nbs/04a_svd_merging.ipynb #edbffca6
+@per_tensor_method("iso_c")
 def iso_c(deltas, weights, *, densities=None, generator=None, spectrum="numerical_rank", lamb=1.0):
     """Iso-C: the SVD of the summed deltas with every singular value replaced by their mean.
 
@@ -94,6 +96,7 @@ def joint_rank(ds: list, dim: int) -> int:
     joined = torch.cat(ds, dim=dim)
     return numerical_rank(torch.linalg.svdvals(joined), joined.shape)
 
+@per_tensor_method("iso_cts")
 def iso_cts(deltas, weights, *, densities=None, generator=None, common_fraction=0.8, spectrum="numerical_rank",
             lamb=1.0):
     """Iso-CTS: the sum's top directions plus each source's own directions off them, orthogonalised, isotropic.

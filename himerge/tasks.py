@@ -6,17 +6,41 @@ Docs: https://himerge.github.io/himerge/tasks.html.md"""
 
 # %% ../nbs/05_tasks.ipynb #4aab8ae8
 from __future__ import annotations
-import dataclasses, json, re, string, warnings
+import ast, dataclasses, difflib, importlib, importlib.util, json, re, string, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import pyarrow, pyarrow.parquet as pq
+import sacrebleu
+import yaml
+from huggingface_hub import snapshot_download
+
 from .errors import InputError
 
+class LazyImports:
+    """Names of a heavy optional library, each imported from its module on first use, so that importing himerge
+    never pays for the library: `LazyImports(Doc="lighteval.tasks.requests")`; `before` runs before the first."""
+    def __init__(self, before=None, **places): self._before, self._places = before, places
+    def __getattr__(self, name):
+        if name.startswith("_") or name not in self._places: raise AttributeError(name)
+        if self._before is not None: self._before()
+        value = getattr(importlib.import_module(self._places[name]), name)
+        setattr(self, name, value)
+        return value
+
+# LightEval takes about 10 s to import: only the paths that evaluate import it, through this
+lighteval = LazyImports(Doc="lighteval.tasks.requests", SamplingMethod="lighteval.tasks.requests",
+                        Metrics="lighteval.metrics.metrics", ROUGE="lighteval.metrics.metrics_sample",
+                        SampleLevelComputation="lighteval.metrics.metrics_sample",
+                        SampleLevelMetric="lighteval.metrics.utils.metric_utils",
+                        LightevalTaskConfig="lighteval.tasks.lighteval_task")
+
 # %% auto #0
-__all__ = ['TASK_TYPES', 'METRICS', 'DEFAULT_METRIC', 'SPEC_KEYS', 'DATA_SUFFIXES', 'LIGHTEVAL_KEYS', 'TaskError', 'TaskWarning',
-           'split_files', 'resolve_data', 'row_place', 'iter_rows', 'read_rows', 'TaskSpec', 'check_row', 'load_tasks',
-           'PromptFunction', 'sentence_bleu', 'lighteval_metric', 'to_lighteval', 'lighteval_task_index',
-           'parse_lighteval_name', 'lighteval_task_config']
+__all__ = ['lighteval', 'TASK_TYPES', 'METRICS', 'DEFAULT_METRIC', 'SPEC_KEYS', 'DATA_SUFFIXES', 'LIGHTEVAL_KEYS', 'LazyImports',
+           'TaskError', 'TaskWarning', 'split_files', 'resolve_data', 'row_place', 'iter_rows', 'read_rows', 'TaskSpec',
+           'check_row', 'load_tasks', 'PromptFunction', 'sentence_bleu', 'lighteval_metric', 'to_lighteval',
+           'lighteval_task_index', 'parse_lighteval_name', 'lighteval_task_config']
 
 # %% ../nbs/05_tasks.ipynb #9c3e0508
 TASK_TYPES = ("multiple_choice", "generative")
@@ -51,7 +75,6 @@ def split_files(data_dir: Path, split: str) -> list[Path]:
 # %% ../nbs/05_tasks.ipynb #1db0992c
 def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
     "Local snapshot of dataset `repo_id` at `revision` (from the cache when offline)."
-    from huggingface_hub import snapshot_download
     return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision))
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -114,7 +137,6 @@ def _iter_jsonl(path: Path):
             yield i, row
 
 def _iter_parquet(path: Path, batch_size: int):
-    import pyarrow, pyarrow.parquet as pq
     index = 0
     try:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
@@ -356,7 +378,6 @@ def load_tasks(path_or_dict, root=None) -> dict:
     "Validate every task of a YAML file, a mapping `{name: fields}` or a list of specs/LightevalTaskConfigs."
     src = path_or_dict
     if isinstance(src, (str, Path)):
-        import yaml
         p = Path(src)
         try: text = p.read_bytes().decode("utf-8")
         except FileNotFoundError: raise TaskError(f"task file {str(p)!r} not found") from None
@@ -387,19 +408,18 @@ class PromptFunction:
     "Turn a data row into a LightEval `Doc` following a `TaskSpec` (picklable, unlike a closure)."
     def __init__(self, spec: TaskSpec): self.spec = spec
     def __call__(self, line: dict, task_name: str = None):
-        from lighteval.tasks.requests import Doc
         s = self.spec
         query = s.prompt.format(**line)
         if s.type == "multiple_choice":
-            return Doc(query=query, choices=list(line[s.choices_field]), gold_index=int(line[s.gold_field]),
+            return lighteval.Doc(query=query, choices=list(line[s.choices_field]), gold_index=int(line[s.gold_field]),
                        task_name=task_name or s.name)
         refs = line[s.gold_field]
         refs = [refs] if isinstance(refs, str) else list(refs)
-        return Doc(query=query, choices=refs, gold_index=list(range(len(refs))), task_name=task_name or s.name)
+        return lighteval.Doc(query=query, choices=refs, gold_index=list(range(len(refs))),
+                             task_name=task_name or s.name)
 
 def sentence_bleu(references: list[str], prediction: str) -> float:
     "sacrebleu's sentence BLEU of `prediction` against `references`, in [0, 1]."
-    import sacrebleu
     return sacrebleu.sentence_bleu(prediction, list(references)).score / 100
 
 _METRIC_CACHE = {}
@@ -407,23 +427,21 @@ _METRIC_CACHE = {}
 def lighteval_metric(name: str):
     "The LightEval sample-level `Metric` object for a himerge metric name."
     if name in _METRIC_CACHE: return _METRIC_CACHE[name]
-    import numpy as np
-    from lighteval.metrics.metrics import Metrics
-    from lighteval.metrics.metrics_sample import ROUGE, SampleLevelComputation
-    from lighteval.metrics.utils.metric_utils import SampleLevelMetric
-    from lighteval.tasks.requests import SamplingMethod
-    if name == "loglikelihood_acc": m = Metrics.loglikelihood_acc.value
-    elif name == "exact_match": m = Metrics.exact_match.value
+    if name == "loglikelihood_acc": m = lighteval.Metrics.loglikelihood_acc.value
+    elif name == "exact_match": m = lighteval.Metrics.exact_match.value
     elif name in ("rouge1", "rouge2", "rougeL"):
-        m = SampleLevelMetric(metric_name=name, sample_level_fn=ROUGE(name, aggregation_function=max),
-                              category=SamplingMethod.GENERATIVE, corpus_level_fn=np.mean, higher_is_better=True)
+        rouge = lighteval.ROUGE(name, aggregation_function=max)
+        m = lighteval.SampleLevelMetric(metric_name=name, sample_level_fn=rouge,
+                                        category=lighteval.SamplingMethod.GENERATIVE, corpus_level_fn=np.mean,
+                                        higher_is_better=True)
     elif name == "bleu":
-        class SentenceBLEU(SampleLevelComputation):
+        class SentenceBLEU(lighteval.SampleLevelComputation):
             "Sentence BLEU (sacrebleu) of the first output against the references, / 100."
             def compute(self, doc, model_response, **kwargs):
                 return sentence_bleu(doc.get_golds(), model_response.final_text[0])
-        m = SampleLevelMetric(metric_name="bleu", sample_level_fn=SentenceBLEU(), category=SamplingMethod.GENERATIVE,
-                              corpus_level_fn=np.mean, higher_is_better=True)
+        m = lighteval.SampleLevelMetric(metric_name="bleu", sample_level_fn=SentenceBLEU(),
+                                        category=lighteval.SamplingMethod.GENERATIVE, corpus_level_fn=np.mean,
+                                        higher_is_better=True)
     else: raise TaskError(f"metric {name!r} is not one of {sorted({x for v in METRICS.values() for x in v})}")
     _METRIC_CACHE[name] = m
     return m
@@ -432,8 +450,7 @@ def to_lighteval(spec: TaskSpec):
     "The `LightevalTaskConfig` that evaluates `spec` (data from its local directory or snapshot, its split only)."
     if spec.lighteval_config is not None:
         return dataclasses.replace(spec.lighteval_config, evaluation_splits=[spec.split])
-    from lighteval.tasks.lighteval_task import LightevalTaskConfig
-    return LightevalTaskConfig(
+    return lighteval.LightevalTaskConfig(
         name=spec.name, prompt_function=PromptFunction(spec), hf_repo=str(spec.data_dir), hf_subset="default",
         metrics=[lighteval_metric(spec.metric)], hf_avail_splits=[spec.split], evaluation_splits=[spec.split],
         few_shots_split=None, few_shots_select=None, num_fewshots=0,
@@ -443,14 +460,12 @@ def to_lighteval(spec: TaskSpec):
 # %% ../nbs/05_tasks.ipynb #7d35f603
 def _lighteval_tasks_dir() -> Path:
     "The folder of LightEval's built-in task modules, found without importing lighteval (~10 s)."
-    import importlib.util
     spec = importlib.util.find_spec("lighteval")
     if spec is None or not spec.origin: raise TaskError("lighteval is not installed: pip install lighteval")
     return Path(spec.origin).parent / "tasks" / "tasks"
 
 def _config_names(tree) -> tuple:
     "(names, constant name prefixes) of the `LightevalTaskConfig(name=...)` calls in a module's syntax tree."
-    import ast
     names, prefixes = set(), set()
     for node in ast.walk(tree):
         func = getattr(node, "func", None)
@@ -468,7 +483,6 @@ _LIGHTEVAL_INDEX: dict = {}
 def lighteval_task_index() -> dict:
     """{task name: module} of LightEval's built-in tasks, and {prefix + '*': module} for names built at import,
     read from the modules' source: none is imported."""
-    import ast
     if _LIGHTEVAL_INDEX: return _LIGHTEVAL_INDEX
     root = _lighteval_tasks_dir()
     for path in sorted(root.glob("*.py")) + sorted(root.glob("*/main.py")):
@@ -494,7 +508,6 @@ def parse_lighteval_name(name: str, value) -> tuple:
 def lighteval_task_config(name: str, value):
     """The `LightevalTaskConfig` that LightEval's registry names `value`, importing only the module defining it;
     a `TaskError` on task `name` (listing close names when LightEval has no such task)."""
-    import difflib, importlib
     task, shots = parse_lighteval_name(name, value)
     if shots: _fail(name, "lighteval", f"{value!r} asks for {shots}-shot prompts; himerge scores zero-shot: end it "
                                        "with |0")

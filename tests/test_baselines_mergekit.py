@@ -14,13 +14,14 @@ from safetensors.torch import load_file
 
 from himerge import baselines
 from himerge.baselines import MERGEKIT_ARGS
-from himerge.methods import PER_TENSOR, PER_TENSOR_BASE
+from himerge.mergers import per_tensor_methods
 
 torch.set_num_threads(1)
 FIXTURES = Path(__file__).parent / "fixtures" / "mergekit"
 ALL_CASES = json.loads((FIXTURES / "cases.json").read_text())["cases"]
 # the cases marked config_only are compared through himerge's reading of mergekit's YAML (test_mergekit_config.py)
 CASES = {name: case for name, case in ALL_CASES.items() if not case.get("config_only")}
+PER_TENSOR = per_tensor_methods()   # name -> PerTensorMethod: its function and what it needs
 INPUTS = load_file(str(FIXTURES / "inputs.safetensors"))
 NAMES = sorted(k.split("/", 1)[1] for k in INPUTS if k.startswith("base/"))
 
@@ -39,7 +40,7 @@ def himerge_merge(case: dict) -> dict:
     for name in NAMES:
         base = INPUTS[f"base/{name}"]
         deltas = [INPUTS[f"s{m}/{name}"] - base for m in range(n)]
-        extra = {"base": base} if method in PER_TENSOR_BASE else {}
+        extra = {"base": base} if method in PER_TENSOR and PER_TENSOR[method].needs_base else {}
         out[name] = base + getattr(baselines, method)(deltas, case["weights"], densities=densities,
                                            generator=torch.Generator().manual_seed(0), **extra, **args)
     return out

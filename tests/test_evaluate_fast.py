@@ -18,7 +18,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from himerge.evaluate import Evaluator
-from himerge.scoring import load_model
+from himerge.loading import load_model
 from himerge.tasks import load_tasks
 from himerge.zoo import load_zoo
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from himerge.evaluate import Evaluator, build_docs
-from himerge.scoring import load_model
+from himerge.loading import load_model
 from himerge.tasks import TaskError, _fake_hub_cache, load_tasks
 from himerge.zoo import load_zoo
 

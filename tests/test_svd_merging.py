@@ -108,7 +108,8 @@ def test_lora_deltas_stay_in_the_sources_span_with_the_numerical_rank(fn):
 def test_each_method_merges_the_zoo_full_checkpoints_from_a_config(tmp_path, method, options):
     from safetensors.torch import load_file
     from himerge.merge import merge
-    from himerge.methods import get_method, PER_TENSOR, parse_options
+    from himerge.mergers import per_tensor_methods
+    from himerge.methods import get_method, parse_options
     from himerge.zoo import load_zoo
     zoo = load_zoo()
     config = tmp_path / "merge.yaml"
@@ -119,7 +120,7 @@ def test_each_method_merges_the_zoo_full_checkpoints_from_a_config(tmp_path, met
     fulls = [load_file(p / "model.safetensors") for p in zoo.full.values()]
     name = "model.layers.1.self_attn.q_proj.weight"
     fn = {"tsv": tsv, "iso_c": iso_c, "iso_cts": iso_cts}[method]
-    assert PER_TENSOR[method].endswith(f":{method}")
+    assert per_tensor_methods()[method].function is fn
     opts = parse_options(get_method(method).options, options)
     expected = fn([f[name] - base[name] for f in fulls], [1.0] * len(fulls), **vars(opts))
     torch.testing.assert_close(merged[name] - base[name], expected, rtol=1e-4, atol=1e-6)
