@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from .baselines import MERGEKIT_ARGS
-from .config import ConfigError, _read_yaml
+from .config_file import ConfigError, _read_yaml
 
 # %% auto #0
 __all__ = ['MERGEKIT_MARKS', 'READ_KEYS', 'REFUSED_KEYS', 'MERGEKIT_METHODS', 'SHARED', 'DTYPE_NAMES', 'is_mergekit',
