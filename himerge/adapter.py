@@ -8,10 +8,18 @@ Docs: https://himerge.github.io/himerge/adapter.html.md"""
 from __future__ import annotations
 import warnings
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 from .errors import InputError
-from .sources import Source, SourceSet, adapter_module, adapter_weights, resolve_source, target_tensor
+from .lazy import lazy
+from .sources import (Source, SourceSet, _declared_base_path, adapter_module, adapter_weights, readable_shapes,
+                             resolve_source, target_tensor)
+
+# `--dry-run` checks an adapter merge without torch (tests/test_adapter.py holds it to that): torch, and the deltas
+# and safetensors' writer that import it, are imported by the first write; PEFT (which imports transformers) too.
+_torch, _deltas, _safetensors_torch = lazy("torch"), lazy("himerge.deltas"), lazy("safetensors.torch")
+_peft, _peft_other = lazy("peft"), lazy("peft.utils.other")
 
 # %% auto #0
 __all__ = ['LOW_RANK_ROLES', 'OVERSAMPLE', 'POWER_ITERATIONS', 'ADAPTER_RANK_CAP', 'LAYOUTS', 'NON_ADDITIVE', 'AdapterError',
@@ -32,9 +40,8 @@ class LoraFactors:
         if source.kind != "lora":
             kind = "full checkpoint" if source.kind == "full" else source.kind
             raise AdapterError(f"source {source.name!r} is a {kind}, not a LoRA adapter")
-        from himerge.deltas import TensorStore
         self.source, self.name, self.config = source, source.name, source.config
-        self.store = TensorStore([adapter_weights(source.path, allow_pickle)])
+        self.store = _deltas.TensorStore([adapter_weights(source.path, allow_pickle)])
         # base tensor name -> {role: key} / key
         self.modules, self.biases, self.saved_tensors, self.base_copies = {}, {}, {}, {}
         for key in self.store.keys():
@@ -57,8 +64,7 @@ class LoraFactors:
 
     def scaling(self, name: str) -> float:
         "PEFT's scaling s of the module of `name`."
-        from himerge.deltas import lora_scaling
-        return lora_scaling(self.config, name.removesuffix(".weight"))
+        return _deltas.lora_scaling(self.config, name.removesuffix(".weight"))
 
     def rank(self, name: str) -> int:
         "The rank of the module of `name` (from the stored A)."
@@ -80,7 +86,6 @@ class LoraFactors:
 # %% ../nbs/08d_adapter.ipynb #282a6f37
 def exact_factors(terms: list) -> tuple:
     "(A, B) with B @ A = Σ c·B_i @ A_i for terms [(A_i, B_i, c_i)]: A stacked, B side by side; zero c adds no rank."
-    import torch
     if not terms: raise ValueError("exact_factors: no terms")
     A0, B0, _ = terms[0]
     for A_i, B_i, _ in terms:
@@ -89,25 +94,23 @@ def exact_factors(terms: list) -> tuple:
                              f"a delta of shape {[B0.shape[0], A0.shape[1]]}")
     kept = [(A_i.float(), B_i.float() * c) for A_i, B_i, c in terms if c != 0]
     if not kept: return A0.new_zeros(0, A0.shape[1]), B0.new_zeros(B0.shape[0], 0)
-    return torch.cat([a for a, _ in kept]), torch.cat([b for _, b in kept], dim=1)
+    return _torch.cat([a for a, _ in kept]), _torch.cat([b for _, b in kept], dim=1)
 
 # %% ../nbs/08d_adapter.ipynb #5806f281
 OVERSAMPLE, POWER_ITERATIONS = 10, 4
 
 def frobenius(x) -> float:
     "‖x‖_F, accurate for large float32 matrices: row norms in float32, their sum of squares in float64."
-    import torch
-    return torch.linalg.vector_norm(x, dim=-1).double().square().sum().sqrt().item()
+    return _torch.linalg.vector_norm(x, dim=-1).double().square().sum().sqrt().item()
 
 def _top_singular(delta, k: int, method: str, seed: int):
     "U [out, q], S [q], Vh [q, in] with q ≥ k, the leading singular triplets of `delta`."
-    import torch
     if method == "auto": method = "lowrank" if k + OVERSAMPLE <= min(delta.shape) // 4 else "full"
-    if method == "full": return torch.linalg.svd(delta, full_matrices=False)
+    if method == "full": return _torch.linalg.svd(delta, full_matrices=False)
     if method != "lowrank": raise ValueError(f"method: {method!r} is not 'auto', 'full' or 'lowrank'")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        U, S, V = torch.svd_lowrank(delta, q=min(k + OVERSAMPLE, min(delta.shape)), niter=POWER_ITERATIONS)
+    with _torch.random.fork_rng(devices=[]):
+        _torch.manual_seed(seed)
+        U, S, V = _torch.svd_lowrank(delta, q=min(k + OVERSAMPLE, min(delta.shape)), niter=POWER_ITERATIONS)
     return U, S, V.T
 
 def truncated_factors(delta, rank: int, *, method: str = "auto", seed: int = 0) -> tuple:
@@ -119,14 +122,13 @@ def truncated_factors(delta, rank: int, *, method: str = "auto", seed: int = 0) 
         method: the SVD: full (`torch.linalg.svd`), lowrank (`torch.svd_lowrank`), or auto (lowrank when the rank is
             small against the shape).
         seed: the seed of lowrank's random projection (the global RNG is left as it was)."""
-    import torch
     if rank < 1: raise ValueError(f"adapter_rank: {rank!r} is not a positive integer")
     delta = delta.float()
     norm = frobenius(delta)
     out_f, in_f = delta.shape
     if norm == 0: return delta.new_zeros(0, in_f), delta.new_zeros(out_f, 0), 0.0
     U, S, Vh = _top_singular(delta, min(rank, out_f, in_f), method, seed)
-    noise = S[0] * max(out_f, in_f) * torch.finfo(torch.float32).eps
+    noise = S[0] * max(out_f, in_f) * _torch.finfo(_torch.float32).eps
     k = min(rank, int((S > noise).sum()))
     root = S[:k].sqrt()
     B, A = (U[:, :k] * root).contiguous(), (root[:, None] * Vh[:k]).contiguous()
@@ -160,8 +162,7 @@ class AdapterWriter:
         self.biases, self.full = set(), []
 
     def _store(self, key, t):
-        import torch
-        self.tensors["base_model.model." + key] = t.detach().to(getattr(torch, self.dtype)).contiguous()
+        self.tensors["base_model.model." + key] = t.detach().to(getattr(_torch, self.dtype)).contiguous()
 
     def add(self, tensor_name: str, A, B, kind: str = "exact", error: float = 0.0, layout: str = "linear"):
         """Add the factors of base weight `tensor_name` (ΔW = B @ A, base orientation); rank 0 writes nothing.
@@ -229,22 +230,20 @@ def _check_writable(writer: AdapterWriter, full_modules: set):
 
 def _check_patterns(rank_pattern: dict, modules: list):
     "Each rank_pattern key must select its own module, and only it, under PEFT's matching rule."
-    from peft.utils.other import get_pattern_key
     for module in modules:
-        key = get_pattern_key(rank_pattern.keys(), module)
+        key = _peft_other.get_pattern_key(rank_pattern.keys(), module)
         if (key in rank_pattern) != (module in rank_pattern) or (module in rank_pattern and key != module):
             raise AdapterError(f"module {module!r}: rank_pattern key {key!r} would also select it; "
                                "cannot write its rank")
 
 def _adapter_config(writer: AdapterWriter, full_modules: list):
-    from peft import LoraConfig
     modules = sorted(writer.ranks)
     r = Counter(writer.ranks.values()).most_common(1)[0][0] if modules else 1
     rank_pattern = {m: k for m, k in writer.ranks.items() if k != r}
     _check_patterns(rank_pattern, modules)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # LoraConfig's notes on unusual settings
-        return LoraConfig(r=r, lora_alpha=r, rank_pattern=rank_pattern, alpha_pattern=dict(rank_pattern),
+        return _peft.LoraConfig(r=r, lora_alpha=r, rank_pattern=rank_pattern, alpha_pattern=dict(rank_pattern),
                           target_modules=modules, modules_to_save=full_modules or None,
                           fan_in_fan_out="fan_in_fan_out" in writer.layouts.values(),
                           lora_bias=bool(writer.biases), lora_dropout=0.0, bias="none", task_type=writer.task_type,
@@ -252,14 +251,14 @@ def _adapter_config(writer: AdapterWriter, full_modules: list):
 
 def _write_files(self: AdapterWriter) -> list:
     "Check, then write the adapter's two files."
-    from safetensors.torch import save_file
     full_modules = sorted({n.rsplit(".", 1)[0] for n in self.full})
     _check_writable(self, set(full_modules))
     if not self.ranks and not self.full:
         raise AdapterError("the merged adapter would be empty: every source was dropped everywhere")
     config = _adapter_config(self, full_modules)
     self.folder.mkdir(parents=True, exist_ok=True)
-    save_file(self.tensors, str(self.folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _safetensors_torch.save_file(self.tensors, str(self.folder / "adapter_model.safetensors"),
+                                 metadata={"format": "pt"})
     config.save_pretrained(str(self.folder))
     return ["adapter_model.safetensors", "adapter_config.json"]
 
@@ -269,13 +268,11 @@ NON_ADDITIVE = {"use_dora": "DoRA rescales the base weight by a learned magnitud
                 "layer_replication": "layer replication adds layers to the base"}
 
 def _declared(src: Source) -> str:
-    from himerge.sources import _declared_base_path
     local = _declared_base_path(src)
     return str(local) if local is not None else str(src.declared_base or "").split("@")[0]
 
 def check_adapter_output(source_set: SourceSet):
     "Raise AdapterError (naming the source or tensor) if the merge of `source_set` cannot be written as a LoRA adapter."
-    from himerge.sources import readable_shapes
     tied = bool(source_set.base.config.get("tie_word_embeddings"))
     bases, embedding, bias = {}, None, None
     for src in source_set.sources:
@@ -308,25 +305,23 @@ def check_adapter_output(source_set: SourceSet):
 # %% ../nbs/08d_adapter.ipynb #3cf77ba9
 def _weight_into(writer, name, factors, merged, weights, rank, method):
     "Write one LoRA-targeted weight: stacked factors (exact) or its truncated merged delta."
-    import torch
     holders = [f for f in factors if name in f.modules]
     layout = holders[0].layout(name)
     if weights is not None:
         terms = [(*f.factors(name)[:2], w * f.scaling(name)) for f, w in zip(factors, weights) if name in f.modules]
         return writer.add(name, *exact_factors(terms), layout=layout)
-    if name not in merged: return writer.add(name, torch.zeros(0, 0), torch.zeros(0, 0), "svd", 0.0, layout)
+    if name not in merged: return writer.add(name, _torch.zeros(0, 0), _torch.zeros(0, 0), "svd", 0.0, layout)
     A, B, err = truncated_factors(merged[name], rank or default_rank([f.rank(name) for f in holders]), method=method)
     writer.add(name, A, B, "svd", err, layout)
 
 def _layer_into(writer, layer, deltas, factors, merged, weights, rank, method):
     "Write one layer's merged delta into `writer`."
-    import torch
     saved = {n for f in factors for n in f.saved_tensors}
     lora = {n for f in factors for n in f.modules}
     names = deltas.names(layer)
     for f in factors:
         for name, key in f.base_copies.items():
-            if name in names and not torch.equal(f.store.get(key), deltas.base_store.get(name)):
+            if name in names and not _torch.equal(f.store.get(key), deltas.base_store.get(name)):
                 raise AdapterError(f"source {f.name!r}: its saved copy {key!r} differs from the base's {name!r}; was "
                                    "it trained on another base?")
     for name in names:
@@ -344,8 +339,9 @@ def _layer_into(writer, layer, deltas, factors, merged, weights, rank, method):
     if any(f.biases for f in factors):  # lora_bias: every LoRA module needs a bias
         for module in [n.removesuffix(".weight") for n in names if n.removesuffix(".weight") in writer.ranks]:
             if module not in writer.biases and module + ".bias" in names:
-                writer.add_bias(module + ".bias", torch.zeros_like(deltas.base_store.get(module + ".bias")))
+                writer.add_bias(module + ".bias", _torch.zeros_like(deltas.base_store.get(module + ".bias")))
 
+# %% ../nbs/08d_adapter.ipynb #60860054
 def write_adapter(folder, source_set: SourceSet, merged_layer, *, weights=None, rank: int | None = None, layers=None,
                   method: str = "auto", dtype: str = "float32", base_model_name_or_path: str | None = None,
                   deltas=None, progress=None) -> dict:
@@ -363,8 +359,6 @@ def write_adapter(folder, source_set: SourceSet, merged_layer, *, weights=None, 
         base_model_name_or_path: the base as the adapter names it (default: its Hub id, else its folder's name).
         deltas: the deltas the merge was computed on (so units of finer granularity match); read from the files if None.
         progress: anything with update(n), advanced once per layer written."""
-    from contextlib import nullcontext
-    from himerge.deltas import compute_deltas
     check_adapter_output(source_set)
     factors = [LoraFactors(s, source_set.allow_pickle) for s in source_set.sources]
     base = source_set.base
@@ -372,7 +366,7 @@ def write_adapter(folder, source_set: SourceSet, merged_layer, *, weights=None, 
     revision = base.commit_sha or base.revision if base.repo_id else None
     writer = AdapterWriter(folder, name, revision=revision, dtype=dtype)
     # headers, base read per tensor
-    with (nullcontext(deltas) if deltas is not None else compute_deltas(source_set)) as d:
+    with (nullcontext(deltas) if deltas is not None else _deltas.compute_deltas(source_set)) as d:
         for layer in (layers if layers is not None else d.layers):
             w = weights(layer) if weights is not None else None
             if w is not None and len(w) != len(factors):

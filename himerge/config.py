@@ -10,21 +10,17 @@ import dataclasses
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 
-import yaml
-
 from .errors import InputError
+from .config_file import ConfigError, _read_yaml, _unique_key_loader, _yaml_problem  # noqa: F401
 from .output import parse_size
 from .methods import METHODS, MergeMethod, get_method
 from .options import OptionError, option, parse_options
 
 # %% auto #0
-__all__ = ['DTYPES', 'CONFIG_FIELDS', 'SOURCE_FIELDS', 'AUTO', 'ConfigError', 'RunOptions', 'SourceConfig', 'MergeConfig',
-           'prefix_bytes', 'load_config', 'resolved_paths']
+__all__ = ['DTYPES', 'CONFIG_FIELDS', 'SOURCE_FIELDS', 'AUTO', 'RunOptions', 'SourceConfig', 'MergeConfig', 'prefix_bytes',
+           'load_config', 'resolved_paths']
 
 # %% ../nbs/08b_config.ipynb #10e69d52
-class ConfigError(InputError):
-    "A merge config is invalid; the message names the field."
-
 @dataclass
 class RunOptions:
     "Options of a merge run, whatever the method."
@@ -217,50 +213,7 @@ def _checked(cls, d: dict, root, method: MergeMethod, name: str) -> MergeConfig:
 
 MergeConfig.from_dict = classmethod(_from_dict)
 
-# %% ../nbs/08b_config.ipynb #d9b780b7
-def _unique_key_loader():
-    "A YAML SafeLoader that refuses a key given twice in one mapping (plain YAML silently keeps the last one)."
-    class UniqueKeyLoader(yaml.SafeLoader): pass
-    def mapping(loader, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=deep)
-            try: hash(key)
-            except TypeError:
-                raise yaml.constructor.ConstructorError(None, None, "a key cannot be a list or a mapping",
-                                                        key_node.start_mark) from None
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice (first on line "
-                                                        f"{seen[key] + 1})", key_node.start_mark)
-            seen[key] = key_node.start_mark.line
-        return loader.construct_mapping(node, deep)
-    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    return UniqueKeyLoader
-
 # %% ../nbs/08b_config.ipynb #7434fa74
-def _yaml_problem(e, text: str) -> tuple:
-    "(line or None, what is wrong) of a PyYAML error, as one line of text."
-    mark = getattr(e, "problem_mark", None)
-    if mark is not None: line, problem = mark.line + 1, getattr(e, "problem", None) or str(e)
-    elif getattr(e, "position", None) is not None:   # yaml.reader.ReaderError: a character YAML does not allow
-        line, problem = text.count("\n", 0, e.position) + 1, f"character {chr(e.character)!r} is not allowed in YAML"
-    else: line, problem = None, str(e)
-    return line, " ".join(str(problem).split())
-
-def _read_yaml(path: Path):
-    "The data of a YAML file; a `ConfigError` naming the file (and the line) if it cannot be read as YAML."
-    if path.is_dir(): raise ConfigError(f"{path}: a folder, not a config file (give the YAML file inside it)")
-    if not path.is_file(): raise ConfigError(f"{path}: no such config file")
-    try: text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError: raise ConfigError(f"{path}: not a text file (a YAML config is UTF-8 text)") from None
-    except OSError as e: raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
-    try: data = yaml.load(text, Loader=_unique_key_loader())
-    except yaml.YAMLError as e:
-        line, problem = _yaml_problem(e, text)
-        raise ConfigError(f"{path}{f', line {line}' if line else ''}: not valid YAML ({problem})") from None
-    if data is None: raise ConfigError(f"{path}: empty; a merge config names at least its sources")
-    return data
-
 def _himerge_data(data):
     "A mergekit config (`merge_method`, `models`) as the himerge config of the same merge; himerge's own as it is."
     from himerge.mergekit_config import is_mergekit, from_mergekit

@@ -7,14 +7,24 @@ Docs: https://himerge.github.io/himerge/contributions.html.md"""
 # %% ../nbs/07_contributions.ipynb #dd0698b9
 from __future__ import annotations
 import logging, math, time
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .baselines import COMBINES, combine_deltas
-from .deltas import LazyLayer
+from .deltas import Layer, LayerDeltas, LazyLayer
 from .errors import InputError
+from .evaluate import quiet_lighteval
+from .lazy import lazy
+from .methods import source_state_key
+from .prune import ProcessedDeltas
 from .scoring import Probe, State, Scorer, base_state, means
+
+if TYPE_CHECKING: import pandas as pd
+_pandas, _pyplot = lazy("pandas"), lazy("matplotlib.pyplot")   # imported by the tables and plots that use them
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +59,6 @@ def states_for(deltas, source_names: list, *, combine: str = "sum", merged=None,
 class LayerMemo:
     "Least-recently-used memo of tensors, or of layer dicts (name -> tensor), within a byte budget."
     def __init__(self, max_bytes: int = 2**30):
-        from collections import OrderedDict
         self.max_bytes, self.bytes, self.hits, self.misses = int(max_bytes), 0, 0, 0
         self._items = OrderedDict()
 
@@ -70,25 +79,31 @@ class LayerMemo:
 
     def __contains__(self, key): return key in self._items
 
-class MemoDeltas:
-    "A deltas object (`layers`, `base_layer`, `source_layer`) whose layer reads go through a `LayerMemo`."
-    def __init__(self, deltas, memo: LayerMemo):
+class MemoDeltas(LayerDeltas):
+    "Deltas whose layer reads go through a `LayerMemo`; what is not a read is the wrapped deltas'."
+    def __init__(self, deltas: LayerDeltas, memo: LayerMemo):
         self.deltas, self.memo = deltas, memo
 
+    @property
+    def layers(self) -> list: return self.deltas.layers
+    @property
+    def source_names(self) -> list: return self.deltas.source_names
+    def names(self, layer: Layer) -> list: return self.deltas.names(layer)
+    def costly(self, i: int, layer: Layer) -> bool: return self.deltas.costly(i, layer)
+    def unassigned_tensors(self) -> dict: return self.deltas.unassigned_tensors()
+    def close(self): self.deltas.close()
+
     # One base per analysis (the loaded model), so wrappers of the pre-merge and of the sources share its layers.
-    def base_layer(self, layer): return self.memo.get(("base", layer), lambda: self.deltas.base_layer(layer))
-    def source_layer(self, i: int, layer):
+    def base_layer(self, layer: Layer): return self.memo.get(("base", layer), lambda: self.deltas.base_layer(layer))
+    def source_layer(self, i: int, layer: Layer):
         key = (id(self.deltas), i, layer)
         if key in self.memo: return self.memo.get(key, None)            # a whole layer kept earlier
-        if not getattr(self.deltas, "costly", lambda i, layer: True)(i, layer):
+        if not self.deltas.costly(i, layer):
             return self.deltas.source_layer(i, layer)                    # recomputing costs what keeping saves
         delta = self.deltas.source_layer(i, layer)
         if isinstance(delta, LazyLayer):                                 # kept tensor by tensor, as they are read
             return LazyLayer(delta, lambda name: self.memo.get(key + (name,), lambda: delta[name]))
         return self.memo.get(key, lambda: delta)
-    def __getattr__(self, attr):  # layers, source_names, ... are the wrapped deltas'
-        if attr.startswith("_") or attr in ("deltas", "memo"): raise AttributeError(attr)
-        return getattr(self.deltas, attr)
 
 def memo_budget(model, share: float = 1 / 8, most: int = 2**30) -> int:
     "A memo's byte budget sized to `model`: `share` of its parameters' bytes, at most `most` (`most` if no model)."
@@ -110,8 +125,8 @@ class NoGainError(InputError):
 class Contributions:
     "The result of a contribution analysis."
     reference: dict          # state name ("base", "source:<n>", "pre_merge") -> {task: score}
-    table: object            # pandas DataFrame: layer, state, task, alpha, beta, c (+ _se), normalised
-    gamma: object            # pandas DataFrame: layer, source, gamma, gamma_se, significant
+    table: pd.DataFrame      # layer, state, task, alpha, beta, c (+ _se), normalised
+    gamma: pd.DataFrame      # layer, source, gamma, gamma_se, significant
     gains: dict              # task -> P(m) - P(F) of the source owning the task (1.0 without normalisation)
     evaluations: dict        # done, reused, model_seconds, seconds
     layers: list = field(default_factory=list)  # the layers (or units) analysed, in order
@@ -216,7 +231,6 @@ def _tables(self, states, ref_scores: dict, probe_scores: dict, gains: dict) -> 
         probe_scores: (state name, "delete" or "add", layer) -> task -> per-sample scores of that probe.
         gains: task -> the owning source's gain over the base, the normaliser.
     """
-    import pandas as pd
     base = ref_scores["base"]
     rows, contrib = [], {}
     for s in states:
@@ -233,7 +247,7 @@ def _tables(self, states, ref_scores: dict, probe_scores: dict, gains: dict) -> 
         for layer in self.layers:
             g, g_se = paired(contrib[(f"source:{n}", layer, t)] - contrib[("pre_merge", layer, t)])
             grows.append(dict(layer=layer, source=n, gamma=g, gamma_se=g_se, significant=bool(abs(g) > 2 * g_se)))
-    return pd.DataFrame(rows), pd.DataFrame(grows)
+    return _pandas.DataFrame(rows), _pandas.DataFrame(grows)
 
 def _run(self, merged=None, edits_key=None) -> Contributions:
     "Measure α, β, c per layer for each source alone and for the pre-merge, and γ per source and layer."
@@ -243,9 +257,7 @@ def _run(self, merged=None, edits_key=None) -> Contributions:
     states = self.states(merged, edits_key, memo=LayerMemo(self.memo_bytes))
     bar, own_bar = scorer.progress, None
     if bar is None and self.progress:
-        from tqdm.auto import tqdm
         bar = own_bar = scorer.progress = tqdm(total=self.n_evaluations(), desc="contribution probes", unit="eval")
-    from himerge.evaluate import quiet_lighteval
     try:
         with quiet_lighteval():   # once for the run, rather than once per evaluation
             references = self.references(states)
@@ -265,9 +277,9 @@ def _run(self, merged=None, edits_key=None) -> Contributions:
              len(self.layers), evaluations["done"], evaluations["reused"], evaluations["seconds"])
     return Contributions(reference, table, gamma, gains, evaluations, self.layers)
 
+# %% ../nbs/07_contributions.ipynb #1748f81b
 def _rows_merged(self, resolved: list) -> list:
     "Per-sample scores on every task of the pre-merge of each resolved deltas (by their `key()`), in one call."
-    from himerge.evaluate import quiet_lighteval
     requests = [(Probe(self.states(r, r.key())[-1]), self.all_tasks, "validation") for r in resolved]
     with quiet_lighteval(): return self.scorer.run(requests)
 
@@ -282,9 +294,8 @@ ContributionAnalysis.rows_merged = _rows_merged
 # %% ../nbs/07_contributions.ipynb #a042cb3e
 def plot_gamma(contributions: Contributions, ax=None, title="γ: conflict per layer and source"):
     "Heatmap of γ (layers × sources), symmetric colour scale around 0."
-    import matplotlib.pyplot as plt
     g = contributions.gamma_matrix()
-    if ax is None: _, ax = plt.subplots(figsize=(1.6 + 1.1 * g.shape[1], 0.8 + 0.32 * g.shape[0]))
+    if ax is None: _, ax = _pyplot.subplots(figsize=(1.6 + 1.1 * g.shape[1], 0.8 + 0.32 * g.shape[0]))
     lim = float(np.nanmax(np.abs(g.values))) or 1.0
     im = ax.imshow(g.values.astype(float), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
     ax.set_xticks(range(g.shape[1]), g.columns); ax.set_yticks(range(g.shape[0]), [str(layer) for layer in g.index])
@@ -303,7 +314,7 @@ class GridResult:
     "Validation scores of one source over a grid of densities (rows) and scales (columns)."
     source: str              # the source's name
     task: str                # the source's task, the one scored
-    table: object            # pandas DataFrame: index density, columns scale
+    table: pd.DataFrame      # index density, columns scale
     best: tuple              # (density, scale)
     evaluations: dict = field(default_factory=dict)   # done and reused evaluations of the search
 
@@ -316,18 +327,18 @@ class GridResult:
 
     def plot(self, ax=None):
         "Heatmap of the grid, the best pair boxed."
-        import matplotlib.pyplot as plt
         t = self.table
-        if ax is None: _, ax = plt.subplots(figsize=(1.2 + 0.6 * t.shape[1], 1.0 + 0.45 * t.shape[0]))
+        if ax is None: _, ax = _pyplot.subplots(figsize=(1.2 + 0.6 * t.shape[1], 1.0 + 0.45 * t.shape[0]))
         im = ax.imshow(t.values.astype(float), cmap="viridis", origin="lower", aspect="auto")
         ax.set_xticks(range(t.shape[1]), [f"{v:g}" for v in t.columns])
         ax.set_yticks(range(t.shape[0]), [f"{v:g}" for v in t.index])
         ax.set_xlabel("scale λ"); ax.set_ylabel("density p"); ax.set_title(f"{self.source} on {self.task}")
         i, j = list(t.index).index(self.best[0]), list(t.columns).index(self.best[1])
-        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+        ax.add_patch(_pyplot.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
         ax.figure.colorbar(im, ax=ax, fraction=0.05)
         return ax.figure
 
+# %% ../nbs/07_contributions.ipynb #d2da4bf8
 def choose_density_scale(scorer: Scorer, deltas, i: int, task: str, densities=(0.2, 0.4, 0.6, 0.8, 1.0),
                          scales=(0.2, 0.4, 0.6, 0.8, 1.0), *, scope="tensor", base_key: str = "", source_key: str = "",
                          source_name: str | None = None) -> GridResult:
@@ -342,9 +353,6 @@ def choose_density_scale(scorer: Scorer, deltas, i: int, task: str, densities=(0
         scope: the pruning scope (tensor, layer or model).
         base_key, source_key: cache keys of the base and of source `i`'s files.
         source_name: the name shown in the result (default: the deltas' name of source `i`)."""
-    import pandas as pd
-    from himerge.methods import source_state_key
-    from himerge.prune import ProcessedDeltas
     n = getattr(deltas, "n_sources", None) or len(deltas.source_names)
     name = source_name or (getattr(deltas, "source_names", None) or [str(k) for k in range(n)])[i]
     done0, reused0 = scorer.cache.done, scorer.cache.reused
@@ -357,7 +365,7 @@ def choose_density_scale(scorer: Scorer, deltas, i: int, task: str, densities=(0
         key = {"base": base_key, "source": source_state_key(source_key or name, p, lam, scope)}
         state = State(f"grid:{name}", lambda layer, proc=proc: proc.source_layer(i, layer), key)
         requests.append((Probe(state), [task], "validation"))
-    grid = pd.DataFrame(index=list(densities), columns=list(scales), dtype=float)
+    grid = _pandas.DataFrame(index=list(densities), columns=list(scales), dtype=float)
     for (p, lam), scores in zip(points, scorer.run(requests)): grid.loc[p, lam] = float(scores[task].mean())
     best = max(points, key=lambda pl: (grid.loc[pl], pl[0], pl[1]))
     spent = dict(done=scorer.cache.done - done0, reused=scorer.cache.reused - reused0)

@@ -10,17 +10,23 @@ import math, re, warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
+from safetensors import safe_open
 
+from .lazy import lazy
 from .sources import (SourceError, SourceSet, TensorHeader, adapter_module, adapter_weights, check_lora,
                              file_headers, lora_rank, peft_default, target_tensor, weight_files)
 
+_peft_other = lazy("peft.utils.other")   # PEFT imports transformers: only for an adapter with an alpha pattern
+
 # %% auto #0
-__all__ = ['DTYPE_BYTES', 'LAYER_GROUPS_FIRST', 'LAYER_GROUPS_LAST', 'GRANULARITIES', 'n_blocks', 'layer_of', 'lora_scaling',
-           'lora_delta', 'nonfinite', 'check_finite', 'load_pickle_weights', 'stored_bytes', 'TensorStore',
-           'group_layers', 'LazyLayer', 'map_layer', 'full_reader', 'lora_modules', 'lora_reader', 'source_reader',
-           'Deltas', 'compute_deltas', 'reconstruct', 'unit_of', 'UnitDeltas']
+__all__ = ['DTYPE_BYTES', 'LAYER_GROUPS_FIRST', 'LAYER_GROUPS_LAST', 'Layer', 'GRANULARITIES', 'n_blocks', 'layer_of',
+           'lora_scaling', 'lora_delta', 'nonfinite', 'check_finite', 'load_pickle_weights', 'stored_bytes',
+           'TensorStore', 'group_layers', 'LazyLayer', 'map_layer', 'full_reader', 'lora_modules', 'lora_reader',
+           'source_reader', 'LayerDeltas', 'wrapped', 'Deltas', 'compute_deltas', 'reconstruct', 'unit_of',
+           'UnitDeltas']
 
 # %% ../nbs/02_deltas.ipynb #49bab315
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer|decoder_layers)\.(\d+)\.")
@@ -51,8 +57,7 @@ def lora_scaling(config: dict, module: str) -> float:
     alpha = config["lora_alpha"] if "lora_alpha" in config else peft_default("lora_alpha")
     alphas = config.get("alpha_pattern") or {}
     if alphas:
-        from peft.utils.other import get_pattern_key
-        alpha = alphas.get(get_pattern_key(alphas.keys(), module), alpha)
+        alpha = alphas.get(_peft_other.get_pattern_key(alphas.keys(), module), alpha)
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 def lora_delta(parts: dict, config: dict, module: str) -> dict:
@@ -137,7 +142,6 @@ class TensorStore:
 
     def get(self, name) -> torch.Tensor:
         "The float32 tensor `name`, checked for NaN and infinity: a new tensor, the caller's to change."
-        from safetensors import safe_open
         f = self.where[name]
         if isinstance(f, dict): t, file = f[name], self._headers[name].file
         else:
@@ -285,8 +289,41 @@ def source_reader(src, base_store: TensorStore, by_layer: dict, layers: list, co
     store = TensorStore(weight_files(src.path, allow_pickle, src.who), who=src.who)
     return full_reader(src, store, base_store, by_layer, bool(config.get("tie_word_embeddings"))), set(layers)
 
+# %% ../nbs/02_deltas.ipynb #9379b5ff
+Layer = int | str   # a block's index, a named layer ("embed", "lm_head", ...), or a unit ("3.attn")
+
+@runtime_checkable
+class LayerDeltas(Protocol):
+    "Deltas served layer by layer: what every deltas class has, and the optional capabilities with their defaults."
+    layers: list                # the layers, in model order
+    source_names: list          # the sources' names, in order
+
+    def names(self, layer: Layer) -> list:
+        "The base tensor names of `layer`."
+        ...
+    def base_layer(self, layer: Layer) -> Mapping:
+        "name -> the base's float32 tensor, for every tensor of `layer`."
+        ...
+    def source_layer(self, i: int, layer: Layer) -> Mapping:
+        "name -> source `i`'s float32 delta in `layer`, for the tensors it changes."
+        ...
+
+    def costly(self, i: int, layer: Layer) -> bool:
+        "Whether reading source `i`'s `layer` costs enough to keep it in a memo (by default, yes)."
+        return True
+    def unassigned_tensors(self) -> dict:
+        "Base tensors outside every layer, written unchanged (by default, none)."
+        return {}
+    def close(self):
+        "Let go of open files (by default, there are none)."
+
+def wrapped(name: str) -> property:
+    "A read-only member of a wrapper that is the wrapped deltas' own `name` (`self.deltas.<name>`), declared by name."
+    return property(lambda self: getattr(self.deltas, name), doc=f"The wrapped deltas' `{name}`.")
+
+
 # %% ../nbs/02_deltas.ipynb #10e30c8e
-class Deltas:
+class Deltas(LayerDeltas):
     "Per-layer float32 deltas of N sources against their base, computed on demand."
     def __init__(self, source_set: SourceSet):
         self.source_set = source_set
@@ -365,10 +402,10 @@ def unit_of(name: str, block) -> str:
     part = "mlp" if _MLP_NAMES.search(name) else "attn" if _ATTN_NAMES.search(name) else "other"
     return f"{block}.{part}"
 
-class UnitDeltas:
-    """A deltas object (`layers`, `names`, `base_layer`, `source_layer`) whose blocks are split into attention and
-    MLP units."""
-    def __init__(self, deltas):
+class UnitDeltas(LayerDeltas):
+    """A `Deltas` whose blocks are split into attention and MLP units; what is not about layers (the sources, the
+    base's files, the tensors outside every layer) is the wrapped deltas'."""
+    def __init__(self, deltas: Deltas):
         self.deltas, self._block, self._names, self.layers = deltas, {}, {}, []
         for layer in deltas.layers:
             if not isinstance(layer, int): self.layers.append(layer); continue
@@ -395,8 +432,14 @@ class UnitDeltas:
         "The units of the layers the source (any source if None) changes."
         changed = set(self.deltas.changed_layers(i))
         return [u for u in self.layers if self._block.get(u, u) in changed]
-    def __getattr__(self, attr):   # source_names, config, unassigned_tensors, close, ... are the wrapped deltas'
-        if attr.startswith("_") or attr == "deltas": raise AttributeError(attr)
-        return getattr(self.deltas, attr)
+    def costly(self, i: int, layer: Layer) -> bool: return self.deltas.costly(i, layer)
+    # What is not about layers is the wrapped `Deltas`' own: its sources, the base's files, the tensors outside layers.
+    source_set, base, sources, source_names = wrapped("source_set"), wrapped("base"), wrapped("sources"), \
+        wrapped("source_names")
+    n_sources, config, allow_pickle = wrapped("n_sources"), wrapped("config"), wrapped("allow_pickle")
+    base_store, unassigned, tied = wrapped("base_store"), wrapped("unassigned"), wrapped("tied")
+    def base_tensor(self, name: str): return self.deltas.base_tensor(name)
+    def unassigned_tensors(self) -> dict: return self.deltas.unassigned_tensors()
+    def close(self): self.deltas.close()
     def __enter__(self): return self
     def __exit__(self, *exc): self.deltas.close()

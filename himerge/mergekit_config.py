@@ -6,9 +6,14 @@ Docs: https://himerge.github.io/himerge/mergekit.html.md"""
 
 # %% ../nbs/08e_mergekit.ipynb #9e700110
 from __future__ import annotations
+import os, tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
-from .config import ConfigError
+import yaml
+
+from .baselines import MERGEKIT_ARGS
+from .config_file import ConfigError, _read_yaml
 
 # %% auto #0
 __all__ = ['MERGEKIT_MARKS', 'READ_KEYS', 'REFUSED_KEYS', 'MERGEKIT_METHODS', 'SHARED', 'DTYPE_NAMES', 'is_mergekit',
@@ -167,7 +172,6 @@ def fold_weights(weights: list, lamb: float, divides: bool) -> tuple:
 # %% ../nbs/08e_mergekit.ipynb #a496fd9d
 def _family(name: str, base, specs: list, params: list, whole: dict) -> dict:
     "The himerge config of a task-arithmetic-family merge."
-    from himerge.baselines import MERGEKIT_ARGS
     m = MERGEKIT_METHODS[name]
     if base is None: raise ConfigError(f"base_model: mergekit's {name} merges deltas from a base; name it")
     keep = [i for i, s in enumerate(specs) if s != base]     # the base's parameters are ignored, as in mergekit
@@ -261,9 +265,6 @@ def from_mergekit(data: dict) -> dict:
 # %% ../nbs/08e_mergekit.ipynb #fbc3b72e
 def convert_config(path, out=None, force: bool = False) -> str:
     "The himerge YAML of the mergekit config file `path`; written to `out` if given (an existing file: with `force`)."
-    import os, tempfile, yaml
-    from pathlib import Path
-    from himerge.config import _read_yaml
     path = Path(path)
     data = _read_yaml(path)
     if not is_mergekit(data): raise ConfigError(f"{path}: not a mergekit config (no merge_method or models)")

@@ -10,9 +10,12 @@ from dataclasses import dataclass
 from decimal import Decimal, ROUND_HALF_UP
 import torch
 
+from .deltas import Layer, LayerDeltas, map_layer, wrapped
+
 # %% auto #0
 __all__ = ['ROUNDINGS', 'NONFINITE_BITS', 'KEEP_NONE', 'SCOPES', 'PruneError', 'check_fraction', 'kept_count', 'abs_bits',
-           'Threshold', 'select_threshold', 'keep_mask', 'prune_scale', 'prune_scale_group', 'ProcessedDeltas']
+           'Threshold', 'select_threshold', 'keep_mask', 'prune_scale', 'prune_scale_group', 'model_thresholds',
+           'ProcessedDeltas']
 
 # %% ../nbs/03_prune.ipynb #197beb78
 class PruneError(ValueError):
@@ -147,7 +150,7 @@ def prune_scale_group(tensors: dict, density: float, scale: float = 1.0, *, roun
         out[k] = _apply(tensors[k], mask, scale)
     return {k: out[k] for k in tensors}
 
-# %% ../nbs/03_prune.ipynb #3027fa3b
+# %% ../nbs/03_prune.ipynb #8ea1481b
 SCOPES = ("tensor", "layer", "model")
 
 def _source_names(deltas, n_hint=None) -> list:
@@ -168,9 +171,34 @@ def _per_source(values, parameter: str, names: list) -> list:
         raise PruneError(f"{parameter}: {len(values)} values for {len(names)} sources ({', '.join(map(str, names))})")
     return [check_fraction(v, parameter, s) for v, s in zip(values, names)]
 
-class ProcessedDeltas:
+# %% ../nbs/03_prune.ipynb #09858747
+def _stream(deltas: LayerDeltas, i: int):
+    "Source i's delta tensors in the fixed order: layers in model order, tensors by sorted name."
+    for layer in deltas.layers:
+        d = deltas.source_layer(i, layer)
+        for n in sorted(d): yield n, d[n]
+
+def model_thresholds(deltas: LayerDeltas, density: list, rounding: str) -> tuple:
+    """Model scope: ([each source's `Threshold` over all its deltas, None where p is 1], [per source, layer -> the
+    entries equal to the threshold met in earlier layers, where some equal entries are dropped])."""
+    ths, ties_before = [], []
+    for i, p in enumerate(density):
+        th = (select_threshold(lambda i=i: _stream(deltas, i), lambda n, p=p: kept_count(n, p, rounding))
+              if p < 1 else None)
+        before = {}
+        if th is not None and th.ties < th.equal:   # some equal entries are dropped: count them per layer
+            seen = 0
+            for layer in deltas.layers:
+                before[layer] = seen
+                seen += sum(int((abs_bits(t) == th.bits).sum()) for t in deltas.source_layer(i, layer).values())
+        ths.append(th); ties_before.append(before)
+    return ths, ties_before
+
+# %% ../nbs/03_prune.ipynb #3027fa3b
+class ProcessedDeltas(LayerDeltas):
     "Deltas pruned to `density` and scaled by `scale` (one value or one per source), read layer by layer."
-    def __init__(self, deltas, density=1.0, scale=1.0, scope: str = "tensor", *, rounding: str = "half_up"):
+    def __init__(self, deltas: LayerDeltas, density=1.0, scale=1.0, scope: str = "tensor", *,
+                 rounding: str = "half_up"):
         """Args:
             deltas: the source deltas (`layers`, `names`, `base_layer`, `source_layer`), e.g. `Deltas`.
             density: p, one value for every source or one per source.
@@ -187,20 +215,19 @@ class ProcessedDeltas:
         self._thresholds = None   # model scope: per source, a Threshold
         self._ties_before = None  # model scope: per source, layer -> ties consumed by earlier layers
 
-    @property
-    def layers(self): return self.deltas.layers
+    layers = wrapped("layers")
     @property
     def n_sources(self) -> int: return len(self.source_names)
-    def base_layer(self, layer): return self.deltas.base_layer(layer)
-    def names(self, layer): return self.deltas.names(layer)
-    def __getattr__(self, attr):  # anything else (sources, base, close, ...) is the wrapped deltas'
-        if attr.startswith("_") or attr == "deltas": raise AttributeError(attr)
-        return getattr(self.deltas, attr)
+    def base_layer(self, layer: Layer): return self.deltas.base_layer(layer)
+    def names(self, layer: Layer) -> list: return self.deltas.names(layer)
+    sources, base, config = wrapped("sources"), wrapped("base"), wrapped("config")   # not about pruning: the deltas'
+    def changed_layers(self, i: int | None = None) -> list: return self.deltas.changed_layers(i)
+    def unassigned_tensors(self) -> dict: return self.deltas.unassigned_tensors()
+    def close(self): self.deltas.close()
 
-    def source_layer(self, i: int, layer) -> dict:
+    def source_layer(self, i: int, layer: Layer) -> dict:
         """Source `i`'s processed delta in `layer` (name -> float32 tensor, only the tensors it changes): computed
         tensor by tensor as it is read in tensor scope; the whole layer at once in layer and model scope."""
-        from himerge.deltas import map_layer
         delta = self.deltas.source_layer(i, layer)
         p, lam, src = self.density[i], self.scale[i], self.source_names[i]
         if p == 1: return delta if lam == 1 else map_layer(delta, lambda n, t: t * lam)   # read-only downstream
@@ -216,34 +243,14 @@ class ProcessedDeltas:
             ties_left -= used
             out[n] = _apply(delta[n], mask, lam)
         return {n: out[n] for n in delta}
-
-    def costly(self, i: int, layer) -> bool:
+    def costly(self, i: int, layer: Layer) -> bool:
         "Whether reading source `i`'s `layer` selects entries (a top-p over a tensor or more), worth memoising."
         return self.density[i] < 1
-
-    def _stream(self, i):
-        "Source i's delta tensors in the fixed order: layers in model order, tensors by sorted name."
-        for layer in self.layers:
-            d = self.deltas.source_layer(i, layer)
-            for n in sorted(d): yield n, d[n]
 
     def thresholds(self) -> list:
         "Model scope: each source's exact global threshold (computed once by streaming, then cached)."
         if self.scope != "model":
             raise PruneError(f"thresholds: only model scope has global thresholds (scope is {self.scope!r})")
         if self._thresholds is None:
-            ths, ties_before = [], []
-            for i in range(self.n_sources):
-                p = self.density[i]
-                th = (select_threshold(lambda i=i: self._stream(i), lambda n, p=p: kept_count(n, p, self.rounding))
-                      if p < 1 else None)
-                before = {}
-                if th is not None and th.ties < th.equal:   # some equal entries are dropped: count them per layer
-                    seen = 0
-                    for layer in self.layers:
-                        before[layer] = seen
-                        seen += sum(int((abs_bits(t) == th.bits).sum())
-                                    for t in self.deltas.source_layer(i, layer).values())
-                ths.append(th); ties_before.append(before)
-            self._thresholds, self._ties_before = ths, ties_before
+            self._thresholds, self._ties_before = model_thresholds(self.deltas, self.density, self.rounding)
         return self._thresholds

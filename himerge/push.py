@@ -6,10 +6,17 @@ Docs: https://himerge.github.io/himerge/push.html.md"""
 
 # %% ../nbs/11_push.ipynb #f55a45b7
 from __future__ import annotations
-import argparse, re, sys
+import argparse, json, re, struct, sys
 from pathlib import Path
 
 from .errors import InputError
+from .lazy import lazy
+
+# `himerge --help` builds the push arguments: the card (whose imports reach torch) and the Hub client are imported
+# by a push, not before.
+_cards, _yaml = lazy("himerge.card"), lazy("yaml")
+_hub, _hub_errors, _hub_utils = lazy("huggingface_hub"), lazy("huggingface_hub.errors"), lazy("huggingface_hub.utils")
+_hub_constants = lazy("huggingface_hub.constants")
 
 # %% auto #0
 __all__ = ['VOCABULARY_FILES', 'ADAPTER_CONFIG', 'PushError', 'PushInputError', 'check_repo_id', 'check_output_dir',
@@ -26,14 +33,13 @@ class PushInputError(PushError, InputError):
 # %% ../nbs/11_push.ipynb #698d6db1
 def check_repo_id(repo_id) -> str:
     "`repo_id` if it is a valid `NAMESPACE/NAME` Hub model id; else a `PushInputError` naming it."
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
     if not isinstance(repo_id, str) or not repo_id.strip():
         raise PushInputError(f"repo id {repo_id!r}: empty; give the target repository as NAMESPACE/NAME, "
                              "e.g. some-user/my-merge")
     if repo_id.count("/") > 1:
         raise PushInputError(f"repo id {repo_id!r}: expected NAMESPACE/NAME (one '/'), e.g. some-user/my-merge")
-    try: validate_repo_id(repo_id)
-    except HFValidationError as e:
+    try: _hub_utils.validate_repo_id(repo_id)
+    except _hub_utils.HFValidationError as e:
         reason = re.sub(r":\s*'.*'\.?$", "", str(e)).rstrip(".")
         raise PushInputError(f"repo id {repo_id!r}: not a valid Hub repository id ({reason})") from None
     if "/" not in repo_id:
@@ -43,38 +49,38 @@ def check_repo_id(repo_id) -> str:
 # %% ../nbs/11_push.ipynb #73ef53b9
 def check_output_dir(output_dir) -> tuple:
     "(folder, report) of a complete merge output; else a `PushInputError` naming the folder and what is wrong."
-    from himerge.card import REPORT, CardError, read_report
     folder = Path(output_dir).expanduser()
     if not folder.exists(): raise PushInputError(f"cannot push {folder}: no such folder")
     if not folder.is_dir(): raise PushInputError(f"cannot push {folder}: a file, not a merge output folder")
-    if not (folder / REPORT).is_file():
-        raise PushInputError(f"cannot push {folder}: not a himerge output (no {REPORT})")
-    try: report = read_report(folder)
-    except CardError as e: raise PushInputError(f"cannot push {folder}: {e}") from None
+    if not (folder / _cards.REPORT).is_file():
+        raise PushInputError(f"cannot push {folder}: not a himerge output (no {_cards.REPORT})")
+    try: report = _cards.read_report(folder)
+    except _cards.CardError as e: raise PushInputError(f"cannot push {folder}: {e}") from None
     files = report.get("files", [])
-    if not isinstance(files, list): raise PushInputError(f"cannot push {folder}: {REPORT}: field 'files' is not a list")
+    if not isinstance(files, list):
+        raise PushInputError(f"cannot push {folder}: {_cards.REPORT}: field 'files' is not a list")
     outside = [f for f in files if not isinstance(f, str) or not f or Path(f).is_absolute() or ".." in Path(f).parts]
     if outside:
-        raise PushInputError(f"cannot push {folder}: {REPORT} lists {outside[0]!r}, not a file inside the folder")
+        raise PushInputError(f"cannot push {folder}: {_cards.REPORT} lists {outside[0]!r}, not a file inside the "
+                             "folder")
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise PushInputError(f"cannot push {folder}: incomplete output, {len(missing)} file(s) its {REPORT} lists are "
+        raise PushInputError(f"cannot push {folder}: incomplete output, {len(missing)} file(s) its {_cards.REPORT} "
+                             "lists are "
                              f"missing: {shown}; copy the whole folder, or run the merge again")
     return folder, report
 
 # %% ../nbs/11_push.ipynb #c71e2923
 def card_for_push(output_dir, repo_id: str) -> bytes | None:
     "The card to upload for `repo_id`, rendered again with the repo id as the model's name; None keeps the user's own."
-    from himerge.card import CARD, build_card, is_himerge_card
-    readme = Path(output_dir) / CARD
-    if readme.exists() and not is_himerge_card(readme): return None
-    return str(build_card(output_dir, model_name=repo_id)).encode()
+    readme = Path(output_dir) / _cards.CARD
+    if readme.exists() and not _cards.is_himerge_card(readme): return None
+    return str(_cards.build_card(output_dir, model_name=repo_id)).encode()
 
 # %% ../nbs/11_push.ipynb #2fe3eebc
 def _resolve_token(token, repo_id) -> str:
-    from huggingface_hub import get_token
-    token = token or get_token()
+    token = token or _hub.get_token()
     if not token:
         raise PushError(f"cannot push to {repo_id}: no Hub token. Run `hf auth login`, set HF_TOKEN, "
                         "or pass token=... (a token with write access).")
@@ -93,23 +99,20 @@ class LocalPathLeak(RuntimeError):
 
 def _safetensors_metadata(path: Path) -> dict:
     "The `__metadata__` of a .safetensors file's header, read without loading a tensor."
-    import json, struct
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         return json.loads(f.read(n)).get("__metadata__") or {}
 
 def _checked_text(name: str, data: bytes) -> str | None:
     "The text of file `name` to check, without the tasks' free text (the config's prompts); None if not text."
-    from himerge.card import CONFIG, FREE_TEXT
     try: text = data.decode("utf-8")
     except UnicodeDecodeError: return None          # a figure
-    if name == CONFIG:
-        import yaml
-        config = yaml.safe_load(text) or {}
+    if name == _cards.CONFIG:
+        config = _yaml.safe_load(text) or {}
         for spec in (config.get("tasks") or {}).values():
-            for key in FREE_TEXT:
+            for key in _cards.FREE_TEXT:
                 if isinstance(spec, dict): spec.pop(key, None)
-        text = yaml.safe_dump(config)
+        text = _yaml.safe_dump(config)
     return text
 
 def local_paths_in(folder, replaced: dict | None = None) -> dict:
@@ -118,14 +121,12 @@ def local_paths_in(folder, replaced: dict | None = None) -> dict:
     Args:
         folder: a merge output folder (or the staging folder of one).
         replaced: file -> the bytes uploaded instead of the file's own (a push's adapter config)."""
-    import json
-    from himerge.card import CARD, local_paths
     folder, replaced, found = Path(folder), replaced or {}, {}
     for name in sorted(set(_files_to_push(folder)) | set(replaced)):
-        if Path(name).name in VOCABULARY_FILES or name == CARD: continue
+        if Path(name).name in VOCABULARY_FILES or name == _cards.CARD: continue
         if name.endswith(".safetensors"): text = json.dumps(_safetensors_metadata(folder / name))
         else: text = _checked_text(name, replaced[name] if name in replaced else (folder / name).read_bytes())
-        paths = local_paths(text) if text else []
+        paths = _cards.local_paths(text) if text else []
         if paths: found[name] = paths
     return found
 
@@ -142,8 +143,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 def adapter_config_for_push(output_dir, report: dict) -> bytes | None:
     "The adapter_config.json to upload, its base named by its Hub id when the report knows one; None: no change."
-    import json
-    from himerge.card import local_name
     path = Path(output_dir) / ADAPTER_CONFIG
     if not path.is_file(): return None
     config = json.loads(path.read_text(encoding="utf-8"))
@@ -152,7 +151,7 @@ def adapter_config_for_push(output_dir, report: dict) -> bytes | None:
     if base.get("repo_id"):
         changed.update(base_model_name_or_path=base["repo_id"],
                        revision=base.get("commit_sha") or base.get("revision") or config.get("revision"))
-    elif named: changed["base_model_name_or_path"] = local_name(named)
+    elif named: changed["base_model_name_or_path"] = _cards.local_name(named)
     return None if changed == config else (json.dumps(changed, indent=2, sort_keys=True) + "\n").encode()
 
 # %% ../nbs/11_push.ipynb #66c87834
@@ -164,10 +163,10 @@ def _is_network_error(err) -> bool:
 
 def _reason(err, repo_id: str, step: str, endpoint: str) -> str:
     "Why the push of `repo_id` failed during `step`, in words."
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-    if isinstance(err, OfflineModeIsEnabled):
+    if isinstance(err, _hub_errors.OfflineModeIsEnabled):
         return f"cannot push to {repo_id}: HF_HUB_OFFLINE is set. Unset it to publish."
-    status = getattr(getattr(err, "response", None), "status_code", None) if isinstance(err, HfHubHTTPError) else None
+    status = getattr(getattr(err, "response", None), "status_code", None) \
+        if isinstance(err, _hub_errors.HfHubHTTPError) else None
     # HfHubHTTPError is an OSError too: only errors without a response mean the Hub was not reached
     if status is None and _is_network_error(err):
         return (f"cannot push to {repo_id}: the Hub at {endpoint} cannot be reached ({type(err).__name__}); "
@@ -203,18 +202,17 @@ def push_to_hub(output_dir, repo_id: str, *, token: str | None = None, private: 
         revision: the branch to push to, created if needed (default: main).
         commit_message: the commit's message.
         endpoint: the Hub's URL (default: HF_ENDPOINT, else huggingface.co)."""
-    from himerge.card import CARD
     repo_id = check_repo_id(repo_id)
     output_dir, report = check_output_dir(output_dir)
-    replaced = {CARD: card_for_push(output_dir, repo_id), ADAPTER_CONFIG: adapter_config_for_push(output_dir, report)}
+    replaced = {_cards.CARD: card_for_push(output_dir, repo_id),
+                ADAPTER_CONFIG: adapter_config_for_push(output_dir, report)}
     replaced = {name: data for name, data in replaced.items() if data is not None}
     check_no_local_paths_in(output_dir, replaced)
     files = [f for f in _files_to_push(output_dir) if f not in replaced]
     token = _resolve_token(token, repo_id)
-    from huggingface_hub import HfApi, CommitOperationAdd
-    api = HfApi(endpoint=endpoint, token=token)
-    ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(output_dir / f)) for f in files]
-    ops += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in replaced.items()]
+    api = _hub.HfApi(endpoint=endpoint, token=token)
+    ops = [_hub.CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(output_dir / f)) for f in files]
+    ops += [_hub.CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in replaced.items()]
     message = commit_message or f"Upload merge ({len(ops)} files) with himerge"
     step = "create the repository"
     try:
@@ -234,12 +232,10 @@ def push_to_hub(output_dir, repo_id: str, *, token: str | None = None, private: 
 # %% ../nbs/11_push.ipynb #4c3e174a
 def check_can_push(repo_id) -> str:
     "Check, without any request, that a push to `repo_id` could start: a valid id, a token, the Hub not switched off."
-    import huggingface_hub.constants as hf_constants
-    from huggingface_hub import get_token
     check_repo_id(repo_id)
-    if hf_constants.HF_HUB_OFFLINE:
+    if _hub_constants.HF_HUB_OFFLINE:
         raise PushInputError(f"--push-to-hub {repo_id}: HF_HUB_OFFLINE is set; unset it to publish")
-    if not get_token():
+    if not _hub.get_token():
         raise PushInputError(f"--push-to-hub {repo_id}: no Hub token; run `hf auth login` or set HF_TOKEN first")
     return repo_id
 

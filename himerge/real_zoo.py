@@ -6,11 +6,15 @@ Docs: https://himerge.github.io/himerge/real_zoo.html.md"""
 
 # %% ../nbs/00b_real_zoo.ipynb #4246cd2e
 from __future__ import annotations
-import copy, hashlib, json, os, random, shutil, subprocess, sys, time, zipfile
+import copy, hashlib, itertools, json, os, random, shutil, subprocess, sys, time, zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import yaml
+
 from .errors import InputError
+from .evaluate import Evaluator
+from .tasks import load_tasks, read_rows
 from .zoo import LORA, PROMPT, encode_pairs, row_text, train
 
 # %% auto #0
@@ -215,7 +219,6 @@ def _log_part(root: Path, part: str, seconds: float):
 
 def _write_data(root: Path, seed: int):
     "The task data (jsonl per split) and tasks.yaml, in one atomic step."
-    import yaml
     rng = random.Random(seed)
     with atomic_dir(root / "data") as tmp:
         for t in REAL_TASKS:
@@ -237,7 +240,6 @@ def train_adapter(root: Path, task: str, index: int, r: dict, log=print) -> list
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from himerge.tasks import read_rows
     tok = AutoTokenizer.from_pretrained(root / "base")
     model = AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32)
     torch.manual_seed(r["ft_seed"] + index)        # before get_peft_model: it draws the LoRA A matrices
@@ -270,7 +272,6 @@ def _adapter_deltas(root: Path, base) -> dict:
 def real_variants(root: Path) -> dict:
     """The models the evidence scores -> the tasks each is scored on: the base on every task, each adapter on its
     own, each pair's task arithmetic on its two (what the criterion needs: scoring is the build's slowest part)."""
-    import itertools
     tasks = [t for t in REAL_TASKS if (root / f"lora-{t}").is_dir()]
     return {"base": list(REAL_TASKS), **{f"lora-{t}": [t] for t in tasks},
             **{f"ta:{a}+{b}": [a, b] for a, b in itertools.combinations(tasks, 2)}}
@@ -286,8 +287,6 @@ def measure_real_evidence(root, splits=("test",), only=None, log=print) -> dict:
         log: where a line per model scored goes."""
     import torch
     from transformers import AutoModelForCausalLM
-    from himerge.tasks import load_tasks
-    from himerge.evaluate import Evaluator
     root = Path(root)
     tasks = load_tasks(root / "tasks.yaml", root=root)
     model = AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32).eval()

@@ -12,11 +12,14 @@ from typing import Callable
 
 import numpy as np
 
-from .contributions import paired, plot_gamma
-from .deltas import map_layer
-from .methods import implements
-from .prune import prune_scale, prune_scale_group
+from .contributions import ContributionAnalysis, Contributions, paired, plot_gamma
+from .deltas import Layer, LayerDeltas, map_layer
+from .lazy import lazy
+from .methods import Merged, implements, processed_key, refinement
+from .prune import ProcessedDeltas, prune_scale, prune_scale_group
 from .scoring import means
+
+_patches = lazy("matplotlib.patches")   # for the figures only
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +74,17 @@ class LayerEdit:
 ZERO = LayerEdit("zero")
 
 # %% ../nbs/08_resolve.ipynb #73548ffe
-class ResolvedDeltas:
+class ResolvedDeltas(LayerDeltas):
     "Processed deltas with per-(source, layer) edits applied on read."
-    def __init__(self, processed, edits: dict | None = None, scope: str = "tensor"):
+    def __init__(self, processed: ProcessedDeltas, edits: dict | None = None, scope: str = "tensor"):
         self.processed, self.edits, self.scope = processed, dict(edits or {}), scope
 
     @property
-    def layers(self): return self.processed.layers
-    def base_layer(self, layer): return self.processed.base_layer(layer)
+    def layers(self) -> list: return self.processed.layers
+    @property
+    def source_names(self) -> list: return self.processed.source_names
+    def names(self, layer: Layer) -> list: return self.processed.names(layer)
+    def base_layer(self, layer: Layer): return self.processed.base_layer(layer)
 
     def with_edit(self, source: int, layer, edit: LayerEdit) -> "ResolvedDeltas":
         "A copy with one more edit (the original is left as it was)."
@@ -99,7 +105,7 @@ class ResolvedDeltas:
         "Whether reading `layer` of `source` prunes (worth a memo): a re-pruning edit, or pruned processed deltas."
         edit = self.edits.get((source, layer))
         if edit is not None and edit.kind != "scale": return edit.kind == "reprune" and edit.density < 1
-        return getattr(self.processed, "costly", lambda i, layer: True)(source, layer)
+        return self.processed.costly(source, layer)
 
     def linear_weights(self, layer):
         "[w_m] when every source's resolved delta of `layer` is its processed delta times w_m (dropped: 0), else None."
@@ -161,7 +167,7 @@ class Measures:
 @dataclass
 class LayerView:
     "What the rule knows of one layer: its γ, class, total conflict, impaired sources, own-task contributions."
-    layer: object        # the layer (or unit)
+    layer: Layer         # the layer (or unit)
     gammas: dict         # source -> γ
     cls: str             # severe / partial / mutual
     total: float         # Γ: the sum of the impaired sources' γ
@@ -268,7 +274,7 @@ def accept(rows_before: dict, rows_of: list, gains: dict | None, z: float) -> tu
 class Decision:
     "One resolution step: a conflicted layer (or, when refining, one source's layer scale)."
     order: int                 # 1 for the first step, and so on
-    layer: object              # the layer (or unit) resolved
+    layer: Layer               # the layer (or unit) resolved
     cls: str                   # severe / partial / mutual, or refine
     gamma: dict                # source name -> γ at this layer when it was resolved
     total_conflict: float      # Γ: the sum of the impaired sources' γ
@@ -297,7 +303,7 @@ def candidate_record(candidate: Candidate, rows: dict, gain: tuple | None, taken
 @dataclass
 class _Loop:
     "What a resolution run has resolved, measured, spent and decided so far."
-    current: object                  # the Contributions the next layer is chosen from
+    current: Contributions           # the Contributions the next layer is chosen from
     resolved: ResolvedDeltas         # the deltas with every step taken so far
     rows: dict | None = None         # per-sample validation scores of `resolved` (when measured)
     decisions: list = field(default_factory=list)
@@ -434,6 +440,7 @@ def resolve(contributions, processed, source_names: list, source_tasks: list, se
     return Resolution(loop.resolved, loop.decisions, classes, stopped, loop.spent, loop.current,
                       loop.current is not contributions, z, hurt, settings, contributions)
 
+# %% ../nbs/08_resolve.ipynb #bfc824a2
 def _score_deferred(loop: _Loop, measures: Measures):
     "The paper's steps, scored in one call once every decision is made: each decision's neighbours in the list."
     if not loop.steps or not loop.decisions: return
@@ -451,12 +458,12 @@ class Resolution:
     classes: dict          # layer -> severe / partial / mutual (from the γ used when the layer was visited)
     stopped: str           # why the loop ended
     evaluations: int = 0   # task evaluations the resolution spent scoring and re-measuring
-    contributions: object = None  # the last Contributions measured (the input one if never re-measured)
+    contributions: Contributions | None = None  # the last Contributions measured (the input one if never re-measured)
     remeasured: bool = False      # whether contributions were re-measured after each step
     conflict_z: float = 0.0       # z of the noise-aware rule (0: the paper's γ > 0)
     impaired: dict = field(default_factory=dict)   # layer -> sources counted as impaired (γ > z·se)
     settings: ResolveSettings | None = None        # how it decided
-    analysed: object = None       # the Contributions the loop started from
+    analysed: Contributions | None = None       # the Contributions the loop started from
 
     @property
     def kept(self) -> list:
@@ -495,13 +502,11 @@ def plot_resolution(resolution: Resolution, ax=None):
     return fig
 
 def _dashed_box(xy, width, height):
-    import matplotlib.patches as patches
-    return patches.Rectangle(xy, width, height, fill=False, edgecolor="black", linewidth=2, linestyle="--")
+    return _patches.Rectangle(xy, width, height, fill=False, edgecolor="black", linewidth=2, linestyle="--")
 
 # %% ../nbs/08_resolve.ipynb #27a3c00a
 def resolve_settings(context) -> ResolveSettings:
     "The `ResolveSettings` of a Hi-Merging run, from its options and Stage 1's p and λ."
-    from himerge.methods import refinement
     opts = context.options
     return ResolveSettings(tuple(context.densities), tuple(context.scales), opts.resolution, opts.density_factor,
                            opts.scale_factor, opts.conflict_z, opts.accept_z, refine=refinement(opts),
@@ -510,9 +515,6 @@ def resolve_settings(context) -> ResolveSettings:
 @implements("hi-merging")
 def hi_merging(context):
     "The merger of `method: hi-merging`: Stage 1, the contribution analysis and conflict resolution; a `Merged`."
-    from himerge.contributions import ContributionAnalysis
-    from himerge.methods import Merged, processed_key
-    from himerge.prune import ProcessedDeltas
     opts = context.options
     processed = ProcessedDeltas(context.deltas, density=context.densities, scale=context.scales, scope=opts.prune_scope)
     analysis = ContributionAnalysis(context.scorer, processed, context.names, context.tasks, layers=context.layers,

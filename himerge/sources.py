@@ -6,11 +6,19 @@ Docs: https://himerge.github.io/himerge/sources.html.md"""
 
 # %% ../nbs/01_sources.ipynb #71760666
 from __future__ import annotations
-import json, math, os, re
+import dataclasses, json, math, os, re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+
+from safetensors import safe_open
 
 from .errors import InputError
+from .lazy import lazy
+
+# Imported when used: huggingface_hub for a Hub source, PEFT (which imports transformers) for an adapter's rules.
+_hub, _hub_errors = lazy("huggingface_hub"), lazy("huggingface_hub.errors")
+_peft, _peft_other, _peft_tuners = lazy("peft"), lazy("peft.utils.other"), lazy("peft.tuners.tuners_utils")
 
 # %% auto #0
 __all__ = ['HUB_PATTERNS', 'RULES', 'FIELDS', 'REQUIRED', 'JSON_OBJECTS', 'ADAPTER_FILES', 'INDEX', 'SourceError', 'parse_spec',
@@ -55,18 +63,18 @@ def hub_snapshot(repo_id: str, revision: str | None, allow_pickle: bool = False,
         revision: a branch, tag or commit (None: the default branch).
         allow_pickle: also fetch pickle weights (*.bin).
         who: how errors name the source (default: `source REPO_ID@REVISION`)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
     who = who or f"source {repo_id}{'@' + revision if revision else ''}"
     patterns = HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
-    try: folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except RevisionNotFoundError: raise SourceError(f"{who}: revision {revision!r} not found on the Hub") from None
-    except RepositoryNotFoundError: raise SourceError(f"{who}: repository {repo_id} not found (or private: log in with "
-                                                      "`hf auth login`)") from None
-    except LocalEntryNotFoundError: raise SourceError(f"{who}: not in the local cache and the Hub is offline") from None
-    except HFValidationError as e: raise SourceError(f"{who}: not a valid Hub id or revision ({e})") from None
-    except HfHubHTTPError as e: raise SourceError(f"{who}: Hub error {e}") from None
+    try: folder = Path(_hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except _hub_errors.RevisionNotFoundError:
+        raise SourceError(f"{who}: revision {revision!r} not found on the Hub") from None
+    except _hub_errors.RepositoryNotFoundError:
+        raise SourceError(f"{who}: repository {repo_id} not found (or private: log in with `hf auth login`)") from None
+    except _hub_errors.LocalEntryNotFoundError:
+        raise SourceError(f"{who}: not in the local cache and the Hub is offline") from None
+    except _hub_errors.HFValidationError as e:
+        raise SourceError(f"{who}: not a valid Hub id or revision ({e})") from None
+    except _hub_errors.HfHubHTTPError as e: raise SourceError(f"{who}: Hub error {e}") from None
     return folder, folder.name
 
 # %% ../nbs/01_sources.ipynb #af810c0d
@@ -226,7 +234,6 @@ class TensorHeader:
 
 def file_headers(file: Path, who: str) -> dict:
     "name -> TensorHeader of every tensor in one safetensors file; a corrupt file names `who` and the file."
-    from safetensors import safe_open
     file = Path(file)
     try:
         with safe_open(str(file), "pt") as h:
@@ -277,9 +284,7 @@ def readable_shapes(files, who: str = "source"):
 # %% ../nbs/01_sources.ipynb #7cf80071
 def peft_default(name: str):
     "The default of field `name` of PEFT's `LoraConfig`."
-    import dataclasses
-    from peft import LoraConfig
-    return next(f.default for f in dataclasses.fields(LoraConfig) if f.name == name)
+    return next(f.default for f in dataclasses.fields(_peft.LoraConfig) if f.name == name)
 
 def with_peft_defaults(cfg: dict) -> dict:
     "An adapter config with PEFT's defaults for a missing `r` or `lora_alpha`, as `LoraConfig(**cfg)` would have them."
@@ -509,8 +514,7 @@ def lora_rank(config: dict, module: str) -> tuple:
     "(rank, field it comes from) that PEFT gives `module` (its name in the base model) under adapter `config`."
     pattern = config.get("rank_pattern") or {}
     if pattern:
-        from peft.utils.other import get_pattern_key
-        key = get_pattern_key(pattern.keys(), module)
+        key = _peft_other.get_pattern_key(pattern.keys(), module)
         if key in pattern: return pattern[key], f"rank_pattern[{key!r}]"
     return (config["r"] if "r" in config else peft_default("r")), "r"
 
@@ -521,11 +525,9 @@ def _targeted(config: dict, module: str) -> bool:
     if tm is None or tm == "all-linear": return True
     simple = not any(config.get(k) for k in ("exclude_modules", "modules_to_save", "layers_to_transform"))
     if simple and isinstance(tm, list) and (module in tm or any(module.endswith("." + t) for t in tm)): return True
-    from types import SimpleNamespace
-    from peft.tuners.tuners_utils import check_target_module_exists
     fields = ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern",
               "target_parameters")
-    found = check_target_module_exists(SimpleNamespace(**{k: config.get(k) for k in fields}), module)
+    found = _peft_tuners.check_target_module_exists(SimpleNamespace(**{k: config.get(k) for k in fields}), module)
     return bool(found) and type(found).__name__ != "_ExcludedModule"
 
 # %% ../nbs/01_sources.ipynb #e850ada4

@@ -11,6 +11,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from himerge.cache import EvalCache
 from himerge.contributions import ContributionAnalysis, NoGainError
+from himerge.deltas import LayerDeltas
 from himerge.scoring import Scorer
 
 torch.set_grad_enabled(False)
@@ -21,7 +22,7 @@ def layer_of(name):
     return int(name.split(".")[2]) if name.startswith("model.layers.") else "outside"
 
 
-class InMemoryDeltas:
+class InMemoryDeltas(LayerDeltas):
     def __init__(self, model, per_source):
         sd = {k: v.detach().clone().float() for k, v in model.state_dict().items() if k != "lm_head.weight"}
         self.layers = list(range(N_LAYERS))

@@ -8,9 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings, strategies as st, example
 
 from himerge.contributions import Contributions
+from himerge.deltas import LayerDeltas
 from himerge.merge import merge
 from himerge.zoo import demo_config
 from himerge.resolve import Measures, ResolveSettings, ResolvedDeltas, improvement, resolve
@@ -82,7 +83,7 @@ def test_the_dry_run_counts_the_candidates(tmp_path):
 # The property, on random inputs: whatever the γ table and whatever the validation scores of each state, the
 # verified merge's mean gain-normalised validation score is never below the pre-merge's.
 
-class InMemoryDeltas:
+class InMemoryDeltas(LayerDeltas):
     def __init__(self, layers, sources):
         self.layers, self.scale = list(range(layers)), [1.0] * sources
         self.delta = {(i, layer): {f"layers.{layer}.w": torch.ones(2, 2) * (i + 1)} for i in range(sources)
@@ -104,6 +105,8 @@ def random_scores(seed: int, tasks: list, rows: int):
 
 
 @settings(max_examples=60, deadline=None)
+# no layer conflicted, yet refinement steps: the first step is not a resolution (seen failing before the filter below)
+@example(seed=7, n_sources=3, n_layers=1, accept_z=0.0, refine="layer_scale", rows=1, budget=None)
 @given(seed=st.integers(0, 2**31), n_sources=st.integers(2, 3), n_layers=st.integers(1, 5),
        accept_z=st.sampled_from([0.0, 0.5, 1.0, 2.0]), refine=st.sampled_from(["none", "layer_scale"]),
        rows=st.integers(1, 12), budget=st.sampled_from([None, 0, 6, 20]))
@@ -133,4 +136,5 @@ def test_verified_resolution_never_ends_below_the_pre_merge(seed, n_sources, n_l
     if budget is None:   # both rules visit the most conflicted layer first
         unchecked = dataclasses.replace(rule, resolution="paper", refine="none")
         paper = resolve(contributions, deltas, names, names, unchecked)
-        assert [d.layer for d in paper.decisions][:1] == [d.layer for d in result.decisions][:1]
+        resolved = [d.layer for d in result.decisions if d.cls != "refine"]   # refinement may act on any layer
+        assert [d.layer for d in paper.decisions][:1] == resolved[:1]
