@@ -466,7 +466,7 @@ def task_arithmetic_merger(context: MergeContext) -> Merged:
     if opts.divide != "none" or opts.arithmetic != "himerge":
         if opts.prune_scope != "tensor" and any(p < 1 for p in context.densities):
             raise BaselineError(f"prune_scope: {opts.prune_scope!r} prunes across tensors; with divide "
-                                f"{opts.divide!r} and arithmetic {opts.arithmetic!r} task arithmetic prunes each tensor")
+                                f"{opts.divide!r} and arithmetic {opts.arithmetic!r} it prunes each tensor")
         return PerTensorMethod("task_arithmetic", _task_arithmetic_tensor)(context)
     processed = ProcessedDeltas(context.deltas, density=context.densities, scale=context.scales, scope=opts.prune_scope)
     def layer_delta(layer):
