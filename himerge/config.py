@@ -9,12 +9,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import InputError
+from .lazy import lazy
 from .config_file import ConfigError, _read_yaml, _unique_key_loader, _yaml_problem  # noqa: F401
 from .output import parse_size
 from .methods import METHODS, MergeMethod, get_method
 from .options import OptionError, option, parse_options
+if TYPE_CHECKING: from _typeshed import DataclassInstance   # any dataclass: each method has its own options class
+
+_mergekit_config = lazy("himerge.mergekit_config")   # the mergekit reader, which imports torch: when a config is read
 
 # %% auto #0
 __all__ = ['DTYPES', 'CONFIG_FIELDS', 'SOURCE_FIELDS', 'AUTO', 'RunOptions', 'SourceConfig', 'MergeConfig', 'prefix_bytes',
@@ -81,7 +86,7 @@ class MergeConfig:
     root: str | None = None                     # the folder relative paths are resolved against
     config_file: str | None = None              # the YAML file it was read from, if any
     run: RunOptions = field(default_factory=RunOptions)    # the typed run options, validated
-    method_options: object = None               # the method's typed options dataclass, validated
+    method_options: DataclassInstance | None = None   # the method's typed options (`MergeMethod.options`), validated
 
     @property
     def merge_method(self) -> MergeMethod: return get_method(self.method)
@@ -216,8 +221,7 @@ MergeConfig.from_dict = classmethod(_from_dict)
 # %% ../nbs/08b_config.ipynb #7434fa74
 def _himerge_data(data):
     "A mergekit config (`merge_method`, `models`) as the himerge config of the same merge; himerge's own as it is."
-    from himerge.mergekit_config import is_mergekit, from_mergekit
-    return from_mergekit(data) if is_mergekit(data) else data
+    return _mergekit_config.from_mergekit(data) if _mergekit_config.is_mergekit(data) else data
 
 def load_config(config) -> MergeConfig:
     """A `MergeConfig` from a config object, a dict, or a YAML file path (relative paths resolve against its folder);

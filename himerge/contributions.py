@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'states_for', 'LayerMemo', 'MemoDeltas', 'memo_budget', 'paired', 'NoGainError', 'Contributions', 'records',
-           'ContributionAnalysis', 'plot_gamma', 'GridResult', 'choose_density_scale']
+           'ContributionAnalysis', 'plot_gamma', 'GridResult', 'GridKeys', 'choose_density_scale']
 
 # %% ../nbs/07_contributions.ipynb #f8da4c6a
 def states_for(deltas, source_names: list, *, combine: str = "sum", merged=None, edits_key=None,
@@ -339,9 +339,16 @@ class GridResult:
         return ax.figure
 
 # %% ../nbs/07_contributions.ipynb #d2da4bf8
+@dataclass(frozen=True)
+class GridKeys:
+    "How a grid search names its source and keys its scores in the evaluation cache (as the analysis keys them)."
+    base: str = ""              # the cache key of the base's files
+    source: str = ""            # the cache key of the source's files (default: its name)
+    name: str | None = None     # the name shown in the result (default: the deltas' name of the source)
+
 def choose_density_scale(scorer: Scorer, deltas, i: int, task: str, densities=(0.2, 0.4, 0.6, 0.8, 1.0),
-                         scales=(0.2, 0.4, 0.6, 0.8, 1.0), *, scope="tensor", base_key: str = "", source_key: str = "",
-                         source_name: str | None = None) -> GridResult:
+                         scales=(0.2, 0.4, 0.6, 0.8, 1.0), *, scope="tensor",
+                         keys: GridKeys = GridKeys()) -> GridResult:
     """Score source `i` of the raw `deltas` on `task` at every (density, scale) of the grid; the best pair, the table.
 
     Args:
@@ -351,10 +358,9 @@ def choose_density_scale(scorer: Scorer, deltas, i: int, task: str, densities=(0
         task: the source's own task.
         densities, scales: the grid's values of p and λ.
         scope: the pruning scope (tensor, layer or model).
-        base_key, source_key: cache keys of the base and of source `i`'s files.
-        source_name: the name shown in the result (default: the deltas' name of source `i`)."""
+        keys: the cache keys of the base and of source `i`'s files, and the name shown in the result."""
     n = getattr(deltas, "n_sources", None) or len(deltas.source_names)
-    name = source_name or (getattr(deltas, "source_names", None) or [str(k) for k in range(n)])[i]
+    name = keys.name or (getattr(deltas, "source_names", None) or [str(k) for k in range(n)])[i]
     done0, reused0 = scorer.cache.done, scorer.cache.reused
     points = [(p, lam) for p in densities for lam in scales]
     requests = []
@@ -362,7 +368,7 @@ def choose_density_scale(scorer: Scorer, deltas, i: int, task: str, densities=(0
         proc = ProcessedDeltas(deltas, density=[p if k == i else 1.0 for k in range(n)],
                                scale=[lam if k == i else 1.0 for k in range(n)], scope=scope)
         # as the analysis keys it
-        key = {"base": base_key, "source": source_state_key(source_key or name, p, lam, scope)}
+        key = {"base": keys.base, "source": source_state_key(keys.source or name, p, lam, scope)}
         state = State(f"grid:{name}", lambda layer, proc=proc: proc.source_layer(i, layer), key)
         requests.append((Probe(state), [task], "validation"))
     grid = _pandas.DataFrame(index=list(densities), columns=list(scales), dtype=float)

@@ -10,14 +10,19 @@ import os, tempfile, time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import InputError
 from .gains import comparison_table
+from .lazy import lazy
 from .output import (check_free_space, check_output, discard, disk_full_error, is_disk_full, output_estimate,
                             output_lock, staging_dir)
 from .plan import Plan, plan
 from .report import write_output
 from .run import choose_auto, open_run, release_model, run_method, score_models, write_adapter_first
+if TYPE_CHECKING: from himerge.distributed import Group   # the annotation's name only: the module comes lazily
+
+_pandas = lazy("pandas")   # for the score tables only
 
 # %% auto #0
 __all__ = ['MergeResult', 'join_launched', 'group_device', 'agreed', 'leave_group', 'Job', 'launched_job', 'Interrupted',
@@ -40,31 +45,28 @@ class MergeResult:
     def scores(self, split="test", gains=True):
         """Scores as a table: one row per model (base, sources, pre-merge, task arithmetic, merged), a column per task,
         and (with `gains`) each row's share of each source's own gain kept, and its mean (see `himerge.gains`)."""
-        import pandas as pd
         s = self.report["scores"].get(split, {})
         rows = {"base": s.get("base", {})}
         rows.update({f"source {k}": v for k, v in s.get("sources", {}).items()})
         for k in ("pre_merge", "task_arithmetic", "merged"):
             if s.get(k): rows[k] = s[k]
         owner = {src["task"]: src["name"] for src in self.report["sources"] if src.get("task")}
-        if not gains or not owner or not s: return pd.DataFrame(rows).T
+        if not gains or not owner or not s: return _pandas.DataFrame(rows).T
         return comparison_table(rows, owner).drop(columns="mean normalised")
 
 # %% ../nbs/09_merge.ipynb #8efead16
-def _distributed():
-    "`himerge.distributed`, imported in a shared job only: a single process imports nothing distributed."
-    import himerge.distributed
-    return himerge.distributed
+# imported in a shared job only: a single process imports nothing distributed
+_distributed, _torch_distributed = lazy("himerge.distributed"), lazy("torch.distributed")
 
 def join_launched(device):
     "The process group of a job a launcher (torchrun, accelerate launch) started as several processes; None otherwise."
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1: return None
-    return _distributed().join(device)
+    return _distributed.join(device)
 
 def group_device(group, device):
     "This process's device: its own GPU in a shared job on GPUs, else `device`."
     if group is None: return device
-    return _distributed().rank_device(group, device)
+    return _distributed.rank_device(group, device)
 
 def agreed(group, step):
     "`step()`; in a shared job, every rank learns whether every rank succeeded, and all stop on an input error."
@@ -72,7 +74,7 @@ def agreed(group, step):
     error, result = None, None
     try: result = step()
     except InputError as e: error = str(e)
-    failures = _distributed().agree(group, error)
+    failures = _distributed.agree(group, error)
     if failures:
         messages = list(dict.fromkeys(e for _, e in failures))
         raise InputError(messages[0] if len(messages) == 1 else
@@ -81,15 +83,14 @@ def agreed(group, step):
 
 def leave_group(group, wait: bool = True):
     "Wait for every rank (rank 0 may still be writing) unless this one failed, then leave the process group."
-    import torch.distributed as dist       # torch, in a shared job only
-    if wait: dist.barrier()
-    _distributed().leave()
+    if wait: _torch_distributed.barrier()
+    _distributed.leave()
 
 # %% ../nbs/09_merge.ipynb #df515b83
 @dataclass
 class Job:
     "This process's share of a merge: all of it, or one rank of a job a launcher started (`group`)."
-    group: object = None        # the process group (`himerge.distributed.Group`); None for a single process
+    group: Group | None = None  # the process group; None for a single process
     device: str | None = None   # where this process runs the model
     finished: bool = False      # the merge ended without an error: on leaving, this rank waits for the others
 

@@ -14,10 +14,11 @@ from . import __version__
 from .adapter import check_adapter_output
 from .cache import check_cache_dir, check_cache_path, default_cache_dir
 from .config import AUTO, ConfigError, MergeConfig, load_config, resolved_paths
+from .lazy import lazy
 from .methods import Counts, MergeMethod, non_default
 from .output import check_output, input_stamps, is_himerge_output, output_estimate
 from .scoring import check_device, compute_dtype, resolve_tokenizer, stored_dtype
-from .sources import resolve_sources
+from .sources import SourceSet, resolve_sources
 from .tasks import load_tasks
 
 log = logging.getLogger(__name__)
@@ -27,10 +28,7 @@ __all__ = ['log', 'Plan', 'auto_grid', 'count_evaluations', 'memory_estimate', '
            'units_of']
 
 # %% ../nbs/08f_plan.ipynb #a53b8533
-def _deltas():
-    "`himerge.deltas`, imported when first used: it imports torch (seconds), and a config's typo is reported before."
-    import himerge.deltas
-    return himerge.deltas
+_deltas = lazy("himerge.deltas")   # imported when first used: a config's typo is reported before
 
 # %% ../nbs/08f_plan.ipynb #39c52680
 @dataclass
@@ -38,7 +36,7 @@ class Plan:
     "What a merge will do, known before any weight is loaded."
     config: MergeConfig        # the validated config
     method: MergeMethod        # the registered method it names
-    sources: object            # himerge.sources.SourceSet
+    sources: SourceSet         # the resolved base and sources, checked against each other
     tasks: dict                # task name -> TaskSpec (analysis split), the tasks the sources name
     output: Path               # the output folder, checked
     layers: list               # the layers some source changes: the ones contribution analysis probes
@@ -115,7 +113,7 @@ def memory_estimate(deltas, layers: list, compute_option: str, device: str) -> d
     compute = compute_dtype(compute_option, stored, device)
     width = {"float32": 4, "bfloat16": 2, "float16": 2}
     numel = lambda names: sum(math.prod(headers[n].shape) for n in names if n in headers)
-    model = _deltas().stored_bytes(headers)
+    model = _deltas.stored_bytes(headers)
     biggest = max((numel(deltas.names(layer)) for layer in deltas.layers), default=0)
     delta = max((numel(deltas.names(layer)) for layer in layers), default=0) * 4
     return dict(model=model, layer=biggest * width[compute] if compute != stored else 0, delta=delta,
@@ -186,7 +184,7 @@ def plan(config, out=None, device=None, writer: bool = True) -> Plan:
     for i, name in enumerate(names):
         if names.count(name) > 1:
             raise ConfigError(f"sources[{i}]: two sources are both called {name!r}; give them a `name:`")
-    with units_of(_deltas().compute_deltas(sources), cfg) as d:    # headers only
+    with units_of(_deltas.compute_deltas(sources), cfg) as d:    # headers only
         layers = d.changed_layers()
         memory = memory_estimate(d, layers, cfg.run.compute_dtype, device) if tasks else {}
     cache_dir = check_cache_dir(cfg.run.cache_dir or default_cache_dir()) if tasks and writer else None
@@ -208,7 +206,7 @@ def plan(config, out=None, device=None, writer: bool = True) -> Plan:
 # %% ../nbs/08f_plan.ipynb #47e29ec4
 def units_of(deltas, cfg: MergeConfig):
     "`deltas` grouped as the method's granularity asks: by block, or by attention and MLP."
-    return _deltas().UnitDeltas(deltas) if getattr(cfg.method_options, "granularity", "layer") == "module" else deltas
+    return _deltas.UnitDeltas(deltas) if getattr(cfg.method_options, "granularity", "layer") == "module" else deltas
 
 # %% ../nbs/08f_plan.ipynb #9eda9d26
 def _plan_text(self) -> str:

@@ -186,7 +186,7 @@ DEFAULT_MAX_BYTES = 2**30  # 1 GiB; see "How large a budget" below
 
 @dataclass
 class _Entry:
-    hidden: object
+    hidden: torch.Tensor   # the hidden states entering the block
     nbytes: int
     chain: tuple  # the prefix keys, block by block, of the forward that recorded it (for the gaps)
     tick: int     # recency

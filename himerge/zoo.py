@@ -11,13 +11,20 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
+import torch   # already loaded by himerge.merge below: costs nothing more
 import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from .card import layer_actions
 from .evaluate import Evaluator
 from .gains import gain_kept
 from .merge import MergeResult, merge
 from .tasks import load_tasks
+from .lazy import lazy
+
+# the heavy libraries, imported by the first function that needs them (loading the zoo's paths needs none)
+_tokenizers, _transformers, _peft, _pandas = lazy("tokenizers"), lazy("transformers"), lazy("peft"), lazy("pandas")
 
 # %% auto #0
 __all__ = ['DOMAINS', 'RULES', 'TASKS', 'SKILLS', 'PROMPT', 'SPLITS', 'MODEL', 'RECIPE', 'LORA', 'make_row', 'make_splits',
@@ -94,15 +101,15 @@ def vocabulary() -> list:
 
 def build_tokenizer():
     "A word-level `PreTrainedTokenizerFast` over `vocabulary()`, with <pad>, <eos> and <unk>."
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, Regex
-    from transformers import PreTrainedTokenizerFast
+    Tokenizer, models, pre_tokenizers, decoders = (_tokenizers.Tokenizer, _tokenizers.models,
+                                                   _tokenizers.pre_tokenizers, _tokenizers.decoders)
     vocab = {t: i for i, t in enumerate(vocabulary())}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     # a token is a word with its leading space, a newline, or a lone space
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[^ \n]+|\n| "), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(_tokenizers.Regex(r" ?[^ \n]+|\n| "), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-                                   model_max_length=64, padding_side="left")
+    return _transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>",
+                                                 unk_token="<unk>", model_max_length=64, padding_side="left")
 
 def build_base_model(tok, seed: int, hidden: int = 128, layers: int = 4, intermediate: int = 384, heads: int = 4,
                      kv_heads: int = 2):
@@ -116,14 +123,12 @@ def build_base_model(tok, seed: int, hidden: int = 128, layers: int = 4, interme
         intermediate: MLP inner size.
         heads: attention heads.
         kv_heads: key/value heads (grouped-query attention)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+    cfg = _transformers.LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                       max_position_embeddings=64, tie_word_embeddings=False, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id, bos_token_id=None)
     torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg)
+    return _transformers.LlamaForCausalLM(cfg)
 
 # %% ../nbs/00_zoo.ipynb #3adaf4de
 def row_text(row: dict) -> tuple:
@@ -153,7 +158,6 @@ def train(model, examples, steps: int, lr: float, batch_size: int, seed: int, pa
         seed: seed of the batch draws.
         pad_id: the token that pads short examples.
         stop_loss: stop early once the mean loss of the last 3 steps is below it (None: run every step)."""
-    import torch
     g = random.Random(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -187,9 +191,8 @@ def _write_jsonl(path: Path, rows: list):
 
 def _check_tokenizer_roundtrip(tok, folder: Path):
     "Fail loudly if `AutoTokenizer` loads the saved tokenizer as anything but what was built (spaces included)."
-    from transformers import AutoTokenizer
     text = PROMPT.format(question=make_row("swap", ["K", "3", "Q", "17"])["question"]) + " 3 Q 17 K\n"
-    loaded = AutoTokenizer.from_pretrained(folder)
+    loaded = _transformers.AutoTokenizer.from_pretrained(folder)
     if loaded(text)["input_ids"] != tok(text)["input_ids"]:
         raise ValueError(f"{folder}: AutoTokenizer loads the zoo tokenizer as {type(loaded).__name__}, "
                          "which encodes differently")
@@ -198,12 +201,10 @@ def _check_tokenizer_roundtrip(tok, folder: Path):
 # %% ../nbs/00_zoo.ipynb #c7410d60
 def _fine_tune(tmp: Path, base, tok, data: dict, r: dict):
     "Each task's LoRA fine-tune of `base` into `tmp/lora-TASK` (and, for the tasks of `r['full']`, `tmp/full-TASK`)."
-    import torch
-    from peft import LoraConfig, get_peft_model
     for i, t in enumerate(TASKS):
         ft_seed = r["ft_seed"] + i
         torch.manual_seed(ft_seed)  # before get_peft_model: it draws the LoRA A matrices
-        pm = get_peft_model(copy.deepcopy(base), LoraConfig(**LORA))
+        pm = _peft.get_peft_model(copy.deepcopy(base), _peft.LoraConfig(**LORA))
         ex = encode_pairs(tok, [row_text(x) for x in data[t]["train"]], True)
         train(pm, ex, r["ft_steps"], r["ft_lr"], r["batch_size"], ft_seed, tok.pad_token_id)
         pm.save_pretrained(tmp / f"lora-{t}")
@@ -227,7 +228,6 @@ def build_zoo(out_dir, seed: int = 0, force: bool = False, measure: bool = True,
         measure: score every model on validation and test into evidence.json (slow part; False skips it).
         recipe: overrides of `RECIPE` (`pre_rows`, `pre_steps`, `pre_lr`, `ft_seed`, `ft_steps`, `ft_lr`,
             `batch_size`, `full`, `threads`)."""
-    import torch
     r = {**RECIPE, **recipe, "seed": seed}
     out = Path(out_dir)
     if out.exists():
@@ -330,15 +330,11 @@ def zoo_config(method: str = "hi-merging", out: str = "himerge-zoo-merge", zoo: 
 # %% ../nbs/00_zoo.ipynb #bdaad6fd
 def _variants(root: Path) -> dict:
     "name -> state dict of every model the evidence scores (adapters merged exactly as PEFT merges them)."
-    import torch
-    from transformers import AutoModelForCausalLM
-    from peft import PeftModel
-    from safetensors.torch import load_file
-    load = lambda: AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32)
+    load = lambda: _transformers.AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32)
     base_sd = load().state_dict()
     out = {"base": base_sd}
     for d in sorted(root.glob("lora-*")):
-        out[d.name] = PeftModel.from_pretrained(load(), d).merge_and_unload().state_dict()
+        out[d.name] = _peft.PeftModel.from_pretrained(load(), d).merge_and_unload().state_dict()
     for d in sorted(root.glob("full-*")):
         out[d.name] = load_file(d / "model.safetensors")
     loras = [k for k in out if k.startswith("lora-")]
@@ -348,14 +344,12 @@ def _variants(root: Path) -> dict:
 
 def measure_evidence(root) -> dict:
     "Scores of base, sources and pairwise task-arithmetic merges on every task (validation and test)."
-    import torch
-    from transformers import AutoModelForCausalLM
     root = Path(root)
     tasks = load_tasks(root / "tasks.yaml", root=root)
     specs = dict(tasks)
     for t, s in tasks.items():
         if s.type == "generative": specs[f"{t}_bleu"] = dataclasses.replace(s, name=f"{t}_bleu", metric="bleu")
-    model = AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32).eval()
+    model = _transformers.AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32).eval()
     variants = _variants(root)
     scores = {}
     for split in ("validation", "test"):
@@ -370,8 +364,6 @@ def measure_evidence(root) -> dict:
 # %% ../nbs/00_zoo.ipynb #4b1b62d6
 def contents(zoo: Zoo):
     "What is in the zoo: one row per part, with its parameter count and size on disk."
-    import pandas as pd
-    from safetensors import safe_open
     rows = []
     for part in [zoo.base, *zoo.adapters.values(), *zoo.full.values()]:
         st = next(part.glob("*.safetensors"))
@@ -382,7 +374,7 @@ def contents(zoo: Zoo):
     for t, d in zoo.data.items():
         rows.append(dict(part=f"data/{t}", kind=f"task data ({zoo.tasks[t].type})", parameters=0,
                          files=len(list(d.iterdir())), kB=round(sum(p.stat().st_size for p in d.iterdir()) / 1000)))
-    return pd.DataFrame(rows).set_index("part")
+    return _pandas.DataFrame(rows).set_index("part")
 
 def size_bytes(root=None) -> int:
     "Total size of the zoo folder."
@@ -391,8 +383,7 @@ def size_bytes(root=None) -> int:
 # %% ../nbs/00_zoo.ipynb #522b71a7
 def evidence_table(zoo: Zoo, split="validation"):
     "Scores of every model of the evidence on every task (rows: models; columns: tasks and metrics)."
-    import pandas as pd
-    return pd.DataFrame(zoo.evidence["scores"][split]).T
+    return _pandas.DataFrame(zoo.evidence["scores"][split]).T
 
 def pair_gain_kept(zoo: Zoo, split="validation"):
     "For each pairwise task-arithmetic merge and each of its tasks: the share of the adapter's own gain it keeps."
@@ -402,8 +393,7 @@ def pair_gain_kept(zoo: Zoo, split="validation"):
         for t in name[3:].split("+"):
             rows.append(dict(merge=name, task=t, base=ev["base"][t], adapter=ev[f"lora-{t}"][t], merged=s[t],
                              gain_kept=gain_kept(s[t], ev["base"][t], ev[f"lora-{t}"][t])))
-    import pandas as pd
-    return pd.DataFrame(rows)
+    return _pandas.DataFrame(rows)
 
 # %% ../nbs/00_zoo.ipynb #b4185c38
 def demo_config(out="himerge-demo") -> dict:
@@ -416,9 +406,8 @@ def demo_config(out="himerge-demo") -> dict:
 
 def conflict_table(result: MergeResult):
     "One row per layer: γ per source, the conflict class, and the action taken."
-    import pandas as pd
     rep = result.report
-    g = pd.DataFrame(rep["gamma"]).pivot(index="layer", columns="source", values="gamma")
+    g = _pandas.DataFrame(rep["gamma"]).pivot(index="layer", columns="source", values="gamma")
     g = g.reindex(list(dict.fromkeys(r["layer"] for r in rep["gamma"])))   # model order, as analysed
     g.columns = [f"γ {c}" for c in g.columns]
     g["class"] = [rep["classes"].get(str(layer), "") for layer in g.index]

@@ -57,7 +57,7 @@ def test_keeps_the_interface(implementations, name):
 
 def test_wrappers_pass_on_what_they_declare(zoo_deltas, implementations):
     layer = zoo_deltas.layers[1]
-    for name in ("UnitDeltas", "ProcessedDeltas", "MemoDeltas", "ResolvedDeltas"):
+    for name in ("UnitDeltas", "ProcessedDeltas", "MemoDeltas", "ResolvedDeltas", "LoadedBase"):
         wrapper = implementations[name]
         assert "__getattr__" not in vars(type(wrapper)), name
         assert wrapper.source_names == zoo_deltas.source_names, name

@@ -1,5 +1,6 @@
 """The package's modules import one another without a circle (issue #29): every `from himerge.x import`, `from .x
-import`, `import himerge.x`, at module level or inside a function, is an edge, and the graph they make is acyclic."""
+import`, `import himerge.x`, at module level, inside a function or under `TYPE_CHECKING`, and every deferred
+`lazy("himerge.x")` (himerge.lazy), is an edge, and the graph they make is acyclic."""
 import ast
 from pathlib import Path
 
@@ -21,6 +22,10 @@ def imported_modules(tree: ast.AST, package: str = "himerge") -> set:
             else: found |= {a.name for a in node.names}
         elif isinstance(node, ast.Import):
             found |= {a.name.split(".")[1] for a in node.names if a.name.startswith(package + ".")}
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "lazy"
+              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+              and node.args[0].value.startswith(package + ".")):
+            found.add(node.args[0].value.split(".")[1])              # lazy("himerge.x"): imported on first use
     return found
 
 
@@ -51,8 +56,9 @@ def test_finds_a_planted_cycle():
     assert find_cycle({"a": ["b"], "b": ["c"], "c": ["a"]}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": ["b", "c"], "b": ["c"], "c": []}) is None
     tree = ast.parse("from .x import y\nimport himerge.z\n"
-                     "def f():\n    from himerge.w import v\n    from himerge import u\n")
-    assert imported_modules(tree) == {"x", "z", "w", "u"}
+                     "def f():\n    from himerge.w import v\n    from himerge import u\n"
+                     "_t, _l = lazy('torch'), lazy('himerge.later')\n")
+    assert imported_modules(tree) == {"x", "z", "w", "u", "later"}
 
 
 # Edges allowed to close a circle, each with its reason. None: `ConfigError` and the YAML reader live in
