@@ -15,11 +15,19 @@ from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
+import yaml   # read by the config module already: costs nothing more
+
 from . import __version__
 from .config import load_config
 from .errors import InputError
+from .lazy import lazy
 from .methods import METHODS, options_table   # the registry: names and options, nothing heavy
 from .push import add_push_arguments, push_command
+
+# what the subcommands run, each imported when its subcommand first reads it (torch, transformers, tqdm)
+_merge, _zoo, _real_zoo = lazy("himerge.merge"), lazy("himerge.zoo"), lazy("himerge.real_zoo")
+_cache, _mergekit_config = lazy("himerge.cache"), lazy("himerge.mergekit_config")
+_tqdm_logging = lazy("tqdm.contrib.logging")
 
 # %% ../nbs/12_cli.ipynb #a502cc23
 SUBCOMMANDS = []  # functions (subparsers) -> None, each adding one working subcommand
@@ -52,8 +60,7 @@ def setup_logging(verbosity: int, rank=None):
 
 def _logs_above_the_bar():
     "Log lines printed above tqdm's progress bar instead of through it."
-    from tqdm.contrib.logging import logging_redirect_tqdm
-    return logging_redirect_tqdm(loggers=[logging.getLogger("himerge")])
+    return _tqdm_logging.logging_redirect_tqdm(loggers=[logging.getLogger("himerge")])
 
 def main(argv=None) -> int:
     "Run the `himerge` command line with `argv` (default: `sys.argv[1:]`); return the exit code."
@@ -113,9 +120,8 @@ def _print_summary(result):
             print(f"\n{split} scores:")
             print(result.scores(split).round(4).to_string())
     if rep.get("decisions") is not None and rep.get("gamma"):
-        from himerge.zoo import conflict_table
         print("\nconflicts per layer (γ > 0: merging made the layer serve that source's task worse):")
-        print(conflict_table(result).round(3).to_string())
+        print(_zoo.conflict_table(result).round(3).to_string())
         print(f"resolution: {rep['resolution']['stopped']}")
     ev, t = rep["evaluations"], rep["timings"]
     print(f"\nevaluations: {ev['done']} run, {ev['reused']} reused from cache; total time {t['total_s']:.1f} s")
@@ -145,7 +151,6 @@ def _merge_command(sub):
 
 def run_merge(args) -> int:
     "`himerge merge`: run (or, with --dry-run, plan) a merge."
-    from himerge.merge import merge
     config = args.config
     if args.method or args.as_adapter:
         config = load_config(config)
@@ -153,7 +158,7 @@ def run_merge(args) -> int:
                    "options": {**config.options, **({"output_format": "adapter"} if args.as_adapter else {})}}
         rebuilt = type(config).from_dict({**config.to_dict(), **changes}, root=config.root)
         config = replace(rebuilt, config_file=config.config_file)   # still protected from --out
-    result = merge(config, out=args.out, force=args.force, dry_run=args.dry_run, device=args.device,
+    result = _merge.merge(config, out=args.out, force=args.force, dry_run=args.dry_run, device=args.device,
                    progress=not args.quiet)
     if args.dry_run:
         print(result)
@@ -178,8 +183,7 @@ def _demo_command(sub):
 
 def run_demo(args) -> int:
     "`himerge demo`: Hi-Merging on the zoo."
-    from himerge.zoo import demo
-    _print_summary(demo(args.out, force=args.force, progress=not args.quiet))
+    _print_summary(_zoo.demo(args.out, force=args.force, progress=not args.quiet))
     return 0
 
 # %% ../nbs/12_cli.ipynb #8e372bac
@@ -233,30 +237,26 @@ def _zoo_command(sub):
 # %% ../nbs/12_cli.ipynb #6108574e
 def run_zoo_config(args) -> int:
     "`himerge zoo config`."
-    import yaml
-    from himerge.zoo import path, zoo_config
-    print(f"# himerge zoo config: the embedded zoo in {path()}; run it with `himerge merge THIS_FILE`")
-    print(yaml.safe_dump(zoo_config(args.method, args.out, limit=args.limit), sort_keys=False, allow_unicode=True),
+    print(f"# himerge zoo config: the embedded zoo in {_zoo.path()}; run it with `himerge merge THIS_FILE`")
+    print(yaml.safe_dump(_zoo.zoo_config(args.method, args.out, limit=args.limit), sort_keys=False, allow_unicode=True),
           end="")
     return 0
 
 def run_zoo_build(args) -> int:
     "`himerge zoo build`."
-    from himerge.zoo import build_zoo
     if args.real: return run_real_zoo_build(args)
     out = Path(args.out or "himerge-zoo")
     if out.exists() and not args.force: return _fail(f"{out}: exists; pass --force to replace it")
-    build_zoo(out, seed=args.seed, force=args.force)
+    _zoo.build_zoo(out, seed=args.seed, force=args.force)
     print(f"zoo built in {out}")
     return 0
 
 def run_real_zoo_build(args) -> int:
     "`himerge zoo build --real`: build what is missing of the real zoo, then print its evidence."
-    from himerge.real_zoo import build_real_zoo, evidence_summary
-    root = build_real_zoo(args.out, source=args.base_from, layers=args.layers, force=args.force, seed=args.seed,
-                          measure=args.layers is None)
+    root = _real_zoo.build_real_zoo(args.out, source=args.base_from, layers=args.layers, force=args.force,
+                                    seed=args.seed, measure=args.layers is None)
     print(f"real zoo built in {root}")
-    if (root / "evidence.json").is_file(): print(evidence_summary(root))
+    if (root / "evidence.json").is_file(): print(_real_zoo.evidence_summary(root))
     return 0
 
 @subcommand
@@ -285,8 +285,7 @@ def _cache_command(sub):
 
 def run_cache_check(args) -> int:
     "`himerge cache check [DIR] [--repair]`."
-    from himerge.cache import check_command
-    return check_command(args)
+    return _cache.check_command(args)
 
 # %% ../nbs/12_cli.ipynb #d69c5d7d
 @subcommand
@@ -300,8 +299,7 @@ def _convert_command(sub):
 
 def run_convert(args) -> int:
     "`himerge convert`: a mergekit config as himerge's."
-    from himerge.mergekit_config import convert_config
-    text = convert_config(args.config, out=args.out, force=args.force)
+    text = _mergekit_config.convert_config(args.config, out=args.out, force=args.force)
     if args.out is None: print(text, end="")
     else: print(f"himerge config written to {args.out}", file=sys.stderr)
     return 0
