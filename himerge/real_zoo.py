@@ -17,7 +17,8 @@ from .errors import InputError
 from .evaluate import Evaluator
 from .gains import gain_kept
 from .lazy import lazy
-from .tasks import load_tasks, read_rows
+from .task_data import read_rows
+from .tasks import load_tasks
 from .zoo import LORA, PROMPT, encode_pairs, row_text, train
 
 # the heavy libraries, imported by the first function that needs them (not by `himerge` commands that never build)
