@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .card import layer_actions
+from .card_sections import layer_actions
 from .evaluate import Evaluator
 from .gains import gain_kept
 from .merge import MergeResult, merge
