@@ -19,7 +19,8 @@ from fastcore.basics import patch
 from torch.nn.utils.rnn import pad_sequence
 
 from .tasks import LazyImports
-from .tasks import TaskSpec, TaskError, to_lighteval, load_tasks
+from .task_data import TaskError
+from .tasks import TaskSpec, to_lighteval, load_tasks
 
 # %% auto #0
 __all__ = ['LIGHTEVAL_MODULES', 'lighteval', 'TESTED_LIGHTEVAL', 'ONE_PASS_ATTENTION', 'TaskScore', 'import_lighteval',
