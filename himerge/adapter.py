@@ -9,7 +9,10 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+
+from fastcore.basics import patch
 
 from .errors import InputError
 from .lazy import lazy
@@ -23,9 +26,9 @@ _torch, _deltas, _safetensors_torch = lazy("torch"), lazy("himerge.deltas"), laz
 _peft, _peft_other = lazy("peft"), lazy("peft.utils.other")
 
 # %% auto #0
-__all__ = ['LOW_RANK_ROLES', 'OVERSAMPLE', 'POWER_ITERATIONS', 'ADAPTER_RANK_CAP', 'LAYOUTS', 'NON_ADDITIVE', 'AdapterError',
-           'LoraFactors', 'exact_factors', 'frobenius', 'truncated_factors', 'default_rank', 'AdapterWriter',
-           'check_adapter_output', 'write_adapter']
+__all__ = ['LOW_RANK_ROLES', 'OVERSAMPLE', 'POWER_ITERATIONS', 'ADAPTER_RANK_CAP', 'LAYOUTS', 'NON_ADDITIVE', 'SVD_METHODS',
+           'AdapterError', 'LoraFactors', 'exact_factors', 'frobenius', 'truncated_factors', 'default_rank',
+           'AdapterWriter', 'check_adapter_output', 'AdapterOptions', 'write_adapter']
 
 # %% ../nbs/08d_adapter.ipynb #c3e2f304
 class AdapterError(InputError):
@@ -189,30 +192,36 @@ class AdapterWriter:
             self._store(module + ".lora_A.weight", B.T); self._store(module + ".lora_B.weight", A.T)
         else: self._store(module + ".lora_embedding_A", B.T); self._store(module + ".lora_embedding_B", A.T)
 
-    def add_bias(self, tensor_name: str, delta):
-        "Add the bias delta of a LoRA module (written as lora_B.bias; PEFT's scaling is 1)."
-        module = tensor_name.removesuffix(".bias")
-        self._store(module + ".lora_B.bias", delta)
-        self.biases.add(module)
-        self.records[tensor_name] = dict(rank=None, kind="bias", error=0.0, layout="linear")
+# %% ../nbs/08d_adapter.ipynb #afc8c696
+@patch
+def add_bias(self: AdapterWriter, tensor_name: str, delta):
+    "Add the bias delta of a LoRA module (written as lora_B.bias; PEFT's scaling is 1)."
+    module = tensor_name.removesuffix(".bias")
+    self._store(module + ".lora_B.bias", delta)
+    self.biases.add(module)
+    self.records[tensor_name] = dict(rank=None, kind="bias", error=0.0, layout="linear")
 
-    def add_full(self, tensor_name: str, value):
-        "Add the merged full value of a tensor, carried by modules_to_save."
-        self._store(tensor_name, value)
-        self.full.append(tensor_name)
-        self.records[tensor_name] = dict(rank=None, kind="full", error=0.0, layout=None)
+@patch
+def add_full(self: AdapterWriter, tensor_name: str, value):
+    "Add the merged full value of a tensor, carried by modules_to_save."
+    self._store(tensor_name, value)
+    self.full.append(tensor_name)
+    self.records[tensor_name] = dict(rank=None, kind="full", error=0.0, layout=None)
 
-    def summary(self) -> dict:
-        "Totals for the report and the card: modules, ranks, kinds, the maximum relative error."
-        ranks = [r["rank"] for r in self.records.values() if r["rank"]]
-        return dict(modules=len(self.ranks), rank_min=min(ranks, default=0), rank_max=max(ranks, default=0),
-                    kinds=dict(Counter(r["kind"] for r in self.records.values())),
-                    max_error=max((r["error"] for r in self.records.values()), default=0.0),
-                    parameters=sum(t.numel() for t in self.tensors.values()))
+# %% ../nbs/08d_adapter.ipynb #f370c4a3
+@patch
+def summary(self: AdapterWriter) -> dict:
+    "Totals for the report and the card: modules, ranks, kinds, the maximum relative error."
+    ranks = [r["rank"] for r in self.records.values() if r["rank"]]
+    return dict(modules=len(self.ranks), rank_min=min(ranks, default=0), rank_max=max(ranks, default=0),
+                kinds=dict(Counter(r["kind"] for r in self.records.values())),
+                max_error=max((r["error"] for r in self.records.values()), default=0.0),
+                parameters=sum(t.numel() for t in self.tensors.values()))
 
-    def close(self) -> list:
-        "Write adapter_model.safetensors and adapter_config.json to the folder; return the file names."
-        return _write_files(self)
+@patch
+def close(self: AdapterWriter) -> list:
+    "Write adapter_model.safetensors and adapter_config.json to the folder; return the file names."
+    return _write_files(self)
 
 # %% ../nbs/08d_adapter.ipynb #8bcb2cb5
 def _check_writable(writer: AdapterWriter, full_modules: set):
@@ -303,8 +312,25 @@ def check_adapter_output(source_set: SourceSet):
         raise AdapterError(f"source {bias[0]!r} has LoRA biases ({bias[1]!r}) and source {embedding[0]!r} embedding "
                            f"LoRA ({embedding[1]!r}); PEFT cannot load both in one adapter")
 
+# %% ../nbs/08d_adapter.ipynb #fbfd7ce1
+SVD_METHODS = ("auto", "full", "lowrank")
+
+@dataclass(frozen=True)
+class AdapterOptions:
+    "How `write_adapter` writes a merge as an adapter."
+    rank: int | None = None         # the rank of truncated modules (default: the sum of the source ranks, capped)
+    svd: str = "auto"               # the SVD of `truncated_factors`: auto, full or lowrank
+    dtype: str = "float32"          # the saved dtype of the factors (a torch dtype's name)
+    base_model_name_or_path: str | None = None   # the base as the adapter names it (default: its Hub id, else its
+                                                 # folder's name: never a path of this machine)
+
+    def __post_init__(self):
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
+            raise ValueError(f"adapter_rank: {self.rank!r} is not a positive integer")
+        if self.svd not in SVD_METHODS: raise ValueError(f"svd: {self.svd!r} is not one of {SVD_METHODS}")
+
 # %% ../nbs/08d_adapter.ipynb #3cf77ba9
-def _weight_into(writer, name, factors, merged, weights, rank, method):
+def _weight_into(writer, name, factors, merged, weights, options: AdapterOptions):
     "Write one LoRA-targeted weight: stacked factors (exact) or its truncated merged delta."
     holders = [f for f in factors if name in f.modules]
     layout = holders[0].layout(name)
@@ -312,10 +338,11 @@ def _weight_into(writer, name, factors, merged, weights, rank, method):
         terms = [(*f.factors(name)[:2], w * f.scaling(name)) for f, w in zip(factors, weights) if name in f.modules]
         return writer.add(name, *exact_factors(terms), layout=layout)
     if name not in merged: return writer.add(name, _torch.zeros(0, 0), _torch.zeros(0, 0), "svd", 0.0, layout)
-    A, B, err = truncated_factors(merged[name], rank or default_rank([f.rank(name) for f in holders]), method=method)
+    rank = options.rank or default_rank([f.rank(name) for f in holders])
+    A, B, err = truncated_factors(merged[name], rank, method=options.svd)
     writer.add(name, A, B, "svd", err, layout)
 
-def _layer_into(writer, layer, deltas, factors, merged, weights, rank, method):
+def _layer_into(writer, layer, deltas, factors, merged, weights, options: AdapterOptions):
     "Write one layer's merged delta into `writer`."
     saved = {n for f in factors for n in f.saved_tensors}
     lora = {n for f in factors for n in f.modules}
@@ -328,7 +355,7 @@ def _layer_into(writer, layer, deltas, factors, merged, weights, rank, method):
     for name in names:
         if name in saved:
             if name in merged: writer.add_full(name, deltas.base_store.get(name) + merged[name])
-        elif name in lora: _weight_into(writer, name, factors, merged, weights, rank, method)
+        elif name in lora: _weight_into(writer, name, factors, merged, weights, options)
     for name in merged:
         if name in writer.records: continue
         if name not in names: raise AdapterError(f"tensor {name!r}: in the merged delta of layer {layer!r} but not in "
@@ -343,9 +370,8 @@ def _layer_into(writer, layer, deltas, factors, merged, weights, rank, method):
                 writer.add_bias(module + ".bias", _torch.zeros_like(deltas.base_store.get(module + ".bias")))
 
 # %% ../nbs/08d_adapter.ipynb #60860054
-def write_adapter(folder, source_set: SourceSet, merged_layer, *, weights=None, rank: int | None = None, layers=None,
-                  method: str = "auto", dtype: str = "float32", base_model_name_or_path: str | None = None,
-                  deltas=None, progress=None) -> dict:
+def write_adapter(folder, source_set: SourceSet, merged_layer, *, weights=None, options: AdapterOptions | None = None,
+                  layers=None, deltas=None, progress=None) -> dict:
     """Write a merge as a PEFT LoRA adapter in `folder`; the summary, per-tensor records and files.
 
     Args:
@@ -353,26 +379,24 @@ def write_adapter(folder, source_set: SourceSet, merged_layer, *, weights=None, 
         source_set: the checked base and LoRA sources.
         merged_layer: layer -> {tensor name: merged delta}.
         weights: layer -> [w_i] when the layer's merge is exactly Σ w_i ΔW_i (exact factors), or None (truncated).
-        rank: the rank of truncated modules (default: the sum of the source ranks, capped).
+        options: how the adapter is written (`AdapterOptions`: rank, SVD, dtype, the base's name).
         layers: the layers to write (default: every layer of `deltas`).
-        method: the SVD: auto, full or lowrank.
-        dtype: the saved dtype of the factors.
-        base_model_name_or_path: the base as the adapter names it (default: its Hub id, else its folder's name).
         deltas: the deltas the merge was computed on (so units of finer granularity match); read from the files if None.
         progress: anything with update(n), advanced once per layer written."""
+    options = options or AdapterOptions()
     check_adapter_output(source_set)
     factors = [LoraFactors(s, source_set.allow_pickle) for s in source_set.sources]
     base = source_set.base
-    name = base_model_name_or_path or base.repo_id or Path(base.path).name   # never a path of this machine
+    name = options.base_model_name_or_path or base.repo_id or Path(base.path).name   # never a path of this machine
     revision = base.commit_sha or base.revision if base.repo_id else None
-    writer = AdapterWriter(folder, name, revision=revision, dtype=dtype)
+    writer = AdapterWriter(folder, name, revision=revision, dtype=options.dtype)
     # headers, base read per tensor
     with (nullcontext(deltas) if deltas is not None else _deltas.compute_deltas(source_set)) as d:
         for layer in (layers if layers is not None else d.layers):
             w = weights(layer) if weights is not None else None
             if w is not None and len(w) != len(factors):
                 raise ValueError(f"weights({layer!r}): {len(w)} weights for {len(factors)} sources")
-            _layer_into(writer, layer, d, factors, merged_layer(layer), None if w is None else list(w), rank, method)
+            _layer_into(writer, layer, d, factors, merged_layer(layer), None if w is None else list(w), options)
             if progress is not None: progress.update(1)
     files = writer.close()
     return dict(writer.summary(), records=writer.records, files=files)

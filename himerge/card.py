@@ -6,16 +6,18 @@ Docs: https://himerge.github.io/himerge/card.html.md"""
 
 # %% ../nbs/10_card.ipynb #08daa820
 from __future__ import annotations
-import dataclasses, json, os, re, tempfile
+import json, os, re, tempfile
 from importlib.resources import files
 from pathlib import Path
 
 import yaml
 
 from . import __version__
-from .config import RunOptions
+from .card_sections import (local_name, hub_dataset, is_adapter, md_table, source_link, sources_table,
+                                   applied_options, score_table, gamma_table, conflict_summary, decisions_table,
+                                   candidates_table, contributions_table, auto_section, grid_table, grid_title,
+                                   adapter_section)
 from .errors import InputError
-from .gains import gain_kept   # the comparison's definition, so the card and the tables agree
 from .methods import METHODS
 
 def _hub():
@@ -24,14 +26,11 @@ def _hub():
     return huggingface_hub
 
 # %% auto #0
-__all__ = ['REPORT', 'CONFIG', 'HEATMAP', 'CARD', 'PAPER_URL', 'HUB_METRIC', 'ROW_LABELS', 'MERGE_ROWS', 'BELOW', 'FREE_TEXT',
-           'CardError', 'CardLeakError', 'read_report', 'local_name', 'hub_metric', 'hub_dataset', 'final_scores',
-           'eval_results', 'is_adapter', 'hub_models', 'card_data', 'md_table', 'pm', 'layer_key', 'source_link',
-           'data_link', 'sources_table', 'applied_options', 'score_cell', 'score_table', 'layer_actions', 'gamma_table',
-           'conflict_summary', 'decisions_table', 'candidates_table', 'contributions_table', 'auto_section',
-           'grid_table', 'grid_title', 'adapter_section', 'hub_pin', 'reproduce_config', 'local_inputs',
-           'registry_tasks', 'local_paths', 'check_no_local_paths', 'template_path', 'default_model_name',
-           'method_info', 'rows_note', 'card_variables', 'build_card', 'is_himerge_card', 'write_card']
+__all__ = ['REPORT', 'CONFIG', 'HEATMAP', 'CARD', 'PAPER_URL', 'HUB_METRIC', 'FREE_TEXT', 'CardError', 'CardLeakError',
+           'read_report', 'hub_metric', 'final_scores', 'eval_results', 'hub_models', 'card_data', 'hub_pin',
+           'reproduce_config', 'local_inputs', 'registry_tasks', 'local_paths', 'check_no_local_paths', 'template_path',
+           'default_model_name', 'method_info', 'rows_note', 'card_variables', 'build_card', 'is_himerge_card',
+           'write_card']
 
 # %% ../nbs/10_card.ipynb #ee7a7ff5
 REPORT, CONFIG, HEATMAP, CARD = "himerge_report.json", "himerge_config.yaml", "gamma_heatmap.png", "README.md"
@@ -57,17 +56,6 @@ def read_report(output_dir) -> dict:
         if not isinstance(s, dict) or not s.get("name"): raise CardError(f"{path}: sources[{i}] has no name")
     return report
 
-# %% ../nbs/10_card.ipynb #3a60eb32
-def local_name(spec) -> str | None:
-    "A Hub id (`org/name[@rev]`) as given; a local path as its folder name."
-    if spec is None: return None
-    s = str(spec)
-    path = Path(s).expanduser()
-    looks_local = path.is_absolute() or s.startswith((".", "~")) or "\\" in s or s.count("/") > 1
-    try: exists = path.exists()
-    except OSError: exists = False
-    return (path.name or s) if (looks_local or exists) else s
-
 # %% ../nbs/10_card.ipynb #53923ba0
 HUB_METRIC = {"loglikelihood_acc": "accuracy", "rougeL": "rougeL", "rouge1": "rouge1", "rouge2": "rouge2",
               "bleu": "bleu", "exact_match": "exact_match"}
@@ -75,15 +63,6 @@ HUB_METRIC = {"loglikelihood_acc": "accuracy", "rougeL": "rougeL", "rouge1": "ro
 def hub_metric(metric) -> str:
     "The Hub's name for a himerge (LightEval) metric."
     return HUB_METRIC.get(str(metric), str(metric))
-
-def hub_dataset(task: dict) -> tuple | None:
-    "(dataset id, revision) of a task record whose data is a Hub dataset; None for local data."
-    data = str(task.get("data") or "")
-    hub = task.get("hub")
-    if hub is None: hub = bool(re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", data)) and local_name(data) == data
-    if not hub or not data: return None
-    dataset, _, at_rev = data.partition("@")
-    return dataset, task.get("revision") or at_rev or None
 
 def final_scores(report) -> tuple:
     "(split, {task: score}) of the merged model: test when scored, else validation; (None, {}) when unscored."
@@ -108,11 +87,6 @@ def eval_results(report) -> list:
                                   metric_type=metric, metric_name=f"{metric} ({task})", metric_value=float(score)))
     return results
 
-def is_adapter(report) -> bool:
-    "Whether the merge was saved as an adapter of its base."
-    output_format = report.get("output_format")
-    return output_format == "adapter" or (output_format is None and bool(report.get("adapter")))
-
 def hub_models(report) -> list:
     "Hub ids of the base and the sources, base first, without repeats."
     ids = [report["base"].get("repo_id")] + [s.get("repo_id") for s in report["sources"]]
@@ -128,241 +102,6 @@ def card_data(report, model_name: str):
                          license=report["base"].get("license") or None,
                          tags=["merge", "himerge", report["method"]] + (["lora"] if adapter else []),
                          eval_results=eval_results(report) or None)
-
-# %% ../nbs/10_card.ipynb #60750e45
-def _cell(v) -> str:
-    if v is None: return "–"
-    if isinstance(v, float): return f"{v:.3f}"
-    return str(v).replace("|", "\\|").replace("\n", " ")
-
-def md_table(header: list, rows: list) -> str:
-    "A GitHub-flavoured Markdown table; each row must have as many cells as `header`."
-    for r in rows:
-        if len(r) != len(header): raise ValueError(f"table row {r!r} has {len(r)} cells, header has {len(header)}")
-    line = lambda cells: "| " + " | ".join(_cell(c) for c in cells) + " |"
-    return "\n".join([line(header), "|" + "|".join("---" for _ in header) + "|"] + [line(r) for r in rows])
-
-def pm(value, se=None) -> str:
-    "`value ± se` with 3 decimals (just `value` without an error)."
-    if value is None: return "–"
-    return f"{value:.3f}" if se is None else f"{value:.3f} ± {se:.3f}"
-
-# %% ../nbs/10_card.ipynb #61227b6d
-_EDGES = {"embed": 0, "norm": 2, "lm_head": 3}
-
-def layer_key(layer) -> tuple:
-    "Sort key of a layer in model order: embed, blocks by number then part, norm, lm_head, anything else."
-    text = str(layer)
-    block, _, part = text.partition(".")
-    if block.isdigit(): return (1, int(block), part)
-    return (_EDGES.get(text, 4), 0, text)
-
-# %% ../nbs/10_card.ipynb #922fdbb2
-def source_link(rec) -> str:
-    "A source (or the base) as a Markdown link to its Hub page at the commit used, or its local folder's name."
-    if rec.get("repo_id"):
-        ref = rec.get("commit_sha") or rec.get("revision")
-        url = f"https://huggingface.co/{rec['repo_id']}" + (f"/tree/{ref}" if ref else "")
-        return f"[{rec['repo_id']}]({url})"
-    return f"`{local_name(rec.get('spec') or rec.get('name'))}` (local)"
-
-def data_link(record: dict) -> str:
-    "A task's data as a Markdown link to the Hub dataset at the commit read, or its local folder's name."
-    dataset = hub_dataset(record)
-    if dataset is None: return f"`{local_name(record.get('data'))}` (local)"
-    ref = record.get("commit_sha") or dataset[1]
-    return f"[{dataset[0]}](https://huggingface.co/datasets/{dataset[0]}" + (f"/tree/{ref})" if ref else ")")
-
-def sources_table(report) -> str:
-    """The base, the sources and the tasks' data: model or dataset, kind, task, revision, commit, density p and
-    scale λ (the data's commit beside the models': γ and the scores depend on the rows read)."""
-    sha = lambda rec: f"`{rec['commit_sha']}`" if rec.get("commit_sha") else None
-    base = report["base"]
-    rows = [["base", source_link(base), "base", None, base.get("revision"), sha(base), None, None]]
-    rows += [[s["name"], source_link(s), s.get("kind"), s.get("task"), s.get("revision"), sha(s), s.get("density"),
-              s.get("scale")] for s in report["sources"]]
-    rows += [[f"{task} data", data_link(r), "dataset", task, (hub_dataset(r) or (None, None))[1], sha(r), None, None]
-             for task, r in (report.get("tasks") or {}).items() if r.get("data")]
-    return md_table(["name", "model", "kind", "task", "revision", "commit", "density p", "scale λ"], rows)
-
-# %% ../nbs/10_card.ipynb #027155a4
-def applied_options(report) -> list:
-    "[option, value, meaning] for the method's own options and the run options that differ from their defaults."
-    options = report.get("options") or {}
-    method = METHODS.get(report["method"])
-    own = report.get("method_options")
-    if own is None: own = [f.name for f in dataclasses.fields(method.options)] if method else list(options)
-    helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(RunOptions)}
-    if method: helps.update({f.name: f.metadata.get("help", "") for f in dataclasses.fields(method.options)})
-    run_defaults = dataclasses.asdict(RunOptions())  # asdict: some defaults come from a factory
-    changed = [k for k, v in options.items()
-               if k in run_defaults and k not in own and k != "cache_dir" and v != run_defaults[k]]
-    shown = lambda k, v: local_name(v) if k == "tokenizer" else v
-    return [[f"`{k}`", f"`{shown(k, options.get(k))}`", helps.get(k, "")] for k in list(own) + changed if k in options]
-
-# %% ../nbs/10_card.ipynb #1dad1e79
-ROW_LABELS = {"pre_merge": "pre-merge (before resolution)", "task_arithmetic": "task arithmetic (plain sum)",
-              "merged": "**merged**"}
-MERGE_ROWS = ("pre_merge", "task_arithmetic", "merged")   # rows that are merges: flagged, and given their gain kept
-BELOW = "▼"
-
-def score_cell(score, base, is_merge: bool) -> str:
-    "A score with 3 decimals, flagged when a merge scores below the base."
-    if score is None: return "–"
-    return f"{score:.3f} {BELOW}" if is_merge and base is not None and score < base else f"{score:.3f}"
-
-# %% ../nbs/10_card.ipynb #c1de79e2
-def score_table(report, split: str) -> tuple:
-    "(Markdown table of `split`'s scores with flags and gains kept, [(task, merge) where a merge is below the base])."
-    scores, tasks = report["scores"].get(split) or {}, list(report.get("tasks") or {})
-    if not tasks: tasks = list(scores.get("merged") or {})
-    base = scores.get("base") or {}
-    rows = [("base", "base", base)] + [(f"source {n}", "source", s) for n, s in (scores.get("sources") or {}).items()]
-    rows += [(ROW_LABELS[k], k, scores[k]) for k in MERGE_ROWS if scores.get(k)]
-    own = [(s["name"], s["task"]) for s in report["sources"]
-           if s.get("task") in tasks and s["name"] in (scores.get("sources") or {})]
-    header = ["model"] + tasks + [f"gain kept: {name}" for name, _ in own]
-    table, below = [], []
-    for label, kind, row in rows:
-        merge = kind in MERGE_ROWS
-        cells = [score_cell(row.get(t), base.get(t), merge) for t in tasks]
-        below += [(t, label.strip("*")) for t in tasks if merge and BELOW in score_cell(row.get(t), base.get(t), merge)]
-        gains = [gain_kept(row.get(t), base.get(t), scores["sources"][n].get(t)) if merge else None for n, t in own]
-        table.append([label] + cells + [None if g is None else f"{g:.0%}" for g in gains])
-    return md_table(header, table), below
-
-# %% ../nbs/10_card.ipynb #739052d9
-def layer_actions(report) -> dict:
-    "layer -> the numbered actions of its resolution steps (refinement steps only where they were taken)."
-    actions = {}
-    for d in sorted(report.get("decisions") or [], key=lambda d: d.get("order", 0)):
-        if d.get("class") == "refine" and not d.get("taken", True): continue   # a scale tried and not taken
-        actions.setdefault(str(d["layer"]), []).append(f"{d.get('order')}. {d.get('action')}")
-    return actions
-
-def gamma_table(report, key: str = "gamma") -> str:
-    "γ per layer and source (bold: a significant conflict), the layer's class and the resolution's action."
-    rows_in = report.get(key) or []
-    names = [s["name"] for s in report["sources"]]
-    layers = sorted({str(g["layer"]) for g in rows_in}, key=layer_key)
-    by = {(str(g["layer"]), g["source"]): g for g in rows_in}
-    classes = {str(k): v for k, v in (report.get("classes") or {}).items()}
-    actions = layer_actions(report)
-    z = (report.get("resolution") or {}).get("conflict_z") or 0
-    counted = {str(k): set(v) for k, v in (report.get("impaired") or {}).items()} if z and key == "gamma" else None
-    def cell(g):
-        if g is None: return None
-        text = pm(g.get("gamma"), g.get("gamma_se"))
-        if g.get("significant") and (g.get("gamma") or 0) > 0: text = f"**{text}**"
-        positive = (g.get("gamma") or 0) > 0
-        noise = counted is not None and positive and g["source"] not in counted.get(str(g["layer"]), ())
-        return f"{text} (noise)" if noise else text   # positive, but within z·se: the class did not count it
-    rows = [[layer] + [cell(by.get((layer, n))) for n in names]
-            + [classes.get(layer), "; ".join(actions.get(layer, [])) or "kept"] for layer in layers]
-    return md_table(["layer"] + [f"γ {n}" for n in names] + ["class", "action"], rows)
-
-# %% ../nbs/10_card.ipynb #5d7cb641
-def conflict_summary(report) -> str:
-    "One paragraph: layers per conflict class, significant conflicts, and why resolution stopped."
-    classes = list((report.get("classes") or {}).values())
-    counts = ", ".join(f"{classes.count(c)} {c}" for c in ("severe", "partial", "mutual") if c in classes)
-    significant = sum(1 for g in report.get("gamma") or [] if g.get("significant") and (g.get("gamma") or 0) > 0)
-    text = f"Layers by conflict class: {counts}. " if counts else ""
-    text += f"Significant conflicts: {significant} (layer, source) pair{'s' * (significant != 1)}."
-    resolution = report.get("resolution") or {}
-    z = resolution.get("conflict_z") or 0
-    if z and report.get("impaired") is not None:   # the classes counted only γ above z standard errors
-        positive = sum(1 for g in report.get("gamma") or [] if (g.get("gamma") or 0) > 0)
-        counted = sum(len(v) for v in report["impaired"].values())
-        text += (f" The classes count a source as impaired only where γ > {z:g}·se(γ): {counted} of the {positive} "
-                 f"positive γ were counted; the others are marked (noise) in the table.")
-    if resolution.get("mode") == "verified":
-        kept = resolution.get("kept") or []
-        text += (f" Each resolution step was checked on validation: a candidate action was taken only if it beat "
-                 f"leaving the layer by more than {resolution.get('accept_z', 0):g} paired standard errors")
-        text += (f"; {len(kept)} conflicted layer{'s' * (len(kept) != 1)} ({', '.join(kept)}) kept as "
-                 f"{'they were' if len(kept) != 1 else 'it was'}, no candidate helping." if kept else ".")
-    elif resolution.get("mode") == "paper":
-        text += " Resolution applied the paper's rule, unchecked."
-    if resolution.get("stopped"):
-        text += f" Resolution stopped: {resolution['stopped']}"
-        text += f" ({resolution['evaluations']} evaluations)." if resolution.get("evaluations") is not None else "."
-    return text
-
-# %% ../nbs/10_card.ipynb #5cd3a9b1
-def decisions_table(report) -> str | None:
-    "One row per resolution step: layer, class, action, and each task's score before → after."
-    decisions = sorted(report.get("decisions") or [], key=lambda d: d.get("order", 0))
-    if not decisions: return None
-    tasks = list(report.get("tasks") or dict.fromkeys(t for d in decisions for t in d.get("score_before") or {}))
-    def change(d, t):
-        before, after = (d.get("score_before") or {}).get(t), (d.get("score_after") or {}).get(t)
-        return None if before is None or after is None else f"{before:.3f} → {after:.3f}"
-    return md_table(["step", "layer", "class", "action"] + tasks,
-                    [[d.get("order"), d["layer"], d.get("class"), d.get("action")] + [change(d, t) for t in tasks]
-                     for d in decisions])
-
-def candidates_table(report) -> str | None:
-    """Verified resolution: every candidate of every step, its validation scores, its improvement over leaving the
-    layer (mean gain-normalised score, ± paired standard error), and the one taken; None without candidates."""
-    decisions = [d for d in sorted(report.get("decisions") or [], key=lambda d: d.get("order", 0))
-                 if d.get("candidates")]
-    if not decisions: return None
-    tasks = list(report.get("tasks") or dict.fromkeys(t for d in decisions for t in d["candidates"][0]["scores"]))
-    def gain(c): return "reference" if c.get("improvement") is None else \
-        (f"{c['improvement']:+.3f} ± {c['improvement_se']:.3f}" if c.get("improvement_se") is not None else
-         f"{c['improvement']:+.3f}")
-    return md_table(["step", "layer", "candidate"] + tasks + ["improvement", "taken"],
-                    [[d.get("order"), d["layer"], c["action"]] + [pm(c["scores"].get(t)) for t in tasks]
-                     + [gain(c), "**taken**" if c.get("taken") else ""] for d in decisions for c in d["candidates"]])
-
-def contributions_table(report) -> str | None:
-    "α, β and c (± standard error) per layer, state and task, in model order."
-    rows = sorted(report.get("contributions") or [], key=lambda c: (layer_key(c["layer"]), c["state"], c["task"]))
-    if not rows: return None
-    return md_table(["layer", "state", "task", "α", "β", "c"],
-                    [[c["layer"], c["state"], c["task"], pm(c.get("alpha"), c.get("alpha_se")),
-                      pm(c.get("beta"), c.get("beta_se")), pm(c.get("c"), c.get("c_se"))] for c in rows])
-
-# %% ../nbs/10_card.ipynb #329ecb65
-def auto_section(report) -> dict | None:
-    "{chosen, why, table, skipped} of a `method: auto` merge, for the template; None for any other merge."
-    auto = report.get("auto")
-    if not auto: return None
-    point = lambda p: ", ".join(f"{k} = {v}" for k, v in p.items()) or "defaults"
-    rows = [[f"**{r['method']}**" if r["method"] == auto["chosen"] else r["method"], point(r["point"]),
-             r.get("validation_gain_kept"), r.get("test_gain_kept"), r["evaluations"], f"{r['seconds']:.1f}"]
-            for r in auto["methods"]]
-    table = md_table(["method", "best point (validation)", "gain kept, validation", "gain kept, test", "evaluations",
-                      "seconds"], rows)
-    return dict(chosen=auto["chosen"], why=auto["why"], table=table, skipped=len(auto.get("skipped") or []))
-
-# %% ../nbs/10_card.ipynb #b28fc6a6
-def grid_table(grid: dict) -> str:
-    "The scores of one source's (p, λ) search: one row per density, one column per scale, the best pair in bold."
-    best = tuple(grid.get("best") or ())
-    rows = [[f"{p:g}"] + [f"**{s:.3f}**" if (p, scale) == best else pm(s) for scale, s in zip(grid["scales"], row)]
-            for p, row in zip(grid["densities"], grid["table"])]
-    return md_table(["p \\ λ"] + [f"{s:g}" for s in grid["scales"]], rows)
-
-def grid_title(grid: dict) -> str:
-    best = grid.get("best") or [None, None]
-    return f"{grid['source']} on {grid['task']}: best p = {best[0]:g}, λ = {best[1]:g}" if None not in best else \
-        f"{grid['source']} on {grid['task']}"
-
-def adapter_section(report) -> dict | None:
-    "{summary, table, n_tensors} of an adapter output, for the template; None when the output is a model."
-    a = report.get("adapter") or {}
-    if not is_adapter(report): return None
-    rank, error = a.get("rank"), a.get("max_relative_error", float("nan"))
-    if a.get("exact"): summary = f"Rank {rank}, exact: the adapter reproduces the merged delta of every tensor."
-    else: summary = (f"Rank {rank}: tensors whose merged delta has a higher rank are approximated by a truncated SVD; "
-                     f"the largest relative error (Frobenius norm) is {error:.2e}.")
-    tensors = a.get("tensors") or []
-    table = md_table(["tensor", "rank", "kind", "relative error"],
-                     [[t.get("tensor"), t.get("rank"), t.get("kind"), f"{t.get('relative_error', 0):.2e}"]
-                      for t in tensors])
-    return dict(summary=summary, table=table if tensors else None, n_tensors=len(tensors))
 
 # %% ../nbs/10_card.ipynb #c329ab1b
 def hub_pin(rec) -> str | None:

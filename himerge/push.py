@@ -14,7 +14,7 @@ from .lazy import lazy
 
 # `himerge --help` builds the push arguments: the card (whose imports reach torch) and the Hub client are imported
 # by a push, not before.
-_cards, _yaml = lazy("himerge.card"), lazy("yaml")
+_cards, _sections, _yaml = lazy("himerge.card"), lazy("himerge.card_sections"), lazy("yaml")
 _hub, _hub_errors, _hub_utils = lazy("huggingface_hub"), lazy("huggingface_hub.errors"), lazy("huggingface_hub.utils")
 _hub_constants = lazy("huggingface_hub.constants")
 
@@ -151,7 +151,7 @@ def adapter_config_for_push(output_dir, report: dict) -> bytes | None:
     if base.get("repo_id"):
         changed.update(base_model_name_or_path=base["repo_id"],
                        revision=base.get("commit_sha") or base.get("revision") or config.get("revision"))
-    elif named: changed["base_model_name_or_path"] = _cards.local_name(named)
+    elif named: changed["base_model_name_or_path"] = _sections.local_name(named)
     return None if changed == config else (json.dumps(changed, indent=2, sort_keys=True) + "\n").encode()
 
 # %% ../nbs/11_push.ipynb #66c87834

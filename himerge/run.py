@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import tqdm.auto
 
-from .adapter import write_adapter
+from .adapter import AdapterOptions, write_adapter
 from .cache import EvalCache, content_key, source_key
 from .config import AUTO, prefix_bytes
 from . import mergers  # noqa: F401  (imports every method's module, which attaches its merger)
@@ -198,7 +198,7 @@ def write_adapter_first(p: Plan, run: Run, merged, tmp: Path):
     log.info("writing the merge as a LoRA adapter to %s", p.output)
     with _timed(run, "adapter_s"):
         summary = write_adapter(tmp, p.sources, merged.state.layer_delta, weights=merged.linear,
-                                rank=p.config.run.adapter_rank, layers=run.deltas.layers, deltas=run.deltas,
+                                options=AdapterOptions(rank=p.config.run.adapter_rank), deltas=run.deltas,
                                 progress=run.progress)
     back = resolve_sources([str(tmp)], base=str(p.sources.base.path), override_base=True)
     written = units_of(_deltas.compute_deltas(back), p.config)

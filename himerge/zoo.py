@@ -16,7 +16,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .card import layer_actions
+from .card_sections import layer_actions
 from .evaluate import Evaluator
 from .gains import gain_kept
 from .merge import MergeResult, merge

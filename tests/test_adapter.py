@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from himerge.adapter import (AdapterError, AdapterWriter, LoraFactors, check_adapter_output, default_rank,
-                             exact_factors, truncated_factors, write_adapter)
+from himerge.adapter import (AdapterError, AdapterOptions, AdapterWriter, LoraFactors, check_adapter_output,
+                             default_rank, exact_factors, truncated_factors, write_adapter)
 from himerge.contributions import combine_deltas
 from himerge.deltas import compute_deltas
 from himerge.errors import InputError
@@ -206,7 +206,7 @@ def test_truncated_adapter_loads_and_reproduces_delta_k(tmp_path):
     delta = known_spectrum(32, 64, S)
     merged_layer = lambda layer: {target: delta} if layer == 1 else {}
     k = 6
-    report = write_adapter(tmp_path / "out", sset, merged_layer, rank=k)
+    report = write_adapter(tmp_path / "out", sset, merged_layer, options=AdapterOptions(rank=k))
     rec = report["records"][target]
     assert rec["rank"] == k and rec["kind"] == "svd"
     assert rec["error"] == pytest.approx(predicted_error(S, k), rel=1e-4)
@@ -282,7 +282,7 @@ def test_refuses_a_tensor_an_adapter_cannot_carry(tmp_path):
     merged_layer = lambda layer: {"model.layers.0.input_layernorm.weight": torch.ones(32)} if layer == 0 else {}
     with pytest.raises(AdapterError,
                        match="'model.layers.0.input_layernorm.weight': changed by the merge, but neither"):
-        write_adapter(tmp_path / "out", sset, merged_layer, rank=4)
+        write_adapter(tmp_path / "out", sset, merged_layer, options=AdapterOptions(rank=4))
     assert not (tmp_path / "out").exists()
 
 

@@ -9,8 +9,9 @@ from markdown_it import MarkdownIt
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_output import make_fake_output, fake_report, make_merge_output, make_zoo_merge_output
-from himerge.card import (build_card, write_card, CardError, CardLeakError, md_table, layer_key, local_paths,
-                          hub_metric, gamma_table, template_path, card_data)
+from himerge.card import (build_card, write_card, CardError, CardLeakError, local_paths, hub_metric, template_path,
+                          card_data)
+from himerge.card_sections import md_table, layer_key, gamma_table
 from himerge.errors import InputError
 from himerge.zoo import load_zoo
 
