@@ -13,8 +13,9 @@ from pathlib import Path
 
 from .errors import InputError
 from .lazy import lazy
-from .sources import (Source, SourceSet, _declared_base_path, adapter_module, adapter_weights, readable_shapes,
-                             resolve_source, target_tensor)
+from .source_files import readable_shapes
+from .sources import (Source, SourceSet, _declared_base_path, adapter_module, adapter_weights, resolve_source,
+                             target_tensor)
 
 # `--dry-run` checks an adapter merge without torch (tests/test_adapter.py holds it to that): torch, and the deltas
 # and safetensors' writer that import it, are imported by the first write; PEFT (which imports transformers) too.

@@ -16,8 +16,9 @@ import torch
 from safetensors import safe_open
 
 from .lazy import lazy
-from .sources import (SourceError, SourceSet, TensorHeader, adapter_module, adapter_weights, check_lora,
-                             file_headers, lora_rank, peft_default, target_tensor, weight_files)
+from .source_files import SourceError, TensorHeader, file_headers, weight_files
+from .sources import (SourceSet, adapter_module, adapter_weights, check_lora, lora_rank, peft_default,
+                             target_tensor)
 
 _peft_other = lazy("peft.utils.other")   # PEFT imports transformers: only for an adapter with an alpha pattern
 

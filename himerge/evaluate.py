@@ -17,7 +17,8 @@ from fastcore.basics import patch
 
 from .lighteval_fast_paths import (import_lighteval, lighteval, lighteval_tested, loglikelihood_tokens,
                                           padded_greedy_until, warn_untested)
-from .tasks import TaskSpec, TaskError, to_lighteval, load_tasks
+from .task_data import TaskError
+from .tasks import TaskSpec, to_lighteval, load_tasks
 
 # %% auto #0
 __all__ = ['TaskScore', 'quiet_lighteval', 'build_docs', 'Evaluator']

@@ -14,7 +14,7 @@ from huggingface_hub import snapshot_download
 
 from .deltas import nonfinite
 from .errors import InputError
-from .sources import SourceError
+from .source_files import SourceError
 
 def _transformers():
     "transformers, imported when a model or a tokenizer is loaded: seconds that planning and config checks never pay."

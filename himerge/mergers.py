@@ -7,7 +7,7 @@ Docs: https://himerge.github.io/himerge/mergers.html.md"""
 # %% ../nbs/08h_mergers.ipynb #8f000004
 from __future__ import annotations
 
-from . import auto, baselines, knots, layerwise, resolve, svd_merging  # noqa: F401
+from . import auto, baselines, hi_merging, knots, layerwise, resolve, svd_merging  # noqa: F401
 from .baselines import PerTensorMethod
 from .methods import METHODS
 

@@ -8,10 +8,15 @@ Docs: https://himerge.github.io/himerge/methods.html.md"""
 from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 # non_default and options_table are read through this module too (merge, cli)
 from .options import OptionError, non_default, option, options_table, parse_options  # noqa: F401
+
+if TYPE_CHECKING:   # for the hints only: the registry is read without loading torch
+    from himerge.deltas import LayerDeltas
+    from himerge.scoring import Scorer, State
+
 
 # %% auto #0
 __all__ = ['METHODS', 'SCOPES', 'ROUNDING', 'LAMB', 'SPECTRA', 'NOT_COMPARED', 'Counts', 'no_evaluations', 'MergeMethod',
@@ -61,25 +66,27 @@ class MergeMethod:
             raise LookupError(f"method {self.name!r}: no merger attached; import himerge.mergers first")
         return self.merger(context)
 
+
+# %% ../nbs/08a_methods.ipynb #3321a144
 @dataclass
 class MergeContext:
     "What a merger receives."
-    deltas: object          # raw per-layer deltas of every source (himerge.deltas.Deltas or the same interface)
+    deltas: LayerDeltas     # raw per-layer deltas of every source
     names: list             # source names
     tasks: list             # each source's task (None without tasks)
     densities: list         # p per source
     scales: list            # λ per source
-    options: object         # the method's options dataclass
-    run: object             # the run options (seed, ...)
+    options: Any            # the method's options dataclass (its `MergeMethod.options`)
+    run: Any                # himerge.config.RunOptions (seed, ...); config imports this module, hence Any
     layers: list            # the layers some source changes
     base_key: str = ""      # the base's cache key (its files)
     source_keys: list = field(default_factory=list)  # each source's cache key (its files)
-    scorer: object = None   # himerge.scoring.Scorer when the merge has tasks
+    scorer: Scorer | None = None   # scores weight states, when the merge has tasks
 
 @dataclass
 class Merged:
     "What a merger returns: the merged weights as a state, and the method's records."
-    state: object                               # himerge.scoring.State: Δ layer by layer, with its cache key
+    state: State                                # Δ layer by layer, with its cache key
     records: dict = field(default_factory=dict) # e.g. contributions, resolution (for the report and card)
     scores: dict = field(default_factory=dict)  # extra validation scores the method measured, e.g. {"pre_merge": {...}}
     # layer -> [w_m] when the layer's merge is exactly Σ w_m δ_m, else None
@@ -415,6 +422,9 @@ class HiMergingOptions:
                              "of the paired difference", low=0)
     # auto: layer_scale with the verified rule, none with the paper's. Chosen on the zoo's validation split, where it
     # raised mean gain kept from 0.756 to 0.871 for 32 more evaluations (test: 0.812 to 0.862)
+    # task arithmetic's grid in the fair comparison, and one step up; chosen on validation (see 08_resolve)
+    merge_scales: list = option([0.4, 0.6, 0.8, 1.2], "verified or refined: after the layers, the whole merge tried "
+                                "at each factor under the accept rule ([1.0]: not tried)", low=0, low_open=True)
     refine: str = option("auto", "after resolution: 'layer_scale' searches each layer's per-source scale (×½, ×1½) "
                          "under the same accept rule and budget; auto: layer_scale when verified, none with the "
                          "paper's rule", choices=("auto", "none", "layer_scale"))
@@ -437,6 +447,9 @@ def hi_merging_evaluations(counts: Counts, options: HiMergingOptions) -> dict:
         per_layer = max(counts.sources + 1, partial)
         ev["resolution candidates (at most)"] = counts.layers * per_layer * counts.tasks
     elif options.score_decisions: ev["resolution scores (at most)"] = counts.layers * counts.tasks
+    if options.resolution == "verified" or refinement(options) != "none":
+        factors = [f for f in options.merge_scales if f != 1]
+        if factors: ev["the whole merge's scale"] = len(factors) * counts.tasks
     if refinement(options) == "layer_scale":
         ev["refinement (at most)"] = counts.layers * counts.sources * 2 * counts.tasks
     if options.remeasure == "after_each":

@@ -14,7 +14,8 @@ import yaml
 
 from .errors import InputError
 from .evaluate import Evaluator
-from .tasks import load_tasks, read_rows
+from .task_data import read_rows
+from .tasks import load_tasks
 from .zoo import LORA, PROMPT, encode_pairs, row_text, train
 
 # %% auto #0

@@ -12,11 +12,10 @@ from typing import Callable
 
 import numpy as np
 
-from .contributions import ContributionAnalysis, Contributions, paired, plot_gamma
-from .deltas import Layer, LayerDeltas, map_layer
+from .contributions import Contributions, paired, plot_gamma
+from .deltas import Layer
+from .layer_edits import ZERO, LayerEdit, ResolvedDeltas, scaled_everywhere
 from .lazy import lazy
-from .methods import Merged, implements, processed_key, refinement
-from .prune import ProcessedDeltas, prune_scale, prune_scale_group
 from .scoring import means
 
 _patches = lazy("matplotlib.patches")   # for the figures only
@@ -24,10 +23,9 @@ _patches = lazy("matplotlib.patches")   # for the figures only
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'SEVERE', 'PARTIAL', 'MUTUAL', 'ZERO', 'RESOLUTIONS', 'REFINES', 'LEAVE', 'impaired', 'total_conflict',
-           'classify', 'LayerEdit', 'ResolvedDeltas', 'ResolveSettings', 'Measures', 'LayerView', 'layer_view',
-           'Candidate', 'paper_action', 'candidates', 'improvement', 'accept', 'Decision', 'candidate_record',
-           'resolve', 'Resolution', 'plot_resolution', 'resolve_settings', 'hi_merging']
+__all__ = ['log', 'SEVERE', 'PARTIAL', 'MUTUAL', 'RESOLUTIONS', 'REFINES', 'LEAVE', 'impaired', 'total_conflict', 'classify',
+           'ResolveSettings', 'Measures', 'LayerView', 'layer_view', 'Candidate', 'paper_action', 'candidates',
+           'improvement', 'accept', 'Decision', 'candidate_record', 'resolve', 'Resolution', 'plot_resolution']
 
 # %% ../nbs/08_resolve.ipynb #2dbd49c0
 SEVERE, PARTIAL, MUTUAL = "severe", "partial", "mutual"
@@ -48,81 +46,6 @@ def classify(gammas: dict, errors: dict | None = None, z: float = 0.0) -> str:
     hurt = impaired(gammas, errors, z)
     return SEVERE if len(hurt) == len(gammas) else PARTIAL if hurt else MUTUAL
 
-# %% ../nbs/08_resolve.ipynb #7e3a0031
-@dataclass(frozen=True)
-class LayerEdit:
-    "How one source's delta in one layer is changed by conflict resolution."
-    kind: str                 # "zero", "reprune" or "scale"
-    density: float = 1.0      # reprune: fraction kept of the processed layer delta
-    scale: float = 1.0        # reprune: multiplier of what is kept
-    factor: float = 1.0       # a multiplier applied after the rest ("scale" is this alone)
-
-    def describe(self) -> str:
-        if self.kind == "zero": return "dropped"
-        text = f"re-pruned to p={self.density:g}, λ={self.scale:g}" if self.kind == "reprune" else ""
-        if self.factor != 1: text += (", then " if text else "") + f"scaled by {self.factor:g}"
-        return text or "kept"
-
-    def then_scale(self, factor: float) -> "LayerEdit":
-        "This edit followed by a multiplication by `factor`."
-        return dataclasses.replace(self, factor=self.factor * factor)
-
-    def record(self) -> list:
-        "kind, density, scale (and the factor when it is not 1, so the paper's edits keep their old keys)."
-        return [self.kind, self.density, self.scale] + ([self.factor] if self.factor != 1 else [])
-
-ZERO = LayerEdit("zero")
-
-# %% ../nbs/08_resolve.ipynb #73548ffe
-class ResolvedDeltas(LayerDeltas):
-    "Processed deltas with per-(source, layer) edits applied on read."
-    def __init__(self, processed: ProcessedDeltas, edits: dict | None = None, scope: str = "tensor"):
-        self.processed, self.edits, self.scope = processed, dict(edits or {}), scope
-
-    @property
-    def layers(self) -> list: return self.processed.layers
-    @property
-    def source_names(self) -> list: return self.processed.source_names
-    def names(self, layer: Layer) -> list: return self.processed.names(layer)
-    def base_layer(self, layer: Layer): return self.processed.base_layer(layer)
-
-    def with_edit(self, source: int, layer, edit: LayerEdit) -> "ResolvedDeltas":
-        "A copy with one more edit (the original is left as it was)."
-        return ResolvedDeltas(self.processed, {**self.edits, (source, layer): edit}, self.scope)
-
-    def source_layer(self, source: int, layer) -> dict:
-        edit = self.edits.get((source, layer))
-        if edit is not None and edit.kind == "zero": return {}
-        delta = self.processed.source_layer(source, layer)
-        if edit is None: return delta
-        if edit.kind == "reprune" and self.scope != "tensor":
-            delta = prune_scale_group(dict(delta), edit.density, edit.scale)
-        elif edit.kind == "reprune":              # a tensor when it is read, like the processed deltas
-            delta = map_layer(delta, lambda n, t: prune_scale(t, edit.density, edit.scale))
-        return delta if edit.factor == 1 else map_layer(delta, lambda n, t: t * edit.factor)
-
-    def costly(self, source: int, layer) -> bool:
-        "Whether reading `layer` of `source` prunes (worth a memo): a re-pruning edit, or pruned processed deltas."
-        edit = self.edits.get((source, layer))
-        if edit is not None and edit.kind != "scale": return edit.kind == "reprune" and edit.density < 1
-        return self.processed.costly(source, layer)
-
-    def linear_weights(self, layer):
-        "[w_m] when every source's resolved delta of `layer` is its processed delta times w_m (dropped: 0), else None."
-        weights = []
-        for i, scale in enumerate(self.processed.scale):
-            edit = self.edits.get((i, layer))
-            if edit is None: weights.append(scale)
-            elif edit.kind == "zero": weights.append(0.0)
-            elif edit.kind == "scale" or edit.density == 1:            # a pure rescaling
-                weights.append(scale * (edit.scale if edit.kind == "reprune" else 1.0) * edit.factor)
-            else: return None                                          # re-pruned: not a multiple of the delta
-        return weights
-
-    def key(self) -> list:
-        "A JSON-able, order-independent description of the edits."
-        return sorted([[i, str(layer)] + e.record() for (i, layer), e in self.edits.items()])
-
 # %% ../nbs/08_resolve.ipynb #93f293b5
 RESOLUTIONS, REFINES = ("verified", "paper"), ("none", "layer_scale")
 
@@ -139,6 +62,7 @@ class ResolveSettings:
     factors: tuple = (0.5, 0.75)    # verified, partial conflict: the re-pruning factors tried
     refine: str = "none"            # layer_scale: afterwards, a coordinate search over per-layer, per-source scales
     refine_scales: tuple = (0.5, 1.5)  # the factors that search tries on each (layer, source)
+    merge_scales: tuple = ()        # verified or refined: after the layers, the whole merge tried at each factor
     remeasure: str = "never"        # after_each: re-measure the contributions after each resolved layer
     budget: int | None = None       # the most task evaluations resolution may spend (None: no limit)
     scope: str = "tensor"           # where the top-p threshold is taken when a layer is pruned again
@@ -153,6 +77,8 @@ class ResolveSettings:
             if not 0 < getattr(self, name) <= 1: raise ValueError(f"{name}: {getattr(self, name)!r} is not in (0, 1]")
         for f in self.factors:
             if not 0 < f <= 1: raise ValueError(f"factors: {f!r} is not in (0, 1]")
+        for f in self.merge_scales:
+            if not 0 < f: raise ValueError(f"merge_scales: {f!r} is not above 0")
         return self
 
 @dataclass
@@ -327,9 +253,10 @@ def _paper_step(loop: _Loop, view: LayerView, index: dict, settings: ResolveSett
                     {m: e.describe() for m, e in action.edits.items()}, before, after)
 
 def _verified_step(loop: _Loop, view: LayerView, tried: list, index: dict, measures: Measures, gains: dict,
-                   settings: ResolveSettings):
-    "Score every candidate but `tried[0]` (leaving the layer) in one call; take the best if it passes `accept`."
-    others = [_apply(loop.resolved, c, index, view.layer) for c in tried[1:]]
+                   settings: ResolveSettings, others: list | None = None):
+    """Score every candidate but `tried[0]` (leaving the layer) in one call; take the best if it passes `accept`.
+    `others`: the deltas of `tried[1:]`, when they are not `tried`'s edits of `view.layer` (the whole merge scaled)."""
+    if others is None: others = [_apply(loop.resolved, c, index, view.layer) for c in tried[1:]]
     rows_of = measures.rows(others) if others else []
     loop.spent += len(others) * measures.evals_per_score
     best, gains_ = accept(loop.rows, rows_of, gains, settings.accept_z)
@@ -338,7 +265,8 @@ def _verified_step(loop: _Loop, view: LayerView, tried: list, index: dict, measu
     before = means(loop.rows)
     if best is None:
         top = max(gains_, key=lambda g: g[0]) if gains_ else (0.0, 0.0)
-        action = (f"kept: no candidate beat leaving the layer by more than {settings.accept_z:g}·se "
+        what = "the merge" if view.layer == "all" else "the layer"
+        action = (f"kept: no candidate beat leaving {what} by more than {settings.accept_z:g}·se "
                   f"(best {top[0]:+.3f} ± {top[1]:.3f})")
         edits = {}
     else:
@@ -372,6 +300,19 @@ def _refine(loop: _Loop, order: list, index: dict, measures: Measures, gains: di
             view = LayerView(layer, {}, "refine", 0.0, [], {})
             loop.decisions.append(_verified_step(loop, view, tried, index, measures, gains,
                                                  dataclasses.replace(settings, remeasure="never")))
+    return None
+
+def _merge_scale(loop: _Loop, index: dict, measures: Measures, gains: dict, settings: ResolveSettings):
+    "One step: the whole merge at each of `merge_scales` (1 is leaving it) under the accept rule; None, or why not."
+    factors = [f for f in settings.merge_scales if f != 1]
+    if not factors: return None
+    stop = _over_budget(loop, len(factors) * measures.evals_per_score, settings)
+    if stop: return stop
+    tried = [LEAVE] + [Candidate(f"every source scaled by {f:g}") for f in factors]
+    view = LayerView("all", {}, "refine", 0.0, [], {})
+    loop.decisions.append(_verified_step(loop, view, tried, index, measures, gains, settings,
+                                         [scaled_everywhere(loop.resolved, f) for f in factors]))
+    log.info("the whole merge: %s", loop.decisions[-1].action)
     return None
 
 def _most_conflicted(current, layers: list, visited: set, z: float):
@@ -430,6 +371,9 @@ def resolve(contributions, processed, source_names: list, source_tasks: list, se
         if settings.remeasure == "after_each":
             loop.current = measures.measure(loop.resolved); loop.spent += measures.evals_per_measure
     _score_deferred(loop, measures)
+    if settings.merge_scales and (verified or settings.refine != "none"):
+        if loop.rows is None: loop.rows = measures.rows([loop.resolved])[0]
+        stopped = _merge_scale(loop, index, measures, contributions.gains, settings) or stopped
     if settings.refine == "layer_scale":
         if loop.rows is None: loop.rows = measures.rows([loop.resolved])[0]
         order = sorted(layers, key=lambda layer: -total_conflict(*_rule(contributions, layer, z)))
@@ -503,34 +447,3 @@ def plot_resolution(resolution: Resolution, ax=None):
 
 def _dashed_box(xy, width, height):
     return _patches.Rectangle(xy, width, height, fill=False, edgecolor="black", linewidth=2, linestyle="--")
-
-# %% ../nbs/08_resolve.ipynb #27a3c00a
-def resolve_settings(context) -> ResolveSettings:
-    "The `ResolveSettings` of a Hi-Merging run, from its options and Stage 1's p and λ."
-    opts = context.options
-    return ResolveSettings(tuple(context.densities), tuple(context.scales), opts.resolution, opts.density_factor,
-                           opts.scale_factor, opts.conflict_z, opts.accept_z, refine=refinement(opts),
-                           remeasure=opts.remeasure, budget=opts.budget, scope=opts.prune_scope)
-
-@implements("hi-merging")
-def hi_merging(context):
-    "The merger of `method: hi-merging`: Stage 1, the contribution analysis and conflict resolution; a `Merged`."
-    opts = context.options
-    processed = ProcessedDeltas(context.deltas, density=context.densities, scale=context.scales, scope=opts.prune_scope)
-    analysis = ContributionAnalysis(context.scorer, processed, context.names, context.tasks, layers=context.layers,
-                                    combine=opts.combine, normalize=opts.normalize, base_key=context.base_key,
-                                    source_keys=processed_key(context, opts.prune_scope))
-    contributions = analysis.run()
-    n_tasks = len(analysis.all_tasks)
-    settings = resolve_settings(context)
-    scored = opts.score_decisions or settings.resolution == "verified" or settings.refine != "none"
-    measures = Measures(rows=analysis.rows_merged if scored else None,
-                        measure=lambda r: analysis.run(merged=r, edits_key=r.key()), evals_per_score=n_tasks,
-                        evals_per_measure=n_tasks * (2 * len(contributions.layers) + 1))
-    resolution = resolve(contributions, processed, context.names, context.tasks, settings, measures)
-    final = resolution.deltas
-    state = analysis.states(final, final.key())[-1]
-    return Merged(state, records=dict(contributions=contributions, resolution=resolution),
-                  scores={"pre_merge": contributions.reference["pre_merge"]},
-                  linear=final.linear_weights if opts.combine == "sum" and all(p == 1 for p in context.densities)
-                  else None)

@@ -6,32 +6,26 @@ Docs: https://himerge.github.io/himerge/sources.html.md"""
 
 # %% ../nbs/01_sources.ipynb #71760666
 from __future__ import annotations
-import dataclasses, json, math, os, re
+import dataclasses, re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from safetensors import safe_open
-
-from .errors import InputError
 from .lazy import lazy
+from .source_files import (SourceError, TensorHeader, check_json_files, checkpoint_headers, file_headers,
+                                  weight_files)
 
 # Imported when used: huggingface_hub for a Hub source, PEFT (which imports transformers) for an adapter's rules.
 _hub, _hub_errors = lazy("huggingface_hub"), lazy("huggingface_hub.errors")
 _peft, _peft_other, _peft_tuners = lazy("peft"), lazy("peft.utils.other"), lazy("peft.tuners.tuners_utils")
 
 # %% auto #0
-__all__ = ['HUB_PATTERNS', 'RULES', 'FIELDS', 'REQUIRED', 'JSON_OBJECTS', 'ADAPTER_FILES', 'INDEX', 'SourceError', 'parse_spec',
-           'hub_snapshot', 'read_json', 'check_fields', 'check_json_files', 'weight_files', 'TensorHeader',
-           'file_headers', 'checkpoint_headers', 'tensor_shapes', 'readable_shapes', 'peft_default',
-           'with_peft_defaults', 'detect_kind', 'Source', 'resolve_source', 'choose_base', 'check_distinct',
-           'adapter_module', 'target_tensor', 'adapter_weights', 'check_full', 'check_adapter_tensor', 'lora_rank',
-           'check_lora_modules', 'check_lora', 'SourceSet', 'resolve_sources']
+__all__ = ['HUB_PATTERNS', 'parse_spec', 'hub_snapshot', 'peft_default', 'with_peft_defaults', 'detect_kind', 'Source',
+           'resolve_source', 'choose_base', 'check_distinct', 'adapter_module', 'target_tensor', 'adapter_weights',
+           'check_full', 'check_adapter_tensor', 'lora_rank', 'check_lora_modules', 'check_lora', 'SourceSet',
+           'resolve_sources']
 
 # %% ../nbs/01_sources.ipynb #da16a7b6
-class SourceError(InputError):
-    "A base or source that cannot be used; the message names it, the file, tensor or field at fault, and what is wrong."
-
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def parse_spec(spec: str, who: str | None = None) -> tuple:
@@ -76,210 +70,6 @@ def hub_snapshot(repo_id: str, revision: str | None, allow_pickle: bool = False,
         raise SourceError(f"{who}: not a valid Hub id or revision ({e})") from None
     except _hub_errors.HfHubHTTPError as e: raise SourceError(f"{who}: Hub error {e}") from None
     return folder, folder.name
-
-# %% ../nbs/01_sources.ipynb #af810c0d
-def _kind_of(value) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
-
-def read_json(path: Path, who: str, expect_object: bool = True):
-    "The parsed JSON of `path`; a file that cannot be read or parsed (or is not an object) names `who` and the file."
-    path = Path(path)
-    try: text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise SourceError(f"{who}: {path} is not UTF-8 text (bad byte at offset {e.start})") from None
-    except OSError as e: raise SourceError(f"{who}: cannot read {path} ({e.strerror or e})") from None
-    try: value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SourceError(f"{who}: {path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    except RecursionError: raise SourceError(f"{who}: {path} is nested too deeply to be a config") from None
-    if expect_object and not isinstance(value, dict):
-        raise SourceError(f"{who}: {path} must hold a JSON object ({{...}}), but holds {_kind_of(value)}")
-    return value
-
-# %% ../nbs/01_sources.ipynb #37674fd2
-def _int(v): return isinstance(v, int) and not isinstance(v, bool)
-def _number(v): return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-def _strs(v): return isinstance(v, list) and all(isinstance(x, str) for x in v)
-def _regex(k):
-    try: re.compile(k); return True
-    except re.error: return False
-
-RULES = {  # rule name -> (test, what the field must hold)
-    "positive int": (lambda v: _int(v) and v > 0, "a positive integer"),
-    "positive int?": (lambda v: v is None or (_int(v) and v > 0), "a positive integer or null"),
-    "number": (_number, "a finite number"),
-    "bool?": (lambda v: v is None or isinstance(v, bool), "true or false"),
-    "str": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-    "str?": (lambda v: v is None or isinstance(v, str), "a string or null"),
-    "strs?": (lambda v: v is None or _strs(v), "a list of strings or null"),
-    "str or strs?": (lambda v: v is None or isinstance(v, str) or _strs(v), "a string, a list of strings or null"),
-    "object?": (lambda v: v is None or isinstance(v, dict), "an object or null"),
-    "token ids?": (lambda v: v is None or _int(v) or (isinstance(v, list) and all(_int(x) for x in v)),
-                   "a token id, a list of token ids or null"),
-    "layers?": (lambda v: v is None or _int(v) or (isinstance(v, list) and all(_int(x) for x in v)),
-                "a layer index, a list of them or null"),
-    "rank pattern": (lambda v: v is None
-                     or (isinstance(v, dict)
-                         and all(isinstance(k, str) and _regex(k) and _int(x) and x > 0 for k, x in v.items())),
-                     "an object of module pattern (a valid regular expression) -> positive integer rank"),
-    "alpha pattern": (lambda v: v is None
-                      or (isinstance(v, dict)
-                          and all(isinstance(k, str) and _regex(k) and _number(x) for k, x in v.items())),
-                      "an object of module pattern (a valid regular expression) -> number"),
-    "weight map": (lambda v: isinstance(v, dict)
-                   and all(isinstance(k, str) and isinstance(x, str) and x for k, x in v.items()),
-                   "an object of tensor name -> shard file name"),
-}
-
-# %% ../nbs/01_sources.ipynb #17de004f
-_SIZES = {k: "positive int?"
-          for k in ("vocab_size", "hidden_size", "n_embd", "intermediate_size", "num_attention_heads",
-                                       "num_key_value_heads", "max_position_embeddings", "head_dim", "num_layers")}
-FIELDS = {  # file name -> {field: rule}
-    "config.json": {**_SIZES, "num_hidden_layers": "positive int", "n_layer": "positive int", "model_type": "str",
-                    "architectures": "strs?", "tie_word_embeddings": "bool?", "dtype": "str?", "torch_dtype": "str?",
-                    "text_config": "object?", "eos_token_id": "token ids?", "bos_token_id": "token ids?",
-                    "pad_token_id": "token ids?"},
-    "generation_config.json": {"eos_token_id": "token ids?", "bos_token_id": "token ids?", "pad_token_id": "token ids?",
-                               "decoder_start_token_id": "token ids?", "max_length": "positive int?",
-                               "max_new_tokens": "positive int?"},
-    "adapter_config.json": {"peft_type": "str", "r": "positive int", "lora_alpha": "number",
-                            "rank_pattern": "rank pattern",
-                            "alpha_pattern": "alpha pattern", "use_rslora": "bool?", "fan_in_fan_out": "bool?",
-                            "use_dora": "bool?", "lora_bias": "bool?", "base_model_name_or_path": "str?",
-                            "revision": "str?", "target_modules": "str or strs?", "exclude_modules": "str or strs?",
-                            "modules_to_save": "strs?", "layers_to_transform": "layers?",
-                            "layers_pattern": "str or strs?"},
-    "model.safetensors.index.json": {"weight_map": "weight map", "metadata": "object?"},
-    "pytorch_model.bin.index.json": {"weight_map": "weight map", "metadata": "object?"},
-}
-REQUIRED = {"adapter_config.json": ("peft_type",), "model.safetensors.index.json": ("weight_map",),
-            "pytorch_model.bin.index.json": ("weight_map",)}
-
-def check_fields(value: dict, path: Path, who: str, rules: dict | None = None, required=None):
-    """Check the fields of a parsed JSON object against `rules` (default: the rules of its file name); return it.
-
-    Args:
-        value: the parsed JSON object.
-        path: the file it was read from: its name picks the default rules, and errors name it.
-        who: how errors name the source.
-        rules: field -> rule name (a key of `RULES`); default: `FIELDS` of the file's name.
-        required: the fields that must be present; default: `REQUIRED` of the file's name."""
-    name = Path(path).name
-    rules = FIELDS.get(name, {}) if rules is None else rules
-    for key in (REQUIRED.get(name, ()) if required is None else required):
-        if key not in value: raise SourceError(f"{who}: {path} has no {key!r} field")
-    for key, rule in rules.items():
-        if key in value:
-            test, what = RULES[rule]
-            if not test(value[key]):
-                raise SourceError(f"{who}: {path}, field {key!r} must be {what}, got {value[key]!r}")
-    return value
-
-# %% ../nbs/01_sources.ipynb #cfea9f3a
-JSON_OBJECTS = ("config.json", "generation_config.json", "adapter_config.json", "model.safetensors.index.json",
-                "pytorch_model.bin.index.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
-                "added_tokens.json", "vocab.json", "preprocessor_config.json", "processor_config.json",
-                "chat_template.json")
-
-def check_json_files(folder: Path, who: str) -> dict:
-    "file name -> parsed JSON of every *.json file in `folder`, each checked (errors name `who` and the file)."
-    out = {}
-    for path in sorted(Path(folder).glob("*.json")):
-        if not path.is_file(): raise SourceError(f"{who}: {path} is not a file")
-        value = read_json(path, who, expect_object=path.name in JSON_OBJECTS)
-        if isinstance(value, dict): check_fields(value, path, who)
-        out[path.name] = value
-    return out
-
-# %% ../nbs/01_sources.ipynb #ba5cc3b6
-ADAPTER_FILES = ("adapter_model.safetensors",)
-INDEX = "model.safetensors.index.json"
-
-def _shard_path(folder: Path, shard: str, who: str, index: Path) -> Path:
-    if Path(shard).is_absolute() or ".." in Path(shard).parts:
-        raise SourceError(f"{who}: {index} names shard {shard!r}, which is outside the folder")
-    return folder / shard
-
-def weight_files(folder: Path, allow_pickle=False, who="source") -> list:
-    "The safetensors weight files of a checkpoint folder (shards in index order), or an error starting with `who`."
-    folder = Path(folder)
-    index = folder / INDEX
-    if index.exists():
-        weight_map = check_fields(read_json(index, who), index, who)["weight_map"]
-        files = [_shard_path(folder, f, who, index) for f in dict.fromkeys(weight_map.values())]
-        if not files: raise SourceError(f"{who}: {index} has an empty weight_map")
-        missing = [f for f in files if not f.is_file()]
-        if missing: raise SourceError(f"{who}: {folder}: shard {missing[0].name} named in {INDEX} is missing")
-        return files
-    if (folder / "model.safetensors").exists(): return [folder / "model.safetensors"]
-    bins = sorted(folder.glob("*.bin"))
-    if bins and not allow_pickle:
-        raise SourceError(f"{who}: {folder}: only pickle weights ({bins[0].name}); pickle can run arbitrary code "
-                          "when loaded. Convert to safetensors, or set allow_pickle: true if you trust the file")
-    if bins: return bins
-    raise SourceError(f"{who}: {folder}: no model.safetensors (or index) found")
-
-# %% ../nbs/01_sources.ipynb #f81783fc
-@dataclass(frozen=True)
-class TensorHeader:
-    "What a safetensors header says about one tensor."
-    shape: tuple
-    dtype: str      # safetensors' name: F32, BF16, I64, BOOL, ...
-    file: Path
-
-    @property
-    def floating(self) -> bool: return self.dtype.startswith(("F", "BF"))
-
-def file_headers(file: Path, who: str) -> dict:
-    "name -> TensorHeader of every tensor in one safetensors file; a corrupt file names `who` and the file."
-    file = Path(file)
-    try:
-        with safe_open(str(file), "pt") as h:
-            return {k: TensorHeader(tuple(h.get_slice(k).get_shape()), h.get_slice(k).get_dtype(), file)
-                    for k in h.keys()}
-    except OSError as e: raise SourceError(f"{who}: cannot read {file} ({e.strerror or e})") from None
-    except Exception as e:  # safetensors' own error type (SafetensorError) is not importable by a stable name
-        if type(e).__name__ != "SafetensorError": raise
-        raise SourceError(f"{who}: {file} is not a valid safetensors file ({e}); "
-                          "it may be truncated or corrupt") from None
-
-# %% ../nbs/01_sources.ipynb #9452172f
-def checkpoint_headers(folder: Path, allow_pickle=False, who="source"):
-    """name -> TensorHeader of a checkpoint's weights, the shard index checked against the shards;
-    None for pickle weights."""
-    folder = Path(folder)
-    files = weight_files(folder, allow_pickle, who)
-    # pickle: its shapes cannot be read without unpickling
-    if any(f.suffix != ".safetensors" for f in files): return None
-    headers = {}
-    for f in files:
-        for name, h in file_headers(f, who).items():
-            if name in headers: raise SourceError(f"{who}: tensor {name!r} is stored twice, in "
-                                                  f"{headers[name].file.name} and {f.name}")
-            headers[name] = h
-    index = folder / INDEX
-    if index.exists():
-        weight_map = read_json(index, who)["weight_map"]
-        for name, h in headers.items():
-            if name not in weight_map: raise SourceError(f"{who}: {index} does not list tensor {name!r}, which is in "
-                                                         f"{h.file.name}")
-            if os.path.normpath(folder / weight_map[name]) != os.path.normpath(h.file):
-                raise SourceError(f"{who}: {index} puts tensor {name!r} in {weight_map[name]}, but it is in "
-                                  f"{h.file.name}")
-        absent = [n for n in weight_map if n not in headers]
-        if absent: raise SourceError(f"{who}: {index} lists tensor {absent[0]!r} in {weight_map[absent[0]]}, but no "
-                                     "shard holds it")
-    return headers
-
-def tensor_shapes(files, who: str = "source") -> dict:
-    "name -> shape of every tensor in safetensors `files`, read from the headers."
-    return {k: h.shape for f in files for k, h in file_headers(f, who).items()}
-
-def readable_shapes(files, who: str = "source"):
-    "Header shapes of safetensors `files`; None if some are pickle (their shapes cannot be read without unpickling)."
-    return tensor_shapes(files, who) if all(Path(f).suffix == ".safetensors" for f in files) else None
 
 # %% ../nbs/01_sources.ipynb #7cf80071
 def peft_default(name: str):

@@ -6,17 +6,19 @@ Docs: https://himerge.github.io/himerge/tasks.html.md"""
 
 # %% ../nbs/05_tasks.ipynb #4aab8ae8
 from __future__ import annotations
-import ast, dataclasses, difflib, importlib, importlib.util, json, re, string, warnings
+import ast, dataclasses, difflib, importlib, importlib.util, re, string, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pyarrow, pyarrow.parquet as pq
 import sacrebleu
 import yaml
-from huggingface_hub import snapshot_download
 
-from .errors import InputError
+from .task_data import TaskError, TaskWarning, _fail, iter_rows, read_rows, resolve_data, row_place, split_files
+
+if TYPE_CHECKING: from lighteval.tasks.lighteval_task import LightevalTaskConfig   # for hints only: ~10 s to import
 
 class LazyImports:
     """Names of a heavy optional library, each imported from its module on first use, so that importing himerge
@@ -37,8 +39,7 @@ lighteval = LazyImports(Doc="lighteval.tasks.requests", SamplingMethod="lighteva
                         LightevalTaskConfig="lighteval.tasks.lighteval_task")
 
 # %% auto #0
-__all__ = ['lighteval', 'TASK_TYPES', 'METRICS', 'DEFAULT_METRIC', 'SPEC_KEYS', 'DATA_SUFFIXES', 'LIGHTEVAL_KEYS', 'LazyImports',
-           'TaskError', 'TaskWarning', 'split_files', 'resolve_data', 'row_place', 'iter_rows', 'read_rows', 'TaskSpec',
+__all__ = ['lighteval', 'TASK_TYPES', 'METRICS', 'DEFAULT_METRIC', 'SPEC_KEYS', 'LIGHTEVAL_KEYS', 'LazyImports', 'TaskSpec',
            'check_row', 'load_tasks', 'PromptFunction', 'sentence_bleu', 'lighteval_metric', 'to_lighteval',
            'lighteval_task_index', 'parse_lighteval_name', 'lighteval_task_config']
 
@@ -49,122 +50,7 @@ METRICS = {"multiple_choice": ("loglikelihood_acc",),
 DEFAULT_METRIC = {"multiple_choice": "loglikelihood_acc", "generative": "rougeL"}
 SPEC_KEYS = ("data", "type", "prompt", "choices_field", "gold_field", "metric", "split", "limit", "test_limit",
              "generation_size", "stop_sequences", "revision")
-DATA_SUFFIXES = (".jsonl", ".parquet")
 
-class TaskError(InputError):
-    """A task specification or task data that cannot be used; the message names the task, the field, and the file
-    and line."""
-
-class TaskWarning(UserWarning):
-    "Something about a task that is allowed but probably not what the user meant."
-
-def _fail(task, field_name, msg):
-    raise TaskError(f"task {task!r}, field {field_name!r}: {msg}")
-
-# %% ../nbs/05_tasks.ipynb #55cd526c
-def split_files(data_dir: Path, split: str) -> list[Path]:
-    "The files of `split` in `data_dir`: `<split>.jsonl`/`.parquet`, or shards `<split>-*` (also under `data/`)."
-    data_dir = Path(data_dir)
-    for sub in (data_dir, data_dir / "data"):
-        for suffix in DATA_SUFFIXES:
-            if (sub / f"{split}{suffix}").is_file(): return [sub / f"{split}{suffix}"]
-            shards = sorted(p for p in sub.glob(f"{split}-*{suffix}") if p.is_file())
-            if shards: return shards
-    return []
-
-# %% ../nbs/05_tasks.ipynb #1db0992c
-def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
-    "Local snapshot of dataset `repo_id` at `revision` (from the cache when offline)."
-    return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision))
-
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-def _local_dir(task: str, candidates: list):
-    "The first of `candidates` that is a directory (resolved), or None; a path that cannot be examined names the task."
-    for c in candidates:
-        try:
-            c = c.expanduser()
-            if c.is_dir(): return c.resolve()
-        except RuntimeError: _fail(task, "data", f"cannot expand '~' in {str(c)!r} (no such user)")
-        except OSError as e: _fail(task, "data", f"cannot access {str(c)!r} ({e.strerror})")
-    return None
-
-def resolve_data(task: str, data: str, revision: str | None = None, root=None) -> tuple[Path, str | None, str | None]:
-    """Resolve `data` to (local directory, revision, commit sha or None); errors name `task` and `data`.
-
-    Args:
-        task: the task's name, for errors.
-        data: a local directory (absolute, or relative to `root` or the working directory) or a Hub dataset id,
-            optionally ID@REVISION.
-        revision: the Hub revision (branch, tag or commit), if not given in `data`.
-        root: the folder relative paths are tried against first (the config file's folder)."""
-    if not isinstance(data, (str, Path)) or not str(data).strip() or "\0" in str(data):
-        _fail(task, "data", f"expected a directory or a Hub dataset id, got {data!r}")
-    data = str(data)
-    if "@" in data and _local_dir(task, [Path(data)] + ([Path(root) / data] if root is not None else [])) is None:
-        data, at_rev = data.rsplit("@", 1)
-        if revision is not None and revision != at_rev:
-            _fail(task, "revision", f"{revision!r} contradicts {data}@{at_rev}")
-        revision = at_rev
-    local = Path(data)
-    candidates = [local] if local.is_absolute() else ([Path(root) / local] if root is not None else []) + [local]
-    found = _local_dir(task, candidates)
-    if found is not None: return found, revision, None
-    if not _HUB_ID.match(data) or data.startswith("."):
-        looked = [p for p in dict.fromkeys(str(c.absolute()) for c in candidates) if p != data]   # not `data` again
-        _fail(task, "data", f"directory {data!r} not found" + (f" (looked in {', '.join(looked)})" if looked else ""))
-    try: snap = _hub_snapshot(data, revision)
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [""])[0]   # the first line: the rest is the library's advice
-        _fail(task, "data", f"{data!r} is not a local directory, and the Hub dataset {data!r} (revision "
-                            f"{revision or 'main'}) could not be resolved: {type(e).__name__}: {reason}")
-    return snap, revision, snap.name
-
-# %% ../nbs/05_tasks.ipynb #ac802643
-def _iter_jsonl(path: Path):
-    try: f = open(path, "rb")
-    except OSError as e: raise TaskError(f"{path}: cannot read ({e.strerror})") from None
-    with f:
-        for i, raw in enumerate(f, 1):
-            try: line = raw.decode("utf-8")
-            except UnicodeDecodeError: raise TaskError(f"{path}, line {i}: not UTF-8 text") from None
-            if not line.strip(): continue
-            try: row = json.loads(line)
-            except json.JSONDecodeError as e: raise TaskError(f"{path}, line {i}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise TaskError(f"{path}, line {i}: expected a JSON object of fields, got {type(row).__name__} "
-                                f"{line.strip()[:60]!r}")
-            yield i, row
-
-def _iter_parquet(path: Path, batch_size: int):
-    index = 0
-    try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
-            for row in batch.to_pylist():
-                yield index, row
-                index += 1
-    except (pyarrow.ArrowException, OSError) as e:
-        raise TaskError(f"{path}: not a readable parquet file (after {index} rows: {e})") from None
-
-# %% ../nbs/05_tasks.ipynb #871c0259
-def row_place(path: Path, position: int) -> str:
-    "How an error names a row: `file, line N` for jsonl, `file, row N` (index from 0) for parquet."
-    return f"{path}, {'row' if Path(path).suffix == '.parquet' else 'line'} {position}"
-
-def iter_rows(files: list[Path], limit: int | None = None):
-    "(file, position, row) of the first `limit` rows (all if None) of a split's files, in file order."
-    n = 0
-    for p in files:
-        if limit is not None and n >= limit: return
-        batch = 1024 if limit is None else max(1, min(limit - n, 1024))
-        for pos, row in (_iter_parquet(p, batch) if Path(p).suffix == ".parquet" else _iter_jsonl(p)):
-            yield p, pos, row
-            n += 1
-            if limit is not None and n >= limit: return
-
-def read_rows(files: list[Path], limit: int | None = None) -> list[dict]:
-    "The first `limit` rows (all if None) of a split given as one or more files, in file order."
-    return [row for _, _, row in iter_rows(files, limit)]
 
 # %% ../nbs/05_tasks.ipynb #4bc665e6
 @dataclass(frozen=True)
@@ -185,7 +71,8 @@ class TaskSpec:
     revision: str | None = None      # the Hub dataset's revision
     data_dir: Path | None = None     # the local directory the data was resolved to
     data_sha: str | None = None      # the Hub commit the data comes from
-    lighteval_config: object = field(default=None, repr=False, compare=False)  # a LightevalTaskConfig given as is
+    # a LightevalTaskConfig given as is (a hint only: LightEval is imported where a task is evaluated)
+    lighteval_config: LightevalTaskConfig | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_dict(cls, name: str, d: dict, root=None) -> "TaskSpec":
@@ -340,20 +227,6 @@ def _check_rows(spec, split: str):
         warnings.warn(TaskWarning(f"task {spec.name!r}: split {split!r} has {n} rows, fewer than limit {spec.limit}; "
                                   f"all {n} are scored ({', '.join(map(str, files))})"), stacklevel=3)
     return n
-
-# %% ../nbs/05_tasks.ipynb #70a94e7d
-def _fake_hub_cache(cache: Path, repo_id: str, files: dict,
-                    sha: str = "0123456789abcdef0123456789abcdef01234567") -> str:
-    """Lay out dataset `repo_id` with `files` (name -> text) in a Hub cache at `cache`, as the real cache does;
-    return the commit."""
-    repo = Path(cache) / ("datasets--" + repo_id.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(sha)
-    snap = repo / "snapshots" / sha
-    for fname, text in files.items():
-        (snap / fname).parent.mkdir(parents=True, exist_ok=True)
-        (snap / fname).write_text(text)
-    return sha
 
 # %% ../nbs/05_tasks.ipynb #694d91a3
 def _spec_from_lighteval(cls, config, limit):

@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from himerge.deltas import compute_deltas
 from himerge.errors import InputError
 from himerge.sources import peft_default, resolve_sources
-from himerge.tasks import TaskSpec, TaskWarning
+from himerge.task_data import TaskWarning
+from himerge.tasks import TaskSpec
 from himerge.zoo import load_zoo
 
 torch.set_num_threads(1)

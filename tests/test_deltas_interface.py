@@ -9,7 +9,7 @@ import torch
 from himerge.contributions import LayerMemo, MemoDeltas
 from himerge.deltas import Deltas, LayerDeltas, UnitDeltas, compute_deltas
 from himerge.prune import ProcessedDeltas
-from himerge.resolve import LayerEdit, ResolvedDeltas
+from himerge.layer_edits import LayerEdit, ResolvedDeltas
 from himerge.sources import resolve_sources
 from himerge.zoo import demo_sources, load_zoo
 

@@ -11,7 +11,8 @@ import torch
 
 from himerge.evaluate import Evaluator, build_docs
 from himerge.loading import load_model
-from himerge.tasks import TaskError, _fake_hub_cache, load_tasks
+from himerge.task_data import TaskError, _fake_hub_cache
+from himerge.tasks import load_tasks
 from himerge.zoo import load_zoo
 
 torch.set_num_threads(1)

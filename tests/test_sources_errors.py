@@ -12,8 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from himerge.deltas import compute_deltas
 from himerge.errors import InputError
-from himerge.sources import SourceError, resolve_sources
-from himerge.tasks import TaskError
+from himerge.source_files import SourceError
+from himerge.sources import resolve_sources
+from himerge.task_data import TaskError
 
 torch.set_num_threads(1)
 

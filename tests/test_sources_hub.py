@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from himerge.deltas import compute_deltas, reconstruct
-from himerge.sources import SourceError, resolve_sources
+from himerge.source_files import SourceError
+from himerge.sources import resolve_sources
 
 torch.set_num_threads(1)
 
