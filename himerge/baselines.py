@@ -18,8 +18,9 @@ from .prune import ProcessedDeltas, prune_scale, kept_count, check_fraction, Pru
 from .scoring import State
 
 # %% auto #0
-__all__ = ['RESCALES', 'ARITHMETICS', 'MERGEKIT_ARGS', 'COMBINES', 'TensorMerge', 'PerTensorMethod', 'per_tensor_method',
-           'BaselineError', 'task_arithmetic', 'linear', 'ties', 'dare_linear', 'dare_ties', 'breadcrumbs',
+__all__ = ['RESCALES', 'ARITHMETICS', 'SETTINGS_FIELDS', 'SUM_DEFAULTS', 'TIES_DEFAULTS', 'DELLA_DEFAULTS', 'MERGEKIT_ARGS',
+           'COMBINES', 'TensorMerge', 'PerTensorMethod', 'per_tensor_method', 'BaselineError', 'MergeSettings',
+           'settings_arguments', 'task_arithmetic', 'linear', 'ties', 'dare_linear', 'dare_ties', 'breadcrumbs',
            'breadcrumbs_ties', 'della_keep_probabilities', 'della', 'slerp', 'combine_deltas', 'task_arithmetic_merger']
 
 # %% ../nbs/04_baselines.ipynb #b424109a
@@ -38,6 +39,7 @@ class PerTensorMethod:
     function: TensorMerge             # the merged delta of one tensor
     needs_base: bool = False          # the function also takes the base tensor, as `base=`
     linear: Callable | None = None    # weights -> coefficients c_m when at density 1 the merge is Σ_m c_m δ_m
+    settings: bool = False            # the function takes the family's settings as one `MergeSettings`, `settings=`
 
     def __call__(self, context: MergeContext) -> Merged:
         "The merge of `context`: each layer's tensors merged as they are read."
@@ -55,6 +57,7 @@ class PerTensorMethod:
         deltas = context.deltas
         per_source = [deltas.source_layer(i, layer) for i in range(len(context.names))]
         base = deltas.base_layer(layer) if self.needs_base else {}
+        options = settings_arguments(options) if self.settings else options
         def merge_tensor(name):
             tensors = [d[name] if name in d else None for d in per_source]
             ref = next(t for t in tensors if t is not None)
@@ -65,10 +68,18 @@ class PerTensorMethod:
                                  **extra, **options)
         return LazyLayer(dict.fromkeys(t for d in per_source for t in d), merge_tensor)
 
-def per_tensor_method(name: str, *, needs_base: bool = False, linear: Callable | None = None) -> Callable:
-    "Decorator: the function is the per-tensor merge of the registered method `name`, needing what it declares."
+def per_tensor_method(name: str, *, needs_base: bool = False, linear: Callable | None = None,
+                      settings: bool = False) -> Callable:
+    """Decorator: the function is the per-tensor merge of the registered method `name`, needing what it declares.
+
+    Args:
+        name: the registered method the function merges for.
+        needs_base: the function also takes the base tensor, as `base=`.
+        linear: weights -> coefficients c_m when at density 1 the merge is Σ_m c_m δ_m (None: it is not).
+        settings: the function takes the family's settings as one `MergeSettings`, `settings=`, built from the
+            method's options."""
     def attach(function: TensorMerge) -> TensorMerge:
-        implements(name)(PerTensorMethod(name, function, needs_base, linear))
+        implements(name)(PerTensorMethod(name, function, needs_base, linear, settings))
         return function
     return attach
 
@@ -179,9 +190,41 @@ def _top_magnitude(t, p, rounding, source, mergekit_order: bool):
     mask[order[:kept_count(t.numel(), p, rounding)]] = 1
     return t * mask.view(t.shape)
 
+# %% ../nbs/04_baselines.ipynb #b8f1d2e3
+@dataclass(frozen=True)
+class MergeSettings:
+    "How the task-arithmetic family prunes, elects signs, averages, rescales and computes (None: the method's own)."
+    rounding: str = "half_up"     # p·n to a count: half_up (himerge), floor (PEFT), floor_at_least_one (mergekit)
+    majority: str = "total"       # the elected sign: of the total mass (total) or of the most sources (frequency)
+    sign_on: str | None = None    # elect signs on the raw deltas (raw, PEFT) or the weighted ones (weighted, mergekit)
+    divide: str | None = None     # average the agreeing deltas by their count, the sum of their weights, or none
+    rescale: bool | str = True    # DARE's survivors divided by p (True), matched to δ's L1 norm ('l1'), or not (False)
+    lamb: float = 1.0             # a factor on the merged delta, applied last (mergekit's `lambda`)
+    arithmetic: str = "himerge"   # himerge (float32, ties by index) or mergekit_<dtype> (mergekit's dtype and order)
+
+    def or_defaults(self, defaults: MergeSettings) -> MergeSettings:
+        "These settings, the method's `defaults` where a field is None."
+        return dataclasses.replace(self, **{k: v for k, v in vars(defaults).items() if getattr(self, k) is None})
+
+SETTINGS_FIELDS = frozenset(f.name for f in dataclasses.fields(MergeSettings))
+# Each method's defaults, its functions' default `settings`: PEFT's conventions where PEFT has the method
+SUM_DEFAULTS = MergeSettings(sign_on="raw", divide="none")           # task arithmetic, DARE, Breadcrumbs: a sum
+TIES_DEFAULTS = MergeSettings(sign_on="raw", divide="count")         # TIES, DARE-TIES, Breadcrumbs-TIES, KnOTS
+DELLA_DEFAULTS = MergeSettings(sign_on="weighted", divide="weight")  # DELLA: as mergekit's
+
+def settings_arguments(options: dict) -> dict:
+    "Flat `options` (a method's options, `MERGEKIT_ARGS`) as a settings-taking function takes them: one `settings=`."
+    rest = {k: v for k, v in options.items() if k not in SETTINGS_FIELDS}
+    return {**rest, "settings": MergeSettings(**{k: v for k, v in options.items() if k in SETTINGS_FIELDS})}
+
+# %% ../nbs/04_baselines.ipynb #e1c4a5b6
+def _elect_and_merge(kept: torch.Tensor, ws: list, s: MergeSettings) -> torch.Tensor:
+    "TIES' sign election and disjoint merge of the stacked `kept` deltas with weights `ws`, times `s.lamb`."
+    weighted = _weighted(kept, ws)
+    return (_disjoint(weighted, _elected(kept, weighted, s.sign_on, s.majority), ws, s.divide) * s.lamb).float()
+
 # %% ../nbs/04_baselines.ipynb #a567252f
-def task_arithmetic(deltas, weights, *, densities=None, generator=None, rounding="half_up", divide="none", lamb=1.0,
-                    arithmetic="himerge"):
+def task_arithmetic(deltas, weights, *, densities=None, generator=None, settings: MergeSettings = SUM_DEFAULTS):
     """Σ_m w_m · prune(δ_m, p_m) (magnitude pruning, `rounding` of p·n); divided by Σ w_m when `divide='weight'`.
 
     Args:
@@ -189,14 +232,13 @@ def task_arithmetic(deltas, weights, *, densities=None, generator=None, rounding
         weights: w_m, one number per source.
         densities: p_m, the fraction of each δ_m kept, in (0, 1] (None: 1 for every source).
         generator: unused (the method is deterministic); part of the common signature.
-        rounding: how p·n becomes a count: half_up (himerge), floor (PEFT), floor_at_least_one (mergekit).
-        divide: none (a sum) or weight (divided by Σ w_m, mergekit's `normalize`).
-        lamb: a factor on the merged delta, applied last (mergekit's `lambda`).
-        arithmetic: himerge (float32, ties by index) or mergekit_<dtype> (mergekit's dtype and order)."""
+        settings: `rounding`, `divide` (none: a sum, the default; weight: divided by Σ w_m, mergekit's `normalize`),
+            `lamb`, `arithmetic`."""
+    s = settings.or_defaults(SUM_DEFAULTS)
     ds, ws, ps = _inputs(deltas, weights, densities)
-    ds, mergekit_order = _arithmetic(ds, arithmetic)
-    pruned = torch.stack([_top_magnitude(d, p, rounding, i, mergekit_order) for i, (d, p) in enumerate(zip(ds, ps))])
-    return (_sum(_weighted(pruned, ws), ws, divide, mergekit_order) * lamb).float()
+    ds, mergekit_order = _arithmetic(ds, s.arithmetic)
+    pruned = torch.stack([_top_magnitude(d, p, s.rounding, i, mergekit_order) for i, (d, p) in enumerate(zip(ds, ps))])
+    return (_sum(_weighted(pruned, ws), ws, s.divide, mergekit_order) * s.lamb).float()
 
 # %% ../nbs/04_baselines.ipynb #e9d30a3a
 @per_tensor_method("linear", linear=lambda weights: [w / sum(weights) for w in weights])  # the soup
@@ -209,12 +251,12 @@ def linear(deltas, weights, *, densities=None, generator=None, rounding="half_up
         densities: p_m, the fraction of each δ_m kept, in (0, 1] (None: 1 for every source).
         generator: unused (the method is deterministic); part of the common signature.
         rounding: how p·n becomes a count: half_up (himerge), floor (PEFT), floor_at_least_one (mergekit)."""
-    return task_arithmetic(deltas, weights, densities=densities, rounding=rounding, divide="weight")
+    return task_arithmetic(deltas, weights, densities=densities,
+                           settings=MergeSettings(rounding=rounding, divide="weight"))
 
 # %% ../nbs/04_baselines.ipynb #47a27b7a
-@per_tensor_method("ties")
-def ties(deltas, weights, *, densities=None, generator=None, majority="total", sign_on="raw",
-         divide="count", rounding="half_up", lamb=1.0, arithmetic="himerge"):
+@per_tensor_method("ties", settings=True)
+def ties(deltas, weights, *, densities=None, generator=None, settings: MergeSettings = TIES_DEFAULTS):
     """TIES-merging: magnitude-prune each δ_m to p_m, elect a sign per entry, average the agreeing weighted deltas.
 
     Args:
@@ -222,18 +264,13 @@ def ties(deltas, weights, *, densities=None, generator=None, majority="total", s
         weights: w_m, one number per source.
         densities: p_m, the fraction of each δ_m kept, in (0, 1] (None: 1 for every source).
         generator: unused (the method is deterministic); part of the common signature.
-        majority: the elected sign per entry: of the total mass (total) or of the most sources (frequency).
-        sign_on: elect signs on the raw deltas (raw, PEFT) or the weighted ones (weighted, mergekit).
-        divide: average the agreeing deltas by their count (count, PEFT), by the sum of their weights
-            (weight, mergekit), or sum them (none).
-        rounding: how p·n becomes a count: half_up (himerge), floor (PEFT), floor_at_least_one (mergekit).
-        lamb: a factor on the merged delta, applied last (mergekit's `lambda`).
-        arithmetic: himerge (float32, ties by index) or mergekit_<dtype> (mergekit's dtype and order)."""
+        settings: `rounding`, `majority`, `sign_on` (default raw, PEFT), `divide` (default count, PEFT; weight:
+            mergekit), `lamb`, `arithmetic`."""
+    s = settings.or_defaults(TIES_DEFAULTS)
     ds, ws, ps = _inputs(deltas, weights, densities)
-    ds, mergekit_order = _arithmetic(ds, arithmetic)
-    pruned = torch.stack([_top_magnitude(d, p, rounding, i, mergekit_order) for i, (d, p) in enumerate(zip(ds, ps))])
-    weighted = _weighted(pruned, ws)
-    return (_disjoint(weighted, _elected(pruned, weighted, sign_on, majority), ws, divide) * lamb).float()
+    ds, mergekit_order = _arithmetic(ds, s.arithmetic)
+    pruned = torch.stack([_top_magnitude(d, p, s.rounding, i, mergekit_order) for i, (d, p) in enumerate(zip(ds, ps))])
+    return _elect_and_merge(pruned, ws, s)
 
 # %% ../nbs/04_baselines.ipynb #76234990
 def _dare(ds, ps, generator, rescale):
@@ -244,9 +281,8 @@ def _dare(ds, ps, generator, rescale):
         out.append(_rescale(d, _bernoulli(probs, generator), p, rescale).to(d.dtype))
     return torch.stack(out)
 
-@per_tensor_method("dare_linear")
-def dare_linear(deltas, weights, *, densities=None, generator=None, rescale=True, divide="none", lamb=1.0,
-                arithmetic="himerge"):
+@per_tensor_method("dare_linear", settings=True)
+def dare_linear(deltas, weights, *, densities=None, generator=None, settings: MergeSettings = SUM_DEFAULTS):
     """DARE: keep each entry of δ_m with probability p_m, rescale (1/p_m, or 'l1'), then Σ_m w_m δ̃_m.
 
     Args:
@@ -254,17 +290,14 @@ def dare_linear(deltas, weights, *, densities=None, generator=None, rescale=True
         weights: w_m, one number per source.
         densities: p_m, each entry's keep probability, in (0, 1] (None: 1, nothing dropped).
         generator: the seeded `torch.Generator` of the random drop (None: torch's global RNG).
-        rescale: divide the survivors by p_m (True), match δ_m's L1 norm ('l1', mergekit), or not (False).
-        divide: none (a sum) or weight (divided by Σ w_m).
-        lamb: a factor on the merged delta, applied last (mergekit's `lambda`).
-        arithmetic: himerge (float32, ties by index) or mergekit_<dtype> (mergekit's dtype and order)."""
+        settings: `rescale`, `divide` (none: a sum, the default; weight: divided by Σ w_m), `lamb`, `arithmetic`."""
+    s = settings.or_defaults(SUM_DEFAULTS)
     ds, ws, ps = _inputs(deltas, weights, densities)
-    ds, mergekit_order = _arithmetic(ds, arithmetic)
-    return (_sum(_weighted(_dare(ds, ps, generator, rescale), ws), ws, divide, mergekit_order) * lamb).float()
+    ds, mergekit_order = _arithmetic(ds, s.arithmetic)
+    return (_sum(_weighted(_dare(ds, ps, generator, s.rescale), ws), ws, s.divide, mergekit_order) * s.lamb).float()
 
-@per_tensor_method("dare_ties")
-def dare_ties(deltas, weights, *, densities=None, generator=None, rescale=True, majority="total",
-              sign_on="raw", divide="count", lamb=1.0, arithmetic="himerge"):
+@per_tensor_method("dare_ties", settings=True)
+def dare_ties(deltas, weights, *, densities=None, generator=None, settings: MergeSettings = TIES_DEFAULTS):
     """DARE drop and rescale, then TIES sign election and disjoint merge.
 
     Args:
@@ -272,17 +305,11 @@ def dare_ties(deltas, weights, *, densities=None, generator=None, rescale=True, 
         weights: w_m, one number per source.
         densities: p_m, each entry's keep probability, in (0, 1] (None: 1, nothing dropped).
         generator: the seeded `torch.Generator` of the random drop (None: torch's global RNG).
-        rescale: divide the survivors by p_m (True), match δ_m's L1 norm ('l1', mergekit), or not (False).
-        majority: the elected sign per entry: of the total mass (total) or of the most sources (frequency).
-        sign_on: elect signs on the raw deltas (raw, PEFT) or the weighted ones (weighted, mergekit).
-        divide: average the agreeing deltas by their count (count), by the sum of their weights (weight), or
-            sum them (none, mergekit's dare_ties).
-        lamb: a factor on the merged delta, applied last (mergekit's `lambda`).
-        arithmetic: himerge (float32, ties by index) or mergekit_<dtype> (mergekit's dtype and order)."""
+        settings: `rescale`, `majority`, `sign_on` (default raw), `divide` (default count; none: mergekit's
+            dare_ties), `lamb`, `arithmetic`."""
+    s = settings.or_defaults(TIES_DEFAULTS)
     ds, ws, ps = _inputs(deltas, weights, densities)
-    dropped = _dare(_arithmetic(ds, arithmetic)[0], ps, generator, rescale)
-    weighted = _weighted(dropped, ws)
-    return (_disjoint(weighted, _elected(dropped, weighted, sign_on, majority), ws, divide) * lamb).float()
+    return _elect_and_merge(_dare(_arithmetic(ds, s.arithmetic)[0], ps, generator, s.rescale), ws, s)
 
 # %% ../nbs/04_baselines.ipynb #42b4636d
 def _breadcrumbs_mask(t, p, gamma, rounding, mergekit_order=False):
@@ -295,9 +322,17 @@ def _breadcrumbs_mask(t, p, gamma, rounding, mergekit_order=False):
     else: mask[torch.sort(t.abs().reshape(-1), descending=True, stable=True).indices[n_top:n_top + k]] = True
     return mask.view(t.shape)
 
-@per_tensor_method("breadcrumbs")
-def breadcrumbs(deltas, weights, *, densities=None, generator=None, gamma=0.01, rounding="half_up", divide="none",
-                lamb=1.0, arithmetic="himerge"):
+def _breadcrumbs_pruned(ds, ps, gamma, rounding, mergekit_order) -> torch.Tensor:
+    "Each δ_m with its top `gamma` and its bottom dropped, p_m·n entries kept (all of it at p_m = 1), stacked."
+    gammas = _per_source(gamma, "gamma", len(ds))
+    for i, g in enumerate(gammas):
+        if not 0 <= g < 1: raise BaselineError(f"gamma of source {i}: {g!r} is not in [0, 1)")
+    return torch.stack([d if p >= 1 else d * _breadcrumbs_mask(d, p, g, rounding, mergekit_order)
+                        for d, p, g in zip(ds, ps, gammas)])
+
+@per_tensor_method("breadcrumbs", settings=True)
+def breadcrumbs(deltas, weights, *, densities=None, generator=None, gamma=0.01,
+                settings: MergeSettings = SUM_DEFAULTS):
     """Model Breadcrumbs: drop the top `gamma` and the bottom of each δ_m by |δ|, keep p_m·n, then Σ_m w_m δ̃_m.
 
     Args:
@@ -306,23 +341,17 @@ def breadcrumbs(deltas, weights, *, densities=None, generator=None, gamma=0.01, 
         densities: p_m, the fraction of each δ_m kept below the outliers, in (0, 1] (None: 1).
         generator: unused (the method is deterministic); part of the common signature.
         gamma: the top fraction of each δ_m dropped as outliers, in [0, 1): one number or one per source.
-        rounding: how p·n becomes a count: half_up (himerge), floor (PEFT), floor_at_least_one (mergekit).
-        divide: none (a sum) or weight (divided by Σ w_m).
-        lamb: a factor on the merged delta, applied last (mergekit's `lambda`).
-        arithmetic: himerge (float32, ties by index) or mergekit_<dtype> (mergekit's dtype and order)."""
+        settings: `rounding`, `divide` (none: a sum, the default; weight: divided by Σ w_m), `lamb`, `arithmetic`."""
+    s = settings.or_defaults(SUM_DEFAULTS)
     ds, ws, ps = _inputs(deltas, weights, densities)
-    ds, mergekit_order = _arithmetic(ds, arithmetic)
-    gammas = _per_source(gamma, "gamma", len(ds))
-    for i, g in enumerate(gammas):
-        if not 0 <= g < 1: raise BaselineError(f"gamma of source {i}: {g!r} is not in [0, 1)")
-    pruned = torch.stack([d if p >= 1 else d * _breadcrumbs_mask(d, p, g, rounding, mergekit_order)
-                          for d, p, g in zip(ds, ps, gammas)])
-    return (_sum(_weighted(pruned, ws), ws, divide, mergekit_order) * lamb).float()
+    ds, mergekit_order = _arithmetic(ds, s.arithmetic)
+    pruned = _breadcrumbs_pruned(ds, ps, gamma, s.rounding, mergekit_order)
+    return (_sum(_weighted(pruned, ws), ws, s.divide, mergekit_order) * s.lamb).float()
 
 # %% ../nbs/04_baselines.ipynb #ab900b64
-@per_tensor_method("breadcrumbs_ties")
-def breadcrumbs_ties(deltas, weights, *, densities=None, generator=None, gamma=0.01, rounding="half_up",
-                     majority="total", sign_on="raw", divide="count", lamb=1.0, arithmetic="himerge"):
+@per_tensor_method("breadcrumbs_ties", settings=True)
+def breadcrumbs_ties(deltas, weights, *, densities=None, generator=None, gamma=0.01,
+                     settings: MergeSettings = TIES_DEFAULTS):
     """Model Breadcrumbs' pruning of each δ_m, then TIES' sign election and disjoint merge (mergekit's
     `breadcrumbs_ties`).
 
@@ -332,22 +361,12 @@ def breadcrumbs_ties(deltas, weights, *, densities=None, generator=None, gamma=0
         densities: p_m, the fraction of each δ_m kept below the outliers, in (0, 1] (None: 1).
         generator: unused (the method is deterministic); part of the common signature.
         gamma: the top fraction of each δ_m dropped as outliers, in [0, 1): one number or one per source.
-        rounding: how p·n becomes a count: half_up (himerge), floor (PEFT), floor_at_least_one (mergekit).
-        majority: the elected sign per entry: of the total mass (total) or of the most sources (frequency).
-        sign_on: elect signs on the raw deltas (raw) or the weighted ones (weighted, mergekit).
-        divide: average the agreeing deltas by their count (count), by the sum of their weights (weight), or
-            sum them (none, mergekit's default here).
-        lamb: a factor on the merged delta, applied last (mergekit's `lambda`).
-        arithmetic: himerge (float32, ties by index) or mergekit_<dtype> (mergekit's dtype and order)."""
+        settings: `rounding`, `majority`, `sign_on` (default raw; weighted: mergekit), `divide` (default count;
+            none: mergekit's default here), `lamb`, `arithmetic`."""
+    s = settings.or_defaults(TIES_DEFAULTS)
     ds, ws, ps = _inputs(deltas, weights, densities)
-    ds, mergekit_order = _arithmetic(ds, arithmetic)
-    gammas = _per_source(gamma, "gamma", len(ds))
-    for i, g in enumerate(gammas):
-        if not 0 <= g < 1: raise BaselineError(f"gamma of source {i}: {g!r} is not in [0, 1)")
-    pruned = torch.stack([d if p >= 1 else d * _breadcrumbs_mask(d, p, g, rounding, mergekit_order)
-                          for d, p, g in zip(ds, ps, gammas)])
-    weighted = _weighted(pruned, ws)
-    return (_disjoint(weighted, _elected(pruned, weighted, sign_on, majority), ws, divide) * lamb).float()
+    ds, mergekit_order = _arithmetic(ds, s.arithmetic)
+    return _elect_and_merge(_breadcrumbs_pruned(ds, ps, gamma, s.rounding, mergekit_order), ws, s)
 
 # %% ../nbs/04_baselines.ipynb #fed84506
 def della_keep_probabilities(t: torch.Tensor, p: float, epsilon: float) -> torch.Tensor:
@@ -360,9 +379,8 @@ def della_keep_probabilities(t: torch.Tensor, p: float, epsilon: float) -> torch
     rank_norm = ranks.float() / (c - 1) if c > 1 else torch.full(rows.shape, 0.5)
     return ((p - epsilon) + rank_norm * 2 * epsilon).reshape(t.shape)
 
-@per_tensor_method("della")
-def della(deltas, weights, *, densities=None, generator=None, epsilon=0.15, rescale=True,
-          majority="total", sign_on="weighted", divide="weight", lamb=1.0, arithmetic="himerge"):
+@per_tensor_method("della", settings=True)
+def della(deltas, weights, *, densities=None, generator=None, epsilon=0.15, settings: MergeSettings = DELLA_DEFAULTS):
     """DELLA: magnitude-ranked random drop with keep probabilities p_m ± ε, rescale, then TIES-style merge.
 
     Args:
@@ -372,25 +390,19 @@ def della(deltas, weights, *, densities=None, generator=None, epsilon=0.15, resc
         generator: the seeded `torch.Generator` of the random drop (None: torch's global RNG).
         epsilon: ε, the spread of keep probabilities, from p_m − ε (smallest |δ| of a row) to p_m + ε (largest):
             one number or one per source.
-        rescale: divide each survivor by its keep probability (True), match δ_m's L1 norm ('l1'), or not (False).
-        majority: the elected sign per entry: of the total mass (total) or of the most sources (frequency).
-        sign_on: elect signs on the raw deltas (raw, PEFT) or the weighted ones (weighted, mergekit).
-        divide: average the agreeing deltas by the sum of their weights (weight), by their count (count), or
-            sum them (none).
-        lamb: a factor on the merged delta, applied last (mergekit's `lambda`).
-        arithmetic: himerge (float32, ties by index) or mergekit_<dtype> (mergekit's dtype and order)."""
+        settings: `rescale` (True: each survivor divided by its keep probability), `majority`, `sign_on` (default
+            weighted), `divide` (default weight: by the agreeing weights), `lamb`, `arithmetic`."""
+    s = settings.or_defaults(DELLA_DEFAULTS)
     ds, ws, ps = _inputs(deltas, weights, densities)
-    ds, out = _arithmetic(ds, arithmetic)[0], []
+    ds, out = _arithmetic(ds, s.arithmetic)[0], []
     for i, (d, p, epsilon) in enumerate(zip(ds, ps, _per_source(epsilon, "epsilon", len(ds)))):
         if p >= 1: out.append(d); continue
         if not (p - epsilon > 0 and p + epsilon <= 1):
             raise BaselineError(f"epsilon: {epsilon!r} puts the keep probability of source {i} (density {p}) "
                                 "outside (0, 1]")
         probs = della_keep_probabilities(d, p, epsilon)
-        out.append(_rescale(d, _bernoulli(probs, generator), probs, rescale).to(d.dtype))
-    dropped = torch.stack(out)
-    weighted = _weighted(dropped, ws)
-    return (_disjoint(weighted, _elected(dropped, weighted, sign_on, majority), ws, divide) * lamb).float()
+        out.append(_rescale(d, _bernoulli(probs, generator), probs, s.rescale).to(d.dtype))
+    return _elect_and_merge(torch.stack(out), ws, s)
 
 # %% ../nbs/04_baselines.ipynb #0ced459f
 @per_tensor_method("slerp", needs_base=True)
@@ -454,9 +466,10 @@ def combine_deltas(per_source: list[dict], how: str = "sum"):
     return LazyLayer(dict.fromkeys(n for d in per_source for n in d), combine, owned=True)
 
 # %% ../nbs/04_baselines.ipynb #573ec636
-def _task_arithmetic_tensor(deltas, weights, *, densities=None, generator=None, prune_scope="tensor", **options):
+def _task_arithmetic_tensor(deltas, weights, *, densities=None, generator=None, prune_scope="tensor",
+                            settings: MergeSettings = SUM_DEFAULTS):
     "`task_arithmetic` of one tensor under the registered method's options (pruned within the tensor)."
-    return task_arithmetic(deltas, weights, densities=densities, **options)
+    return task_arithmetic(deltas, weights, densities=densities, settings=settings)
 
 @implements("task_arithmetic")
 def task_arithmetic_merger(context: MergeContext) -> Merged:
@@ -467,7 +480,7 @@ def task_arithmetic_merger(context: MergeContext) -> Merged:
         if opts.prune_scope != "tensor" and any(p < 1 for p in context.densities):
             raise BaselineError(f"prune_scope: {opts.prune_scope!r} prunes across tensors; with divide "
                                 f"{opts.divide!r} and arithmetic {opts.arithmetic!r} it prunes each tensor")
-        return PerTensorMethod("task_arithmetic", _task_arithmetic_tensor)(context)
+        return PerTensorMethod("task_arithmetic", _task_arithmetic_tensor, settings=True)(context)
     processed = ProcessedDeltas(context.deltas, density=context.densities, scale=context.scales, scope=opts.prune_scope)
     def layer_delta(layer):
         merged = combine_deltas([processed.source_layer(i, layer) for i in range(len(context.names))], "sum")

@@ -6,25 +6,22 @@ Docs: https://himerge.github.io/himerge/evaluate.html.md"""
 
 # %% ../nbs/06_evaluate.ipynb #ba58b848
 from __future__ import annotations
-import functools, importlib, inspect, logging, tempfile, threading, time
+import logging, tempfile, time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from fastcore.basics import patch
-from torch.nn.utils.rnn import pad_sequence
 
-from .tasks import LazyImports
+from .lighteval_fast_paths import (import_lighteval, lighteval, lighteval_tested, loglikelihood_tokens,
+                                          padded_greedy_until, warn_untested)
 from .task_data import TaskError
 from .tasks import TaskSpec, to_lighteval, load_tasks
 
 # %% auto #0
-__all__ = ['LIGHTEVAL_MODULES', 'lighteval', 'TESTED_LIGHTEVAL', 'ONE_PASS_ATTENTION', 'TaskScore', 'import_lighteval',
-           'lighteval_tested', 'quiet_lighteval', 'choice_tree', 'build_docs', 'Evaluator']
+__all__ = ['TaskScore', 'quiet_lighteval', 'build_docs', 'Evaluator']
 
 # %% ../nbs/06_evaluate.ipynb #e73d0619
 @dataclass
@@ -41,44 +38,7 @@ class TaskScore:
     def __repr__(self):
         return f"TaskScore({self.task!r}, {self.metric}={self.score:.4f}, n={self.n}, {self.seconds*1000:.0f} ms)"
 
-# %% ../nbs/06_evaluate.ipynb #a1d9bf48
-LIGHTEVAL_MODULES = ("lighteval.metrics", "lighteval.tasks.lighteval_task",
-                     "lighteval.models.transformers.transformers_model")
-
-@functools.cache
-def import_lighteval():
-    "Import `LIGHTEVAL_MODULES` once, in a thread of its own, so that no import-time traceback pins the caller's stack."
-    failed = []
-    def run():
-        try:
-            for name in LIGHTEVAL_MODULES: importlib.import_module(name)
-        except BaseException as e: failed.append(e)
-    thread = threading.Thread(target=run, name="himerge-import-lighteval", daemon=True)
-    thread.start(); thread.join()
-    if failed: raise failed[0]
-
-# LightEval's names, imported on first use, after import_lighteval
-_MODEL = "lighteval.models.transformers.transformers_model"
-lighteval = LazyImports(import_lighteval, TransformersModel=_MODEL, TransformersModelConfig=_MODEL, Batch=_MODEL,
-                        STARTING_BATCH_SIZE=_MODEL, MultiTokenEOSCriteria=_MODEL,
-                        ModelResponse="lighteval.models.model_output",
-                        LoglikelihoodDataset="lighteval.data", GenerativeTaskDataset="lighteval.data",
-                        LightevalTask="lighteval.tasks.lighteval_task", apply_metric="lighteval.metrics")
-
 # %% ../nbs/06_evaluate.ipynb #10f2a513
-TESTED_LIGHTEVAL = ("0.13",)   # release lines whose private methods the fast paths below replace, tested
-
-def lighteval_tested() -> bool:
-    "Whether the installed LightEval is a release line the fast paths were tested against."
-    import himerge.evaluate as this   # read at call time, so a test can change it
-    return ".".join(version("lighteval").split(".")[:2]) in this.TESTED_LIGHTEVAL
-
-@functools.cache
-def _warn_untested():
-    logging.getLogger("himerge").warning(
-        "LightEval %s is not a version himerge's fast scoring paths were tested with (%s): using LightEval's own "
-        "scoring methods, which give the same scores more slowly", version("lighteval"), ", ".join(TESTED_LIGHTEVAL))
-
 def _lighteval_classes():
     "LightEval's model config and wrapper, adapted to a model in memory scored many times."
 
@@ -100,9 +60,9 @@ def _lighteval_classes():
             return memo[key]
 
         # Same batches and responses as LightEval's, with the per-call work that does not depend on the weights done
-        # once (defined below).
-        def _loglikelihood_tokens(self, docs, rolling=False): return _loglikelihood_tokens(self, docs, rolling)
-        def _padded_greedy_until(self, docs): return _padded_greedy_until(self, docs)
+        # once (himerge.lighteval_fast_paths).
+        def _loglikelihood_tokens(self, docs, rolling=False): return loglikelihood_tokens(self, docs, rolling)
+        def _padded_greedy_until(self, docs): return padded_greedy_until(self, docs)
 
     return InMemoryModelConfig, ReusableTransformersModel
 
@@ -118,284 +78,6 @@ def quiet_lighteval(level=logging.ERROR):
     try: yield
     finally:
         for log, lv in zip(logs, old): log.setLevel(lv)
-
-# %% ../nbs/06_evaluate.ipynb #bf259c1b
-def _per_doc(context: list, continuations: list) -> tuple:
-    "A document's context and continuations as LightEval's responses carry them, and its number of choices."
-    return (torch.tensor(context, dtype=torch.long),
-            pad_sequence([torch.tensor(x, dtype=torch.long) for x in continuations], batch_first=True,
-                         padding_value=-1), len(continuations))
-
-def _padded_reads(positions: list, tokens: list) -> tuple:
-    "Each choice's logit positions and tokens padded to one width, the mask of the real ones, each choice's length."
-    width = max(len(t) for t in tokens)
-    pad = lambda rows: torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
-    mask = torch.tensor([[True] * len(t) + [False] * (width - len(t)) for t in tokens])
-    return pad(positions), pad(tokens), mask, [len(t) for t in tokens]
-
-def _loglikelihood_batch(wrapper, batch: list):
-    """The weight-independent parts of a log-likelihood batch, once per batch, one row per choice as LightEval builds
-    them: inputs, the row, positions and tokens each choice reads, per-doc tensors (None for a cut input)."""
-    memo = wrapper.__dict__.setdefault("_ll_memo", {})
-    key = tuple(id(d) for d in batch)
-    if key in memo: return memo[key][1]
-    contexts, continuations = [], []
-    for doc in batch:
-        c, k = wrapper.tok_encode_pair(wrapper.prompt_manager.prepare_prompt(doc), doc.choices, pairwise=True)
-        contexts.append(c); continuations.append(k)
-    prepared = wrapper.prepare_batch_logprob(tokenized_contexts=contexts, tokenized_continuations=continuations,
-                                             max_context=None)
-    positions, tokens = [], []
-    for row, cont in enumerate(k for doc_conts in continuations for k in doc_conts):
-        start = prepared.input_lengths[row] - len(cont) - 1
-        if start < 0 or prepared.truncated[row]:  # cut inputs: LightEval's own path
-            memo[key] = (batch, None); return None
-        positions.append(list(range(start, start + len(cont)))); tokens.append(list(cont))
-    per_doc = [_per_doc(c[0], k) for c, k in zip(contexts, continuations)]
-    # the docs kept: their ids stay unique
-    memo[key] = (batch, (dict(input_ids=prepared.input_ids), torch.arange(len(tokens)),
-                         *_padded_reads(positions, tokens), per_doc))
-    return memo[key][1]
-
-# %% ../nbs/06_evaluate.ipynb #82c02c39
-def choice_tree(context: list, continuations: list) -> tuple:
-    """One document's input for scoring all its choices in one pass: the context, then each choice's tokens but its
-    last, a prefix shared by several choices written once (a trie).
-
-    Returns:
-        tokens: the packed input's token ids.
-        parents: for each token, the position it follows (-1 for the first): it attends to its ancestors only.
-        reads: for each choice, the positions whose logits predict its tokens."""
-    tokens, parents = list(context), list(range(-1, len(context) - 1))
-    nodes, reads = {}, []
-    for continuation in continuations:
-        at, read = len(context) - 1, []
-        for j, token in enumerate(continuation):
-            read.append(at)
-            if j == len(continuation) - 1: break     # the last token predicts nothing that is read
-            if (at, token) not in nodes:
-                nodes[(at, token)] = len(tokens); tokens.append(token); parents.append(at)
-            at = nodes[(at, token)]
-        reads.append(read)
-    return tokens, parents, reads
-
-# %% ../nbs/06_evaluate.ipynb #3c70cb38
-def _one_pass_batch(wrapper, batch: list):
-    """The weight-independent parts of a batch scored in one pass per document: packed ids, positions, which token
-    sees which, and the logits to read; None where the per-choice path must run (a cut input, an empty context)."""
-    memo = wrapper.__dict__.setdefault("_one_pass_memo", {})
-    key = tuple(id(d) for d in batch)
-    if key in memo: return memo[key][1]
-    docs = []
-    for doc in batch:
-        c, k = wrapper.tok_encode_pair(wrapper.prompt_manager.prepare_prompt(doc), doc.choices, pairwise=True)
-        if not c[0] or any(len(c[0]) + len(x) > wrapper.max_length for x in k):
-            memo[key] = (batch, None); return None
-        docs.append((c[0], k, choice_tree(c[0], k)))
-    width = max(len(tree[0]) for _, _, tree in docs)
-    ids = torch.full((len(docs), width), wrapper.tokenizer.pad_token_id, dtype=torch.long)
-    where = torch.zeros((len(docs), width), dtype=torch.long)
-    sees = torch.eye(width, dtype=torch.bool).repeat(len(docs), 1, 1)   # padding sees itself only
-    for row, (_, _, (tokens, parents, _)) in enumerate(docs):
-        ids[row, :len(tokens)] = torch.tensor(tokens)
-        for i, parent in enumerate(parents):
-            if parent >= 0: sees[row, i, :i] = sees[row, parent, :i]; where[row, i] = where[row, parent] + 1
-    # Only the positions read go through the head: their union over the batch.
-    keep = sorted({p for _, _, tree in docs for read in tree[2] for p in read})
-    column = {p: i for i, p in enumerate(keep)}
-    rows, positions, tokens, per_doc = [], [], [], []
-    for row, (context, continuations, (_, _, reads)) in enumerate(docs):
-        for read, continuation in zip(reads, continuations):
-            rows.append(row); positions.append([column[p] for p in read]); tokens.append(list(continuation))
-        per_doc.append(_per_doc(context, continuations))
-    inputs = dict(input_ids=ids, position_ids=where, attention_mask=sees[:, None], keep=torch.tensor(keep))
-    memo[key] = (batch, (inputs, torch.tensor(rows), *_padded_reads(positions, tokens), per_doc))
-    return memo[key][1]
-
-# %% ../nbs/06_evaluate.ipynb #8c447fbc
-def _model_inputs(wrapper, inputs: dict) -> dict:
-    """The model's arguments for a prepared batch: the packed batch's mask in the form the model's attention takes
-    (True where a token may look for sdpa, 0 or the dtype's lowest for eager), its positions, the logits to keep."""
-    model = wrapper.model
-    out = {k: v.to(wrapper.device) for k, v in inputs.items()}
-    if "attention_mask" in out:
-        sees = out["attention_mask"]
-        if model.config._attn_implementation == "eager":
-            dtype = getattr(model, "himerge_compute_dtype", None) or model.get_input_embeddings().weight.dtype
-            out["attention_mask"] = torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill(
-                ~sees, torch.finfo(dtype).min)
-    keep = out.pop("keep", None)
-    if keep is not None and _takes_logits_to_keep(type(model)): out["logits_to_keep"] = keep
-    return out, keep
-
-@functools.cache
-def _takes_logits_to_keep(model_class) -> bool:
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
-
-def _choice_responses(wrapper, batch: list, prepared: tuple, forward=None) -> list:
-    "LightEval's `ModelResponse`s of a prepared batch: one forward, one gather, each choice's sum in LightEval's order."
-    inputs, rows, positions, tokens, mask, lengths, per_doc = prepared
-    kwargs, keep = _model_inputs(wrapper, inputs)
-    input_ids = kwargs.pop("input_ids")
-    rows, positions, tokens, mask = (x.to(wrapper.device) for x in (rows, positions, tokens, mask))
-    # The docs of a batch live as long as the evaluator: their ids name the batch across probes.
-    batch_key = ("one pass" if keep is not None else "per choice", *(id(d) for d in batch))
-    logits = (forward(input_ids, batch_key=batch_key, **kwargs) if forward
-              else wrapper.model(input_ids, **kwargs).logits)
-    if keep is not None and "logits_to_keep" not in kwargs: logits = logits[:, keep]
-    logprobs = F.log_softmax(logits, dim=-1)
-    read = logprobs[rows[:, None], positions]   # [choices, width, vocab]
-    picked = read.gather(2, tokens.unsqueeze(-1)).squeeze(-1)
-    # Each choice's sum over its own tokens, in LightEval's order, so the float32 results are identical.
-    sums = (picked[:, 0].tolist() if max(lengths) == 1
-            else [picked[r, :k].sum().item() for r, k in enumerate(lengths)])
-    greedy = ((read.argmax(-1) == tokens) | ~mask).all(-1).tolist()
-    responses, row = [], 0
-    for context, continuation, n in per_doc:
-        responses.append(lighteval.ModelResponse(argmax_logits_eq_gold=greedy[row:row + n], logprobs=sums[row:row + n],
-                                       input_tokens=context, output_tokens=continuation))
-        row += n
-    return responses
-
-# %% ../nbs/06_evaluate.ipynb #fc5aa0a9
-ONE_PASS_ATTENTION = ("sdpa", "eager")   # attention implementations that take a custom 4D mask as given
-
-def _one_pass_agrees(wrapper, batch: list) -> bool:
-    """Whether one pass per document gives the per-choice log-likelihoods of `batch` within float tolerance (checked
-    once per evaluator: a model whose attention ignores the mask or the positions fails it); warns if not."""
-    packed, per_choice = _one_pass_batch(wrapper, batch), _loglikelihood_batch(wrapper, batch)
-    if packed is None or per_choice is None: return True   # this batch is scored per choice anyway
-    ours, theirs = _choice_responses(wrapper, batch, packed), _choice_responses(wrapper, batch, per_choice)
-    dtype = getattr(wrapper.model, "himerge_compute_dtype", None) or wrapper.model.get_input_embeddings().weight.dtype
-    tol = 1e-4 if dtype.itemsize >= 4 else 5e-2
-    if all(np.allclose(a.logprobs, b.logprobs, rtol=tol, atol=tol) for a, b in zip(ours, theirs)): return True
-    logging.getLogger("himerge").warning(
-        "%s: scoring the choices from one pass gave other log-likelihoods than one row per choice; scoring one row "
-        "per choice", type(wrapper.model).__name__)
-    return False
-
-def _loglikelihood_tokens(wrapper, docs: list, rolling=False) -> list:
-    """LightEval's `_loglikelihood_tokens` with the same responses: prepared batches reused, one gather per batch, and
-    each document's choices scored from one pass where they can be (else LightEval's batches, one row per choice)."""
-    if rolling or wrapper.accelerator is not None:
-        return lighteval.TransformersModel._loglikelihood_tokens(wrapper, docs, rolling)
-    state, forward = wrapper.__dict__, wrapper.__dict__.get("prefix_forward")   # a `PrefixForward`, if given
-    dataset = lighteval.LoglikelihoodDataset(requests=docs, num_dataset_splits=1)
-    starting, responses = lighteval.STARTING_BATCH_SIZE, []
-    for split in dataset.splits_iterator():
-        # The batch size exactly as LightEval computes it: rows, then documents (one row per choice).
-        c0, k0 = wrapper.tok_encode_pair(wrapper.prompt_manager.prepare_prompt(split[0]), split[0].choices,
-                                         pairwise=wrapper.pairwise_tokenization)
-        longest = max(min(wrapper.max_length, len(c0[0] + k0[0]) - 1), 1)
-        rows = wrapper._get_batch_size(override_bs=wrapper.config.batch_size, max_input_length=longest,
-                                       starting_batch_size=starting)
-        starting = rows * 2
-        size = max(1, round(rows // max(len(d.choices) for d in split) / 8) * 8)
-        if state.get("one_pass") and "one_pass_checked" not in state:
-            state["one_pass"] = (wrapper.model.config._attn_implementation in ONE_PASS_ATTENTION
-                                 and _one_pass_agrees(wrapper, [split[j] for j in range(min(size, len(split)))]))
-            state["one_pass_checked"] = True
-        # One pass per document: a document is one row, so a batch holds as many documents as LightEval's rows (a
-        # whole number of its batches, so that a batch scored per choice is cut as LightEval cuts it).
-        step = size * max(1, rows // size) if state.get("one_pass") else size
-        for i in range(0, len(split), step):
-            batch = [split[j] for j in range(i, min(i + step, len(split)))]
-            packed = _one_pass_batch(wrapper, batch) if state.get("one_pass") else None
-            if packed is not None:
-                responses.extend(_choice_responses(wrapper, batch, packed, forward)); continue
-            for part in (batch[j:j + size] for j in range(0, len(batch), size)):
-                prepared = _loglikelihood_batch(wrapper, part)
-                responses.extend(lighteval.TransformersModel._loglikelihood_tokens(wrapper, part) if prepared is None
-                                 else _choice_responses(wrapper, part, prepared, forward))
-    return dataset.get_original_order(responses)
-
-# %% ../nbs/06_evaluate.ipynb #41c199ba
-@functools.cache
-def _decoded_once_criteria():
-    "LightEval's multi-token stop criterion, decoding each distinct tail of tokens once (texts kept in a shared dict)."
-
-    class DecodedOnceEOSCriteria(lighteval.MultiTokenEOSCriteria):
-        def __init__(self, sequence, tokenizer, batch, texts: dict):
-            super().__init__(sequence, tokenizer, batch)
-            self.texts = texts
-
-        def __call__(self, input_ids, scores, **kwargs) -> bool:
-            tails = input_ids[:, self.initial_decoder_input_length:][:, -self.sequence_id_len:].tolist()
-            if len(self.texts) > 100_000: self.texts.clear()
-            for i, done in enumerate(self.done_tracker):
-                if not done:
-                    tail = tuple(tails[i])
-                    if tail not in self.texts: self.texts[tail] = self.tokenizer.decode(list(tail))
-                    self.done_tracker[i] = self.sequence in self.texts[tail]
-            return False not in self.done_tracker
-    return DecodedOnceEOSCriteria
-
-def _generation_batch(wrapper, batch: list, max_allowed: int) -> dict:
-    """The weight-independent parts of a generation batch, once per batch: prompts' tokens and mask, stop sequences,
-    counts."""
-    memo = wrapper.__dict__.setdefault("_gen_memo", {})
-    key = (tuple(id(d) for d in batch), max_allowed)
-    if key in memo: return memo[key][1]
-    contexts = [wrapper.prompt_manager.prepare_prompt(doc) for doc in batch]
-    stop = [wrapper.tokenizer.eos_token] + ([] if wrapper.use_chat_template else list(batch[0].stop_sequences))
-    tokenized = wrapper.tokenizer(contexts, truncation="longest_first", padding="longest", return_tensors="pt",
-                                  max_length=max_allowed, add_special_tokens=wrapper.add_special_tokens)
-    size, new = tokenized["input_ids"].shape[1], batch[0].generation_size
-    if size > wrapper.max_length: new = 1  # LightEval's rule: a context that fills the model leaves one token
-    elif new is None: new = wrapper.max_length - size
-    else: new = max(1, min(wrapper.max_length - size, new))
-    # the docs kept: their ids stay unique
-    memo[key] = (batch, dict(input_ids=tokenized["input_ids"], mask=tokenized["attention_mask"], stop=stop,
-                             max_new_tokens=new, input_tokens=tokenized["input_ids"].tolist(),
-                             truncated=[max(len(c) - size, 0) for c in contexts],
-                             padded=(tokenized["attention_mask"] == 0).sum(1).tolist()))
-    return memo[key][1]
-
-# %% ../nbs/06_evaluate.ipynb #909e614c
-def _generate_batch(wrapper, b: dict) -> list:
-    "Generate for one prepared batch with LightEval's generation settings; its `ModelResponse`s."
-    input_ids, mask = b["input_ids"].to(wrapper.device), b["mask"].to(wrapper.device)
-    shape = lighteval.Batch(input_ids=input_ids, input_mask=mask, input_lengths=[], truncated=[], padded=[])
-    texts = wrapper.__dict__.setdefault("_tail_texts", {})
-    criteria = [_decoded_once_criteria()(s, wrapper.tokenizer, shape, texts) for s in b["stop"]]
-    config = wrapper.generation_config_dict.copy()
-    tk = wrapper.tokenizer
-    config.update(max_new_tokens=b["max_new_tokens"],
-                  pad_token_id=tk.pad_token_id if tk.pad_token_id else tk.eos_token_id, eos_token_id=tk.eos_token_id,
-                  num_return_sequences=1, output_logits=False, renormalize_logits=True)
-    if config["temperature"] == 0: config["do_sample"] = False
-    generated = wrapper.model.generate(input_ids=input_ids, attention_mask=mask, stopping_criteria=criteria, **config)
-    generated = generated.sequences[:, input_ids.size(1):]
-    responses = []
-    for i, text in enumerate(wrapper.tok_decode(generated)):
-        for term in b["stop"]: text = text.split(term)[0]
-        responses.append(lighteval.ModelResponse(text=[text], output_tokens=[generated[i]], logits=None,
-                                       input_tokens=b["input_tokens"][i],
-                                       truncated_tokens_count=b["truncated"][i], padded_tokens_count=b["padded"][i]))
-    return responses
-
-def _padded_greedy_until(wrapper, docs: list) -> list:
-    """LightEval's `_padded_greedy_until` with the same batches and responses: prepared batches reused, stop checks
-    decoded once."""
-    if wrapper.accelerator is not None or any(d.num_samples != 1 for d in docs):
-        return lighteval.TransformersModel._padded_greedy_until(wrapper, docs)
-    dataset = lighteval.GenerativeTaskDataset(requests=docs, num_dataset_splits=wrapper.DATASET_SPLITS)
-    starting, responses = lighteval.STARTING_BATCH_SIZE, []
-    for split in dataset.splits_iterator():
-        # The context budget and batch size exactly as LightEval computes them.
-        if wrapper.generation_config_dict.get("max_new_tokens", None) is not None:
-            max_allowed = wrapper.generation_config_dict["max_new_tokens"]
-        elif split[0].generation_size is None: max_allowed = wrapper.max_length
-        else:
-            first = len(wrapper.tokenizer(wrapper.prompt_manager.prepare_prompt(split[0]))["input_ids"])
-            max_allowed = min(first + split[0].generation_size, wrapper.max_length)
-        size = wrapper._get_batch_size(override_bs=wrapper.config.batch_size, max_input_length=max_allowed,
-                                       starting_batch_size=starting)
-        starting = size * 2
-        for i in range(0, len(split), size):
-            batch = [split[j] for j in range(i, min(i + size, len(split)))]
-            responses.extend(_generate_batch(wrapper, _generation_batch(wrapper, batch, max_allowed)))
-    return dataset.get_original_order(responses)
 
 # %% ../nbs/06_evaluate.ipynb #cda96402
 def build_docs(spec: TaskSpec) -> list:
@@ -425,7 +107,7 @@ class Evaluator:
             batch_size: LightEval's batch size.
             max_length: the longest input in tokens (None: the model's).
             chat_template: wrap prompts in the tokenizer's chat template.
-            fast_paths: replace LightEval's scoring methods by the faster ones above (same answers).
+            fast_paths: replace LightEval's scoring methods by those of `himerge.lighteval_fast_paths` (same answers).
             one_pass: with the fast paths, score a document's choices from one pass over its context (the same
                 log-likelihoods within float tolerance); False: one row per choice, LightEval's exact numbers."""
         import_lighteval()
@@ -445,7 +127,7 @@ class Evaluator:
                 raise ValueError(f"the model is on {dev}, the evaluator was asked for device {self.device!r}: "
                                  "move the model first")
         if fast_paths and not lighteval_tested():
-            _warn_untested(); fast_paths = False
+            warn_untested(); fast_paths = False
         tokenizer_path = Path(tokenizer_path)
         if not tokenizer_path.exists(): raise FileNotFoundError(f"tokenizer path {str(tokenizer_path)!r} not found")
         self.tokenizer_path = tokenizer_path

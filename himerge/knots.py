@@ -7,7 +7,8 @@ Docs: https://himerge.github.io/himerge/knots.html.md"""
 # %% ../nbs/04b_knots.ipynb #74fb4b6a
 from __future__ import annotations
 import torch
-from .baselines import _choice, _inputs, dare_ties, per_tensor_method, ties
+import dataclasses
+from .baselines import TIES_DEFAULTS, MergeSettings, _choice, _inputs, dare_ties, per_tensor_method, ties
 from .svd_merging import numerical_rank
 
 # %% auto #0
@@ -25,9 +26,8 @@ def shared_basis(ds: list) -> tuple:
     return u[:, :r] * s[:r], [vh[:r, i * n:(i + 1) * n] for i in range(len(ds))]
 
 # %% ../nbs/04b_knots.ipynb #97c20cc0
-@per_tensor_method("knots")
-def knots(deltas, weights, *, densities=None, generator=None, inner="ties", majority="total", sign_on="raw",
-          divide="count", rounding="half_up", rescale=True, lamb=1.0):
+@per_tensor_method("knots", settings=True)
+def knots(deltas, weights, *, densities=None, generator=None, inner="ties", settings: MergeSettings = TIES_DEFAULTS):
     """KnOTS: TIES (or DARE-TIES) on the sources' coordinates in the shared basis of their SVD, mapped back.
 
     Args:
@@ -36,17 +36,15 @@ def knots(deltas, weights, *, densities=None, generator=None, inner="ties", majo
         densities: p_m, the fraction of each source's coordinates the inner merge keeps (None: 1).
         generator: the seeded `torch.Generator` of DARE's random drop.
         inner: the merge of the coordinates: ties or dare_ties.
-        majority, sign_on, divide: the inner merge's sign election and averaging (see `himerge.baselines.ties`).
-        rounding: how p·n becomes a count (ties).
-        rescale: how DARE's survivors are rescaled (dare_ties).
-        lamb: a factor on the merged delta, applied last."""
+        settings: the inner merge's (see `himerge.baselines.ties` and `dare_ties`), but `lamb`: a factor on the
+            merged delta, applied last, after mapping back."""
     _choice(inner, "inner", INNER)
     ds, ws, ps = _inputs(deltas, weights, densities)
-    common = dict(densities=ps, generator=generator, majority=majority, sign_on=sign_on, divide=divide)
-    merge = (lambda xs: ties(xs, ws, rounding=rounding, **common)) if inner == "ties" else \
-            (lambda xs: dare_ties(xs, ws, rescale=rescale, **common))
-    if ds[0].dim() != 2: return merge(ds) * lamb
+    inner_settings = dataclasses.replace(settings, lamb=1.0)
+    merge = lambda xs: (ties if inner == "ties" else dare_ties)(xs, ws, densities=ps, generator=generator,
+                                                                 settings=inner_settings)
+    if ds[0].dim() != 2: return merge(ds) * settings.lamb
     basis, coords = shared_basis(ds)
     if basis.shape[1] == 0: return torch.zeros_like(ds[0])
     merged = merge([c.float() for c in coords])
-    return (basis @ merged.double() * lamb).float()
+    return (basis @ merged.double() * settings.lamb).float()

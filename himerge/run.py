@@ -23,8 +23,8 @@ from .methods import MergeContext, Merged, TaskArithmeticOptions, get_method
 from .plan import Plan, auto_grid, units_of
 from .heap import libc
 from .lazy import lazy
-from .scoring import (Probe, Scorer, State, base_state, check_loaded, input_device, lighteval_scorer,
-                             load_model, means, trim_heap)
+from .scoring import (Probe, Scorer, ScorerSettings, State, base_state, check_loaded, input_device,
+                             lighteval_scorer, load_model, means, trim_heap)
 from .sources import resolve_sources
 if TYPE_CHECKING: from himerge.deltas import LayerDeltas   # the annotations' name only: the module comes lazily
 
@@ -82,10 +82,10 @@ def open_run(p: Plan, progress=True, group=None):
                 computes = getattr(model, "himerge_compute_dtype", model.dtype)
                 runtime = {"compute_dtype": str(computes).removeprefix("torch.")}
                 model_bytes = sum(param.numel() * param.element_size() for param in model.parameters())
-                run.scorer = lighteval_scorer(model, LoadedBase(model, deltas), p.tasks, p.tokenizer,
-                                              device=input_device(model, p.device), batch_size=r.batch_size,
-                                              cache=run.cache, progress=bar, runtime=runtime, group=group,
-                                              prefix_bytes=prefix_bytes(r, model_bytes))
+                settings = ScorerSettings(input_device(model, p.device), r.batch_size, runtime,
+                                          prefix_bytes(r, model_bytes))
+                run.scorer = lighteval_scorer(model, LoadedBase(model, deltas), p.tasks, p.tokenizer, settings=settings,
+                                              cache=run.cache, progress=bar, group=group)
                 del model                         # the scorer holds it; `release_model` lets it go
         yield run
     finally:

@@ -7,6 +7,7 @@ Docs: https://himerge.github.io/himerge/scoring.html.md"""
 # %% ../nbs/06c_scoring.ipynb #a0abc233
 from __future__ import annotations
 import logging, time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from fastcore.basics import patch
 
 from .cache import EvalCache, fingerprint, task_key
+from .deltas import Layer
 from .editor import LayerEditor
 from .evaluate import Evaluator
 from .heap import trim_heap
@@ -26,14 +28,14 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'PROBE_KINDS', 'SHARED_ROUND', 'State', 'base_state', 'Probe', 'Scorer', 'sum_in', 'means', 'prefix_forward',
-           'lighteval_scorer']
+           'ScorerSettings', 'lighteval_scorer']
 
 # %% ../nbs/06c_scoring.ipynb #e2484773
 @dataclass(frozen=True, eq=False)
 class State:
     "A weight state θ_F + D: a name for the records, D layer by layer, and a key describing D completely."
     name: str
-    layer_delta: object                      # callable: layer -> {tensor name: float32 delta}
+    layer_delta: Callable[[Layer], Mapping[str, torch.Tensor]]   # layer -> {tensor name: float32 delta}
     key: dict = field(default_factory=dict)
 
     @property
@@ -53,7 +55,7 @@ class Probe:
     "A state with all its layers (full), only one (add) or all but one (delete)."
     state: State
     kind: str = "full"
-    layer: object = None
+    layer: Layer | None = None
 
     def __post_init__(self):
         if self.kind not in PROBE_KINDS: raise ValueError(f"probe kind {self.kind!r} is not one of {PROBE_KINDS}")
@@ -422,8 +424,16 @@ def _run_shared(self: Scorer, items: list) -> dict:
     return got
 
 # %% ../nbs/06c_scoring.ipynb #31efb2bd
-def lighteval_scorer(model, base, tasks: dict, tokenizer, *, device="cpu", batch_size=32, cache=None, progress=None,
-                     runtime: dict | None = None, group=None, prefix_bytes: int = 2**30) -> Scorer:
+@dataclass(frozen=True)
+class ScorerSettings:
+    "How a scorer's evaluators run: device, batch size and the other settings that change scores, and prefix memory."
+    device: str | torch.device = "cpu"   # where inputs go
+    batch_size: int = 32                 # LightEval's batch size
+    runtime: dict | None = None          # other settings that change scores (compute dtype, ...), in the task keys
+    prefix_bytes: int = 2**30            # memory for the hidden states that log-likelihood probes reuse (0: none)
+
+def lighteval_scorer(model, base, tasks: dict, tokenizer, *, settings: ScorerSettings = ScorerSettings(), cache=None,
+                     progress=None, group=None) -> Scorer:
     """A `Scorer` whose evaluators run LightEval on `tasks`, one evaluator per split.
 
     Args:
@@ -431,14 +441,12 @@ def lighteval_scorer(model, base, tasks: dict, tokenizer, *, device="cpu", batch
         base: the base's layers (`layers`, `base_layer(layer)`).
         tasks: task name -> TaskSpec (on the analysis split).
         tokenizer: the tokenizer's local folder.
-        device: where inputs go.
-        batch_size: LightEval's batch size.
+        settings: the device, batch size, score-changing runtime settings and prefix memory.
         cache: the evaluation cache.
         progress: a progress bar (anything with update(n)).
-        runtime: settings that change scores (compute dtype, ...), folded into the task keys.
-        group: a process group to share the scoring with.
-        prefix_bytes: memory for the hidden states that log-likelihood probes reuse (0: none)."""
-    runtime = {"batch_size": batch_size, "device": str(device).split(":")[0], **(runtime or {})}
+        group: a process group to share the scoring with."""
+    device, batch_size = settings.device, settings.batch_size
+    runtime = {"batch_size": batch_size, "device": str(device).split(":")[0], **(settings.runtime or {})}
     specs = {}
     def spec(task, split):
         if (task, split) not in specs:
@@ -451,4 +459,4 @@ def lighteval_scorer(model, base, tasks: dict, tokenizer, *, device="cpu", batch
     make = lambda split: Evaluator(model, tokenizer, {t: spec(t, split) for t in tasks}, device=device,
                                    batch_size=batch_size)
     return Scorer(model, base, make, cache=cache, task_key=key, progress=progress, group=group,
-                  prefix_bytes=prefix_bytes)
+                  prefix_bytes=settings.prefix_bytes)

@@ -5,6 +5,7 @@ mergekit-yaml in its own virtualenv. DARE and DELLA draw their masks from torch'
 mergekit, so only their density-1 runs (no drop: the sign election and normalisation) are compared
 here; their random drop is checked statistically and against PEFT in nbs/04_baselines.ipynb.
 """
+import inspect
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from himerge import baselines
-from himerge.baselines import MERGEKIT_ARGS
+from himerge.baselines import MERGEKIT_ARGS, settings_arguments
 from himerge.mergers import per_tensor_methods
 
 torch.set_num_threads(1)
@@ -36,13 +37,15 @@ def himerge_merge(case: dict) -> dict:
     args.update(per_source)                                            # gamma, epsilon: one value per source
     if params.get("normalize") is False: args["divide"] = "none"
     args.update(params.get("t") is not None and {"t": params["t"]} or {})   # slerp's interpolation factor
+    function = getattr(baselines, method)
+    if "settings" in inspect.signature(function).parameters: args = settings_arguments(args)   # one MergeSettings
     out = {}
     for name in NAMES:
         base = INPUTS[f"base/{name}"]
         deltas = [INPUTS[f"s{m}/{name}"] - base for m in range(n)]
         extra = {"base": base} if method in PER_TENSOR and PER_TENSOR[method].needs_base else {}
-        out[name] = base + getattr(baselines, method)(deltas, case["weights"], densities=densities,
-                                           generator=torch.Generator().manual_seed(0), **extra, **args)
+        out[name] = base + function(deltas, case["weights"], densities=densities,
+                                    generator=torch.Generator().manual_seed(0), **extra, **args)
     return out
 
 

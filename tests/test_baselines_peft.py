@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from peft.utils import merge_utils as pm
 
-from himerge.baselines import dare_linear, dare_ties, task_arithmetic, ties
+from himerge.baselines import MergeSettings, dare_linear, dare_ties, task_arithmetic, ties
 
 torch.set_num_threads(1)
 SETTINGS = settings(max_examples=30, deadline=None)
@@ -30,14 +30,15 @@ def test_task_arithmetic_and_magnitude_prune(problem):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = pm.magnitude_prune(deltas, torch.tensor(w), p)
-    assert torch.equal(task_arithmetic(deltas, w, densities=[p] * len(w), rounding="floor"), ref)
+    floor = MergeSettings(rounding="floor")   # PEFT's rounding
+    assert torch.equal(task_arithmetic(deltas, w, densities=[p] * len(w), settings=floor), ref)
 
 
 @SETTINGS
 @given(problems(), st.sampled_from(["total", "frequency"]))
 def test_ties(problem, majority):
     deltas, w, p, _ = problem
-    ours = ties(deltas, w, densities=[p] * len(w), rounding="floor", majority=majority)
+    ours = ties(deltas, w, densities=[p] * len(w), settings=MergeSettings(rounding="floor", majority=majority))
     assert torch.equal(ours, pm.ties(deltas, torch.tensor(w), p, majority_sign_method=majority))
 
 

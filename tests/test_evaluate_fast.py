@@ -1,10 +1,10 @@
 """The evaluator's fast paths give exactly LightEval's responses.
 
-`himerge.evaluate` replaces two methods of LightEval's transformers wrapper (`_loglikelihood_tokens` and
-`_padded_greedy_until`) with versions that prepare each batch once and read the choices' scores with one
-gather. Here their responses are compared, field by field, with LightEval's own methods called on the same
-wrapper and documents: continuations of several lengths in one batch, several batches, inputs cut to the
-model's length, the zoo's three tasks, and weights changed between calls.
+`himerge.evaluate`'s evaluator replaces two methods of LightEval's transformers wrapper (`_loglikelihood_tokens`
+and `_padded_greedy_until`) with those of `himerge.lighteval_fast_paths`, which prepare each batch once and read the
+choices' scores with one gather. Here their responses are compared, field by field, with LightEval's own methods
+called on the same wrapper and documents: continuations of several lengths in one batch, several batches, inputs cut
+to the model's length, the zoo's three tasks, and weights changed between calls.
 
 Multiple choice is also scored from one pass per document (the default, `one_pass=True`): the same responses, the
 log-likelihoods within float tolerance (the sums reduce in another order), every other field exactly."""

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from himerge.baselines import MergeSettings, settings_arguments
 from himerge.knots import knots
 from himerge.zoo import load_zoo
 
@@ -43,7 +44,8 @@ def test_knots_matches_the_reference_from_the_lora_factors(module, density):
     zoo = load_zoo()
     factors = [lora_factors(zoo.adapters[t], module) for t in zoo.demo_tasks]
     deltas = [(b @ a).float() for b, a in factors]
-    got = knots(deltas, [1.0] * len(deltas), densities=[density] * len(deltas), rounding="floor").double().numpy()
+    got = knots(deltas, [1.0] * len(deltas), densities=[density] * len(deltas),
+                settings=MergeSettings(rounding="floor")).double().numpy()
     want = reference_knots(factors, density)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5
 
@@ -65,6 +67,7 @@ def test_knots_merges_the_zoo_lora_adapters_from_a_config(tmp_path, inner):
         factors = [lora_factors(zoo.adapters[t], "self_attn.q_proj") for t in zoo.demo_tasks]
         deltas = [(b @ a).float() for b, a in factors]
         opts = vars(parse_options(get_method("knots").options, options))
-        torch.testing.assert_close(merged[name] - base[name], knots(deltas, [1.0, 1.0], densities=[0.7, 0.7], **opts),
+        torch.testing.assert_close(merged[name] - base[name], knots(deltas, [1.0, 1.0], densities=[0.7, 0.7],
+                                                                   **settings_arguments(opts)),
                                    rtol=1e-4, atol=1e-6)
     assert json.loads((result.output / "himerge_report.json").read_text())["method"] == "knots"
