@@ -23,9 +23,10 @@ _patches = lazy("matplotlib.patches")   # for the figures only
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'SEVERE', 'PARTIAL', 'MUTUAL', 'RESOLUTIONS', 'REFINES', 'LEAVE', 'impaired', 'total_conflict', 'classify',
-           'ResolveSettings', 'Measures', 'LayerView', 'layer_view', 'Candidate', 'paper_action', 'candidates',
-           'improvement', 'accept', 'Decision', 'candidate_record', 'resolve', 'Resolution', 'plot_resolution']
+__all__ = ['log', 'SEVERE', 'PARTIAL', 'MUTUAL', 'RESOLUTIONS', 'REFINES', 'WHOLE_MERGE', 'LEAVE', 'impaired', 'total_conflict',
+           'classify', 'ResolveSettings', 'Measures', 'LayerView', 'layer_view', 'Candidate', 'paper_action',
+           'candidates', 'improvement', 'accept', 'Decision', 'candidate_record', 'resolve', 'Resolution',
+           'plot_resolution']
 
 # %% ../nbs/08_resolve.ipynb #2dbd49c0
 SEVERE, PARTIAL, MUTUAL = "severe", "partial", "mutual"
@@ -48,6 +49,7 @@ def classify(gammas: dict, errors: dict | None = None, z: float = 0.0) -> str:
 
 # %% ../nbs/08_resolve.ipynb #93f293b5
 RESOLUTIONS, REFINES = ("verified", "paper"), ("none", "layer_scale")
+WHOLE_MERGE = "all"   # the `layer` of the step that scales every layer at once (`merge_scales`)
 
 @dataclass(frozen=True)
 class ResolveSettings:
@@ -265,7 +267,7 @@ def _verified_step(loop: _Loop, view: LayerView, tried: list, index: dict, measu
     before = means(loop.rows)
     if best is None:
         top = max(gains_, key=lambda g: g[0]) if gains_ else (0.0, 0.0)
-        what = "the merge" if view.layer == "all" else "the layer"
+        what = "the merge" if view.layer == WHOLE_MERGE else "the layer"
         action = (f"kept: no candidate beat leaving {what} by more than {settings.accept_z:g}·se "
                   f"(best {top[0]:+.3f} ± {top[1]:.3f})")
         edits = {}
@@ -309,7 +311,7 @@ def _merge_scale(loop: _Loop, index: dict, measures: Measures, gains: dict, sett
     stop = _over_budget(loop, len(factors) * measures.evals_per_score, settings)
     if stop: return stop
     tried = [LEAVE] + [Candidate(f"every source scaled by {f:g}") for f in factors]
-    view = LayerView("all", {}, "refine", 0.0, [], {})
+    view = LayerView(WHOLE_MERGE, {}, "refine", 0.0, [], {})
     loop.decisions.append(_verified_step(loop, view, tried, index, measures, gains, settings,
                                          [scaled_everywhere(loop.resolved, f) for f in factors]))
     log.info("the whole merge: %s", loop.decisions[-1].action)
