@@ -15,6 +15,9 @@ Printed per target, one row per method (or Hi-Merging variant): test score and g
 (share of each adapter's own test gain over the base that the merge keeps), task evaluations spent (search and final
 test scores), wall seconds and peak RSS.
 
+A job may also set a method's options by name (one point, no grid): `--methods layerwise_search:budget=300`
+runs the layer-wise search at 300 evaluations, cached and reported as its own row.
+
 Run:    nice -n 10 python bench/bench_real.py [--zoo DIR] [--results DIR] [--targets last+reverse ...]
 Report: python bench/bench_real.py --report      (prints what has finished; runs nothing)
 """
@@ -62,6 +65,14 @@ def result_path(results: Path, target: str, method: str, setting: str) -> Path:
     return results / target / f"{method}--{setting.replace(' ', '_')}.json"
 
 
+def finished(results: Path, zoo, target: str) -> list:
+    "(method, setting) of the target's finished jobs: the standard list's in its order, then option settings."
+    standard = [(m, s) for _, m, s in jobs(zoo, [target])]
+    done = [(m, s) for m, s in standard if result_path(results, target, m, s).is_file()]
+    extra = sorted(tuple(p.stem.split("--", 1)) for p in (results / target).glob("*--*=*.json"))
+    return done + [(m, s) for m, s in extra if (m, s) not in standard]
+
+
 def run_one(zoo_root: Path, target: str, method: str, setting: str, out: Path):
     "One job, in this process: compare_methods on one method; its tables, choice, search, cost and peak RSS as JSON."
     from himerge.compare import compare_methods
@@ -74,6 +85,8 @@ def run_one(zoo_root: Path, target: str, method: str, setting: str, out: Path):
     if setting in HI_VARIANTS:
         cfg["options"].update(HI_VARIANTS[setting])
         grids = {method: {"auto": [False, True]}}          # the rest of Hi-Merging's fair grid
+    if "=" in setting:                                     # "budget=300,sigma=0.2": one point, these options set
+        grids = {method: {k: [json.loads(v)] for k, v in (kv.split("=", 1) for kv in setting.split(","))}}
     merges = Path(tempfile.mkdtemp(prefix="himerge-bench-real-"))
     t0 = time.perf_counter()
     try: cmp = compare_methods(cfg, methods=[method], grids=grids, out_root=merges)
@@ -94,10 +107,10 @@ def report(results: Path, zoo, targets: list) -> str:
     lines, missing = [], []
     for target in targets:
         tasks, rows = zoo_targets(zoo)[target], {}
-        for _, method, setting in [j for j in jobs(zoo, [target])]:
-            p = result_path(results, target, method, setting)
-            if not p.is_file(): missing.append(f"{target} {method} {setting}"); continue
-            r = json.loads(p.read_text()); test = r["tables"]["test"]
+        missing += [f"{target} {m} {s}" for _, m, s in jobs(zoo, [target])
+                    if not result_path(results, target, m, s).is_file()]
+        for method, setting in finished(results, zoo, target):
+            r = json.loads(result_path(results, target, method, setting).read_text()); test = r["tables"]["test"]
             if not rows:
                 rows["base"] = {t: test["base"][t] for t in tasks}
                 for t in tasks: rows[f"adapter {t}"] = {t2: test[f"source {t}"][t2] for t2 in tasks}
@@ -121,10 +134,8 @@ def summary(results: Path, zoo, targets: list) -> str:
     import pandas as pd
     kept, spent, wall = {}, {}, {}
     for target in targets:
-        for _, method, setting in jobs(zoo, [target]):
-            p = result_path(results, target, method, setting)
-            if not p.is_file(): continue
-            r = json.loads(p.read_text())
+        for method, setting in finished(results, zoo, target):
+            r = json.loads(result_path(results, target, method, setting).read_text())
             name = method if setting == "fair grid" else f"{method} {setting}"
             kept.setdefault(name, {})[target] = r["tables"]["test"][method]["mean gain kept"]
             spent[name] = spent.get(name, 0) + r["evaluations"]; wall[name] = wall.get(name, 0) + r["seconds"]
@@ -158,7 +169,9 @@ def main():
     if not a.report:
         todo = [j for j in jobs(zoo, targets) if not result_path(results, *j).is_file()]
         if a.methods:   # method by method, in the order given, each over every target
-            todo = [j for m in a.methods for t in targets for j in todo if j[0] == t and m in (j[1], f"{j[1]}:{j[2]}")]
+            todo = [j for m in a.methods for t in targets
+                    for j in (todo if "=" not in m else [(t, *m.split(":", 1))])   # an option setting: its own job
+                    if j[0] == t and m in (j[1], f"{j[1]}:{j[2]}") and not result_path(results, *j).is_file()]
         for k, (target, method, setting) in enumerate(todo, 1):
             print(f"[{time.strftime('%H:%M:%S')}] job {k}/{len(todo)}: {target} {method} {setting}", flush=True)
             cmd = [sys.executable, __file__, "--zoo", str(zoo_root), "--results", str(results),

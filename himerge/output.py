@@ -6,12 +6,15 @@ Docs: https://himerge.github.io/himerge/output.html.md"""
 
 # %% ../nbs/08c_output.ipynb #b50c7ea3
 from __future__ import annotations
-import errno, json, os, shutil, signal, tempfile
+import ctypes, errno, fcntl, json, math, os, re, shutil, signal, tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import InputError
 from .heap import libc, trim_heap
+from .lazy import lazy
+
+_torch, _deltas = lazy("torch"), lazy("himerge.deltas")   # loaded by the paths that write tensors
 
 # %% auto #0
 __all__ = ['M_TRIM_THRESHOLD', 'M_MMAP_MAX', 'REPORT_FILE', 'write_point', 'OutputError', 'parse_size', 'shard_headers',
@@ -68,10 +71,9 @@ def _starts_shard(entries: dict, used: int, size: int, width: int, max_bytes: in
 def shard_headers(layout, max_bytes: int) -> list:
     """The header (name -> entry) of each shard that the tensors of `layout`, (name, shape, dtype) in the order they
     are added, fill: the same split a `ShardWriter` makes as they come."""
-    import math, torch
     shards, entries, used = [], {}, 0
     for name, shape, dtype in layout:
-        width = torch.empty((), dtype=dtype).element_size()
+        width = _torch.empty((), dtype=dtype).element_size()
         size = math.prod(shape) * width
         if _starts_shard(entries, used, size, width, max_bytes): shards.append(entries); entries, used = {}, 0
         entries[name] = _entry(name, shape, dtype, used, size); used += size
@@ -98,7 +100,6 @@ class ShardWriter:
 
     def add(self, name: str, tensor):
         "Add one tensor: its bytes go to disk now (a full shard is finished first)."
-        import torch
         width = tensor.element_size()
         size = tensor.numel() * width
         if _starts_shard(self._entries, self._bytes, size, width, self.max_bytes): self._flush()
@@ -107,7 +108,7 @@ class ShardWriter:
         if self._header is not None and self._header.get(name) != entry:    # a bug of the caller's layout
             raise RuntimeError(f"tensor {name!r}: {entry} is not what the layout planned ({self._header.get(name)})")
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        self._data.write(flat.view(torch.uint8).numpy().data)     # little-endian, as safetensors stores it
+        self._data.write(flat.view(_torch.uint8).numpy().data)     # little-endian, as safetensors stores it
         self._entries[name] = entry
         self._bytes += size; self.total += size
 
@@ -205,9 +206,8 @@ def write_model(folder: Path, deltas, merged_layer, base, dtype: str = "auto", m
         dtype: the saved dtype, or 'auto' for the base's.
         max_shard_size: the largest shard, in bytes or as '5GB'.
         progress: anything with update(n), advanced once per layer written."""
-    import torch
     dtype_name = saved_dtype(dict(base.config), dtype)
-    target = getattr(torch, dtype_name)
+    target = getattr(_torch, dtype_name)
     writer = ShardWriter(folder, parse_size(max_shard_size), layout=written_layout(deltas, target))
     with reused_heap():
         for layer in deltas.layers:
@@ -295,7 +295,6 @@ def staging_dir(out) -> Path:
 
 def _exchange(a: Path, b: Path) -> bool:
     "Swap paths `a` and `b` in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."
-    import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     if not hasattr(libc, "renameat2"): return False
     at_cwd, exchange = -100, 2
@@ -334,7 +333,6 @@ def discard(tmp: Path):
 # %% ../nbs/08c_output.ipynb #staleexp
 def clear_stale(out) -> list:
     "Put back an old output a killed run left renamed away, remove its other leftovers; the names handled."
-    import re
     out = Path(out)
     left = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)$")
     handled = []
@@ -353,7 +351,6 @@ class OutputLockedError(OutputError):
 @contextmanager
 def output_lock(out, field: str = "--out"):
     "Hold the lock of output folder `out` while the block runs (clearing what killed runs left); refuse if taken."
-    import fcntl
     out = Path(out)
     lock = out.parent / f".{out.name}.lock"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -390,14 +387,12 @@ def _copied_bytes(base) -> int:
 
 def output_estimate(p) -> dict:
     "About how many bytes plan `p`'s output takes (`bytes`), and how many it needs at least (`least`)."
-    import math
-    from himerge.deltas import compute_deltas
     copied = _copied_bytes(p.sources.base)
     if p.config.run.output_format == "adapter":
         adapters = sum(f.stat().st_size for s in p.sources.sources for f in Path(s.path).glob("*.safetensors"))
         return dict(bytes=copied + adapters, least=copied, at_most=True)
     width = _WIDTH.get(saved_dtype(dict(p.sources.base.config), p.config.dtype), 4)
-    with compute_deltas(p.sources) as d:
+    with _deltas.compute_deltas(p.sources) as d:
         tensors = sum(math.prod(h.shape) * width for h in d.base_store.headers().values())
     return dict(bytes=copied + tensors, least=copied + tensors, at_most=False)
 
