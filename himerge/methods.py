@@ -420,11 +420,11 @@ class HiMergingOptions:
                              "validation; 'paper' applies the paper's rule unchecked", choices=("verified", "paper"))
     accept_z: float = option(1.0, "verified: a candidate must beat leaving the layer by more than z standard errors "
                              "of the paired difference", low=0)
-    # auto: layer_scale with the verified rule, none with the paper's. Chosen on the zoo's validation split, where it
-    # raised mean gain kept from 0.756 to 0.871 for 32 more evaluations (test: 0.812 to 0.862)
-    # task arithmetic's grid in the fair comparison, and one step up; chosen on validation (see 08_resolve)
+    # task arithmetic's grid in the fair comparison, and one step up; not tuned further (see 08_resolve)
     merge_scales: list = option([0.4, 0.6, 0.8, 1.2], "verified or refined: after the layers, the whole merge tried "
                                 "at each factor under the accept rule ([1.0]: not tried)", low=0, low_open=True)
+    # auto: layer_scale with the verified rule, none with the paper's. Chosen on the zoo's validation split, where it
+    # raised mean gain kept from 0.756 to 0.871 for 32 more evaluations (test: 0.812 to 0.862; see 08_resolve)
     refine: str = option("auto", "after resolution: 'layer_scale' searches each layer's per-source scale (×½, ×1½) "
                          "under the same accept rule and budget; auto: layer_scale when verified, none with the "
                          "paper's rule", choices=("auto", "none", "layer_scale"))
@@ -436,7 +436,7 @@ def refinement(options: HiMergingOptions) -> str:
     return "layer_scale" if options.resolution == "verified" else "none"
 
 def hi_merging_evaluations(counts: Counts, options: HiMergingOptions) -> dict:
-    "Planned task evaluations of Hi-Merging (resolution and re-measurement are upper bounds: one step per layer)."
+    "Planned task evaluations of Hi-Merging (each stage after the analysis: at most)."
     # (state, task) pairs: each source on its task, the pre-merge on all
     pairs = counts.sources + counts.tasks
     per_measure = pairs * (2 * counts.layers + 1) + counts.tasks
@@ -449,7 +449,7 @@ def hi_merging_evaluations(counts: Counts, options: HiMergingOptions) -> dict:
     elif options.score_decisions: ev["resolution scores (at most)"] = counts.layers * counts.tasks
     if options.resolution == "verified" or refinement(options) != "none":
         factors = [f for f in options.merge_scales if f != 1]
-        if factors: ev["the whole merge's scale"] = len(factors) * counts.tasks
+        if factors: ev["the whole merge's scale (at most)"] = len(factors) * counts.tasks
     if refinement(options) == "layer_scale":
         ev["refinement (at most)"] = counts.layers * counts.sources * 2 * counts.tasks
     if options.remeasure == "after_each":
