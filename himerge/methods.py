@@ -449,7 +449,7 @@ def hi_merging_evaluations(counts: Counts, options: HiMergingOptions) -> dict:
     elif options.score_decisions: ev["resolution scores (at most)"] = counts.layers * counts.tasks
     if options.resolution == "verified" or refinement(options) != "none":
         factors = [f for f in options.merge_scales if f != 1]
-        if factors: ev["the whole merge's scale (at most)"] = len(factors) * counts.tasks
+        if factors: ev["the whole merge's scale"] = len(factors) * counts.tasks
     if refinement(options) == "layer_scale":
         ev["refinement (at most)"] = counts.layers * counts.sources * 2 * counts.tasks
     if options.remeasure == "after_each":

@@ -5,9 +5,7 @@ file it writes. A change of layout must not change behaviour; this test says so.
 The fixture `fixtures/demo_identity.json` was recorded from 825ed71 by running this file, and recorded again when
 a default of the method changed on purpose (the whole-merge scale step of `merge_scales`, third wave, with the
 modules as they were before that session's splits, so that the splits are held to it):
-`python tests/test_architecture_identity.py --record`. (Since then one label of the plan was edited in the
-fixture by hand, not re-recorded: the whole-merge stage became "the whole merge's scale (at most)".) Two things
-legitimately differ run to run and are left out:
+`python tests/test_architecture_identity.py --record`. Two things legitimately differ run to run and are left out:
 the report's `created` time and `timings` (their keys are still compared; the report file is hashed as written with
 those two replaced), and the time on the card's "Made with himerge ... on <created>" line (the card's bytes are
 hashed with that time replaced). Two runs of 825ed71, with 1 and with 4

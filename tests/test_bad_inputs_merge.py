@@ -558,7 +558,7 @@ def test_planned_evaluations_are_the_evaluations_run(name, world, capsys):
     # resolution is planned at its most (every layer resolved, each with its most candidates; the plan says so):
     # what it spent replaces that bound
     bound = sum(_stage(dry.out, stage) for stage in ("resolution scores (at most)", "resolution candidates (at most)",
-                                                    "the whole merge's scale (at most)", "refinement (at most)"))
+                                                    "the whole merge's scale", "refinement (at most)"))
     spent = (report.get("resolution") or {}).get("evaluations", 0)
     if "comparison, validation (at most)" in dry.out:    # auto: points that share a merge are scored once
         assert done <= planned, (done, planned)
