@@ -73,6 +73,12 @@ def finished(results: Path, zoo, target: str) -> list:
     return done + [(m, s) for m, s in extra if (m, s) not in standard]
 
 
+def selected(todo: list, method: str, target: str) -> list:
+    "The jobs of `todo` on `target` that `method` (a name, or name:setting) names; an option setting is its own job."
+    if "=" in method: return [(target, *method.split(":", 1))]
+    return [j for j in todo if j[0] == target and method in (j[1], f"{j[1]}:{j[2]}")]
+
+
 def run_one(zoo_root: Path, target: str, method: str, setting: str, out: Path):
     "One job, in this process: compare_methods on one method; its tables, choice, search, cost and peak RSS as JSON."
     from himerge.compare import compare_methods
@@ -169,9 +175,8 @@ def main():
     if not a.report:
         todo = [j for j in jobs(zoo, targets) if not result_path(results, *j).is_file()]
         if a.methods:   # method by method, in the order given, each over every target
-            todo = [j for m in a.methods for t in targets
-                    for j in (todo if "=" not in m else [(t, *m.split(":", 1))])   # an option setting: its own job
-                    if j[0] == t and m in (j[1], f"{j[1]}:{j[2]}") and not result_path(results, *j).is_file()]
+            todo = [j for m in a.methods for t in targets for j in selected(todo, m, t)
+                    if not result_path(results, *j).is_file()]
         for k, (target, method, setting) in enumerate(todo, 1):
             print(f"[{time.strftime('%H:%M:%S')}] job {k}/{len(todo)}: {target} {method} {setting}", flush=True)
             cmd = [sys.executable, __file__, "--zoo", str(zoo_root), "--results", str(results),
